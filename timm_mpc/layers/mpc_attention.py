@@ -1,0 +1,85 @@
+"""The part every MPC-friendly attention module shares: per-head weights and in-place conversion."""
+from typing import Optional, Tuple, Type, TypeVar
+
+import torch
+from torch import nn
+
+from .head_kinds import HeadKinds, HeadPattern
+from .rebase import rebase_module
+
+__all__ = ['MPCAttentionMixin', 'split_attn_mask']
+
+_M = TypeVar('_M', bound=nn.Module)
+
+
+def split_attn_mask(
+        attn_mask: Optional[torch.Tensor],
+        num_queries: int,
+        num_keys: int,
+        is_causal: bool = False,
+        device: Optional[torch.device] = None,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Split an SDPA-style mask into an additive bias and a boolean keep-mask.
+
+    Softmax treats ``-inf`` in an additive mask as "never attend"; the other kinds have no
+    exponential to do that, so masked keys are passed as a boolean ``keep`` mask instead.
+
+    Returns:
+        ``(bias, keep)``: the finite part of a float mask (or None) and the keys to keep (or None).
+    """
+    if is_causal:
+        keep = torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril()
+        return None, keep
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        return None, attn_mask
+    keep = torch.isfinite(attn_mask)
+    if bool(keep.all()):
+        return attn_mask, None
+    return attn_mask.masked_fill(~keep, 0.), keep
+
+
+class MPCAttentionMixin:
+    """Adds a :class:`HeadKinds` module named ``heads`` to an attention module.
+
+    A subclass of a timm attention class inherits this mixin and rewrites ``forward`` so that
+    the softmax of the original becomes ``self.heads``; every parameter name stays the same.
+    """
+    heads: HeadKinds
+    scale: float
+    attn_drop: nn.Module
+
+    def init_heads(self, num_heads: int, attn_pattern: HeadPattern, relu_eps: float, quad_c: float) -> None:
+        self.heads = HeadKinds(num_heads, attn_pattern, relu_eps=relu_eps, quad_c=quad_c)
+
+    def attend(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            keep: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``weights(q·kᵀ·scale + bias) @ v`` for ``q, k, v`` of shape ``(B, H, N, head_dim)``."""
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            scores = scores + bias
+        weights = self.attn_drop(self.heads(scores, keep))
+        return weights @ v
+
+    @classmethod
+    def from_module(
+            cls: Type[_M],
+            module: nn.Module,
+            attn_pattern: HeadPattern = 'softmax',
+            relu_eps: float = 1e-5,
+            quad_c: float = 5.0,
+    ) -> _M:
+        """A new module of this class that shares every parameter and buffer of ``module``.
+
+        Nothing is copied, so the converted module keeps the original weights exactly.
+        """
+        new = rebase_module(module, cls)
+        new.init_heads(module.num_heads, attn_pattern, relu_eps, quad_c)
+        return new

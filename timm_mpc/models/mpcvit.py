@@ -6,6 +6,7 @@ residual and there is none in front of the MLP. Each head runs Softmax, ReLU-Sof
 2Quad attention, or in search mode a learnable mix of ReLU-Softmax and Scaling. MPCViT+ linearizes
 the GeLU of chosen token positions.
 """
+import os
 import re
 from functools import partial
 from typing import Any, Dict, Optional, Sequence, Set, Type, Union
@@ -320,7 +321,7 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
     if not pretrained:
         return model
     cfg = model.pretrained_cfg
-    name = f'{variant}.{cfg["tag"]}' if cfg.get('tag') else variant
+    name = f'{variant}.{cfg["tag"]}' if cfg.get('tag') and not cfg.get('file') else variant
     source = _weight_source(cfg)
     if source is None:
         raise PretrainedWeightsError(
@@ -328,6 +329,8 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
             f'timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) '
             f'(ours, or an original MPCViT .pth.tar); published tags: '
             f'{[f"{variant}.{tag}" for tag, c in default_cfgs[variant].cfgs.items() if c.hf_hub_id]}')
+    if cfg.get('file') and not os.path.isfile(cfg['file']):
+        raise PretrainedWeightsError(f'checkpoint file for {name} not found: {cfg["file"]}')
     try:
         load_pretrained(
             model,
@@ -336,13 +339,15 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
             filter_fn=checkpoint_filter_fn,
         )
     except Exception as e:  # any failure here is a failure to get the weights: say which and from where
-        hint = ''
-        if 'hf_hub_id' in source:
+        if cfg.get('file'):
+            hint = (' The file may be corrupt or truncated, or not a checkpoint of this model '
+                    '(accepted: safetensors or torch.save state dicts in timm-mpc or MPCViT layout).')
+        else:
             hint = (' The Hub repository may be unreachable, unpublished, or missing from the local cache: '
-                    f'pre-download it with `hf download {cfg["hf_hub_id"]}` on a machine with access, or pass '
-                    'pretrained_cfg_overlay=dict(file=PATH) to load a local file.')
+                    f'pre-download it with `hf download {cfg.get("hf_hub_id") or cfg.get("url")}` on a machine '
+                    'with access, or pass pretrained_cfg_overlay=dict(file=PATH) to load a local file.')
         raise PretrainedWeightsError(f'could not load pretrained weights for {name} from {source}: '
-                                     f'{type(e).__name__}: {e}.{hint}') from e
+                                     f'{type(e).__name__}: {str(e).rstrip(".")}.{hint}') from e
     return model
 
 

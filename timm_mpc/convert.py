@@ -70,8 +70,11 @@ def _find_attention(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 def _mlp_token_shapes(model: nn.Module, mlps: Sequence[nn.Module], input_size: Sequence[int]) -> List[Tuple[int, ...]]:
     """Token dimensions seen by each MLP, from one forward pass on a blank image."""
     shapes: Dict[int, Tuple[int, ...]] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.setdefault(id(mod), tuple(args[0].shape[1:-1])))
-             for m in mlps]
+
+    def record(module: nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        shapes.setdefault(id(module), tuple(args[0].shape[1:-1]))
+
+    hooks = [m.register_forward_hook(record) for m in mlps]
     was_training = model.training
     try:
         model.eval()

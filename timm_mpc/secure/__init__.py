@@ -1,0 +1,16 @@
+"""Two-party secure inference of timm ViTs with CrypTen.
+
+Nothing here imports CrypTen until a secure computation runs (see :mod:`.crypten_compat`).
+"""
+from .calibration import FixedPointRangeError, calibrate
+from .costs import NETWORKS, CostProfile, CostRow, NetworkSetting
+from .launch import SecureInferenceError, SecureResult, secure_predict
+from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
+from .plan import UnsupportedModelError, build_plan, check_images
+from .settings import SecureSettings
+
+__all__ = [
+    'secure_predict', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
+    'UnsupportedModelError', 'FixedPointRangeError', 'build_plan', 'check_images', 'calibrate',
+    'CostProfile', 'CostRow', 'NetworkSetting', 'NETWORKS', 'PartyResult', 'run_owner', 'run_client', 'run_dealer',
+]

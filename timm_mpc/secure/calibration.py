@@ -1,0 +1,121 @@
+"""Plain-text calibration: the value ranges a secure inference will meet, before it runs.
+
+Fixed-point shares wrap silently when a value outgrows the encoding, and CrypTen's Newton iterations
+only converge on bounded inputs. One plain-text forward pass records, per layer, the LayerNorm
+variances, the attention denominators, the GeLU inputs and the largest products. The ranges go into
+the public plan, where they choose the scaling of each approximation's input; values the encoding
+cannot hold are refused with :class:`FixedPointRangeError`.
+"""
+import math
+from collections import defaultdict
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..layers.head_kinds import HeadKinds
+from .ops import GELU_TAIL_A, GELU_TAIL_B
+from .settings import SecureSettings
+
+__all__ = ['calibrate', 'FixedPointRangeError', 'product_limit']
+
+
+class FixedPointRangeError(ValueError):
+    """A value of the model on the calibration images would overflow the fixed-point encoding."""
+
+
+def product_limit(settings: SecureSettings) -> float:
+    """Largest product magnitude a 64-bit ring holds with ``precision_bits`` fractional bits on each factor
+    (one bit of headroom for the sign and one for the sum of shares)."""
+    return 2.0 ** (62 - 2 * settings.precision_bits)
+
+
+def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) -> Dict[str, Dict[str, float]]:
+    """Run ``model`` on ``images`` in plain text and return the ranges the secure plan needs.
+
+    Raises:
+        FixedPointRangeError: a product would not fit the fixed-point encoding, or a GeLU input lies
+            outside the range of the secure GeLU.
+    """
+    ranges: Dict[str, Dict[str, float]] = defaultdict(dict)
+    largest: List[tuple] = []
+    hooks = []
+
+    def track(name: str, value: torch.Tensor) -> None:
+        largest.append((float(value.detach().abs().max()), name))
+
+    def layer_norm_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            centred = x - x.mean(-1, keepdim=True)
+            var = centred.square().mean(-1) + module.eps
+            ranges[name].update(var_max=float(var.max()), var_min=float(var.min()))
+            track(f'{name} (squared deviations)', centred.square().sum(-1))
+        return hook
+
+    def scores_hook(name: str):
+        def hook(module: HeadKinds, args: tuple) -> None:
+            scores = args[0].detach().float()
+            track(f'{name} (attention scores)', scores)
+            if module.searching:
+                return
+            for kind in set(module.pattern):
+                heads = torch.tensor([k == kind for k in module.pattern])
+                s = scores[:, heads]
+                if kind == 'relu_softmax':
+                    denom = s.relu().sum(-1) + module.relu_eps
+                elif kind == '2quad':
+                    numer = (s + module.quad_c).square()
+                    track(f'{name} (2quad numerators)', numer)
+                    denom = numer.sum(-1)
+                else:
+                    continue
+                ranges[f'{name}.{kind}'].update(denom_max=float(denom.max()), denom_min=float(denom.min()))
+        return hook
+
+    def act_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float()
+            ranges[name]['abs_max'] = float(x.abs().max())
+            track(f'{name} (squared inputs)', x.square())
+        return hook
+
+    def output_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            track(f'{name} (output)', output)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm):
+            hooks.append(module.register_forward_pre_hook(layer_norm_hook(name)))
+        elif isinstance(module, HeadKinds):
+            hooks.append(module.register_forward_pre_hook(scores_hook(name.rsplit('.', 1)[0])))
+        elif isinstance(module, nn.GELU):
+            hooks.append(module.register_forward_pre_hook(act_hook(name)))
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            hooks.append(module.register_forward_hook(output_hook(name)))
+    try:
+        with torch.no_grad():
+            model.eval()(images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    limit = product_limit(settings)
+    over = sorted((v, n) for v, n in largest if not v <= limit)
+    if over:
+        value, name = over[-1]
+        raise FixedPointRangeError(
+            f'{name} reaches {value:.3g}, beyond the {limit:.3g} that products hold with '
+            f'{settings.precision_bits} fractional bits in a 64-bit ring ({len(over)} value(s) too large); '
+            f'lower precision_bits or rescale the model')
+    exp_domain = 2.0 ** settings.gelu_exp_iterations  # the limit exp needs 1 + z / 2^k > 0
+    for name, r in ranges.items():
+        if 'abs_max' in r and settings.gelu == 'exp_fit':
+            x = r['abs_max']
+            if GELU_TAIL_A * x + GELU_TAIL_B * x * x >= exp_domain:
+                bound = (-GELU_TAIL_A + math.sqrt(GELU_TAIL_A ** 2 + 4 * GELU_TAIL_B * exp_domain)) / (2 * GELU_TAIL_B)
+                raise FixedPointRangeError(
+                    f'{name}: GeLU inputs reach {x:.3g}, beyond the ±{bound:.3g} of the secure GeLU with '
+                    f'gelu_exp_iterations={settings.gelu_exp_iterations}; raise gelu_exp_iterations')
+    return dict(ranges)

@@ -1,0 +1,126 @@
+"""Measured cost of a secure computation: rounds, bytes and time per layer and operator, and latency
+estimated for a network setting as ``compute + rounds × RTT + bytes / bandwidth``."""
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+__all__ = ['NetworkSetting', 'NETWORKS', 'CostRow', 'CostProfile', 'CostMeter']
+
+
+@dataclass(frozen=True)
+class NetworkSetting:
+    """A network between the two parties: round-trip time and bandwidth."""
+    name: str
+    rtt_s: float
+    bandwidth_bps: float
+
+    def latency(self, compute_s: float, rounds: int, bytes_sent: float) -> float:
+        """``compute + rounds × RTT + bytes / bandwidth`` in seconds."""
+        return compute_s + rounds * self.rtt_s + bytes_sent * 8 / self.bandwidth_bps
+
+
+NETWORKS: Dict[str, NetworkSetting] = {
+    # LAN as in Cheetah and BOLT; WAN at the low-bandwidth, high-latency end of the literature's settings
+    'lan': NetworkSetting('lan', rtt_s=0.8e-3, bandwidth_bps=3e9),
+    'wan': NetworkSetting('wan', rtt_s=80e-3, bandwidth_bps=100e6),
+}
+
+
+@dataclass
+class CostRow:
+    """Cost of one operator of one layer. ``bytes`` is what both parties sent, together."""
+    layer: str
+    op: str
+    rounds: int
+    bytes: float
+    time_s: float
+
+
+@dataclass
+class CostProfile:
+    """Cost rows of one secure inference, with totals and latency estimates.
+
+    ``setup`` holds one-off work (sharing the weights) that is not part of an inference.
+    """
+    rows: List[CostRow] = field(default_factory=list)
+    setup: List[CostRow] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return sum(r.rounds for r in self.rows)
+
+    @property
+    def bytes(self) -> float:
+        return sum(r.bytes for r in self.rows)
+
+    def latency(self, network: NetworkSetting) -> float:
+        """Estimated latency of the inference (compute is the measured wall time)."""
+        return network.latency(self.wall_s, self.rounds, self.bytes)
+
+    def by(self, key: str) -> Dict[str, Dict[str, float]]:
+        """Rounds, bytes and time summed by ``'layer'`` or ``'op'``, in first-seen order."""
+        out: Dict[str, Dict[str, float]] = {}
+        for row in self.rows:
+            agg = out.setdefault(getattr(row, key), dict(rounds=0, bytes=0.0, time_s=0.0))
+            agg['rounds'] += row.rounds
+            agg['bytes'] += row.bytes
+            agg['time_s'] += row.time_s
+        return out
+
+    def to_dict(self, networks: Optional[Dict[str, NetworkSetting]] = None) -> Dict[str, Any]:
+        networks = networks or NETWORKS
+        return dict(
+            rounds=self.rounds, bytes=self.bytes, wall_s=self.wall_s,
+            latency_s={name: self.latency(n) for name, n in networks.items()},
+            networks={name: asdict(n) for name, n in networks.items()},
+            by_layer=self.by('layer'), by_op=self.by('op'),
+            rows=[asdict(r) for r in self.rows], setup=[asdict(r) for r in self.setup])
+
+    @classmethod
+    def merge_parties(cls, own: 'CostProfile', other_bytes: List[float], other_setup_bytes: List[float]) -> 'CostProfile':
+        """One profile whose bytes are both parties' traffic (rounds and times are this party's)."""
+        rows = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.rows, other_bytes)]
+        setup = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.setup, other_setup_bytes)]
+        return cls(rows, setup, own.wall_s)
+
+
+class CostMeter:
+    """Records CrypTen's communication counters around each operator of a secure computation."""
+
+    def __init__(self, communicator: Any) -> None:
+        self.comm = communicator
+        self.profile = CostProfile()
+        self._setup = False
+
+    def _stats(self) -> Tuple[int, float]:
+        stats = self.comm.get_communication_stats()
+        return int(stats['rounds']), float(stats['bytes'])
+
+    @contextmanager
+    def section(self, layer: str, op: str) -> Iterator[None]:
+        """Charge everything done inside the block to ``(layer, op)``."""
+        rounds0, bytes0 = self._stats()
+        t0 = time.perf_counter()
+        yield
+        elapsed = time.perf_counter() - t0
+        rounds1, bytes1 = self._stats()
+        row = CostRow(layer, op, rounds1 - rounds0, bytes1 - bytes0, elapsed)
+        (self.profile.setup if self._setup else self.profile.rows).append(row)
+
+    @contextmanager
+    def setup_phase(self) -> Iterator[None]:
+        """Sections inside this block are one-off setup, not inference."""
+        self._setup = True
+        try:
+            yield
+        finally:
+            self._setup = False
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """Time the whole inference (the profile's ``wall_s``)."""
+        t0 = time.perf_counter()
+        yield
+        self.profile.wall_s = time.perf_counter() - t0

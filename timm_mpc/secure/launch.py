@@ -1,0 +1,143 @@
+"""Run both parties (and the dealer, for TTP) as local processes over loopback: ``secure_predict``."""
+import queue as queue_lib
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from .costs import CostProfile
+from .party import PartyResult, run_client, run_dealer, run_owner
+from .plan import build_plan, check_images
+from .settings import SecureSettings
+
+__all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port']
+
+
+class SecureInferenceError(RuntimeError):
+    """A party of a local secure inference failed; the message names the party and why."""
+
+
+@dataclass
+class SecureResult:
+    """The client's logits from a secure inference, with what it cost."""
+    logits: torch.Tensor
+    profile: CostProfile
+    plan: Dict[str, Any]
+    settings: SecureSettings
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any) -> None:
+    torch.set_num_threads(1)  # two parties share the machine's cores
+    try:
+        settings_ = SecureSettings.from_dict(settings)
+        if role == 'owner':
+            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_)
+        elif role == 'client':
+            result = run_client(rendezvous, payload['images'], settings_)
+        else:
+            run_dealer(rendezvous, settings_)
+            result = None
+        if result is not None and result.logits is not None:
+            result.logits = result.logits.numpy()  # by value: a shared-memory tensor dies with this process
+        results.put((role, 'ok', result))
+    except BaseException as e:  # report every failure to the parent, then exit non-zero
+        results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
+        raise SystemExit(1)
+
+
+def run_local_parties(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+                      settings: SecureSettings) -> PartyResult:
+    """Start owner, client (and dealer for TTP) as processes; return the client's result or raise."""
+    ctx = mp.get_context('spawn')
+    results = ctx.Queue()
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    payloads = {'owner': dict(plan=plan, state_dict=state_dict), 'client': dict(images=images)}
+    roles = ['owner', 'client'] + (['dealer'] if settings.provider == 'TTP' else [])
+    procs = {role: ctx.Process(target=_party_process, args=(role, rendezvous, settings.to_dict(), payloads.get(role, {}), results),
+                               daemon=True) for role in roles}
+    for p in procs.values():
+        p.start()
+    outcomes: Dict[str, Any] = {}
+    errors: List[str] = []
+    deadline: Optional[float] = None
+    try:
+        while len(outcomes) < len(roles):
+            try:
+                role, status, value = results.get(timeout=0.5)
+                outcomes[role] = value
+                if status == 'error':
+                    errors.append(f'party {role} failed: {value.strip()}')
+                    # the others will fail on their next message; give them the timeout to say so
+                    deadline = deadline or time.monotonic() + settings.timeout_s
+            except queue_lib.Empty:
+                dead = [r for r, p in procs.items() if r not in outcomes and p.exitcode is not None]
+                for role in dead:
+                    outcomes[role] = None
+                    errors.append(f'party {role} exited with code {procs[role].exitcode} without a result')
+                if dead:
+                    deadline = deadline or time.monotonic() + settings.timeout_s
+            if deadline is not None and time.monotonic() > deadline:
+                missing = [r for r in roles if r not in outcomes]
+                errors.append(f'parties {missing} still running {settings.timeout_s:.0f} s after the failure; stopped')
+                break
+    finally:
+        for p in procs.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    if errors:
+        raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))
+    return outcomes['client']
+
+
+def secure_predict(
+        model: nn.Module,
+        images: torch.Tensor,
+        settings: Optional[SecureSettings] = None,
+        calibration_images: Optional[torch.Tensor] = None,
+        return_result: bool = False,
+) -> Any:
+    """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
+
+    Party 0 (the owner) gets the weights, party 1 (the client) the images; they run CrypTen over
+    torch.distributed on loopback, and only the client learns the logits, which are returned.
+    Before any party starts, the model is checked (unsupported modules are named), the images are
+    checked, and a plain-text calibration pass (on ``calibration_images``, default ``images``) sets
+    the approximation ranges and refuses values that would overflow the fixed-point encoding.
+
+    Args:
+        model: An ``mpcvit_*`` model or a timm ViT after ``convert_to_mpc`` (fixed head pattern).
+        images: ``(B, C, H, W)`` normalized images.
+        settings: Approximation and protocol settings; timm-mpc's tuned defaults if None.
+        calibration_images: Images for the plain-text range pass.
+        return_result: Return a :class:`SecureResult` (logits, cost profile, plan) instead of the logits.
+
+    Raises:
+        UnsupportedModelError: a module the secure engine cannot compute.
+        FixedPointRangeError: a value the fixed-point encoding cannot hold.
+        SecureInferenceError: a party failed (the message says which and why).
+    """
+    from .calibration import calibrate
+
+    settings = settings or SecureSettings()
+    model = model.eval()
+    plan = build_plan(model)
+    check_images(plan, images)
+    plan['ranges'] = calibrate(model, images if calibration_images is None else calibration_images, settings)
+    state_dict = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if k in plan['params']}
+    result = run_local_parties(plan, state_dict, images.detach().cpu().float(), settings)
+    out = SecureResult(torch.from_numpy(result.logits), result.profile, plan, settings)
+    return out if return_result else out.logits

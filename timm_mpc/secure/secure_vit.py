@@ -1,0 +1,218 @@
+"""`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs."""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from ..layers.attn_kinds import ATTN_KINDS
+from . import ops
+from .costs import CostMeter
+from .crypten_compat import import_crypten
+from .settings import SecureSettings
+
+__all__ = ['SecureViT', 'patchify']
+
+OWNER, CLIENT = 0, 1
+
+
+def patchify(images: torch.Tensor, patch_size: List[int]) -> torch.Tensor:
+    """``(B, C, H, W)`` images to ``(B, N, C·p·p)`` patch rows, in the order of a stride-p convolution."""
+    B, C, H, W = images.shape
+    ph, pw = patch_size
+    x = images.reshape(B, C, H // ph, ph, W // pw, pw).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(B, (H // ph) * (W // pw), C * ph * pw)
+
+
+class SecureViT:
+    """A ViT plan evaluated under two-party MPC with CrypTen.
+
+    The owner (party 0) passes its model's state dict; the client (party 1) passes None and
+    contributes only the images. Weights are secret-shared once (setup); each inference shares the
+    images, runs every operator on shares and reveals the logits to the client alone.
+    """
+
+    def __init__(self, plan: Dict[str, Any], settings: SecureSettings, meter: CostMeter,
+                 state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.meter = meter
+        self.crypten = import_crypten()
+        self.weights: Dict[str, Any] = {}
+        with meter.setup_phase(), meter.section('weights', 'share'):
+            for name, shape in plan['params'].items():
+                value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
+                if name.endswith('.weight') and len(shape) == 2:
+                    value = value.t()  # linear weights are used as (in, out)
+                elif name == 'patch_embed.proj.weight':
+                    value = value.reshape(shape[0], -1).t()
+                self.weights[name] = self.crypten.cryptensor(value, src=OWNER)
+
+    def w(self, name: str) -> Optional[Any]:
+        return self.weights.get(name)
+
+    def _schedule(self, low: Optional[float], high: Optional[float], domain: Dict[int, Tuple[float, float]],
+                  default_iters: int) -> Tuple[float, int]:
+        """Input scale and Newton iterations for values in ``[low, high]``; CrypTen's fixed choice
+        when range scaling is off or the range is unknown."""
+        if not self.settings.range_scaling or high is None:
+            return 1.0, default_iters
+        return ops.newton_schedule(low, high, domain, min(domain))
+
+    def _layer_norm(self, x, name: str, spec: Optional[Dict[str, Any]]):
+        if spec is None:
+            return x
+        r = self.plan['ranges'].get(name, {})
+        scale, iters = self._schedule(r.get('var_min'), r.get('var_max'), ops.INV_SQRT_DOMAIN,
+                                      self.settings.sqrt_nr_iters)
+        return ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec['eps'], self.settings,
+                              scale, iters)
+
+    def share_images(self, images: Optional[torch.Tensor], batch: int):
+        """Secret-share the client's images as patch rows (the owner passes None and the batch size)."""
+        c, h, w = self.plan['input_size']
+        p = self.plan['patch_size']
+        rows = patchify(images, p) if images is not None else torch.zeros(batch, (h // p[0]) * (w // p[1]), c * p[0] * p[1])
+        with self.meter.section('input', 'share'):
+            return self.crypten.cryptensor(rows, src=CLIENT)
+
+    def forward(self, patches) -> Any:
+        """Logits (secret-shared) for secret-shared patch rows."""
+        plan, m = self.plan, self.meter
+        crypten = self.crypten
+        with m.section('patch_embed', 'linear'):
+            x = ops.linear(patches, self.w('patch_embed.proj.weight'), self.w('patch_embed.proj.bias'))
+        with m.section('embed', 'add'):
+            B = x.size(0)
+            prefix = []
+            if plan['cls_token']:
+                prefix.append(self.w('cls_token').expand(B, -1, -1))
+            if plan['reg_tokens']:
+                prefix.append(self.w('reg_token').expand(B, -1, -1))
+            if plan['no_embed_class']:
+                if plan['pos_embed']:
+                    x = x + self.w('pos_embed')
+                x = crypten.cat(prefix + [x], dim=1) if prefix else x
+            else:
+                x = crypten.cat(prefix + [x], dim=1) if prefix else x
+                if plan['pos_embed']:
+                    x = x + self.w('pos_embed')
+        with m.section('norm_pre', 'layernorm'):
+            x = self._layer_norm(x, 'norm_pre', plan['norm_pre'])
+        for i, spec in enumerate(plan['blocks']):
+            x = self._block(x, f'blocks.{i}', spec)
+        with m.section('norm', 'layernorm'):
+            x = self._layer_norm(x, 'norm', plan['norm'])
+        with m.section('head', 'pool'):
+            npt = plan['num_prefix_tokens']
+            x = x[:, 0] if plan['global_pool'] == 'token' else x[:, npt:].mean(1)
+        with m.section('fc_norm', 'layernorm'):
+            x = self._layer_norm(x, 'fc_norm', plan['fc_norm'])
+        if plan['num_classes']:
+            with m.section('head', 'linear'):
+                x = ops.linear(x, self.w('head.weight'), self.w('head.bias'))
+        return x
+
+    def _block(self, x, name: str, spec: Dict[str, Any]):
+        m = self.meter
+        if spec['style'] == 'pre':
+            with m.section(name, 'layernorm'):
+                h = self._layer_norm(x, f'{name}.norm1', spec['norm1'])
+            h = self._attention(h, f'{name}.attn', spec['attn'])
+            x = x + (h * self.w(f'{name}.ls1.gamma') if spec['ls1'] else h)
+            with m.section(name, 'layernorm'):
+                h = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
+            h = self._mlp(h, f'{name}.mlp', spec['mlp'])
+            return x + (h * self.w(f'{name}.ls2.gamma') if spec['ls2'] else h)
+        with m.section(name, 'layernorm'):
+            h = self._layer_norm(x, f'{name}.norm1', spec['norm1'])
+        h = self._attention(h, f'{name}.attn', spec['attn'])
+        x = x + (h * self.w(f'{name}.ls1.gamma') if spec['ls1'] else h)
+        with m.section(name, 'layernorm'):
+            x = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
+        h = self._mlp(x, f'{name}.mlp', spec['mlp'])
+        return x + (h * self.w(f'{name}.ls2.gamma') if spec['ls2'] else h)
+
+    def _attention(self, x, name: str, spec: Dict[str, Any]):
+        m, crypten = self.meter, self.crypten
+        B, N, _ = x.size()
+        H, hd = spec['num_heads'], spec['head_dim']
+        layer = name.rsplit('.', 1)[0]
+        with m.section(layer, 'linear'):
+            qkv = ops.linear(x, self.w(f'{name}.qkv.weight'), self.w(f'{name}.qkv.bias'))
+            q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        if spec['q_norm'] is not None:
+            with m.section(layer, 'layernorm'):
+                q = self._layer_norm(q, f'{name}.q_norm', spec['q_norm'])
+                k = self._layer_norm(k, f'{name}.k_norm', spec['k_norm'])
+        kinds: List[str] = spec['kinds']
+        groups: List[Tuple[str, List[int]]] = [
+            (kind, [h for h, k_ in enumerate(kinds) if k_ == kind]) for kind in ATTN_KINDS if kind in kinds]
+        outputs, order = [], []
+        for kind, heads in groups:
+            index = torch.tensor(heads)
+            qh, kh, vh = (t if len(heads) == H else t.index_select(1, index) for t in (q, k, v))
+            with m.section(layer, kind):
+                outputs.append(self._heads(qh, kh, vh, kind, N, spec, f'{name}.{kind}'))
+            order += heads
+        with m.section(layer, 'linear'):
+            out = outputs[0] if len(outputs) == 1 else crypten.cat(outputs, dim=1)
+            if order != list(range(H)):
+                out = out.index_select(1, torch.tensor(order).argsort())
+            out = out.transpose(1, 2).reshape(B, N, H * hd)
+            return ops.linear(out, self.w(f'{name}.proj.weight'), self.w(f'{name}.proj.bias'))
+
+    def _heads(self, q, k, v, kind: str, N: int, spec: Dict[str, Any], range_key: str):
+        """Attention output ``weights(q·kᵀ·scale) @ v`` for heads that all use ``kind``."""
+        scale = spec['scale']
+        if kind == 'scaling':
+            hd = q.size(-1)
+            if N > hd:  # Q(KᵀV) moves less data than (QKᵀ)V once the sequence is longer than a head
+                return q.matmul(k.transpose(-2, -1).matmul(v)).mul(scale / N)
+            return q.mul(scale / N).matmul(k.transpose(-2, -1)).matmul(v)
+        scores = q.mul(scale).matmul(k.transpose(-2, -1))
+        r = self.plan['ranges'].get(range_key, {})
+        if kind == 'softmax':  # the sum of exp(s - max) lies in [1, N]
+            div_scale, iters = self._schedule(1.0, float(N), ops.RECIPROCAL_DOMAIN, self.settings.reciprocal_nr_iters)
+            return ops.softmax(scores, iters, div_scale).matmul(v)
+        if kind == 'relu_softmax':
+            numer = scores.relu()
+            denom = numer.sum(-1, keepdim=True) + spec['relu_eps']
+        else:  # 2quad
+            numer = (scores + spec['quad_c']).square()
+            denom = numer.sum(-1, keepdim=True)
+        div_scale, iters = self._schedule(r.get('denom_min'), r.get('denom_max'), ops.RECIPROCAL_DOMAIN,
+                                          self.settings.reciprocal_nr_iters)
+        weights = numer * ops.reciprocal(denom, iters, div_scale)
+        return weights.matmul(v)
+
+    def _mlp(self, x, name: str, spec: Dict[str, Any]):
+        m = self.meter
+        layer = name.rsplit('.', 1)[0]
+        with m.section(layer, 'linear'):
+            h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
+        act = getattr(ops, spec['act']) if spec['act'] != 'identity' else None
+        tokens = spec['gelu_tokens']
+        if tokens is None or all(tokens):
+            if act is not None:
+                with m.section(layer, spec['act']):
+                    h = act(h, self.settings)
+            with m.section(layer, 'linear'):
+                return ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
+        # MPCViT+: the activation runs on the GeLU tokens only; the others get a ReLU after fc2
+        if len(tokens) == 1:
+            tokens = tokens * h.size(1)
+        keep = torch.tensor([t for t, on in enumerate(tokens) if on])
+        linear = torch.tensor([t for t, on in enumerate(tokens) if not on])
+        if act is not None and len(keep):
+            with m.section(layer, spec['act']):
+                h = self._scatter_tokens(h, keep, act(h.index_select(1, keep), self.settings), linear)
+        with m.section(layer, 'linear'):
+            y = ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
+        with m.section(layer, 'relu'):
+            return self._scatter_tokens(y, linear, y.index_select(1, linear).relu(), keep)
+
+    def _scatter_tokens(self, x, index: torch.Tensor, values, others: torch.Tensor):
+        """``x`` with the token rows in ``index`` replaced by ``values`` (a local reordering of shares)."""
+        if not len(others):
+            return values
+        merged = self.crypten.cat([values, x.index_select(1, others)], dim=1)
+        return merged.index_select(1, torch.cat([index, others]).argsort())

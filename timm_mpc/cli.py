@@ -2,7 +2,7 @@
 import argparse
 import json
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
@@ -10,7 +10,10 @@ import torch
 from . import __version__
 from .convert import SUPPORTED_FAMILIES, convert_to_mpc
 from .layers.register import ACT_LAYER_NAMES, ATTN_LAYER_NAMES
+from .data import example_images
 from .layers.attn_kinds import ATTN_KINDS
+from .layers.head_kinds import HeadKinds
+from .pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
 
 __all__ = ['main']
 
@@ -50,6 +53,175 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_pattern(text: str, model: torch.nn.Module) -> Any:
+    """A ``--pattern`` value: a kind, ``muNN`` (NN% ReLU-Softmax heads, the rest Scaling) or a JSON list."""
+    if text.startswith('['):
+        return json.loads(text)
+    if text.startswith('mu') and text[2:].isdigit():
+        from .secure.bench import mu_pattern
+        heads = [m.num_heads for m in model.modules() if isinstance(m, HeadKinds)]
+        return mu_pattern(heads, int(text[2:]) / 100)
+    return text
+
+
+def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The model a command names: an ``mpcvit_*`` (its pattern from the checkpoint or ``--pattern``) or a
+    timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint``."""
+    name = args.model
+    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
+    if name.startswith('mpcvit_'):
+        model = timm.create_model(name, attn_pattern='softmax', **overlay)
+        if args.pattern or not args.checkpoint:
+            set_attn_pattern(model, parse_pattern(args.pattern or 'mu50', model))
+        if args.gelu_pattern:
+            model.set_gelu_pattern(json.loads(args.gelu_pattern) if args.gelu_pattern.startswith('[') else args.gelu_pattern)
+        if args.act_layer:
+            convert_to_mpc(model, get_attn_pattern(model), act_layer=args.act_layer)
+    else:
+        model = timm.create_model(name, **overlay)
+        convert_to_mpc(model, 'softmax')
+        gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
+        convert_to_mpc(model, parse_pattern(args.pattern or 'mu50', model), act_layer=args.act_layer, gelu_pattern=gelu)
+    return model.eval()
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .secure.settings import SecureSettings
+    base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
+    return base(provider=args.provider, timeout_s=args.timeout)
+
+
+def _networks(args: argparse.Namespace) -> Dict[str, Any]:
+    from .secure.costs import NETWORKS, NetworkSetting
+    nets = dict(NETWORKS)
+    if args.rtt_ms is not None or args.bandwidth_mbps is not None:
+        n = nets[args.network]
+        nets[args.network] = NetworkSetting(
+            n.name, args.rtt_ms / 1e3 if args.rtt_ms is not None else n.rtt_s,
+            args.bandwidth_mbps * 1e6 if args.bandwidth_mbps is not None else n.bandwidth_bps)
+    return nets
+
+
+def _load_images(path: Optional[str], model: Optional[torch.nn.Module], batch: Optional[int] = None) -> torch.Tensor:
+    """Images from a ``.pt`` tensor file, or the shipped Fashion-MNIST examples."""
+    if path:
+        images = torch.load(path, weights_only=True)
+        if isinstance(images, dict):
+            images = images['images']
+    else:
+        images, _ = example_images()
+    return images[:batch] if batch else images
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .secure import secure_predict
+    from .secure.bench import compare_logits, format_profile
+
+    model = resolve_model(args)
+    images = _load_images(args.images, model, args.batch)
+    print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; '
+          f'owner and client as two local processes (CrypTen, {args.provider})')
+    result = secure_predict(model, images, settings=_settings(args), return_result=True)
+    with torch.no_grad():
+        plain = model(images)
+    profile = result.profile.to_dict(_networks(args))
+    print(format_profile(profile, args.network))
+    acc = compare_logits(result.logits, plain)
+    print(f'secure vs plain text: top-1 agreement {acc["top1_agreement"]:.0%}, max |logit error| '
+          f'{acc["max_abs_error"]:.2g}')
+    print('client\'s predictions:', result.logits.argmax(-1).tolist())
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(profile=profile, accuracy=acc, logits=result.logits.tolist()), f, indent=1)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .secure.bench import baseline_of, format_comparison, format_profile, run_bench, write_json
+
+    model = resolve_model(args)
+    images = _load_images(args.images, model, args.batch)
+    configs = {'baseline': baseline_of(model), 'model': model}
+    report = run_bench(configs, images, _settings(args), _networks(args), check=args.check)
+    report['model'] = args.model
+    print(format_profile(report['results']['model']['profile'], args.network))
+    print(format_comparison(report, args.network))
+    if args.json:
+        write_json(report, args.json)
+        print(f'wrote {args.json}')
+    return 0
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _party(args: argparse.Namespace) -> int:
+    from .secure.calibration import calibrate
+    from .secure.party import run_client, run_dealer, run_owner
+    from .secure.plan import build_plan
+
+    settings = _settings(args)
+    if args.rank == 2:
+        if args.provider != 'TTP':
+            raise ValueError('rank 2 is the dealer of multiplication triples: use it with --provider TTP')
+        run_dealer(args.rendezvous, settings)
+        return 0
+    if args.rank == 0:
+        if not args.model:
+            raise ValueError('the owner (rank 0) needs --model (and usually --checkpoint)')
+        model = resolve_model(args)
+        plan = build_plan(model)
+        calib = _load_images(args.calibration_images, model)
+        plan['ranges'] = calibrate(model, calib, settings)
+        state = {k: v.detach().float() for k, v in model.state_dict().items() if k in plan['params']}
+        print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client at {args.rendezvous}',
+              flush=True)
+        result = run_owner(args.rendezvous, plan, state, settings, log=_log)
+        print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
+              f'{result.profile.wall_s:.2f} s (the logits went to the client only)')
+        return 0
+    images = _load_images(args.images, None, args.batch)
+    print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
+    result = run_client(args.rendezvous, images, settings, log=_log)
+    from .secure.bench import format_profile
+    profile = result.profile.to_dict(_networks(args))
+    print(format_profile(profile, args.network))
+    print('client: predicted classes', result.logits.argmax(-1).tolist())
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(profile=profile, logits=result.logits.tolist()), f, indent=1)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: bool = False) -> None:
+    help_ = 'mpcvit_tiny, mpcvit_small, or a timm ViT name (converted on the fly)'
+    if option:
+        p.add_argument('--model', default=None, help=help_)
+    else:
+        p.add_argument('model', nargs=None if required else '?', default='mpcvit_tiny', help=help_)
+    p.add_argument('--pattern', default=None,
+                   help=f'head pattern: a kind ({", ".join(ATTN_KINDS)}), muNN (NN%% ReLU-Softmax, rest Scaling; '
+                        f'default mu50 without a checkpoint) or a JSON list')
+    p.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern: gelu, linear or a JSON list')
+    p.add_argument('--act-layer', default=None, help='MLP activation, e.g. quad_gelu or relu')
+    p.add_argument('--checkpoint', default=None, help='weights file (random weights without one)')
+
+
+def _add_secure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--batch', type=int, default=None, help='number of images (default: all given)')
+    p.add_argument('--images', default=None, help='.pt file with a (B, C, H, W) tensor; default: 8 shipped '
+                                                  'Fashion-MNIST test images')
+    p.add_argument('--provider', choices=['TFP', 'TTP'], default='TFP',
+                   help='multiplication triples from a trusted first party (TFP) or a third process (TTP)')
+    p.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the other party')
+    p.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
+    p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
+    p.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
+    p.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
+    p.add_argument('--json', default=None, help='write the figures to this JSON file')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-mpc', description=__doc__)
     parser.add_argument('--version', action='version', version=__version__)
@@ -66,6 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights first')
     convert.add_argument('--batch', type=int, default=2, help='random images to compare outputs on')
     convert.set_defaults(func=_convert)
+
+    predict = sub.add_parser('predict', help='two-party secure prediction on local processes, with its costs')
+    _add_model_args(predict, required=False)
+    _add_secure_args(predict)
+    predict.set_defaults(func=_predict)
+
+    bench = sub.add_parser('bench', help='secure cost against the all-Softmax, exact-GeLU baseline')
+    _add_model_args(bench)
+    _add_secure_args(bench)
+    bench.add_argument('--check', action='store_true', help='also compare secure with plain-text logits')
+    bench.set_defaults(func=_bench)
+
+    party = sub.add_parser('party', help='run one party of a secure prediction (one per host)')
+    party.add_argument('--rank', type=int, choices=[0, 1, 2], required=True,
+                       help='0: model owner, 1: client, 2: dealer (with --provider TTP)')
+    party.add_argument('--world-size', type=int, choices=[2], default=2, help='number of parties (two)')
+    party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
+    party.add_argument('--calibration-images', default=None,
+                       help='owner: .pt images for the plain-text range pass (default: the shipped examples)')
+    _add_model_args(party, option=True)
+    _add_secure_args(party)
+    party.set_defaults(func=_party)
     return parser
 
 
@@ -73,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f'timm-mpc {args.command}: error: {e}', file=sys.stderr)
         return 2
 

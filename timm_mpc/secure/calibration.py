@@ -50,7 +50,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             centred = x - x.mean(-1, keepdim=True)
             var = centred.square().mean(-1) + module.eps
             ranges[name].update(var_max=float(var.max()), var_min=float(var.min()))
-            track(f'{name} (squared deviations)', centred.square().sum(-1))
+            track(f'{name} (centred input)', centred)  # squared only after a public rescaling
         return hook
 
     def scores_hook(name: str):
@@ -102,9 +102,9 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             h.remove()
 
     limit = product_limit(settings)
-    over = sorted((v, n) for v, n in largest if not v <= limit)
+    over = [(v, n) for v, n in largest if not v <= limit]  # in forward order: the first is the origin
     if over:
-        value, name = over[-1]
+        value, name = over[0]
         raise FixedPointRangeError(
             f'{name} reaches {value:.3g}, beyond the {limit:.3g} that products hold with '
             f'{settings.precision_bits} fractional bits in a 64-bit ring ({len(over)} value(s) too large); '

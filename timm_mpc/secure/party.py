@@ -7,7 +7,7 @@ the client, both share their secrets, run the plan, and only the client learns t
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -35,6 +35,12 @@ class PartyResult:
     plan: Dict[str, Any]
 
 
+def _first_line(error: BaseException) -> str:
+    """The message of a torch.distributed error without the C++ stack trace it carries."""
+    lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(('frame #', 'Exception raised from'))]
+    return lines[0] if lines else type(error).__name__
+
+
 def _init(rank: int, rendezvous: str, settings: SecureSettings, world_size: int = 2) -> Any:
     os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE=str(world_size), RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
     set_process_group_timeout(settings.timeout_s)
@@ -44,7 +50,7 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings, world_size: int 
         crypten.init()
     except Exception as e:
         raise PeerError(f'could not meet the other party at {rendezvous} within {settings.timeout_s:.0f} s '
-                        f'({type(e).__name__}: {e})') from e
+                        f'({type(e).__name__}: {_first_line(e)})') from e
     return crypten
 
 
@@ -65,8 +71,11 @@ def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Dict[str, Any]],
-         state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor]) -> PartyResult:
+         state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor],
+         log: Optional[Callable[[str], None]] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings)
+    if log is not None:
+        log(f'{ROLES[rank]}: connected to the other party; running the protocol')
     try:
         # settings must agree, or the parties would compute different things
         owner_settings = _exchange_json(crypten, settings.to_dict() if rank == OWNER else None, OWNER)
@@ -101,7 +110,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
             raise
         message = str(e)
         if any(s in message.lower() for s in ('connection', 'timed out', 'timeout', 'closed', 'reset by peer', 'broken pipe')):
-            raise PeerError(f'lost the other party during the protocol ({type(e).__name__}: {message.splitlines()[0]})') from e
+            raise PeerError(f'lost the other party during the protocol ({type(e).__name__}: {_first_line(e)})') from e
         raise
     finally:
         try:
@@ -111,14 +120,15 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
 
 
 def run_owner(rendezvous: str, plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
-              settings: SecureSettings) -> PartyResult:
+              settings: SecureSettings, log: Optional[Callable[[str], None]] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights, learns nothing but the costs."""
-    return _run(OWNER, rendezvous, settings, plan, state_dict, None)
+    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log)
 
 
-def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings) -> PartyResult:
+def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
+               log: Optional[Callable[[str], None]] = None) -> PartyResult:
     """Run party 1, the client: contributes the images and alone receives the logits."""
-    return _run(CLIENT, rendezvous, settings, None, None, images)
+    return _run(CLIENT, rendezvous, settings, None, None, images, log)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings) -> None:

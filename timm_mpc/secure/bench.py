@@ -1,0 +1,126 @@
+"""``timm-mpc bench``: secure cost of a model against its all-Softmax, exact-GeLU baseline, in one run."""
+import json
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
+from .costs import NETWORKS, CostProfile, NetworkSetting
+from .launch import SecureResult, secure_predict
+from .settings import SecureSettings
+
+__all__ = ['mu_pattern', 'baseline_of', 'compare_logits', 'run_bench', 'format_profile']
+
+
+def mu_pattern(heads_per_layer: Sequence[int], mu: float) -> List[List[str]]:
+    """A fixed pattern with ``round(mu · heads)`` ReLU-Softmax heads spread over the layers, the rest Scaling.
+
+    It stands in for a searched pattern of the same μ when none is at hand (same count, not the same choice).
+    """
+    total = sum(heads_per_layer)
+    keep = round(mu * total)
+    order = sorted(((h, layer) for layer, n in enumerate(heads_per_layer) for h in range(n)))[:keep]
+    chosen = {(layer, h) for h, layer in order}
+    return [['relu_softmax' if (layer, h) in chosen else 'scaling' for h in range(n)]
+            for layer, n in enumerate(heads_per_layer)]
+
+
+def baseline_of(model: nn.Module) -> nn.Module:
+    """The same model and weights with Softmax in every head and exact GeLU in every MLP (the paper's baseline)."""
+    import copy
+
+    from timm.layers import Mlp
+
+    from ..layers.linearizable_mlp import LinearizableMlp
+    base = copy.deepcopy(model)
+    set_attn_pattern(base, 'softmax')
+    for name, module in list(base.named_modules()):
+        if isinstance(module, LinearizableMlp):
+            module.set_pattern('gelu')
+        if isinstance(module, Mlp):
+            module.act = nn.GELU()
+    return base
+
+
+def compare_logits(secure: torch.Tensor, plain: torch.Tensor) -> Dict[str, float]:
+    """Max absolute error and top-1 agreement of secure against plain-text logits."""
+    return dict(max_abs_error=float((secure - plain).abs().max()),
+                top1_agreement=float((secure.argmax(-1) == plain.argmax(-1)).float().mean()),
+                images=int(plain.shape[0]))
+
+
+def _summary(profile: CostProfile, networks: Dict[str, NetworkSetting]) -> Dict[str, Any]:
+    return dict(rounds=profile.rounds, bytes=profile.bytes, wall_s=profile.wall_s,
+                latency_s={n: profile.latency(s) for n, s in networks.items()})
+
+
+def run_bench(
+        configs: Dict[str, nn.Module],
+        images: torch.Tensor,
+        settings: SecureSettings,
+        networks: Optional[Dict[str, NetworkSetting]] = None,
+        check: bool = False,
+        baseline: str = 'baseline',
+) -> Dict[str, Any]:
+    """Securely run every model of ``configs`` on ``images`` and compare each with ``configs[baseline]``.
+
+    Returns a JSON-ready dict: per configuration the pattern, head counts, cost profile (per layer and
+    per operator), latency per network, ratios to the baseline and, with ``check``, accuracy under MPC.
+    """
+    networks = networks or NETWORKS
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, model in tqdm(configs.items(), desc='secure inference', unit='model'):
+        res: SecureResult = secure_predict(model, images, settings=settings, return_result=True)
+        entry = dict(pattern=get_attn_pattern(model), heads=count_head_kinds(model),
+                     **_summary(res.profile, networks), profile=res.profile.to_dict(networks))
+        if check:
+            with torch.no_grad():
+                entry['accuracy'] = compare_logits(res.logits, model.eval()(images))
+        results[name] = entry
+    base = results[baseline]
+    for entry in results.values():
+        entry['ratio_to_baseline'] = dict(
+            rounds=base['rounds'] / entry['rounds'], bytes=base['bytes'] / entry['bytes'],
+            wall=base['wall_s'] / entry['wall_s'],
+            **{f'latency_{n}': base['latency_s'][n] / entry['latency_s'][n] for n in networks})
+    return dict(settings=settings.to_dict(), batch=int(images.shape[0]),
+                networks={n: vars(s) for n, s in networks.items()}, results=results)
+
+
+def format_profile(profile: Dict[str, Any], network: str) -> str:
+    """A per-layer table of one configuration's profile (from :meth:`CostProfile.to_dict`)."""
+    lines = [f'{"layer":14s} {"rounds":>7s} {"MB":>9s} {"time s":>8s}   operators (rounds)']
+    by_op_layer: Dict[str, List[str]] = {}
+    for row in profile['rows']:
+        if row['rounds']:
+            by_op_layer.setdefault(row['layer'], []).append(f'{row["op"]} {row["rounds"]}')
+    for layer, agg in profile['by_layer'].items():
+        lines.append(f'{layer:14s} {agg["rounds"]:7d} {agg["bytes"] / 1e6:9.2f} {agg["time_s"]:8.3f}   '
+                     f'{", ".join(by_op_layer.get(layer, []))}')
+    lines.append(f'{"total":14s} {profile["rounds"]:7d} {profile["bytes"] / 1e6:9.2f} {profile["wall_s"]:8.3f}   '
+                 f'{network.upper()} latency {profile["latency_s"][network]:.3f} s')
+    return '\n'.join(lines)
+
+
+def format_comparison(report: Dict[str, Any], network: str) -> str:
+    """One line per configuration: rounds, MB, wall time, LAN/WAN latency and ratios to the baseline."""
+    nets = list(report['networks'])
+    head = f'{"config":22s} {"rounds":>7s} {"MB":>9s} {"wall s":>7s} ' + ' '.join(f'{n.upper() + " s":>8s}' for n in nets)
+    head += ' ' + ' '.join(f'{"x " + n.upper():>7s}' for n in nets)
+    lines = [head]
+    for name, e in report['results'].items():
+        line = f'{name:22s} {e["rounds"]:7d} {e["bytes"] / 1e6:9.1f} {e["wall_s"]:7.2f} '
+        line += ' '.join(f'{e["latency_s"][n]:8.2f}' for n in nets)
+        line += ' ' + ' '.join(f'{e["ratio_to_baseline"][f"latency_{n}"]:6.2f}x' for n in nets)
+        if 'accuracy' in e:
+            acc = e['accuracy']
+            line += f'  top-1 agree {acc["top1_agreement"]:.0%}, max err {acc["max_abs_error"]:.2g}'
+        lines.append(line)
+    return '\n'.join(lines)
+
+
+def write_json(report: Dict[str, Any], path: str) -> None:
+    with open(path, 'w') as f:
+        json.dump(report, f, indent=1)

@@ -69,6 +69,7 @@ def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint``."""
     name = args.model
     overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
+    overlay.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
     if name.startswith('mpcvit_'):
         model = timm.create_model(name, attn_pattern='softmax', **overlay)
         if args.pattern or not args.checkpoint:
@@ -206,6 +207,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: b
     p.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern: gelu, linear or a JSON list')
     p.add_argument('--act-layer', default=None, help='MLP activation, e.g. quad_gelu or relu')
     p.add_argument('--checkpoint', default=None, help='weights file (random weights without one)')
+    p.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model, '
+                                                        'e.g. \'{"depth": 2}\'')
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:

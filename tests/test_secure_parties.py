@@ -1,0 +1,141 @@
+"""Two real parties (separate processes over torch.distributed on loopback). Small models keep it fast."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import timm
+import torch
+
+import timm_mpc
+from timm_mpc.cli import main
+from timm_mpc.secure import SecureSettings, secure_predict
+from timm_mpc.secure.launch import free_port
+
+MIXED = [['softmax', 'relu_softmax', 'scaling', '2quad'], ['relu_softmax', 'scaling', 'scaling', 'relu_softmax']]
+
+
+def _small_mpcvit(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model('mpcvit_tiny', **{**dict(depth=2, embed_dim=64, num_heads=4, img_size=16), **kwargs}).eval()
+    with torch.no_grad():  # trained-like magnitudes: embeddings of order one, not timm's tiny init
+        model.cls_token.normal_(0, 1)
+        model.pos_embed.normal_(0, 0.5)
+    return model
+
+
+def _images(n=3, size=16):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
+    model = _small_mpcvit(attn_pattern=MIXED, gelu_pattern=[[1, 0] * 8 + [1], 'linear'])
+    images = _images()
+    result = secure_predict(model, images, return_result=True)
+    with torch.no_grad():
+        plain = model(images)
+    assert torch.equal(result.logits.argmax(-1), plain.argmax(-1))
+    assert (result.logits - plain).abs().max() < 2e-2
+    ops = result.profile.by('op')
+    assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu', 'layernorm', 'linear'} <= set(ops)
+    assert ops['scaling']['rounds'] == 2 * 2  # two matmuls per layer, nothing non-linear
+    assert ops['softmax']['rounds'] > 10 * 2
+    layers = result.profile.by('layer')
+    assert {'blocks.0', 'blocks.1', 'patch_embed', 'head'} <= set(layers)
+    assert result.profile.rounds == sum(v['rounds'] for v in layers.values()) > 0
+    # weights are shared once, outside the inference (CrypTen's zero-sharing from common seeds sends nothing)
+    assert [(r.layer, r.op) for r in result.profile.setup] == [('weights', 'share')]
+
+
+def test_converted_timm_vit_with_registers_qk_norm_and_layerscale():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3,
+                              reg_tokens=2, qk_norm=True, init_values=0.5, act_layer='quad_gelu').eval()
+    timm_mpc.convert_to_mpc(model, [['relu_softmax', 'scaling', 'softmax'], 'scaling'])
+    with torch.no_grad():
+        model.cls_token.normal_(0, 1)
+        model.reg_token.normal_(0, 1)
+    images = _images(2, 32)
+    logits = secure_predict(model, images)
+    with torch.no_grad():
+        plain = model(images)
+    assert torch.equal(logits.argmax(-1), plain.argmax(-1)) and (logits - plain).abs().max() < 2e-2
+
+
+def test_trusted_third_party_dealer():
+    model = _small_mpcvit(attn_pattern='relu_softmax')
+    images = _images(1)
+    result = secure_predict(model, images, settings=SecureSettings(provider='TTP'), return_result=True)
+    with torch.no_grad():
+        assert (result.logits - model(images)).abs().max() < 2e-2
+
+
+def _party_cmd(*args):
+    return [sys.executable, '-m', 'timm_mpc', 'party', *args]
+
+
+def test_two_terminal_example_and_a_killed_owner(tmp_path):
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    common = ['--rendezvous', rendezvous, '--timeout', '20']
+    owner_cmd = _party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common)
+    client_cmd = _party_cmd('--rank', '1', '--batch', '1', '--json', str(tmp_path / 'client.json'), *common)
+    owner = subprocess.Popen(owner_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = subprocess.run(client_cmd, capture_output=True, text=True, timeout=240)
+    owner_out = owner.communicate(timeout=60)[0]
+    assert client.returncode == 0, client.stdout + client.stderr
+    assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out
+    report = json.loads((tmp_path / 'client.json').read_text())
+    assert len(report['logits']) == 1 and report['profile']['rounds'] > 100
+
+    # the owner dies mid-protocol: the client must stop with a clear error, not hang
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    common = ['--rendezvous', rendezvous, '--timeout', '10']
+    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'softmax', *common),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = subprocess.Popen(_party_cmd('--rank', '1', '--batch', '8', *common),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in owner.stdout:
+        if 'connected to the other party' in line:
+            break
+    time.sleep(2)
+    owner.kill()
+    killed_at = time.monotonic()
+    _, err = client.communicate(timeout=120)
+    waited = time.monotonic() - killed_at
+    assert client.returncode == 2
+    assert 'timm-mpc party: error:' in err and 'lost the other party' in err, err[-2000:]
+    assert waited < 2 * 10 + 15  # within the configured timeout (torch retries a connection once)
+
+
+def test_unreachable_rendezvous_is_a_clear_error_within_the_timeout():
+    start = time.monotonic()
+    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3'),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert 'could not meet the other party' in result.stderr and 'within 3 s' in result.stderr
+    assert time.monotonic() - start < 60
+
+
+def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
+    out = tmp_path / 'bench.json'
+    checkpoint = tmp_path / 'small.safetensors'
+    import safetensors.torch
+    model = _small_mpcvit(attn_pattern='scaling', img_size=32)
+    safetensors.torch.save_file(model.state_dict(), str(checkpoint))
+    assert main(['bench', 'mpcvit_tiny', '--checkpoint', str(checkpoint), '--batch', '1', '--check',
+                 '--json', str(out)]) == 2  # a small checkpoint is refused for mpcvit_tiny's shape
+    assert 'does not fit this model' in capsys.readouterr().err
+    images = tmp_path / 'images.pt'
+    torch.save(_images(2, 32), images)
+    assert main(['bench', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(dict(img_size=32, patch_size=8, depth=2)),
+                 '--pattern', 'scaling', '--act-layer', 'quad_gelu', '--check', '--json', str(out),
+                 '--images', str(images)]) == 0
+    report = json.loads(out.read_text())
+    base, variant = report['results']['baseline'], report['results']['model']
+    assert base['heads'] == {'softmax': 6} and variant['heads'] == {'scaling': 6}
+    assert variant['ratio_to_baseline']['rounds'] > 2 and variant['ratio_to_baseline']['latency_lan'] > 1
+    assert variant['accuracy']['top1_agreement'] == 1.0 and report['batch'] == 2
+    assert {row['layer'] for row in variant['profile']['rows']} >= {'blocks.0', 'blocks.1', 'head'}
+    assert ' x LAN' in capsys.readouterr().out

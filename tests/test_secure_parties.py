@@ -139,3 +139,20 @@ def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
     assert variant['accuracy']['top1_agreement'] == 1.0 and report['batch'] == 2
     assert {row['layer'] for row in variant['profile']['rows']} >= {'blocks.0', 'blocks.1', 'head'}
     assert ' x LAN' in capsys.readouterr().out
+
+
+def test_kind_cost_table_is_measured_and_cached(tmp_path):
+    from timm_mpc.layers import ATTN_KINDS
+    from timm_mpc.secure.cost_table import kind_cost_table
+
+    shape = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=4, cache_dir=tmp_path)
+    table = kind_cost_table(**shape)
+    assert not table['cached'] and table['num_tokens'] == 17
+    per_head, acts = table['per_head'], table['per_layer_activation']
+    assert set(per_head) == set(ATTN_KINDS)
+    assert per_head['scaling']['rounds'] < per_head['relu_softmax']['rounds'] < per_head['softmax']['rounds']
+    assert per_head['scaling']['bytes'] < per_head['relu_softmax']['bytes']
+    assert acts['quad_gelu']['rounds'] == 1 < acts['relu']['rounds'] < acts['gelu']['rounds']
+    again = kind_cost_table(**shape)
+    assert again['cached'] and again['per_head'] == per_head
+    assert len(list(tmp_path.glob('*.json'))) == 1

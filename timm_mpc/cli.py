@@ -212,7 +212,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: b
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--batch', type=int, default=None, help='number of images (default: all given)')
+    p.add_argument('--batch', type=int, default=None, help='number of images (default: all given; 4 for predict)')
     p.add_argument('--images', default=None, help='.pt file with a (B, C, H, W) tensor; default: 8 shipped '
                                                   'Fashion-MNIST test images')
     p.add_argument('--provider', choices=['TFP', 'TTP'], default='TFP',
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser('predict', help='two-party secure prediction on local processes, with its costs')
     _add_model_args(predict, required=False)
     _add_secure_args(predict)
-    predict.set_defaults(func=_predict)
+    predict.set_defaults(func=_predict, batch=4)
 
     bench = sub.add_parser('bench', help='secure cost against the all-Softmax, exact-GeLU baseline')
     _add_model_args(bench)

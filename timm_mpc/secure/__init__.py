@@ -3,6 +3,7 @@
 Nothing here imports CrypTen until a secure computation runs (see :mod:`.crypten_compat`).
 """
 from .calibration import FixedPointRangeError, calibrate
+from .cost_table import kind_cost_table
 from .costs import NETWORKS, CostProfile, CostRow, NetworkSetting
 from .launch import SecureInferenceError, SecureResult, secure_predict
 from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
@@ -12,5 +13,5 @@ from .settings import SecureSettings
 __all__ = [
     'secure_predict', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
     'UnsupportedModelError', 'FixedPointRangeError', 'build_plan', 'check_images', 'calibrate',
-    'CostProfile', 'CostRow', 'NetworkSetting', 'NETWORKS', 'PartyResult', 'run_owner', 'run_client', 'run_dealer',
+    'kind_cost_table', 'CostProfile', 'CostRow', 'NetworkSetting', 'NETWORKS', 'PartyResult', 'run_owner', 'run_client', 'run_dealer',
 ]

@@ -1,0 +1,91 @@
+"""Per-kind secure cost for given shapes, measured once and cached: what each head kind and each
+activation kind costs in one layer of a model. The MPC-aware search reads its per-head costs from here."""
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import timm
+import torch
+from torch import nn
+
+from ..layers.activations import QuadGELU
+from ..layers.attn_kinds import ATTN_KINDS
+from .launch import secure_predict
+from .settings import SecureSettings
+
+__all__ = ['kind_cost_table', 'default_cache_dir']
+
+ACT_KINDS = ('gelu', 'quad_gelu', 'relu')
+
+
+def default_cache_dir() -> Path:
+    """``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``, plus ``cost_tables``."""
+    root = os.environ.get('TIMM_MPC_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'timm_mpc')
+    return Path(root) / 'cost_tables'
+
+
+def _probe_model(img_size: int, patch_size: int, embed_dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
+    """One block per activation kind; in every block the heads cycle through the attention kinds."""
+    kinds = [ATTN_KINDS[h % len(ATTN_KINDS)] for h in range(num_heads)]
+    model = timm.create_model('mpcvit_tiny', img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                              num_heads=num_heads, mlp_ratio=mlp_ratio, depth=len(ACT_KINDS),
+                              attn_pattern=[kinds] * len(ACT_KINDS))
+    acts = {'gelu': nn.GELU, 'quad_gelu': QuadGELU, 'relu': nn.ReLU}
+    for blk, act in zip(model.blocks, ACT_KINDS):
+        blk.mlp.act = acts[act]()
+    return model.eval()
+
+
+def kind_cost_table(
+        img_size: int = 32,
+        patch_size: int = 4,
+        embed_dim: int = 256,
+        num_heads: int = 4,
+        mlp_ratio: float = 2.0,
+        batch: int = 1,
+        settings: Optional[SecureSettings] = None,
+        cache_dir: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Rounds, bytes (both parties) and seconds per head of each attention kind and per MLP activation
+    kind, for one layer of the given shape (defaults: ``mpcvit_tiny``), measured by a real two-party run.
+
+    Heads of one kind in one layer share their rounds (they run together), so ``per_head`` divides
+    bytes and time by the heads of that kind and reports the layer's rounds as they are. Results are
+    cached as JSON under ``cache_dir`` (see :func:`default_cache_dir`), keyed by shapes and settings.
+    """
+    settings = settings or SecureSettings()
+    key_data = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+                    mlp_ratio=mlp_ratio, batch=batch, settings={k: v for k, v in settings.to_dict().items()
+                                                                 if k != 'timeout_s'})
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()) / f'{key}.json'
+    if path.exists():
+        return dict(json.loads(path.read_text()), cached=True)
+
+    torch.manual_seed(0)
+    model = _probe_model(img_size, patch_size, embed_dim, num_heads, mlp_ratio)
+    images = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    result = secure_predict(model, images, settings=settings, return_result=True)
+    heads_of = {k: sum(1 for h in range(num_heads) if ATTN_KINDS[h % len(ATTN_KINDS)] == k) for k in ATTN_KINDS}
+    attention: Dict[str, Dict[str, float]] = {}
+    activation: Dict[str, Dict[str, float]] = {}
+    for row in result.profile.rows:
+        if not row.layer.startswith('blocks.'):
+            continue
+        block = int(row.layer.split('.')[1])
+        if row.op in heads_of and heads_of[row.op]:
+            agg = attention.setdefault(row.op, dict(rounds=0.0, bytes=0.0, time_s=0.0))
+            n = heads_of[row.op] * len(ACT_KINDS)  # the same heads in every probe block
+            agg['rounds'] += row.rounds / len(ACT_KINDS)
+            agg['bytes'] += row.bytes / n
+            agg['time_s'] += row.time_s / n
+        elif row.op == ACT_KINDS[block]:
+            activation[row.op] = dict(rounds=row.rounds, bytes=row.bytes, time_s=row.time_s)
+    activation['identity'] = dict(rounds=0, bytes=0.0, time_s=0.0)
+    table = dict(shape=key_data, per_head=attention, per_layer_activation=activation,
+                 num_tokens=(img_size // patch_size) ** 2 + 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1))
+    return dict(table, cached=False)

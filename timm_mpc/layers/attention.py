@@ -61,12 +61,7 @@ class MPCAttention(MPCAttentionMixin, Attention):
         bias, keep = split_attn_mask(attn_mask, N, N, is_causal, device=x.device)
         x = self.attend(q, k, v, bias, keep)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
+        return self.project_out(x, gate)
 
 
 class SoftmaxAttention(MPCAttention):

@@ -51,9 +51,4 @@ class MPCEvaAttention(MPCAttentionMixin, EvaAttention):
         bias, keep = split_attn_mask(attn_mask, N, N, is_causal, device=x.device)
         x = self.attend(q, k, v, bias, keep)
         x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = self.proj(x)
-        x = self.proj_drop(x)
-        return x
+        return self.project_out(x, gate)

@@ -1,10 +1,11 @@
 """`HeadKinds`: one attention kind per head, or a learnable ReLU-Softmax/Scaling mix per head."""
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .attn_kinds import ATTN_KINDS, KIND_WEIGHTS, SEARCH, kind_code, kind_name, relu_softmax_weights, scaling_weights
+from .state_mode import StateModeMixin
 
 __all__ = ['HeadKinds', 'HeadPattern', 'check_unit_interval']
 
@@ -21,7 +22,7 @@ def check_unit_interval(name: str, value: torch.Tensor) -> None:
             f'got values from {value.min().item():.4g} to {value.max().item():.4g}')
 
 
-class HeadKinds(nn.Module):
+class HeadKinds(StateModeMixin, nn.Module):
     """Turns attention scores into attention weights, with its own rule for each head.
 
     Two modes, told apart by the module's state so that the mode travels with a checkpoint:
@@ -34,6 +35,7 @@ class HeadKinds(nn.Module):
     Loading a state dict switches the mode to the one the state dict holds; a plain timm state
     dict, which holds neither key, leaves the module as it is.
     """
+    fixed_key, search_key, state_name = 'kinds', 'alpha', 'head pattern'
 
     def __init__(
             self,
@@ -137,42 +139,16 @@ class HeadKinds(nn.Module):
                 scores[:, heads], None if keep is None else keep[:, heads], **opts)
         return weights
 
-    def _load_from_state_dict(
-            self,
-            state_dict: Dict[str, Any],
-            prefix: str,
-            local_metadata: Dict[str, Any],
-            strict: bool,
-            missing_keys: List[str],
-            unexpected_keys: List[str],
-            error_msgs: List[str],
-    ) -> None:
-        # Take the mode of the incoming state, so a searched or binarized checkpoint loads into
-        # a model built with any pattern; a state without either key (plain timm) keeps ours.
-        alpha, kinds = state_dict.get(prefix + 'alpha'), state_dict.get(prefix + 'kinds')
-        where = prefix.rstrip('.') or 'HeadKinds'
-        try:
-            if kinds is not None:
-                if kinds.shape != (self.num_heads,) or kinds.is_floating_point():
-                    raise ValueError(
-                        f'expected an integer tensor of shape ({self.num_heads},), got '
-                        f'{kinds.dtype} of shape {tuple(kinds.shape)}')
-                for code in kinds.tolist():
-                    kind_name(code)
-                self._set_kinds(kinds.to(self._device(), torch.long).clone())
-            elif alpha is not None:
-                if alpha.numel() != self.num_heads:
-                    raise ValueError(f'expected {self.num_heads} alpha values, got shape {tuple(alpha.shape)}')
-                self.set_alpha(alpha)
-        except ValueError as e:
-            error_msgs.append(f'{where}: corrupt or mismatched head pattern in checkpoint: {e}')
-            return
-        own_keys = [prefix + 'alpha', prefix + 'kinds']
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for key in own_keys:
-            if key in missing_keys and key not in state_dict:
-                missing_keys.remove(key)
+    def _load_fixed(self, kinds: torch.Tensor) -> None:
+        if kinds.shape != (self.num_heads,) or kinds.is_floating_point():
+            raise ValueError(f'expected an integer tensor of shape ({self.num_heads},), got '
+                             f'{kinds.dtype} of shape {tuple(kinds.shape)}')
+        for code in kinds.tolist():
+            kind_name(code)
+        self._set_kinds(kinds.to(self._device(), torch.long).clone())
+
+    def _load_search(self, alpha: torch.Tensor) -> None:
+        self.set_alpha(alpha)
 
     def extra_repr(self) -> str:
         if self.searching:

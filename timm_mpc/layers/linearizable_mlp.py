@@ -1,6 +1,6 @@
 """MPCViT+ MLP: per-token choice between GeLU and a linear path with a ReLU after the second layer."""
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import Mlp
@@ -8,6 +8,7 @@ from torch import nn
 
 from .head_kinds import check_unit_interval
 from .rebase import rebase_module
+from .state_mode import StateModeMixin
 
 __all__ = ['LinearizableMlp', 'GeluPattern', 'GELU_PATTERNS']
 
@@ -17,7 +18,7 @@ GeluPattern = Union[str, Sequence[Any], torch.Tensor]
 GELU_PATTERNS = ('gelu', 'linear', 'search')
 
 
-class LinearizableMlp(Mlp):
+class LinearizableMlp(StateModeMixin, Mlp):
     """timm ``Mlp`` where each token position either keeps the activation or is linearized.
 
     With ``β`` per token position (shape ``(1, *token_shape, 1)``)::
@@ -29,6 +30,7 @@ class LinearizableMlp(Mlp):
     the second linear layer (MPCViT+). Fixed mode keeps 0/1 values in the ``gelu_tokens``
     buffer; search mode learns them as the ``beta`` parameter. Parameter names are ``Mlp``'s.
     """
+    fixed_key, search_key, state_name = 'gelu_tokens', 'beta', 'GeLU pattern'
 
     def __init__(
             self,
@@ -151,31 +153,11 @@ class LinearizableMlp(Mlp):
             x = self.fc2(self.norm(self.drop1(self.act(x))))
         return self.drop2(x)
 
-    def _load_from_state_dict(
-            self,
-            state_dict: Dict[str, Any],
-            prefix: str,
-            local_metadata: Dict[str, Any],
-            strict: bool,
-            missing_keys: List[str],
-            unexpected_keys: List[str],
-            error_msgs: List[str],
-    ) -> None:
-        # As HeadKinds: the incoming state decides between fixed and search mode.
-        beta, gelu_tokens = state_dict.get(prefix + 'beta'), state_dict.get(prefix + 'gelu_tokens')
-        try:
-            if gelu_tokens is not None:
-                self.set_pattern(gelu_tokens)
-            elif beta is not None:
-                self.set_beta(beta)
-        except (ValueError, RuntimeError) as e:
-            error_msgs.append(f'{prefix.rstrip(".")}: corrupt or mismatched GeLU pattern in checkpoint: {e}')
-            return
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for key in (prefix + 'beta', prefix + 'gelu_tokens'):
-            if key in missing_keys and key not in state_dict:
-                missing_keys.remove(key)
+    def _load_fixed(self, gelu_tokens: torch.Tensor) -> None:
+        self.set_pattern(gelu_tokens)
+
+    def _load_search(self, beta: torch.Tensor) -> None:
+        self.set_beta(beta)
 
     def extra_repr(self) -> str:
         if self.searching:

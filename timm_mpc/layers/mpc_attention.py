@@ -49,6 +49,9 @@ class MPCAttentionMixin:
     heads: HeadKinds
     scale: float
     attn_drop: nn.Module
+    norm: nn.Module
+    proj: nn.Module
+    proj_drop: nn.Module
 
     def init_heads(self, num_heads: int, attn_pattern: HeadPattern, relu_eps: float, quad_c: float) -> None:
         self.heads = HeadKinds(num_heads, attn_pattern, relu_eps=relu_eps, quad_c=quad_c)
@@ -67,6 +70,13 @@ class MPCAttentionMixin:
             scores = scores + bias
         weights = self.attn_drop(self.heads(scores, keep))
         return weights @ v
+
+    def project_out(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Output norm, optional gate, projection and dropout, as timm's attention modules end."""
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
 
     @classmethod
     def from_module(

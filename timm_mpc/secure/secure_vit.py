@@ -113,22 +113,15 @@ class SecureViT:
 
     def _block(self, x, name: str, spec: Dict[str, Any]):
         m = self.meter
-        if spec['style'] == 'pre':
-            with m.section(name, 'layernorm'):
-                h = self._layer_norm(x, f'{name}.norm1', spec['norm1'])
-            h = self._attention(h, f'{name}.attn', spec['attn'])
-            x = x + (h * self.w(f'{name}.ls1.gamma') if spec['ls1'] else h)
-            with m.section(name, 'layernorm'):
-                h = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
-            h = self._mlp(h, f'{name}.mlp', spec['mlp'])
-            return x + (h * self.w(f'{name}.ls2.gamma') if spec['ls2'] else h)
         with m.section(name, 'layernorm'):
             h = self._layer_norm(x, f'{name}.norm1', spec['norm1'])
         h = self._attention(h, f'{name}.attn', spec['attn'])
         x = x + (h * self.w(f'{name}.ls1.gamma') if spec['ls1'] else h)
         with m.section(name, 'layernorm'):
-            x = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
-        h = self._mlp(x, f'{name}.mlp', spec['mlp'])
+            normed = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
+        if spec['style'] == 'post':  # ViT-Lite: the norm after the attention residual is on the residual stream
+            x = normed
+        h = self._mlp(normed, f'{name}.mlp', spec['mlp'])
         return x + (h * self.w(f'{name}.ls2.gamma') if spec['ls2'] else h)
 
     def _attention(self, x, name: str, spec: Dict[str, Any]):

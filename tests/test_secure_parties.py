@@ -156,3 +156,19 @@ def test_kind_cost_table_is_measured_and_cached(tmp_path):
     again = kind_cost_table(**shape)
     assert again['cached'] and again['per_head'] == per_head
     assert len(list(tmp_path.glob('*.json'))) == 1
+
+
+def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
+    """The search's latency estimate, built from the per-kind table, against a real two-party run."""
+    from timm_mpc.search import model_latency
+    from timm_mpc.secure.cost_table import kind_cost_table
+
+    table = kind_cost_table(img_size=16, patch_size=4, embed_dim=32, num_heads=4, cache_dir=tmp_path)
+    model = timm.create_model('mpcvit_tiny', img_size=16, embed_dim=32, depth=3, num_heads=4,
+                              attn_pattern=[['relu_softmax', 'scaling', 'scaling', '2quad'], 'softmax', 'scaling'],
+                              gelu_pattern=['gelu', [1] * 9 + [0] * 8, 'linear']).eval()
+    images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    measured = secure_predict(model, images, return_result=True).profile
+    estimate = model_latency(model, table)
+    assert estimate['rounds'] == pytest.approx(measured.rounds, rel=0.05)
+    assert estimate['bytes'] == pytest.approx(measured.bytes, rel=0.05)

@@ -11,6 +11,8 @@ from .layers import (
 )
 from .models import MPCViT, MPCViTBlock, PretrainedWeightsError, checkpoint_filter_fn
 from .pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern, set_attn_pattern
+from .search import binarize_budget, binarize_gelu, binarize_mu, estimate_latency
+from .training import RunConfig, TokenDistillationLoss, train_model
 from .version import __version__
 
 register_timm_layers()
@@ -22,4 +24,6 @@ __all__ = [
     'SearchAttention', 'MPCEvaAttention', 'MPCWindowAttention', 'QuadGELU', 'quad_gelu',
     'MPCViT', 'MPCViTBlock', 'PretrainedWeightsError', 'checkpoint_filter_fn',
     'count_head_kinds', 'get_attn_pattern', 'get_gelu_pattern', 'set_attn_pattern', 'register_timm_layers',
+    'binarize_budget', 'binarize_gelu', 'binarize_mu', 'estimate_latency',
+    'RunConfig', 'TokenDistillationLoss', 'train_model',
 ]

@@ -14,6 +14,7 @@ from .data import example_images
 from .layers.attn_kinds import ATTN_KINDS
 from .layers.head_kinds import HeadKinds
 from .pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
+from .training.commands import add_training_commands
 
 __all__ = ['main']
 
@@ -263,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(party, option=True)
     _add_secure_args(party)
     party.set_defaults(func=_party)
+
+    add_training_commands(sub)
     return parser
 
 

@@ -18,6 +18,7 @@ from .settings import SecureSettings
 __all__ = ['kind_cost_table', 'default_cache_dir']
 
 ACT_KINDS = ('gelu', 'quad_gelu', 'relu')
+TABLE_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -38,6 +39,12 @@ def _probe_model(img_size: int, patch_size: int, embed_dim: int, num_heads: int,
     return model.eval()
 
 
+def _accumulate(agg: Dict[str, float], row: Any, share: int) -> None:
+    agg['rounds'] += row.rounds / share
+    agg['bytes'] += row.bytes / share
+    agg['time_s'] += row.time_s / share
+
+
 def kind_cost_table(
         img_size: int = 32,
         patch_size: int = 4,
@@ -52,11 +59,14 @@ def kind_cost_table(
     kind, for one layer of the given shape (defaults: ``mpcvit_tiny``), measured by a real two-party run.
 
     Heads of one kind in one layer share their rounds (they run together), so ``per_head`` divides
-    bytes and time by the heads of that kind and reports the layer's rounds as they are. Results are
+    bytes and time by the heads of that kind and reports the layer's rounds as they are.
+    ``per_layer_rest`` is the rest of a block (linear layers, LayerNorms) and ``outside`` everything
+    outside the blocks (input sharing, patch embedding, final norm, head), so that
+    :func:`timm_mpc.search.estimate_latency` can price a whole model of any depth and pattern. Results are
     cached as JSON under ``cache_dir`` (see :func:`default_cache_dir`), keyed by shapes and settings.
     """
     settings = settings or SecureSettings()
-    key_data = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+    key_data = dict(version=TABLE_VERSION, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
                     mlp_ratio=mlp_ratio, batch=batch, settings={k: v for k, v in settings.to_dict().items()
                                                                  if k != 'timeout_s'})
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
@@ -71,8 +81,11 @@ def kind_cost_table(
     heads_of = {k: sum(1 for h in range(num_heads) if ATTN_KINDS[h % len(ATTN_KINDS)] == k) for k in ATTN_KINDS}
     attention: Dict[str, Dict[str, float]] = {}
     activation: Dict[str, Dict[str, float]] = {}
+    rest = dict(rounds=0.0, bytes=0.0, time_s=0.0)
+    outside = dict(rounds=0.0, bytes=0.0, time_s=0.0)
     for row in result.profile.rows:
         if not row.layer.startswith('blocks.'):
+            _accumulate(outside, row, 1)
             continue
         block = int(row.layer.split('.')[1])
         if row.op in heads_of and heads_of[row.op]:
@@ -83,9 +96,12 @@ def kind_cost_table(
             agg['time_s'] += row.time_s / n
         elif row.op == ACT_KINDS[block]:
             activation[row.op] = dict(rounds=row.rounds, bytes=row.bytes, time_s=row.time_s)
+        else:  # linear layers and LayerNorms: the same whatever the kinds
+            _accumulate(rest, row, len(ACT_KINDS))
     activation['identity'] = dict(rounds=0, bytes=0.0, time_s=0.0)
-    table = dict(shape=key_data, per_head=attention, per_layer_activation=activation,
-                 num_tokens=(img_size // patch_size) ** 2 + 1)
+    table = dict(shape=key_data, per_head=attention, per_layer_activation=activation, per_layer_rest=rest,
+                 outside=outside, num_tokens=(img_size // patch_size) ** 2 + 1,
+                 hidden_features=int(embed_dim * mlp_ratio))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=1))
     return dict(table, cached=False)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST runs behind the README's search-and-distillation table and Pareto plot, on a
+# 2-core CPU with bfloat16 autocast (see the README for what each step is and what it is short of).
+# Every step resumes where it stopped: run the script again after an interruption.
+# Usage: bash benchmarks/fmnist_runs.sh [RUNS_DIR]   (default runs/fmnist)
+set -euo pipefail
+R=${1:-runs/fmnist}
+COMMON="--amp --workers 1 --mixup 0 --cutmix 0 --auto-augment none --drop-path 0 --weight-decay 0.05"
+SEARCH="--epochs 1 --train-subset 30000 --warmup-epochs 0 --lr 5e-4"
+TUNE="--epochs 1 --warmup-epochs 0 --lr 5e-4"
+
+# 1. the all-Softmax teacher
+timm-mpc train --output $R/teacher --epochs 4 --warmup-epochs 1 --lr 1e-3 $COMMON
+T=$R/teacher/model.safetensors
+
+# 2. MPC-aware search from the teacher's weights (α per head, cost-weighted L1), binarized to μ and a budget
+timm-mpc search --output $R/search --init-from $T --lam 1e-3 --cost-weighted \
+  --mu 0.3 0.5 0.7 --budget-s 7.0 --network lan $SEARCH $COMMON
+# 3. MPCViT+: α and β (per token) searched together, half of the GeLU tokens kept
+timm-mpc search --output $R/search_plus --init-from $T --lam 1e-3 --search-gelu --lam-beta 1e-3 \
+  --gelu-keep 0.5 --mu 0.5 $SEARCH $COMMON
+
+# 4. retrain the binarized patterns with token-level KD from the teacher (and μ = 0.5 without KD)
+for MU in 50 30 70; do
+  timm-mpc retrain --output $R/mu${MU}_kd --searched $R/search/mu${MU}.safetensors --teacher $T $TUNE $COMMON
+done
+timm-mpc retrain --output $R/mu50_nokd --searched $R/search/mu50.safetensors $TUNE $COMMON
+timm-mpc retrain --output $R/plus_mu50_kd --searched $R/search_plus/mu50.safetensors --teacher $T $TUNE $COMMON
+
+# 5. baselines: every head of one kind, fine-tuned from the teacher for the same budget
+for KIND in relu_softmax scaling 2quad; do
+  timm-mpc train --output $R/all_$KIND --attn-pattern $KIND --init-from $T $TUNE $COMMON
+done
+
+# 6. the table and the plot
+timm-mpc pareto $R/teacher $R/all_relu_softmax $R/all_scaling $R/all_2quad $R/mu30_kd $R/mu50_kd $R/mu70_kd \
+  $R/mu50_nokd $R/plus_mu50_kd --out benchmarks/results/fmnist_pareto.png --table benchmarks/results/fmnist_pareto.md \
+  --title "mpcvit_tiny on Fashion-MNIST: accuracy against estimated secure latency"

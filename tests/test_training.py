@@ -1,0 +1,284 @@
+"""Search, distillation, MPCViT+, binarization, the cost model, data and the training CLI."""
+import gzip
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import timm_mpc  # noqa: F401  (registers the models)
+from timm_mpc.cli import main
+from timm_mpc.data import fashion_mnist_to_model_input
+from timm_mpc.layers.linearizable_mlp import LinearizableMlp
+from timm_mpc.pattern import get_attn_pattern
+from timm_mpc.search import binarize_budget, binarize_gelu, binarize_mu, estimate_latency, model_cost_table
+from timm_mpc.training import ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod
+from timm_mpc.training.data import DatasetMissingError
+
+TINY = {'depth': 2, 'embed_dim': 32, 'num_heads': 4}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 0x801 if array.ndim == 1 else 0x803  # IDX: unsigned bytes, 1 or 3 dimensions
+    with gzip.open(path, 'wb') as f:
+        f.write(struct.pack('>I', magic) + b''.join(struct.pack('>I', d) for d in array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope='module')
+def fmnist(tmp_path_factory):
+    """A small Fashion-MNIST in the Debian package's layout: 10 easy classes (a bright square whose
+    position is the label) so that a few steps of training learn something."""
+    root = tmp_path_factory.mktemp('debian_fmnist')
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 320), ('t10k', 80)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, y in enumerate(labels):
+            r, c = divmod(int(y), 5)
+            images[i, 4 + r * 12:12 + r * 12, 2 + c * 5:6 + c * 5] = 250
+        _write_idx(root / f'{split}-images-idx3-ubyte.gz', images)
+        _write_idx(root / f'{split}-labels-idx1-ubyte.gz', labels)
+    return root
+
+
+@pytest.fixture
+def debian_fmnist(fmnist, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, 'DEBIAN_FASHION_MNIST', fmnist)
+    monkeypatch.setenv('TIMM_MPC_CACHE', str(tmp_path / 'cache'))
+    return fmnist
+
+
+def test_token_distillation_loss_hand_computed():
+    loss = TokenDistillationLoss(torch.nn.CrossEntropyLoss(), kd_alpha=0.5)
+    student = torch.tensor([[0.0, 0.0]])
+    teacher = torch.tensor([[0.0, math.log(3.0)]])  # teacher probabilities 1/4, 3/4
+    s_tok, t_tok = torch.zeros(1, 3, 2), torch.ones(1, 3, 2)
+    out = loss(student, s_tok, teacher, t_tok, torch.tensor([1]))
+    # soft CE = -(1/4 log 1/2 + 3/4 log 1/2) = log 2; MSE = 1; hard CE = log 2
+    assert out['soft'].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out['tokens'].item() == pytest.approx(1.0)
+    assert out['task'].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out['loss'].item() == pytest.approx(2 * math.log(2) + 0.5, abs=1e-6)
+
+
+def test_search_mode_mixes_relu_softmax_and_scaling_hand_computed():
+    model = timm.create_model('mpcvit_tiny', attn_pattern='search', **TINY)
+    heads = model.blocks[0].attn.heads
+    heads.set_alpha(torch.tensor([0.25, 1.0, 0.0, 0.5]))
+    scores = torch.tensor([1.0, -1.0]).expand(1, 4, 1, 2)
+    w = heads(scores)[0, :, 0]
+    # RS(s) = relu(s) / (sum relu(s) + eps) = [1, 0]; SA(s) = s / N = [0.5, -0.5]
+    expected = torch.tensor([[0.25 + 0.375, -0.375], [1.0, 0.0], [0.5, -0.5], [0.75, -0.25]])
+    assert torch.allclose(w, expected, atol=1e-4)
+
+
+def test_mpcvit_plus_mlp_hand_computed():
+    mlp = LinearizableMlp(2, 2, token_shape=(1,), gelu_pattern='search')
+    with torch.no_grad():
+        for fc in (mlp.fc1, mlp.fc2):
+            fc.weight.copy_(torch.eye(2))
+            fc.bias.zero_()
+    mlp.set_beta(torch.tensor([0.5]))
+    out = mlp(torch.tensor([[[-1.0, 2.0]]]))
+    # h = 0.5 gelu(x) + 0.5 x; out = 0.5 relu(h) + 0.5 h
+    g = F.gelu(torch.tensor([-1.0, 2.0]))
+    h = 0.5 * g + 0.5 * torch.tensor([-1.0, 2.0])
+    assert torch.allclose(out[0, 0], 0.5 * h.relu() + 0.5 * h)
+    assert out[0, 0, 0].item() == pytest.approx(0.5 * (0.5 * -0.158655 - 0.5), abs=1e-5)
+    mlp.set_pattern([0])
+    assert torch.allclose(mlp(torch.tensor([[[-1.0, 2.0]]])), torch.tensor([[[0.0, 2.0]]]))
+
+
+def test_architecture_penalty_and_clamp():
+    model = timm.create_model('mpcvit_tiny', attn_pattern='search', gelu_pattern='search', **TINY)
+    for blk, a in zip(model.blocks, ([0.5, 0.5, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0])):
+        blk.attn.heads.set_alpha(torch.tensor(a))
+    plain = ArchitecturePenalty(model, lam=0.1, lam_beta=0.0)
+    assert plain().item() == pytest.approx(0.1 * 6.0)
+    tokens = model.num_tokens
+    weighted = ArchitecturePenalty(model, lam=0.1, lam_beta=0.2, head_cost=2.0, token_cost=0.5)
+    # costs normalised by the larger: heads weigh 1, tokens 0.25; β = 1 on 2 layers × tokens
+    assert weighted().item() == pytest.approx(0.1 * 6.0 + 0.2 * 0.25 * 2 * tokens, rel=1e-5)
+    with torch.no_grad():
+        plain.alphas[0].add_(0.8)
+    plain.clamp_()
+    assert plain.alphas[0].max().item() == 1.0 and plain.alphas[0].min().item() == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="attn_pattern='search'"):
+        ArchitecturePenalty(timm.create_model('mpcvit_tiny', attn_pattern='softmax', **TINY))
+
+
+def _table(rest=(10, 100.0, 1.0), rs=(5, 40.0, 0.5), sa=(1, 4.0, 0.05), gelu=(3, 60.0, 0.3), relu=(2, 30.0, 0.2)):
+    c = lambda r, b, t: dict(rounds=r, bytes=b, time_s=t)  # noqa: E731
+    return dict(shape=dict(embed_dim=4, num_heads=4), hidden_features=8, num_tokens=5,
+                per_head={'relu_softmax': c(*rs), 'scaling': c(*sa), 'softmax': c(20, 90.0, 1.0), '2quad': c(*sa)},
+                per_layer_activation={'gelu': c(*gelu), 'relu': c(*relu), 'quad_gelu': c(*sa)},
+                per_layer_rest=c(*rest), outside=c(7, 70.0, 0.7))
+
+
+def test_estimate_latency_hand_computed():
+    table = _table()
+    est = estimate_latency(table, [['relu_softmax', 'relu_softmax', 'scaling', 'scaling']], ['linear'])
+    # outside 7 + rest 10 + RS 5 (once) + SA 1 (once) + linearized ReLU 2 rounds
+    assert est['rounds'] == 25
+    # bytes: 70 + 100 + 2·40 + 2·4 + ReLU 30 × (embed 4 / hidden 8)
+    assert est['bytes'] == pytest.approx(70 + 100 + 80 + 8 + 15)
+    assert est['time_s'] == pytest.approx(0.7 + 1.0 + 1.0 + 0.1 + 0.1)
+    lan = 2.9 + 25 * 0.8e-3 + 273 * 8 / 3e9
+    assert est['latency_s']['lan'] == pytest.approx(lan)
+    half = estimate_latency(table, [['scaling'] * 4], [[1, 1, 0, 0, 0]])
+    assert half['bytes'] == pytest.approx(70 + 100 + 16 + 60 * 0.4 + 30 * 0.6 * 0.5)
+
+
+def test_binarize_mu_takes_global_top_k():
+    alpha = [[0.9, 0.1, 0.5, 0.7], [0.2, 0.95, 0.3, 0.6], [0.4, 0.8, 0.05, 0.0]]
+    for mu in (0.1, 0.3, 0.5, 0.7, 1.0):
+        pattern = binarize_mu(alpha, mu)
+        assert sum(k == 'relu_softmax' for row in pattern for k in row) == round(mu * 12)
+    assert binarize_mu(alpha, 0.25) == [['relu_softmax', 'scaling', 'scaling', 'scaling'],
+                                         ['scaling', 'relu_softmax', 'scaling', 'scaling'],
+                                         ['scaling', 'relu_softmax', 'scaling', 'scaling']]
+    with pytest.raises(ValueError, match=r'\[0, 1\]'):
+        binarize_mu(alpha, 1.5)
+
+
+def test_binarize_budget_respects_budget():
+    table = _table()
+    alpha = [[0.9, 0.1, 0.5, 0.7], [0.2, 0.95, 0.3, 0.6]]
+    floor = estimate_latency(table, [['scaling'] * 4] * 2)['latency_s']['lan']
+    top = estimate_latency(table, [['relu_softmax'] * 4] * 2)['latency_s']['lan']
+    for budget in np.linspace(floor, top, 7):
+        pattern = binarize_budget(alpha, table, float(budget))
+        assert estimate_latency(table, pattern)['latency_s']['lan'] <= budget + 1e-12
+    assert binarize_budget(alpha, table, top) == [['relu_softmax'] * 4] * 2
+    # just enough for the first layer's best head: the 0.95 head in layer 1 comes first
+    first = estimate_latency(table, [['scaling'] * 4, ['scaling', 'relu_softmax', 'scaling', 'scaling']])['latency_s']['lan']
+    assert binarize_budget(alpha, table, first) == [['scaling'] * 4, ['scaling', 'relu_softmax', 'scaling', 'scaling']]
+    with pytest.raises(ValueError, match='below the all-Scaling'):
+        binarize_budget(alpha, table, floor * 0.5)
+
+
+def test_binarize_gelu_keeps_fraction():
+    beta = [[0.9, 0.1, 0.5], [0.3, 0.8, 0.2]]
+    assert binarize_gelu(beta, 0.5) == [[1, 0, 1], [0, 1, 0]]
+    assert sum(map(sum, binarize_gelu(beta, 1 / 3))) == 2
+
+
+def test_fashion_mnist_from_debian_files_matches_secure_examples(debian_fmnist):
+    ds = build_dataset('fashion_mnist', 'test', img_size=32, in_chans=3)
+    assert len(ds) == 80 and ds.targets[:3].tolist() == [0, 1, 2]
+    model = timm.create_model('mpcvit_tiny', **TINY)
+    cfg = timm.data.resolve_data_config(model=model)
+    x, y = next(iter(build_loader(ds, cfg, batch_size=8, is_training=False, num_workers=0)))
+    assert x.shape == (8, 3, 32, 32)
+    assert torch.allclose(x, fashion_mnist_to_model_input(ds.data[:8]), atol=1e-5)
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, 'DEBIAN_FASHION_MNIST', tmp_path / 'nowhere')
+    with pytest.raises(DatasetMissingError, match='dataset-fashion-mnist'):
+        build_dataset('fashion_mnist', 'train', data_dir=str(tmp_path / 'empty'))
+    with pytest.raises(DatasetMissingError, match='wnids.txt'):
+        build_dataset('tiny_imagenet', 'train', data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match='accepted'):
+        build_dataset('imagenet22k', 'train')
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    from PIL import Image
+    (tmp_path / 'wnids.txt').write_text('n01\nn02\n')
+    for wnid in ('n01', 'n02'):
+        (tmp_path / 'train' / wnid / 'images').mkdir(parents=True)
+        Image.new('RGB', (64, 64)).save(tmp_path / 'train' / wnid / 'images' / f'{wnid}_0.JPEG')
+    (tmp_path / 'val' / 'images').mkdir(parents=True)
+    Image.new('RGB', (64, 64)).save(tmp_path / 'val' / 'images' / 'val_0.JPEG')
+    (tmp_path / 'val' / 'val_annotations.txt').write_text('val_0.JPEG\tn02\t0\t0\t63\t63\n')
+    train, val = build_dataset('tiny_imagenet', 'train', str(tmp_path)), build_dataset('tiny_imagenet', 'val', str(tmp_path))
+    assert [t for _, t in train.samples] == [0, 1] and val.samples[0][1] == 1
+
+
+def test_search_binarize_retrain_eval_pareto_end_to_end(debian_fmnist, tmp_path, capsys):
+    kw = ['--model-kwargs', json.dumps(TINY), '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0',
+          '--auto-augment', 'none', '--lr', '2e-3', '--warmup-epochs', '0', '--drop-path', '0', '--hflip', '0']
+    # a budget between the all-Scaling and all-ReLU-Softmax estimates, from the cost table the search will use
+    table = model_cost_table(timm.create_model('mpcvit_tiny', **TINY))
+    floor, top = (estimate_latency(table, [[k] * 4] * 2)['latency_s']['lan'] for k in ('scaling', 'relu_softmax'))
+    budget_s = round((floor + top) / 2, 3)
+    teacher = tmp_path / 'teacher'
+    assert main(['train', '--output', str(teacher), '--epochs', '3', *kw]) == 0
+    assert main(['search', '--output', str(tmp_path / 'search'), '--init-from', str(teacher / 'model.safetensors'),
+                 '--epochs', '1', '--lam', '1e-2', '--cost-weighted', '--mu', '0.3', '0.5', '--budget-s', str(budget_s),
+                 *kw]) == 0
+    found = json.loads((tmp_path / 'search' / 'patterns.json').read_text())
+    assert all(0 <= a <= 1 for row in found['alpha'] for a in row)
+    for name, mu in (('mu30', 0.3), ('mu50', 0.5)):
+        kinds = found['patterns'][name]['head_kinds']
+        assert kinds.get('relu_softmax', 0) == round(mu * 2 * 4) and sum(kinds.values()) == 8
+    budget = found['patterns'][f'budget_lan_{budget_s:g}s']
+    assert budget['secure_estimate']['latency_s']['lan'] <= budget_s
+    assert 0 < budget['head_kinds'].get('relu_softmax', 0) < 8
+
+    out = tmp_path / 'mu50_kd'
+    assert main(['retrain', '--output', str(out), '--searched', str(tmp_path / 'search' / 'mu50.safetensors'),
+                 '--teacher', str(teacher / 'model.safetensors'), '--epochs', '1', *kw]) == 0
+    run = json.loads((out / 'run.json').read_text())
+    assert run['model']['attn_pattern'] == found['patterns']['mu50']['attn_pattern']
+    assert {'train_soft', 'train_tokens', 'train_task'} <= set(run['history'][0])
+    assert run['final']['test_images'] == 80
+    # the pattern travels inside the checkpoint
+    loaded = timm.create_model('mpcvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(out / 'model.safetensors')), **TINY)
+    assert get_attn_pattern(loaded) == found['patterns']['mu50']['attn_pattern']
+
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(out / 'model.safetensors'), '--model-kwargs', json.dumps(TINY),
+                 '--workers', '0', '--json', str(tmp_path / 'eval.json')]) == 0
+    assert json.loads((tmp_path / 'eval.json').read_text())['top1'] == pytest.approx(run['final']['test_top1'])
+    assert main(['pareto', str(teacher), str(out), '--out', str(tmp_path / 'p.png'), '--table', str(tmp_path / 't.md')]) == 0
+    assert (tmp_path / 'p.png').stat().st_size > 10_000
+    assert 'mu50_kd' in (tmp_path / 't.md').read_text()
+    history = json.loads((teacher / 'run.json').read_text())['history']
+    assert history[-1]['train_loss'] < history[0]['train_loss']
+
+
+def test_resume_continues_the_same_run(debian_fmnist, tmp_path):
+    kw = ['--model-kwargs', json.dumps(TINY), '--batch-size', '32', '--workers', '0', '--mixup', '0', '--cutmix', '0',
+          '--auto-augment', 'none', '--no-latency', '--train-subset', '64', '--warmup-epochs', '0']
+    out = tmp_path / 'run'
+    assert main(['train', '--output', str(out), '--epochs', '1', *kw]) == 0
+    first = json.loads((out / 'run.json').read_text())['history']
+    assert main(['train', '--output', str(out), '--epochs', '2', *kw]) == 0
+    history = json.loads((out / 'run.json').read_text())['history']
+    assert [h['epoch'] for h in history] == [1, 2] and history[0] == first[0]
+
+
+def test_search_gelu_needs_keep_fraction(debian_fmnist, tmp_path, capsys):
+    assert main(['search', '--output', str(tmp_path / 's'), '--search-gelu', '--model-kwargs', json.dumps(TINY)]) == 2
+    assert '--gelu-keep' in capsys.readouterr().err
+
+
+def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
+    """Two CPU processes (gloo) under torchrun, as timm trains on several GPUs: each takes half the data."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    build_dataset('fashion_mnist', 'train')  # fills $TIMM_MPC_CACHE from the test's files for the subprocesses
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
+           '-m', 'timm_mpc', 'train', '--output', str(out), '--epochs', '1', '--batch-size', '16', '--workers', '0',
+           '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--no-latency',
+           '--model-kwargs', json.dumps(dict(TINY, depth=1))]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = json.loads((out / 'run.json').read_text())
+    assert run['world_size'] == 2 and len(run['history']) == 1
+    assert 'train 1/1' in proc.stderr and '10/10' in proc.stderr  # 320 images / 2 processes / batch 16

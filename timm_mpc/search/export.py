@@ -1,0 +1,64 @@
+"""After a search: binarize the supernet for each requested μ and latency budget, and save every result as
+a pattern (JSON) and as a checkpoint whose state holds the fixed pattern."""
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from torch import nn
+
+from ..layers.linearizable_mlp import LinearizableMlp
+from ..pattern import count_head_kinds, set_attn_pattern
+from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta
+from .cost_model import estimate_latency, model_cost_table
+
+__all__ = ['binarized_model', 'export_patterns']
+
+
+def binarized_model(supernet: nn.Module, attn_pattern: List[List[str]], gelu_pattern: Optional[List[Any]] = None) -> nn.Module:
+    """A copy of the searched supernet with fixed head (and GeLU) patterns and the same weights."""
+    model = copy.deepcopy(supernet)
+    set_attn_pattern(model, attn_pattern)
+    if gelu_pattern is not None:
+        model.set_gelu_pattern(gelu_pattern)
+    elif any(isinstance(m, LinearizableMlp) and m.searching for m in model.modules()):
+        raise ValueError('the supernet searched GeLU linearization (β); give a GeLU keep fraction to binarize it')
+    return model
+
+
+def export_patterns(
+        supernet: nn.Module,
+        out_dir: Path,
+        mus: Sequence[float] = (0.5,),
+        budgets_s: Sequence[float] = (),
+        network: str = 'lan',
+        gelu_keep: Optional[float] = None,
+        table: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Binarize ``supernet`` for every μ and budget; write ``<name>.safetensors`` and ``patterns.json``.
+
+    Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget.
+
+    Returns:
+        ``alpha``, ``beta`` (None without a GeLU search) and ``patterns``: per name the head and GeLU
+        patterns, the number of ReLU-Softmax heads, the estimated secure cost and the checkpoint file.
+    """
+    from ..training.engine import save_weights
+    alpha = searched_alpha(supernet)
+    beta = searched_beta(supernet) if any(isinstance(m, LinearizableMlp) and m.searching
+                                          for m in supernet.modules()) else None
+    gelu = binarize_gelu(beta, gelu_keep) if beta is not None and gelu_keep is not None else None
+    table = table or model_cost_table(supernet)
+    chosen = {f'mu{round(mu * 100):02d}': binarize_mu(alpha, mu) for mu in mus}
+    for budget in budgets_s:
+        chosen[f'budget_{network}_{budget:g}s'] = binarize_budget(alpha, table, budget, network, gelu)
+    patterns: Dict[str, Any] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, attn in chosen.items():
+        model = binarized_model(supernet, attn, gelu)
+        save_weights(model, out_dir / f'{name}.safetensors')
+        patterns[name] = dict(attn_pattern=attn, gelu_pattern=gelu, head_kinds=count_head_kinds(model),
+                              secure_estimate=estimate_latency(table, attn, gelu), file=f'{name}.safetensors')
+    result = dict(alpha=alpha, beta=beta, gelu_keep=gelu_keep, network=network, patterns=patterns)
+    (out_dir / 'patterns.json').write_text(json.dumps(result, indent=1))
+    return result

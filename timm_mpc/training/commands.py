@@ -1,0 +1,199 @@
+"""``timm-mpc train | search | retrain | eval | pareto``: the training side of the command line."""
+import argparse
+import json
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict
+
+import timm
+import torch
+
+from .config import RunConfig
+
+__all__ = ['add_training_commands']
+
+_DEFAULTS = RunConfig()
+
+
+def _json_or_text(text: str) -> Any:
+    return json.loads(text) if text.strip().startswith(('[', '{')) else text
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
+    values: Dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    values['model_kwargs'] = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    if values.get('auto_augment') == 'none':
+        values['auto_augment'] = None
+    if 'scale' in values:
+        values['scale'] = tuple(values['scale'])
+    values.update(overrides)
+    return RunConfig.from_dict(values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .engine import train_model
+    cfg = _config(args, attn_pattern=_json_or_text(args.attn_pattern),
+                  gelu_pattern=_json_or_text(args.gelu_pattern) if args.gelu_pattern else None)
+    record = train_model(cfg, 'train')
+    return _report(record, cfg)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from ..search.export import export_patterns
+    from .engine import train_model
+    cfg = _config(args, attn_pattern='search', gelu_pattern='search' if args.search_gelu else None)
+    if args.search_gelu and cfg.gelu_keep is None:
+        raise ValueError('--search-gelu needs --gelu-keep (the fraction of GeLU tokens to keep when binarizing)')
+
+    def finish(model: torch.nn.Module, record: Dict[str, Any], out: Path) -> None:
+        record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep)
+        for name, p in record['search']['patterns'].items():
+            lat = p['secure_estimate']['latency_s']
+            print(f'{name}: {p["head_kinds"]}, estimated {lat["lan"]:.2f} s LAN / {lat["wan"]:.1f} s WAN '
+                  f'-> {out / p["file"]}')
+
+    return _report(train_model(cfg, 'search', on_finish=finish), cfg)
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from .engine import train_model
+    cfg = _config(args, init_from=args.searched, pattern_from_init=True, reinit_weights=args.from_scratch,
+                  attn_pattern=None)
+    return _report(train_model(cfg, 'retrain'), cfg)
+
+
+def _report(record: Dict[str, Any], cfg: RunConfig) -> int:
+    if 'final' not in record:  # a secondary process of a distributed run: the primary reports
+        return 0
+    final, model = record['final'], record.get('model') or {}
+    line = f'{cfg.output}: test top-1 {final.get("test_top1", float("nan")):.2f}% after {final.get("epochs")} epochs'
+    if 'secure_estimate' in model:
+        lat = model['secure_estimate']['latency_s']
+        line += f', heads {model["head_kinds"]}, estimated {lat["lan"]:.2f} s LAN / {lat["wan"]:.1f} s WAN'
+    print(line)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data import build_dataset, build_loader
+    from .engine import evaluate, model_summary
+    from timm.data import resolve_data_config
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    model = timm.create_model(args.model, pretrained=True, attn_pattern='softmax',
+                              pretrained_cfg_overlay=dict(file=args.checkpoint), **kwargs).eval()
+    data_config = resolve_data_config(model=model)
+    ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][-1],
+                       data_config['input_size'][0], args.test_subset)
+    loader = build_loader(ds, data_config, args.batch_size, False, args.workers)
+    metrics = evaluate(model, loader, torch.device('cpu'))
+    cfg = RunConfig(model=args.model, estimate_latency=not args.no_latency)
+    result = dict(checkpoint=args.checkpoint, dataset=args.dataset, **metrics, model=model_summary(model, cfg))
+    print(f'{args.checkpoint}: top-1 {metrics["top1"]:.2f}%, top-5 {metrics["top5"]:.2f}% on '
+          f'{metrics["images"]} {args.dataset} test images')
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def _pareto(args: argparse.Namespace) -> int:
+    from .pareto import load_runs, pareto_table, plot_pareto
+    rows = load_runs(args.runs)
+    table = pareto_table(rows)
+    print(table)
+    plot_pareto(rows, args.out, args.title)
+    print(f'wrote {args.out}')
+    if args.table:
+        Path(args.table).write_text(table + '\n')
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--dataset', default='fashion_mnist',
+                   help='fashion_mnist (Debian dataset-fashion-mnist or torchvision), cifar10, cifar100, '
+                        'tiny_imagenet, or folder (DATA_DIR/train and DATA_DIR/val)')
+    p.add_argument('--data-dir', default=None, help='dataset root')
+    p.add_argument('--download', action='store_true', help='let torchvision download a missing dataset')
+    p.add_argument('--test-subset', type=int, default=None, help='evaluate on the first N test images only')
+    p.add_argument('--workers', type=int, default=_DEFAULTS.workers, help='data loader processes')
+    p.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model')
+
+
+def _add_run_args(p: argparse.ArgumentParser, epochs: int) -> None:
+    d = _DEFAULTS
+    p.add_argument('--output', required=True, help='run folder (run.json, model.safetensors, checkpoints)')
+    p.add_argument('--model', default=d.model, help='mpcvit_tiny, mpcvit_small (or a tag, e.g. mpcvit_tiny.cifar10 '
+                                                    'for CIFAR mean/std)')
+    _add_data_args(p)
+    p.add_argument('--train-subset', type=int, default=None, help='train on the first N images only')
+    p.add_argument('--epochs', type=int, default=epochs)
+    p.add_argument('--batch-size', type=int, default=d.batch_size)
+    p.add_argument('--opt', default=d.opt, help='any timm optimizer name')
+    p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--weight-decay', type=float, default=d.weight_decay)
+    p.add_argument('--sched', default=d.sched, help='any timm scheduler name')
+    p.add_argument('--warmup-epochs', type=int, default=d.warmup_epochs)
+    p.add_argument('--min-lr', type=float, default=d.min_lr)
+    p.add_argument('--clip-grad', type=float, default=None)
+    p.add_argument('--mixup', type=float, default=d.mixup, help='Mixup alpha (0 disables)')
+    p.add_argument('--cutmix', type=float, default=d.cutmix, help='CutMix alpha (0 disables)')
+    p.add_argument('--smoothing', type=float, default=d.smoothing, help='label smoothing')
+    p.add_argument('--auto-augment', default=d.auto_augment, help='timm auto-augment string; "none" disables')
+    p.add_argument('--scale', type=float, nargs=2, default=list(d.scale), help='random-resized-crop scale range')
+    p.add_argument('--hflip', type=float, default=d.hflip)
+    p.add_argument('--re-prob', type=float, default=d.re_prob, help='random erasing probability')
+    p.add_argument('--drop-path', type=float, default=d.drop_path)
+    p.add_argument('--device', default=d.device, help='cpu or cuda (torchrun for several GPUs)')
+    p.add_argument('--amp', action='store_true', help='mixed precision (bfloat16 by default; fast on CPUs with AVX512-BF16)')
+    p.add_argument('--amp-dtype', choices=['bfloat16', 'float16'], default=d.amp_dtype)
+    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--no-resume', dest='resume', action='store_false', help='start over even if the folder has a run')
+    p.add_argument('--no-latency', dest='estimate_latency', action='store_false',
+                   help='skip the secure-latency estimate (it measures a per-kind cost table once, cached)')
+    p.add_argument('--teacher', default=None, help='all-Softmax teacher weights: distil with token-level KD')
+    p.add_argument('--kd-alpha', type=float, default=d.kd_alpha, help='weight of the token MSE term')
+
+
+def add_training_commands(sub: Any) -> None:
+    """Add the training subcommands to the ``timm-mpc`` parser."""
+    train = sub.add_parser('train', help='train a model with a fixed pattern (the all-Softmax teacher by default)')
+    _add_run_args(train, epochs=300)
+    train.add_argument('--attn-pattern', default='softmax', help='a kind for all heads or a JSON list')
+    train.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern')
+    train.add_argument('--init-from', default=None, help='start from these weights (the pattern stays)')
+    train.set_defaults(func=_train)
+
+    search = sub.add_parser('search', help='MPC-aware search (learnable α per head), then binarize')
+    _add_run_args(search, epochs=300)
+    search.add_argument('--init-from', default=None, help='start the supernet from these weights (e.g. the teacher)')
+    search.add_argument('--lam', type=float, default=_DEFAULTS.lam, help='λ of the α penalty')
+    search.add_argument('--cost-weighted', action='store_true',
+                        help='weight each head\'s penalty by the secure latency it saves (measured cost table)')
+    search.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for costs and budgets')
+    search.add_argument('--mu', type=float, nargs='*', default=[0.5], help='fractions of ReLU-Softmax heads to keep')
+    search.add_argument('--budget-s', type=float, nargs='*', default=[], help='latency budgets in seconds')
+    search.add_argument('--search-gelu', action='store_true', help='MPCViT+: also search β per token')
+    search.add_argument('--lam-beta', type=float, default=1e-5, help='λ of the β penalty')
+    search.add_argument('--gelu-keep', type=float, default=None, help='fraction of GeLU tokens kept at binarization')
+    search.set_defaults(func=_search)
+
+    retrain = sub.add_parser('retrain', help='retrain a binarized pattern, with KD from a teacher')
+    _add_run_args(retrain, epochs=600)
+    retrain.add_argument('--searched', required=True, help='a binarized checkpoint from search (e.g. SEARCH/mu50.safetensors)')
+    retrain.add_argument('--from-scratch', action='store_true', help='keep the pattern but start from random weights')
+    retrain.set_defaults(func=_retrain)
+
+    ev = sub.add_parser('eval', help='test accuracy of a checkpoint')
+    ev.add_argument('--checkpoint', required=True, help='weights file (model.safetensors of a run, or any checkpoint)')
+    ev.add_argument('--model', default='mpcvit_tiny')
+    _add_data_args(ev)
+    ev.add_argument('--batch-size', type=int, default=256)
+    ev.add_argument('--no-latency', action='store_true', help='skip the secure-latency estimate')
+    ev.add_argument('--json', default=None, help='write accuracy and model summary to this JSON file')
+    ev.set_defaults(func=_eval)
+
+    pareto = sub.add_parser('pareto', help='plot accuracy against estimated secure latency (LAN and WAN)')
+    pareto.add_argument('runs', nargs='+', help='run folders or run.json files')
+    pareto.add_argument('--out', default='pareto.png', help='PNG to write')
+    pareto.add_argument('--table', default=None, help='also write the Markdown table here')
+    pareto.add_argument('--title', default='Accuracy against estimated secure latency')
+    pareto.set_defaults(func=_pareto)

@@ -1,0 +1,80 @@
+"""Settings of a training, search or retraining run, with the paper's recipe as defaults."""
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+__all__ = ['RunConfig']
+
+
+@dataclass
+class RunConfig:
+    """One run of ``timm-mpc train``, ``search`` or ``retrain``.
+
+    Defaults follow MPCViT's CIFAR recipe (AdamW, lr 5.5e-4, weight decay 0.06, batch 128, cosine
+    schedule, Mixup 0.8, CutMix 1.0, RandAugment, label smoothing 0.1); the epochs default to 300 as in the
+    paper's search, and every run is resumable.
+    """
+    output: str = 'runs/run'
+    model: str = 'mpcvit_tiny'
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    attn_pattern: Optional[Union[str, List[Any]]] = 'softmax'
+    gelu_pattern: Optional[Union[str, List[Any]]] = None
+    init_from: Optional[str] = None
+    pattern_from_init: bool = False
+    reinit_weights: bool = False
+
+    dataset: str = 'fashion_mnist'
+    data_dir: Optional[str] = None
+    download: bool = False
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    workers: int = 2
+
+    epochs: int = 300
+    batch_size: int = 128
+    opt: str = 'adamw'
+    lr: float = 5.5e-4
+    weight_decay: float = 0.06
+    sched: str = 'cosine'
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: Optional[float] = None
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'
+    scale: Tuple[float, float] = (0.8, 1.0)
+    hflip: float = 0.5
+    re_prob: float = 0.0
+    drop_path: float = 0.1
+
+    # search (MPCViT and MPCViT+)
+    lam: float = 1e-5
+    lam_beta: float = 0.0
+    cost_weighted: bool = False
+    network: str = 'lan'
+    mu: List[float] = field(default_factory=lambda: [0.5])
+    budget_s: List[float] = field(default_factory=list)
+    gelu_keep: Optional[float] = None
+
+    # distillation
+    teacher: Optional[str] = None
+    kd_alpha: float = 1.0
+
+    device: str = 'cpu'
+    amp: bool = False
+    amp_dtype: str = 'bfloat16'
+    seed: int = 0
+    resume: bool = True
+    estimate_latency: bool = True
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> 'RunConfig':
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f'unknown run settings {unknown}; accepted: {sorted(names)}')
+        return cls(**data)

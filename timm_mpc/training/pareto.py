@@ -1,0 +1,76 @@
+"""Accuracy against estimated secure latency, from runs' ``run.json`` files: a table and a PNG."""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+__all__ = ['load_runs', 'pareto_table', 'plot_pareto']
+
+
+def load_runs(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """One row per run (a ``run.json`` or a folder holding one): name, accuracy, heads and latency.
+
+    Raises:
+        ValueError: a run without final accuracy or without a secure estimate (a supernet, or a run
+            made with ``--no-latency``).
+    """
+    rows = []
+    for p in paths:
+        path = Path(p) / 'run.json' if Path(p).is_dir() else Path(p)
+        run = json.loads(path.read_text())
+        final, model = run.get('final') or {}, run.get('model') or {}
+        if final.get('test_top1') is None or 'secure_estimate' not in model:
+            raise ValueError(f'{path}: not a finished run with a fixed pattern (needs final.test_top1 and '
+                             'model.secure_estimate); a search supernet has no fixed pattern to price')
+        kinds = model['head_kinds']
+        heads = sum(kinds.values())
+        gelu = model.get('gelu_pattern')
+        rows.append(dict(
+            name=path.parent.name, mode=run['mode'], top1=final['test_top1'], epochs=final['epochs'],
+            kd=bool(run['config'].get('teacher')), heads=heads, head_kinds=kinds,
+            relu_softmax=kinds.get('relu_softmax', 0), gelu_linearized=gelu is not None,
+            latency_s=model['secure_estimate']['latency_s'], rounds=model['secure_estimate']['rounds'],
+            bytes=model['secure_estimate']['bytes']))
+    return rows
+
+
+def pareto_table(rows: List[Dict[str, Any]]) -> str:
+    """A Markdown table of the runs, fastest LAN latency first."""
+    lines = ['| run | top-1 (%) | epochs | KD | heads (RS/SA/other) | rounds | MB | LAN (s) | WAN (s) |',
+             '|---|---:|---:|:-:|---|---:|---:|---:|---:|']
+    for r in sorted(rows, key=lambda r: r['latency_s']['lan']):
+        k = r['head_kinds']
+        other = r['heads'] - k.get('relu_softmax', 0) - k.get('scaling', 0)
+        lines.append(f"| {r['name']}{' (+GeLU lin.)' if r['gelu_linearized'] else ''} | {r['top1']:.2f} | "
+                     f"{r['epochs']} | {'yes' if r['kd'] else 'no'} | {k.get('relu_softmax', 0)}/"
+                     f"{k.get('scaling', 0)}/{other} | {r['rounds']:.0f} | {r['bytes'] / 1e6:.0f} | "
+                     f"{r['latency_s']['lan']:.2f} | {r['latency_s']['wan']:.1f} |")
+    return '\n'.join(lines)
+
+
+def plot_pareto(rows: List[Dict[str, Any]], out: str, title: str = 'Accuracy against secure latency') -> None:
+    """Two panels (LAN, WAN) of test top-1 against estimated secure latency, one labelled point per run."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, network in zip(axes, ('lan', 'wan')):
+        searched = sorted((r for r in rows if r['mode'] == 'retrain'), key=lambda r: r['latency_s'][network])
+        if searched:
+            ax.plot([r['latency_s'][network] for r in searched], [r['top1'] for r in searched], '-', color='C0',
+                    alpha=0.4, label='MPCViT (searched, retrained)')
+        for r in rows:
+            marker = 'o' if r['mode'] == 'retrain' else 's'
+            color = 'C0' if r['mode'] == 'retrain' else 'C3' if r['gelu_linearized'] else 'C1'
+            ax.scatter(r['latency_s'][network], r['top1'], marker=marker, color=color, zorder=3)
+            ax.annotate(r['name'], (r['latency_s'][network], r['top1']), textcoords='offset points',
+                        xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(f'estimated secure latency, {network.upper()} (s)')
+        ax.set_ylabel('test top-1 (%)')
+        ax.set_title(network.upper())
+        ax.grid(alpha=0.3)
+    axes[0].legend(loc='lower right', fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

@@ -202,6 +202,20 @@ def test_tiny_imagenet_layout(tmp_path):
     assert [t for _, t in train.samples] == [0, 1] and val.samples[0][1] == 1
 
 
+def test_image_folder(tmp_path):
+    from PIL import Image
+    for split, n in (('train', 3), ('val', 1)):
+        for cls in ('cat', 'dog'):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (8, 8)).save(tmp_path / split / cls / f'{i}.png')
+    train = build_dataset('folder', 'train', str(tmp_path))
+    assert len(train) == 6 and train.reader.class_to_idx == {'cat': 0, 'dog': 1}
+    assert len(build_dataset('folder', 'test', str(tmp_path))) == 2
+    with pytest.raises(DatasetMissingError, match='one sub-folder per class'):
+        build_dataset('folder', 'train', str(tmp_path / 'nothing'))
+
+
 def test_search_binarize_retrain_eval_pareto_end_to_end(debian_fmnist, tmp_path, capsys):
     kw = ['--model-kwargs', json.dumps(TINY), '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0',
           '--auto-augment', 'none', '--lr', '2e-3', '--warmup-epochs', '0', '--drop-path', '0', '--hflip', '0']

@@ -158,8 +158,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         out.mkdir(parents=True, exist_ok=True)
 
     num_classes = cfg.model_kwargs.get('num_classes') or DATASETS.get(cfg.dataset, {}).get('num_classes')
-    if num_classes is None:
-        num_classes = len(build_dataset(cfg.dataset, 'train', cfg.data_dir).classes)
+    if num_classes is None:  # an ImageFolder: one class per sub-folder
+        num_classes = len(build_dataset(cfg.dataset, 'train', cfg.data_dir).reader.class_to_idx)
     model = create_run_model(cfg, num_classes).to(device)
     if mode == 'search' and not any(p == 'search' for p in get_attn_pattern(model)):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")

@@ -55,21 +55,25 @@ def plot_pareto(rows: List[Dict[str, Any]], out: str, title: str = 'Accuracy aga
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, network in zip(axes, ('lan', 'wan')):
-        searched = sorted((r for r in rows if r['mode'] == 'retrain'), key=lambda r: r['latency_s'][network])
-        if searched:
-            ax.plot([r['latency_s'][network] for r in searched], [r['top1'] for r in searched], '-', color='C0',
-                    alpha=0.4, label='MPCViT (searched, retrained)')
+        series = sorted((r for r in rows if r['mode'] == 'retrain' and r['kd'] and not r['gelu_linearized']),
+                        key=lambda r: r['latency_s'][network])
+        if series:
+            ax.plot([r['latency_s'][network] for r in series], [r['top1'] for r in series], '-', color='C0',
+                    alpha=0.4, label='MPCViT, searched and retrained with KD')
         for r in rows:
+            # blue: searched; red: MPCViT+; orange: fixed-kind baselines; hollow: no distillation
+            color = 'C3' if r['gelu_linearized'] else 'C0' if r['mode'] == 'retrain' else 'C1'
             marker = 'o' if r['mode'] == 'retrain' else 's'
-            color = 'C0' if r['mode'] == 'retrain' else 'C3' if r['gelu_linearized'] else 'C1'
-            ax.scatter(r['latency_s'][network], r['top1'], marker=marker, color=color, zorder=3)
+            hollow = r['mode'] == 'retrain' and not r['kd']
+            ax.scatter(r['latency_s'][network], r['top1'], marker=marker, zorder=3, edgecolors=color,
+                       facecolors='none' if hollow else color)
             ax.annotate(r['name'], (r['latency_s'][network], r['top1']), textcoords='offset points',
                         xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f'estimated secure latency, {network.upper()} (s)')
         ax.set_ylabel('test top-1 (%)')
         ax.set_title(network.upper())
         ax.grid(alpha=0.3)
-    axes[0].legend(loc='lower right', fontsize=8)
+    axes[0].legend(loc='center right', fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

@@ -6,7 +6,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -130,6 +130,69 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     return summary
 
 
+def _train_one_epoch(
+        net: nn.Module,
+        loader: torch.utils.data.DataLoader,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        epoch: int,
+        num_epochs: int,
+        mode: str,
+        cfg: RunConfig,
+        device: torch.device,
+        task_loss: nn.Module,
+        mixup: Optional[Mixup],
+        teacher: Optional[nn.Module],
+        kd_loss: Optional[TokenDistillationLoss],
+        penalty: Optional[ArchitecturePenalty],
+        scaler: Optional[NativeScaler],
+        primary: bool,
+) -> Tuple[AverageMeter, Dict[str, AverageMeter]]:
+    """One pass over ``loader``; returns the average loss and the average of each loss term."""
+    model = net.module.model if isinstance(net, nn.parallel.DistributedDataParallel) else net.model
+    net.train()
+    losses, parts = AverageMeter(), {}
+    updates_per_epoch = len(loader)
+    bar = tqdm(loader, desc=f'{mode} {epoch + 1}/{num_epochs}', disable=not primary, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device), y.to(device)
+        if mixup is not None:
+            x, y = mixup(x, y)
+        with _autocast(cfg, device):
+            logits, tokens = net(x)
+            if kd_loss is not None:
+                with torch.no_grad():
+                    t_logits, t_tokens = teacher(x)
+                terms = kd_loss(logits.float(), tokens, t_logits, t_tokens, y)
+                loss = terms['loss']
+            else:
+                loss = task_loss(logits.float(), y)
+                terms = dict(task=loss)
+            if penalty is not None:
+                terms['arch'] = penalty()
+                loss = loss + terms['arch']
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {step}; lower the '
+                                     f'learning rate (now {optimizer.param_groups[0]["lr"]:.3g}) or disable AMP')
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=model.parameters())
+        else:
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+        if penalty is not None:
+            penalty.clamp_()
+        scheduler.step_update(num_updates=epoch * updates_per_epoch + step + 1)
+        losses.update(loss.item(), x.shape[0])
+        for k, v in terms.items():
+            if k != 'loss':
+                parts.setdefault(k, AverageMeter()).update(v.item(), x.shape[0])
+        bar.set_postfix(loss=f'{losses.avg:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+    return losses, parts
+
+
 def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = None) -> Dict[str, Any]:
     """Run (or resume) a training run and return its record, also written to ``<output>/run.json``.
 
@@ -173,9 +236,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
 
     teacher = None
     if cfg.teacher:
-        teacher = timm.create_model(cfg.model, pretrained=True, attn_pattern='softmax', num_classes=num_classes,
+        teacher = timm.create_model(cfg.model, pretrained=True, attn_pattern='softmax',
                                     pretrained_cfg_overlay=dict(file=cfg.teacher),
-                                    **{k: v for k, v in cfg.model_kwargs.items() if k != 'num_classes'})
+                                    **dict(cfg.model_kwargs, num_classes=num_classes))
         teacher = TokensAndLogits(teacher).to(device).eval().requires_grad_(False)
     penalty = None
     if mode == 'search':
@@ -187,10 +250,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = NativeScaler(device=device.type) if cfg.amp and cfg.amp_dtype == 'float16' else None
-    updates_per_epoch = len(train_loader)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),
-        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, updates_per_epoch=updates_per_epoch,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, updates_per_epoch=len(train_loader),
         step_on_epochs=False)  # warmup and decay per update: smooth for short runs too
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -221,45 +283,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     for epoch in range(start_epoch, num_epochs):
         if hasattr(train_loader.sampler, 'set_epoch'):
             train_loader.sampler.set_epoch(epoch)
-        net.train()
-        losses, parts = AverageMeter(), {}
         t0 = time.time()
-        bar = tqdm(train_loader, desc=f'{mode} {epoch + 1}/{num_epochs}', disable=not primary, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            x, y = x.to(device), y.to(device)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            with _autocast(cfg, device):
-                logits, tokens = net(x)
-                if kd_loss is not None:
-                    with torch.no_grad():
-                        t_logits, t_tokens = teacher(x)
-                    terms = kd_loss(logits.float(), tokens, t_logits, t_tokens, y)
-                    loss = terms['loss']
-                else:
-                    loss = task_loss(logits.float(), y)
-                    terms = dict(task=loss)
-                if penalty is not None:
-                    terms['arch'] = penalty()
-                    loss = loss + terms['arch']
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f'loss is {loss.item()} at epoch {epoch + 1} step {step}; lower the '
-                                         f'learning rate (now {optimizer.param_groups[0]["lr"]:.3g}) or disable AMP')
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=model.parameters())
-            else:
-                loss.backward()
-                if cfg.clip_grad:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                optimizer.step()
-            if penalty is not None:
-                penalty.clamp_()
-            scheduler.step_update(num_updates=epoch * updates_per_epoch + step + 1)
-            losses.update(loss.item(), x.shape[0])
-            for k, v in terms.items():
-                parts.setdefault(k, AverageMeter()).update(v.item(), x.shape[0])
-            bar.set_postfix(loss=f'{losses.avg:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}')
+        losses, parts = _train_one_epoch(net, train_loader, optimizer, scheduler, epoch, num_epochs, mode, cfg, device,
+                                         task_loss, mixup, teacher, kd_loss, penalty, scaler, primary)
         scheduler.step(epoch + 1)
         if world > 1:
             dist.barrier()
@@ -267,7 +293,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
             continue
         metrics = evaluate(model, test_loader, device, cfg, desc=f'eval {epoch + 1}/{num_epochs}')
         row = dict(epoch=epoch + 1, train_loss=losses.avg,
-                   **{f'train_{k}': m.avg for k, m in parts.items() if k != 'loss'},
+                   **{f'train_{k}': m.avg for k, m in parts.items()},
                    lr=optimizer.param_groups[0]['lr'], test_top1=metrics['top1'], test_top5=metrics['top5'],
                    test_loss=metrics['loss'], epoch_s=time.time() - t0)
         record['history'].append(row)

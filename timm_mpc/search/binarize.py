@@ -9,7 +9,7 @@ from ..layers.linearizable_mlp import LinearizableMlp
 from ..secure.costs import NETWORKS
 from .cost_model import estimate_latency
 
-__all__ = ['searched_alpha', 'searched_beta', 'binarize_mu', 'binarize_budget', 'binarize_gelu']
+__all__ = ['searches_gelu', 'searched_alpha', 'searched_beta', 'binarize_mu', 'binarize_budget', 'binarize_gelu']
 
 RS, SA = 'relu_softmax', 'scaling'
 
@@ -20,6 +20,11 @@ def searched_alpha(model: nn.Module) -> List[List[float]]:
     if not layers or not all(m.searching for m in layers):
         raise ValueError('the model is not a searched supernet: every attention layer must be in search mode (α)')
     return [m.alpha.detach().flatten().tolist() for m in layers]
+
+
+def searches_gelu(model: nn.Module) -> bool:
+    """True if any MLP of the model is searching its GeLU linearization (MPCViT+ β)."""
+    return any(isinstance(m, LinearizableMlp) and m.searching for m in model.modules())
 
 
 def searched_beta(model: nn.Module) -> List[List[float]]:

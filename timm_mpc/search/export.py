@@ -7,9 +7,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import count_head_kinds, set_attn_pattern
-from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta
+from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu
 from .cost_model import estimate_latency, model_cost_table
 
 __all__ = ['binarized_model', 'export_patterns']
@@ -21,7 +20,7 @@ def binarized_model(supernet: nn.Module, attn_pattern: List[List[str]], gelu_pat
     set_attn_pattern(model, attn_pattern)
     if gelu_pattern is not None:
         model.set_gelu_pattern(gelu_pattern)
-    elif any(isinstance(m, LinearizableMlp) and m.searching for m in model.modules()):
+    elif searches_gelu(model):
         raise ValueError('the supernet searched GeLU linearization (β); give a GeLU keep fraction to binarize it')
     return model
 
@@ -45,8 +44,7 @@ def export_patterns(
     """
     from ..training.engine import save_weights
     alpha = searched_alpha(supernet)
-    beta = searched_beta(supernet) if any(isinstance(m, LinearizableMlp) and m.searching
-                                          for m in supernet.modules()) else None
+    beta = searched_beta(supernet) if searches_gelu(supernet) else None
     gelu = binarize_gelu(beta, gelu_keep) if beta is not None and gelu_keep is not None else None
     table = table or model_cost_table(supernet)
     chosen = {f'mu{round(mu * 100):02d}': binarize_mu(alpha, mu) for mu in mus}

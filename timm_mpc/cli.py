@@ -14,6 +14,7 @@ from .data import example_images
 from .layers.attn_kinds import ATTN_KINDS
 from .layers.head_kinds import HeadKinds
 from .pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
+from .hub.commands import add_hub_commands
 from .training.commands import add_training_commands
 
 __all__ = ['main']
@@ -67,11 +68,18 @@ def parse_pattern(text: str, model: torch.nn.Module) -> Any:
 
 def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     """The model a command names: an ``mpcvit_*`` (its pattern from the checkpoint or ``--pattern``) or a
-    timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint``."""
+    timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint`` or
+    ``--pretrained`` (the published weights, loaded the timm way)."""
     name = args.model
     overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
     overlay.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
-    if name.startswith('mpcvit_'):
+    if args.pretrained and not args.checkpoint:
+        model = timm.create_model(name, pretrained=True, **overlay)  # published weights with their own pattern
+        if args.pattern or args.act_layer or args.gelu_pattern:
+            gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
+            convert_to_mpc(model, parse_pattern(args.pattern, model) if args.pattern else get_attn_pattern(model),
+                           act_layer=args.act_layer, gelu_pattern=gelu)
+    elif name.startswith('mpcvit_'):
         model = timm.create_model(name, attn_pattern='softmax', **overlay)
         if args.pattern or not args.checkpoint:
             set_attn_pattern(model, parse_pattern(args.pattern or 'mu50', model))
@@ -207,7 +215,10 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: b
                         f'default mu50 without a checkpoint) or a JSON list')
     p.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern: gelu, linear or a JSON list')
     p.add_argument('--act-layer', default=None, help='MLP activation, e.g. quad_gelu or relu')
-    p.add_argument('--checkpoint', default=None, help='weights file (random weights without one)')
+    p.add_argument('--checkpoint', default=None, help='weights file (random weights without one or --pretrained)')
+    p.add_argument('--pretrained', action='store_true',
+                   help='the published weights: the default tag, or name one (mpcvit_tiny.fmnist_mu30_kd, '
+                        'hf-hub:ORG/NAME, local-dir:PATH); offline, seed the Hub cache first (timm-mpc seed-cache)')
     p.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model, '
                                                         'e.g. \'{"depth": 2}\'')
 
@@ -266,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     party.set_defaults(func=_party)
 
     add_training_commands(sub)
+    add_hub_commands(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # how a measurement was made, for its record
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as e:

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 from timm.layers import GluMlp, Mlp, SwiGLU, get_act_layer
 from timm.layers import Attention
+from timm.models._input import get_model_input_config
 from timm.models.eva import EvaAttention
 from timm.models.swin_transformer import WindowAttention
 from torch import nn
@@ -121,7 +122,7 @@ def convert_to_mpc(
         relu_eps: ReLU-Softmax denominator epsilon.
         quad_c: 2Quad shift.
         input_size: ``(C, H, W)`` for the blank forward pass that measures token counts for
-            ``gelu_pattern``; defaults to the model's ``pretrained_cfg['input_size']``.
+            ``gelu_pattern``; defaults to the model's current input size.
         return_report: Also return a :class:`ConversionReport`.
 
     Returns:
@@ -152,7 +153,8 @@ def convert_to_mpc(
             raise ValueError(
                 f'gelu_pattern needs fc1 -> act -> fc2 MLPs (timm Mlp); {plain[0][0]} is {type(plain[0][1]).__name__}')
         gelu_layers = expand_gelu_pattern(gelu_pattern, len(mlps))
-        size = input_size or getattr(model, 'pretrained_cfg', {}).get('input_size')
+        # the model's current size (a ViT made with img_size=32 keeps its source cfg's 224)
+        size = input_size or (get_model_input_config(model)['input_size'] if hasattr(model, 'pretrained_cfg') else None)
         if size is None:
             raise ValueError('gelu_pattern needs input_size=(C, H, W) to count tokens; the model has no pretrained_cfg')
         shapes = _mlp_token_shapes(model, [m for _, m in mlps], size)

@@ -17,6 +17,7 @@ from .attention import (
 __all__ = ['ATTN_LAYER_NAMES', 'ACT_LAYER_NAMES', 'register_timm_layers']
 
 ATTN_LAYER_NAMES: Dict[str, Type[MPCAttention]] = {
+    'mpc': MPCAttention,  # kinds per head from the weights: how a converted ViT is published
     'softmax': SoftmaxAttention,
     'relu_softmax': ReLUSoftmaxAttention,
     'scaling': ScalingAttention,

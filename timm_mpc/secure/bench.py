@@ -11,7 +11,7 @@ from .costs import NETWORKS, CostProfile, NetworkSetting
 from .launch import SecureResult, secure_predict
 from .settings import SecureSettings
 
-__all__ = ['mu_pattern', 'baseline_of', 'compare_logits', 'run_bench', 'format_profile']
+__all__ = ['mu_pattern', 'baseline_of', 'compare_logits', 'run_bench', 'secure_accuracy', 'format_profile']
 
 
 def mu_pattern(heads_per_layer: Sequence[int], mu: float) -> List[List[str]]:
@@ -87,6 +87,29 @@ def run_bench(
             **{f'latency_{n}': base['latency_s'][n] / entry['latency_s'][n] for n in networks})
     return dict(settings=settings.to_dict(), batch=int(images.shape[0]),
                 networks={n: vars(s) for n, s in networks.items()}, results=results)
+
+
+def secure_accuracy(
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        settings: SecureSettings,
+        batch: int = 32,
+) -> Dict[str, Any]:
+    """Top-1 accuracy (%) under two-party MPC and in plain text on the same images, and how far they agree.
+
+    The images go through :func:`secure_predict` ``batch`` at a time (each batch a full protocol run).
+    """
+    model = model.eval()
+    secure = torch.cat([secure_predict(model, images[i:i + batch], settings=settings)
+                        for i in tqdm(range(0, images.shape[0], batch), desc='secure accuracy', unit='batch')])
+    with torch.no_grad():
+        plain = model(images)
+    agree = compare_logits(secure, plain)
+    return dict(images=int(images.shape[0]), batch=batch,
+                top1=100 * float((secure.argmax(-1) == labels).float().mean()),
+                plain_top1=100 * float((plain.argmax(-1) == labels).float().mean()),
+                agreement=100 * agree['top1_agreement'], max_abs_error=agree['max_abs_error'])
 
 
 def format_profile(profile: Dict[str, Any], network: str) -> str:

@@ -74,22 +74,71 @@ def _report(record: Dict[str, Any], cfg: RunConfig) -> int:
     return 0
 
 
+def _first_images(loader: torch.utils.data.DataLoader, count: int) -> Any:
+    images, labels = [], []
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
+        if sum(len(t) for t in labels) >= count:
+            break
+    return torch.cat(images)[:count], torch.cat(labels)[:count]
+
+
+def _secure_eval(model: torch.nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace) -> Dict[str, Any]:
+    """Accuracy under MPC on the first test images, and the secure cost of one image against the all-Softmax,
+    exact-GeLU model (both measured with real two-party runs)."""
+    from ..secure.bench import baseline_of, run_bench, secure_accuracy
+    from ..secure.settings import SecureSettings
+    images, labels = _first_images(loader, args.secure_images)
+    settings = SecureSettings()
+    result = secure_accuracy(model, images, labels, settings, batch=args.secure_batch)
+    report = run_bench({'baseline': baseline_of(model), 'model': model}, images[:1], settings)
+    keep = ('heads', 'rounds', 'bytes', 'wall_s', 'latency_s', 'ratio_to_baseline')
+    result['cost'] = dict(batch=report['batch'], networks=report['networks'],
+                          **{name: {k: e[k] for k in keep} for name, e in report['results'].items()})
+    result['settings'] = report['settings']
+    return result
+
+
+def _machine() -> str:
+    import os
+    import platform
+    return f'{platform.machine()} Linux, {os.cpu_count()} CPU cores, torch {torch.__version__}, timm {timm.__version__}'
+
+
 def _eval(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
     from .data import build_dataset, build_loader
     from .engine import evaluate, model_summary
     from timm.data import resolve_data_config
     kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
-    model = timm.create_model(args.model, pretrained=True, attn_pattern='softmax',
-                              pretrained_cfg_overlay=dict(file=args.checkpoint), **kwargs).eval()
+    if args.checkpoint:
+        kwargs.update(attn_pattern='softmax', pretrained_cfg_overlay=dict(file=args.checkpoint))
+    model = timm.create_model(args.model, pretrained=True, **kwargs).eval()
+    source = args.checkpoint or args.model
     data_config = resolve_data_config(model=model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][-1],
                        data_config['input_size'][0], args.test_subset)
     loader = build_loader(ds, data_config, args.batch_size, False, args.workers)
     metrics = evaluate(model, loader, torch.device('cpu'))
-    cfg = RunConfig(model=args.model, estimate_latency=not args.no_latency)
-    result = dict(checkpoint=args.checkpoint, dataset=args.dataset, **metrics, model=model_summary(model, cfg))
-    print(f'{args.checkpoint}: top-1 {metrics["top1"]:.2f}%, top-5 {metrics["top5"]:.2f}% on '
+    cfg = RunConfig(model=model.pretrained_cfg['architecture'], estimate_latency=not args.no_latency)
+    argv = list(getattr(args, 'argv', sys.argv[1:]))
+    if '--json' in argv:  # where the figures were written is not part of how they were measured
+        del argv[argv.index('--json'):argv.index('--json') + 2]
+    command = 'timm-mpc ' + ' '.join(shlex.quote(a) for a in argv)
+    plain = dict(dataset=args.dataset, command=command, **metrics)
+    print(f'{source}: top-1 {metrics["top1"]:.2f}%, top-5 {metrics["top5"]:.2f}% on '
           f'{metrics["images"]} {args.dataset} test images')
+    result: Dict[str, Any] = dict(source=source, plain=plain, model=model_summary(model, cfg), machine=_machine())
+    if args.secure_images:
+        result['secure'] = secure = _secure_eval(model, loader, args)
+        cost = secure['cost']
+        print(f'under MPC: top-1 {secure["top1"]:.2f}% on the first {secure["images"]} images (plain text '
+              f'{secure["plain_top1"]:.2f}%, agreement {secure["agreement"]:.1f}%); one image: '
+              f'{cost["model"]["rounds"]} rounds, {cost["model"]["bytes"] / 1e6:.0f} MB, LAN '
+              f'{cost["model"]["latency_s"]["lan"]:.2f} s vs {cost["baseline"]["latency_s"]["lan"]:.2f} s all-Softmax')
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
@@ -182,13 +231,20 @@ def add_training_commands(sub: Any) -> None:
     retrain.add_argument('--from-scratch', action='store_true', help='keep the pattern but start from random weights')
     retrain.set_defaults(func=_retrain)
 
-    ev = sub.add_parser('eval', help='test accuracy of a checkpoint')
-    ev.add_argument('--checkpoint', required=True, help='weights file (model.safetensors of a run, or any checkpoint)')
-    ev.add_argument('--model', default='mpcvit_tiny')
+    ev = sub.add_parser('eval', help='test accuracy of a checkpoint, in plain text and (optionally) under MPC')
+    ev.add_argument('--checkpoint', default=None, help='weights file (model.safetensors of a run, or any checkpoint); '
+                                                       'without one, --model\'s pretrained weights')
+    ev.add_argument('--model', default='mpcvit_tiny', help='a model name, a tag (mpcvit_tiny.fmnist_mu50_kd), '
+                                                           'hf-hub:ORG/NAME or local-dir:PATH')
     _add_data_args(ev)
     ev.add_argument('--batch-size', type=int, default=256)
     ev.add_argument('--no-latency', action='store_true', help='skip the secure-latency estimate')
-    ev.add_argument('--json', default=None, help='write accuracy and model summary to this JSON file')
+    ev.add_argument('--secure-images', type=int, default=0,
+                    help='also run two-party secure inference on the first N test images (accuracy under MPC) and '
+                         'measure one image\'s secure cost against the all-Softmax model')
+    ev.add_argument('--secure-batch', type=int, default=32, help='images per secure run')
+    ev.add_argument('--json', default=None, help='write the figures to this JSON file (the input of timm-mpc publish '
+                                                 '--results)')
     ev.set_defaults(func=_eval)
 
     pareto = sub.add_parser('pareto', help='plot accuracy against estimated secure latency (LAN and WAN)')

@@ -1,0 +1,122 @@
+"""What a published checkpoint's ``config.json`` says about its model, and the check that it rebuilds it.
+
+timm's ``hf-hub:`` and ``local-dir:`` loaders call ``timm.create_model(architecture, **model_args)`` and
+then load the weights strictly, so the architecture must be registered and ``model_args`` must rebuild
+the same modules. The head pattern also travels in the weights (the ``heads.kinds`` buffers), so a
+plain ``timm.create_model("mpcvit_tiny", pretrained=True)`` through a default config gets it too.
+"""
+from typing import Any, Dict, Tuple
+
+import timm
+import torch
+from timm.layers import create_act
+from timm.models._input import get_model_input_config
+from torch import nn
+
+from ..layers.attention import MPCAttention
+from ..layers.head_kinds import HeadKinds
+from ..layers.linearizable_mlp import LinearizableMlp
+from ..layers.mpc_attention import MPCAttentionMixin
+from ..layers.register import ATTN_LAYER_NAMES
+from ..models.mpcvit import MPCViT
+from ..pattern import get_attn_pattern, get_gelu_pattern
+
+__all__ = ['hub_model_args', 'check_rebuild']
+
+_HEAD_DEFAULTS = dict(relu_eps=1e-5, quad_c=5.0)  # what timm's ViT builds MPC attention with
+
+
+def _head_constants(model: nn.Module) -> Dict[str, float]:
+    """The ReLU-Softmax epsilon and 2Quad shift, which must be the same in every head to be an argument."""
+    values = {(h.relu_eps, h.quad_c) for h in model.modules() if isinstance(h, HeadKinds)}
+    if len(values) != 1:
+        raise ValueError(f'heads use different relu_eps/quad_c {sorted(values)}; a config can hold one of each')
+    relu_eps, quad_c = values.pop()
+    return dict(relu_eps=relu_eps, quad_c=quad_c)
+
+
+def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    """The registered architecture and the JSON-serialisable ``model_args`` that rebuild ``model``.
+
+    An ``mpcvit_*`` model records its head pattern, GeLU pattern and head constants. A timm ViT
+    converted by :func:`timm_mpc.convert_to_mpc` is published as its own architecture with
+    ``attn_layer='mpc'`` (the per-head kinds come with the weights) and, if its activation was
+    replaced, the new ``act_layer`` name.
+
+    Args:
+        model: A model made by ``timm.create_model`` (so its architecture is known).
+
+    Returns:
+        ``(architecture, model_args)``; timm adds ``num_classes``, ``img_size`` and the like on export.
+
+    Raises:
+        ValueError: the model has no timm architecture, or a change a config cannot express.
+    """
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    if not arch or not timm.is_model(arch):
+        raise ValueError('the model has no registered timm architecture in its pretrained_cfg; '
+                         'create it with timm.create_model(...) before publishing')
+    args = dict(getattr(model, '_model_args', {}))
+    heads = [m for m in model.modules() if isinstance(m, MPCAttentionMixin)]
+    if not heads:
+        raise ValueError(f'{arch} has no MPC attention; convert it with timm_mpc.convert_to_mpc first')
+    constants = _head_constants(model)
+    if isinstance(model, MPCViT):
+        args['attn_pattern'] = get_attn_pattern(model)
+        gelu = get_gelu_pattern(model)
+        if gelu:
+            args.update(gelu_pattern=gelu, gelu_per_token=model.gelu_per_token)
+        else:
+            args.pop('gelu_pattern', None)
+        args.update({k: v for k, v in constants.items() if v != _HEAD_DEFAULTS[k]})
+        return arch, args
+
+    unsupported = sorted({type(m).__name__ for m in heads if type(m) is not MPCAttention})
+    if unsupported:
+        raise ValueError(f'{arch}: publishing converted {unsupported} is not supported; timm builds that family\'s '
+                         f'attention without an attn_layer argument. Supported: timm ViTs (Attention -> MPCAttention)')
+    if any(isinstance(m, LinearizableMlp) for m in model.modules()):
+        raise ValueError(f'{arch}: MPCViT+ GeLU linearization of a converted timm ViT cannot be published, because '
+                         f'timm\'s VisionTransformer takes its mlp_layer only as a class; publish an mpcvit_* model, '
+                         f'or a converted ViT without gelu_pattern')
+    if constants != _HEAD_DEFAULTS:
+        raise ValueError(f'{arch}: heads use relu_eps/quad_c {constants}; timm\'s ViT builds MPC attention with '
+                         f'{_HEAD_DEFAULTS}, so convert with those to publish')
+    args['attn_layer'] = next(name for name, cls in ATTN_LAYER_NAMES.items() if cls is MPCAttention)
+    # timm's ViT builds nn.GELU by default, which has no timm name; a replaced activation has one
+    acts = {type(m.act) for m in model.modules() if hasattr(m, 'fc1') and isinstance(getattr(m, 'act', None), nn.Module)}
+    if len(acts) == 1:
+        act = acts.pop()
+        name = next((n for n, cls in create_act._ACT_LAYER_DEFAULT.items() if cls is act), None)
+        if name is not None:
+            args['act_layer'] = name
+    return arch, args
+
+
+def check_rebuild(model: nn.Module, architecture: str, model_args: Dict[str, Any]) -> None:
+    """Rebuild the model from ``architecture`` and ``model_args``, load its weights strictly, and check
+    that the modules and the outputs on a fixed random batch are the same.
+
+    Raises:
+        ValueError: the rebuilt model differs; the message names the first difference.
+    """
+    rebuilt = timm.create_model(architecture, **model_args)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    ours = [(n, type(m).__name__) for n, m in model.named_modules()]
+    theirs = [(n, type(m).__name__) for n, m in rebuilt.named_modules()]
+    if ours != theirs:
+        first = next((a, b) for a, b in zip(ours + [None] * len(theirs), theirs + [None] * len(ours)) if a != b)
+        raise ValueError(f'{architecture} rebuilt from its config differs from the model: {first[0]} vs {first[1]}')
+    device = next(model.parameters()).device
+    rebuilt.to(device).eval()
+    was_training = model.training
+    model.eval()
+    size = get_model_input_config(model)['input_size']  # the model's current size, not its source checkpoint's
+    images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            same = torch.equal(model(images), rebuilt(images))
+    finally:
+        model.train(was_training)
+    if not same:
+        raise ValueError(f'{architecture} rebuilt from its config computes different outputs from the model')

@@ -1,0 +1,247 @@
+"""Hub publishing: repository folders, round trips through local-dir:, an offline Hub cache and a loopback
+Hub, model cards rendered from measured JSON, and the checkpoints shipped in the repository."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import timm_mpc  # noqa: F401  (registers the models)
+from timm_mpc import PretrainedWeightsError, convert_to_mpc, get_attn_pattern, get_gelu_pattern
+from timm_mpc.cli import main
+from timm_mpc.data import example_images
+from timm_mpc.hub import HUB_FILES, model_facts, pattern_grid, publish, render_card, save_for_hub, seed_hub_cache
+from timm_mpc.layers import MPCAttention, QuadGELU
+from timm_mpc.training.engine import save_weights
+
+from hub_server import LoopbackHub
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / 'checkpoints' / 'timm-mpc'
+TINY = dict(depth=2, embed_dim=32, num_heads=4)
+PATTERN = [['relu_softmax', 'scaling', 'scaling', 'relu_softmax'], ['scaling', 'scaling', 'scaling', 'relu_softmax']]
+
+
+def _mpcvit(gelu: bool = False) -> torch.nn.Module:
+    torch.manual_seed(0)
+    gelu_pattern = [[1] * 40 + [0] * 25, 'linear'] if gelu else None
+    return timm.create_model('mpcvit_tiny', attn_pattern=PATTERN, gelu_pattern=gelu_pattern, **TINY).eval()
+
+
+def _converted_vit(**convert_kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=10)
+    return convert_to_mpc(vit, [['relu_softmax', 'scaling', '2quad'], 'scaling'], **convert_kwargs).eval()
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    with torch.no_grad():
+        return torch.equal(a(_images()), b(_images()))
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+    full_env.update(env)
+    return subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize('gelu', [False, True], ids=['mpcvit', 'mpcvit_plus'])
+def test_publish_folder_loads_back_through_local_dir(tmp_path, gelu):
+    model = _mpcvit(gelu)
+    folder = save_for_hub(model, tmp_path / 'org' / 'mpcvit_tiny.test', 'org/mpcvit_tiny.test',
+                          label_names=[f'class {i}' for i in range(10)])
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HUB_FILES)  # safetensors only, nothing left over
+    assert not list(tmp_path.glob('org/.*'))
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'mpcvit_tiny' and config['num_classes'] == 10
+    assert config['model_args']['attn_pattern'] == PATTERN and config['model_args']['depth'] == 2
+    assert ('gelu_pattern' in config['model_args']) == gelu
+    assert config['label_names'][3] == 'class 3' and config['pretrained_cfg']['tag'] == 'test'
+
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert _same(model, loaded)
+    assert get_attn_pattern(loaded) == PATTERN and get_gelu_pattern(loaded) == get_gelu_pattern(model)
+    assert loaded.pretrained_cfg['label_names'][3] == 'class 3'
+    # the pattern also travels in the weights, so loading them into the default model gives the same model
+    plain_cfg = timm.create_model('mpcvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(folder / 'model.safetensors')), **TINY).eval()
+    assert _same(model, plain_cfg)
+
+
+def test_cli_publish_dry_run_matches_source_exactly(tmp_path, capsys):
+    model = _mpcvit(gelu=True)
+    save_weights(model, tmp_path / 'trained.safetensors')
+    out = tmp_path / 'repo'
+    assert main(['publish', str(tmp_path / 'trained.safetensors'), '--repo', 'me/mpcvit_tiny.mine', '--dry-run',
+                 str(out), '--model-kwargs', json.dumps(TINY)]) == 0
+    loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert _same(model, loaded)
+    assert load_file(out / 'model.safetensors').keys() == model.state_dict().keys()
+    card = (out / 'README.md').read_text()
+    assert 'library_name: timm' in card and 'hf-hub:me/mpcvit_tiny.mine' in card
+    assert 'No accuracy was measured' in card
+
+
+def test_converted_vit_round_trip(tmp_path):
+    vit = _converted_vit(act_layer='quad_gelu')
+    folder = save_for_hub(vit, tmp_path / 'vit', 'me/vit_tiny_mpc')
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'vit_tiny_patch16_224'
+    assert config['model_args']['attn_layer'] == 'mpc' and config['model_args']['act_layer'] == 'quad_gelu'
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert _same(vit, loaded)
+    assert get_attn_pattern(loaded) == get_attn_pattern(vit)
+    assert all(type(m) is MPCAttention for m in loaded.modules() if hasattr(m, 'qkv'))
+    assert all(isinstance(b.mlp.act, QuadGELU) for b in loaded.blocks)
+
+
+@pytest.mark.parametrize('make, match', [
+    (lambda: _converted_vit(gelu_pattern='linear'), 'GeLU linearization of a converted'),
+    (lambda: convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1)), 'scaling'),
+     'MPCWindowAttention'),
+    (lambda: _converted_vit(relu_eps=1e-3), 'relu_eps'),
+    (lambda: timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1), 'no MPC attention'),
+])
+def test_unpublishable_models_are_refused_before_writing(tmp_path, make, match):
+    with pytest.raises(ValueError, match=match):
+        save_for_hub(make(), tmp_path / 'out', 'me/x')
+    assert not (tmp_path / 'out').exists() and not list(tmp_path.iterdir())
+
+
+def test_bad_repo_ids_and_missing_token(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match='ORG/NAME'):
+        publish(_mpcvit(), 'no-org', dry_run_dir=tmp_path / 'x')
+    monkeypatch.delenv('HF_TOKEN', raising=False)
+    monkeypatch.setattr(sys.modules['timm_mpc.hub.publish'], 'get_token', lambda: None)  # no stored login
+    with pytest.raises(RuntimeError, match='HF_TOKEN'):
+        publish(_mpcvit(), 'me/model')
+    with pytest.raises(ValueError, match='config.json'):
+        seed_hub_cache(tmp_path)
+
+
+def test_upload_and_download_through_loopback_hub(tmp_path):
+    model = _mpcvit(gelu=True)
+    repo = 'me/mpcvit_tiny.loopback'
+    with LoopbackHub(token='hf_test') as hub:
+        url = publish(model, repo, token='hf_test', endpoint=hub.endpoint,
+                      results=dict(machine='the test machine'))
+        assert repo in url
+        assert set(HUB_FILES) <= set(hub.files(repo))  # plus the .gitattributes every new Hub repo starts with
+        torch.save(_images(), tmp_path / 'images.pt')
+        proc = _run_python(f'''
+            import timm, torch, timm_mpc
+            model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
+            with torch.no_grad():
+                torch.save(model(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'logits.pt')!r})
+            ''', HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / 'cache'))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert any(method == 'GET' and 'model.safetensors' in path for method, path in hub.requests)
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / 'logits.pt'), model(_images()))
+    snapshot = next((tmp_path / 'cache' / 'models--me--mpcvit_tiny.loopback' / 'snapshots').iterdir())
+    assert (snapshot / 'config.json').is_file() and (snapshot / 'model.safetensors').is_file()
+
+
+def test_pattern_grid_by_hand():
+    grid = pattern_grid([['softmax', 'scaling'], 'relu_softmax'], [[1, 0, 1], 'linear'])
+    assert grid.splitlines() == [
+        '| layer | head 0 | head 1 | GeLU tokens kept |',
+        '|---|---|---|---|',
+        '| 0 | SM | SC | 2 / 3 |',
+        '| 1 | RS | RS | none |',
+        '',
+        'SM = Softmax, RS = ReLU-Softmax, SC = Scaling.',
+    ]
+
+
+def test_eval_and_publish_render_measured_card(debian_fmnist, tmp_path):
+    """The measuring command's JSON (plain and secure accuracy, secure cost) becomes the card's figures."""
+    model = _mpcvit()
+    save_weights(model, tmp_path / 'w.safetensors')
+    measured = tmp_path / 'eval.json'
+    assert main(['eval', '--checkpoint', str(tmp_path / 'w.safetensors'), '--model-kwargs', json.dumps(TINY),
+                 '--secure-images', '2', '--secure-batch', '2', '--no-latency', '--json', str(measured)]) == 0
+    figures = json.loads(measured.read_text())
+    assert figures['plain']['images'] == 80 and figures['secure']['images'] == 2
+    assert figures['secure']['cost']['baseline']['heads'] == {'softmax': 8}
+    assert '--json' not in figures['plain']['command']
+    out = tmp_path / 'repo'
+    assert main(['publish', str(tmp_path / 'w.safetensors'), '--model-kwargs', json.dumps(TINY), '--repo',
+                 'me/mpcvit_tiny.measured', '--dry-run', str(out), '--results', str(measured)]) == 0
+    card = (out / 'README.md').read_text()
+    results = json.loads((out / 'results.json').read_text())
+    assert results['plain'] == figures['plain'] and results['secure'] == figures['secure']
+    assert f'| Plain text, float32 | {figures["plain"]["top1"]:.2f} |' in card
+    assert f'| {figures["secure"]["cost"]["model"]["rounds"]} |' in card
+    assert figures['plain']['command'] in card
+    assert '| 0 | RS | SC | SC | RS |' in card
+
+
+# The checkpoints shipped in the repository, in the published layout
+
+SHIPPED_FOLDERS = sorted(SHIPPED.iterdir()) if SHIPPED.is_dir() else []
+
+
+def test_every_published_tag_is_shipped_with_its_card():
+    tags = [t for t in timm.list_pretrained('mpcvit_*') if timm.models.get_pretrained_cfg(t).hf_hub_id]
+    assert timm.models.get_pretrained_cfg('mpcvit_tiny').tag == 'fmnist_mu70_kd'  # the default
+    assert sorted(f.name for f in SHIPPED_FOLDERS) == sorted(tags)
+    assert sorted(p.stem for p in (ROOT / 'hub_cards').glob('*.md') if p.stem != 'README') == sorted(tags)
+
+
+@pytest.mark.parametrize('folder', SHIPPED_FOLDERS, ids=lambda f: f.name)
+def test_shipped_card_is_rendered_from_its_json(folder):
+    results = json.loads((folder / 'results.json').read_text())
+    card = render_card(results, f'timm-mpc/{folder.name}')
+    assert (folder / 'README.md').read_text() == card == (ROOT / 'hub_cards' / f'{folder.name}.md').read_text()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HUB_FILES)
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert model_facts(model) == results['model']
+    assert results['plain']['images'] == 10000 and results['secure']['images'] >= 100
+    assert f'timm-mpc eval --model {folder.name}' in results['plain']['command']
+    assert pattern_grid(results['model']['attn_pattern'], results['model'].get('gelu_pattern')) in card
+
+
+def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
+    cache = tmp_path / 'hub'
+    assert main(['seed-cache', *map(str, SHIPPED_FOLDERS), '--cache-dir', str(cache)]) == 0
+    default = SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd'
+    proc = _run_python(f'''
+        import timm, torch, timm_mpc
+        from timm_mpc.cli import build_parser, resolve_model
+        from timm_mpc.data import example_images
+        images, _ = example_images()
+        names = ['mpcvit_tiny', 'mpcvit_tiny.fmnist_mu70_kd', 'hf-hub:timm-mpc/mpcvit_tiny.fmnist_mu70_kd',
+                 'local-dir:{default}']
+        models = {{n: timm.create_model(n, pretrained=True).eval() for n in names}}
+        models['timm-mpc predict --pretrained'] = resolve_model(build_parser().parse_args(['predict', '--pretrained']))
+        with torch.no_grad():
+            torch.save({{n: m(images) for n, m in models.items()}}, {str(tmp_path / 'out.pt')!r})
+        ''', HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logits = torch.load(tmp_path / 'out.pt')
+    first = logits.pop('mpcvit_tiny')
+    assert all(torch.equal(first, other) for other in logits.values()), list(logits)
+    _, labels = example_images()
+    reference = json.loads((ROOT / 'tests' / 'reference' / 'mpcvit_tiny.fmnist_mu70_kd_logits.json').read_text())
+    assert reference['labels'] == labels.tolist()
+    assert torch.allclose(first, torch.tensor(reference['logits']), atol=1e-5, rtol=0)
+
+
+def test_corrupt_weights_in_a_folder_are_refused(tmp_path):
+    folder = save_for_hub(_mpcvit(), tmp_path / 'repo', 'me/mpcvit_tiny.x')
+    data = (folder / 'model.safetensors').read_bytes()
+    (folder / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(PretrainedWeightsError, match='corrupt or truncated'):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)

@@ -1,7 +1,6 @@
 """Search, distillation, MPCViT+, binarization, the cost model, data and the training CLI."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest

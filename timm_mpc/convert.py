@@ -16,6 +16,7 @@ from .layers.linearizable_mlp import GeluPattern, LinearizableMlp
 from .layers.mpc_attention import MPCAttentionMixin
 from .layers.swin_attention import MPCWindowAttention
 from .pattern import ModelPattern, count_head_kinds, expand_attn_pattern, expand_gelu_pattern
+from .utils import inference_pass
 
 __all__ = ['convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION']
 
@@ -76,14 +77,11 @@ def _mlp_token_shapes(model: nn.Module, mlps: Sequence[nn.Module], input_size: S
         shapes.setdefault(id(module), tuple(args[0].shape[1:-1]))
 
     hooks = [m.register_forward_hook(record) for m in mlps]
-    was_training = model.training
     try:
-        model.eval()
         param = next(model.parameters())
-        with torch.no_grad():
+        with inference_pass(model):
             model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return [shapes[id(m)] for m in mlps]

@@ -66,7 +66,7 @@ def _is_baseline(model: Dict[str, Any]) -> bool:
 
 def _cost_rows(cost: Dict[str, Any], name: str, baseline: bool) -> List[Dict[str, str]]:
     rows = []
-    for key, title in (('model', name),) if baseline else (('model', name), ('baseline', 'all-Softmax, exact GeLU')):
+    for key, title in [('model', name)] + ([] if baseline else [('baseline', 'all-Softmax, exact GeLU')]):
         e = cost[key]
         rows.append(dict(name=title, rounds=str(e['rounds']), mb=f'{e["bytes"] / 1e6:.1f}', wall=f'{e["wall_s"]:.2f}',
                          lan=f'{e["latency_s"]["lan"]:.2f}', wan=f'{e["latency_s"]["wan"]:.1f}'))
@@ -137,7 +137,8 @@ def render_card(results: Dict[str, Any], repo_id: str, create_name: Optional[str
         datasets=[dataset['hub_id']] if dataset else None, metrics=['accuracy'], model_name=name,
         eval_results=eval_results)
     for_data = f' for {dataset["title"]}' if dataset else ''
-    if _is_baseline(model):
+    baseline = _is_baseline(model)
+    if baseline:
         summary = (f'The all-Softmax `{model["architecture"]}` image classifier{for_data}: the baseline that the '
                    f'MPC-friendly checkpoints are searched from and distilled from, and that their secure cost is '
                    f'measured against.')
@@ -150,8 +151,7 @@ def render_card(results: Dict[str, Any], repo_id: str, create_name: Optional[str
         name=name, summary=summary, model=model, dataset=dataset, plain=plain, secure=secure,
         heads_line=_heads_line(model['head_kinds']), gelu_line=_gelu_line(model.get('gelu_pattern')),
         grid=pattern_grid(model['attn_pattern'], model.get('gelu_pattern')),
-        cost_rows=_cost_rows(secure['cost'], name, _is_baseline(model)) if secure else [],
-        baseline=_is_baseline(model),
+        cost_rows=_cost_rows(secure['cost'], name, baseline) if secure else [], baseline=baseline,
         networks=_networks_line(secure['cost']['networks']) if secure else '',
         machine=results.get('machine', 'an unrecorded machine'),
         training=_training_text(results['training']) if results.get('training') else None,

@@ -5,6 +5,7 @@ then load the weights strictly, so the architecture must be registered and ``mod
 the same modules. The head pattern also travels in the weights (the ``heads.kinds`` buffers), so a
 plain ``timm.create_model("mpcvit_tiny", pretrained=True)`` through a default config gets it too.
 """
+from itertools import zip_longest
 from typing import Any, Dict, Tuple
 
 import timm
@@ -20,6 +21,7 @@ from ..layers.mpc_attention import MPCAttentionMixin
 from ..layers.register import ATTN_LAYER_NAMES
 from ..models.mpcvit import MPCViT
 from ..pattern import get_attn_pattern, get_gelu_pattern
+from ..utils import inference_pass
 
 __all__ = ['hub_model_args', 'check_rebuild']
 
@@ -105,18 +107,12 @@ def check_rebuild(model: nn.Module, architecture: str, model_args: Dict[str, Any
     ours = [(n, type(m).__name__) for n, m in model.named_modules()]
     theirs = [(n, type(m).__name__) for n, m in rebuilt.named_modules()]
     if ours != theirs:
-        first = next((a, b) for a, b in zip(ours + [None] * len(theirs), theirs + [None] * len(ours)) if a != b)
+        first = next((a, b) for a, b in zip_longest(ours, theirs) if a != b)
         raise ValueError(f'{architecture} rebuilt from its config differs from the model: {first[0]} vs {first[1]}')
     device = next(model.parameters()).device
-    rebuilt.to(device).eval()
-    was_training = model.training
-    model.eval()
     size = get_model_input_config(model)['input_size']  # the model's current size, not its source checkpoint's
     images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device)
-    try:
-        with torch.no_grad():
-            same = torch.equal(model(images), rebuilt(images))
-    finally:
-        model.train(was_training)
+    with inference_pass(model), inference_pass(rebuilt.to(device)):
+        same = torch.equal(model(images), rebuilt(images))
     if not same:
         raise ValueError(f'{architecture} rebuilt from its config computes different outputs from the model')

@@ -16,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..training.engine import save_weights
+from ..utils import inference_pass
 from .card import render_card
 from .model_config import check_rebuild, hub_model_args
 
@@ -30,11 +31,8 @@ def model_facts(model: nn.Module) -> Dict[str, Any]:
     cfg = model.pretrained_cfg
     size = tuple(get_model_input_config(model)['input_size'])
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+    with inference_pass(model), FlopCounterMode(display=False) as flops:
         model(torch.zeros(1, *size, device=device))
-    model.train(was_training)
     facts: Dict[str, Any] = dict(
         architecture=cfg['architecture'], params=sum(p.numel() for p in model.parameters()),
         gmacs=flops.get_total_flops() / 2e9, image_size=list(size[1:]), in_chans=size[0],

@@ -130,27 +130,54 @@ def test_bad_repo_ids_and_missing_token(tmp_path, monkeypatch):
         seed_hub_cache(tmp_path)
 
 
+def _download_logits(repo: str, hub: LoopbackHub, tmp_path: Path) -> torch.Tensor:
+    """Logits of ``hf-hub:repo`` loaded by timm in a fresh process whose Hub is the loopback one."""
+    torch.save(_images(), tmp_path / 'images.pt')
+    proc = _run_python(f'''
+        import timm, torch, timm_mpc
+        model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'logits.pt')!r})
+        ''', HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / 'cache'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / 'logits.pt')
+
+
 def test_upload_and_download_through_loopback_hub(tmp_path):
+    """publish() in this process (huggingface_hub sends small repos' files inside the commit here, since it
+    would use Xet for LFS files), then an hf-hub: download through timm: identical logits."""
     model = _mpcvit(gelu=True)
     repo = 'me/mpcvit_tiny.loopback'
     with LoopbackHub(token='hf_test') as hub:
-        url = publish(model, repo, token='hf_test', endpoint=hub.endpoint,
-                      results=dict(machine='the test machine'))
+        url = publish(model, repo, token='hf_test', endpoint=hub.endpoint, results=dict(machine='the test machine'))
         assert repo in url
         assert set(HUB_FILES) <= set(hub.files(repo))  # plus the .gitattributes every new Hub repo starts with
-        torch.save(_images(), tmp_path / 'images.pt')
-        proc = _run_python(f'''
-            import timm, torch, timm_mpc
-            model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
-            with torch.no_grad():
-                torch.save(model(torch.load({str(tmp_path / 'images.pt')!r})), {str(tmp_path / 'logits.pt')!r})
-            ''', HF_ENDPOINT=hub.endpoint, HF_HUB_CACHE=str(tmp_path / 'cache'))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        logits = _download_logits(repo, hub, tmp_path)
         assert any(method == 'GET' and 'model.safetensors' in path for method, path in hub.requests)
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / 'logits.pt'), model(_images()))
+        assert torch.equal(logits, model(_images()))
     snapshot = next((tmp_path / 'cache' / 'models--me--mpcvit_tiny.loopback' / 'snapshots').iterdir())
     assert (snapshot / 'config.json').is_file() and (snapshot / 'model.safetensors').is_file()
+
+
+def test_cli_upload_with_token_from_env_goes_through_lfs(tmp_path):
+    """`timm-mpc publish` with HF_TOKEN and HF_ENDPOINT set, as a user runs it; without Xet, the weights take
+    the Hub's LFS path (batch API, upload, verify) and the commit points at them."""
+    model = _mpcvit()
+    save_weights(model, tmp_path / 'w.safetensors')
+    repo = 'me/mpcvit_tiny.cli'
+    with LoopbackHub(token='hf_cli', lfs=True) as hub:
+        proc = _run_python(f'''
+            from timm_mpc.cli import main
+            raise SystemExit(main(['publish', {str(tmp_path / 'w.safetensors')!r}, '--model-kwargs', {json.dumps(TINY)!r},
+                                   '--repo', {repo!r}]))
+            ''', HF_ENDPOINT=hub.endpoint, HF_TOKEN='hf_cli', HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'home'))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert 'uploaded' in proc.stdout and 'model.safetensors' in hub.repos[repo][-1].lfs
+        assert any('lfs/objects/batch' in path for _, path in hub.requests)
+        logits = _download_logits(repo, hub, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(logits, model(_images()))
 
 
 def test_pattern_grid_by_hand():

@@ -240,6 +240,14 @@ def test_shipped_card_is_rendered_from_its_json(folder):
     assert pattern_grid(results['model']['attn_pattern'], results['model'].get('gelu_pattern')) in card
 
 
+def test_republishing_a_shipped_folder_keeps_its_card_and_weights(tmp_path):
+    folder = SHIPPED / 'mpcvit_tiny.fmnist_plus_mu50_kd'
+    out = tmp_path / 'again'
+    assert main(['publish', str(folder), '--repo', f'timm-mpc/{folder.name}', '--dry-run', str(out)]) == 0
+    for name in HUB_FILES:
+        assert (out / name).read_bytes() == (folder / name).read_bytes(), name
+
+
 def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     cache = tmp_path / 'hub'
     assert main(['seed-cache', *map(str, SHIPPED_FOLDERS), '--cache-dir', str(cache)]) == 0

@@ -49,8 +49,10 @@ def _publish(args: argparse.Namespace) -> int:
     from .publish import publish
     model = _load_source(args).eval()
     results: Dict[str, Any] = {}
-    if args.results:
-        measured = json.loads(Path(args.results).read_text())
+    kept = Path(args.source) / 'results.json'
+    results_file = args.results or (str(kept) if kept.is_file() else None)  # a published folder keeps its figures
+    if results_file:
+        measured = json.loads(Path(results_file).read_text())
         results.update({k: measured[k] for k in ('plain', 'secure', 'machine', 'training') if k in measured})
     if args.run:
         results['training'] = training_summary(json.loads(Path(args.run).read_text()))
@@ -77,7 +79,8 @@ def add_hub_commands(sub: Any) -> None:
                                                             '(converted with convert_to_mpc)')
     pub.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model')
     pub.add_argument('--act-layer', default=None, help='the converted ViT\'s MLP activation, e.g. quad_gelu')
-    pub.add_argument('--results', default=None, help='measured figures for the card: timm-mpc eval --json output')
+    pub.add_argument('--results', default=None, help='measured figures for the card: timm-mpc eval --json output '
+                                                     '(default for a published folder: its results.json)')
     pub.add_argument('--run', default=None, help='the run.json of the training run, for the card\'s training section')
     pub.add_argument('--private', action='store_true', help='create the repository private')
     pub.set_defaults(func=_publish)

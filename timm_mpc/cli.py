@@ -73,24 +73,23 @@ def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     name = args.model
     overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
     overlay.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
+    gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
     if args.pretrained and not args.checkpoint:
         model = timm.create_model(name, pretrained=True, **overlay)  # published weights with their own pattern
-        if args.pattern or args.act_layer or args.gelu_pattern:
-            gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
+        if args.pattern or args.act_layer or gelu:
             convert_to_mpc(model, parse_pattern(args.pattern, model) if args.pattern else get_attn_pattern(model),
                            act_layer=args.act_layer, gelu_pattern=gelu)
     elif name.startswith('mpcvit_'):
         model = timm.create_model(name, attn_pattern='softmax', **overlay)
         if args.pattern or not args.checkpoint:
             set_attn_pattern(model, parse_pattern(args.pattern or 'mu50', model))
-        if args.gelu_pattern:
-            model.set_gelu_pattern(json.loads(args.gelu_pattern) if args.gelu_pattern.startswith('[') else args.gelu_pattern)
+        if gelu:
+            model.set_gelu_pattern(gelu)
         if args.act_layer:
             convert_to_mpc(model, get_attn_pattern(model), act_layer=args.act_layer)
     else:
         model = timm.create_model(name, **overlay)
         convert_to_mpc(model, 'softmax')
-        gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
         convert_to_mpc(model, parse_pattern(args.pattern or 'mu50', model), act_layer=args.act_layer, gelu_pattern=gelu)
     return model.eval()
 

@@ -6,7 +6,13 @@ from typing import Optional, Union
 
 from huggingface_hub import constants
 
-__all__ = ['seed_hub_cache']
+__all__ = ['require_org_name', 'seed_hub_cache']
+
+
+def require_org_name(repo_id: str) -> None:
+    """Refuse a Hub repository id that is not ``ORG/NAME`` (timm's hf_hub_id must name its organisation)."""
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f'repo_id must be ORG/NAME, got {repo_id!r}')
 
 
 def seed_hub_cache(
@@ -35,8 +41,7 @@ def seed_hub_cache(
     if not (folder / 'config.json').is_file():
         raise ValueError(f'{folder} is not a published model folder (no config.json)')
     repo_id = repo_id or f'{folder.resolve().parent.name}/{folder.name}'
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f'repo_id must be ORG/NAME, got {repo_id!r}')
+    require_org_name(repo_id)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.'))
     digest = hashlib.sha1()
     for path in files:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..training.engine import save_weights
 from ..utils import inference_pass
+from .cache import require_org_name
 from .card import render_card
 from .model_config import check_rebuild, hub_model_args
 
@@ -139,8 +140,7 @@ def publish(
         ValueError: a bad ``repo_id`` or a model that cannot be published (see :func:`save_for_hub`).
         RuntimeError: no token to upload with.
     """
-    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
-        raise ValueError(f'repo_id must be ORG/NAME, got {repo_id!r}')
+    require_org_name(repo_id)
     if dry_run_dir is not None:
         return str(save_for_hub(model, dry_run_dir, repo_id, results, label_names))
     token = token or get_token()

@@ -1,6 +1,10 @@
 """``timm-mpc train | search | retrain | eval | pareto``: the training side of the command line."""
 import argparse
 import json
+import os
+import platform
+import shlex
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict
@@ -101,15 +105,10 @@ def _secure_eval(model: torch.nn.Module, loader: torch.utils.data.DataLoader, ar
 
 
 def _machine() -> str:
-    import os
-    import platform
     return f'{platform.machine()} Linux, {os.cpu_count()} CPU cores, torch {torch.__version__}, timm {timm.__version__}'
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     from .data import build_dataset, build_loader
     from .engine import evaluate, model_summary
     from timm.data import resolve_data_config

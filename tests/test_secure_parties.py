@@ -26,8 +26,9 @@ def _small_mpcvit(**kwargs):
     return model
 
 
-def _images(n=3, size=16):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+def _images(n=3, size=16, mean=0.286, std=0.353):
+    """Random pixels in [0, 1], normalized (mpcvit_tiny's Fashion-MNIST mean and std by default)."""
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - mean) / std
 
 
 def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
@@ -57,45 +58,71 @@ def test_converted_timm_vit_with_registers_qk_norm_and_layerscale():
     with torch.no_grad():
         model.cls_token.normal_(0, 1)
         model.reg_token.normal_(0, 1)
-    images = _images(2, 32)
+    images = _images(2, 32, mean=0.5, std=0.5)  # timm's ViT mean and std
     logits = secure_predict(model, images)
     with torch.no_grad():
         plain = model(images)
     assert torch.equal(logits.argmax(-1), plain.argmax(-1)) and (logits - plain).abs().max() < 2e-2
 
 
-def test_trusted_third_party_dealer():
+def test_owner_as_dealer_is_an_explicit_insecure_setting_that_warns_every_run():
+    from timm_mpc.secure import InsecureSettingWarning
+    with pytest.raises(ValueError, match="'TFP' makes the model owner the dealer.*'TTP'.*'TFP_INSECURE'"):
+        SecureSettings(provider='TFP')
     model = _small_mpcvit(attn_pattern='relu_softmax')
     images = _images(1)
-    result = secure_predict(model, images, settings=SecureSettings(provider='TTP'), return_result=True)
+    settings = SecureSettings(provider='TFP_INSECURE')
+    for _ in range(2):
+        with pytest.warns(InsecureSettingWarning, match='can open the client'):
+            result = secure_predict(model, images, settings=settings, return_result=True)
     with torch.no_grad():
         assert (result.logits - model(images)).abs().max() < 2e-2
+    assert result.profile.dealer['requests'] == 0  # no dealer process: the owner made every triple
+
+
+def test_secure_predict_refuses_out_of_range_images_or_clamps_them():
+    from timm_mpc.secure import InputRangeError
+    model = _small_mpcvit(attn_pattern=MIXED)
+    images = _images(2)
+    for factor in (10, 1e6):
+        with pytest.raises(InputRangeError, match=r'channel 0 has values in .*accepted \[-0.81.*, 2.02.*\]'):
+            secure_predict(model, images * factor)
+    clamped = (images * 1e6).clamp(-0.286 / 0.353, 0.714 / 0.353)
+    logits = secure_predict(model, images * 1e6, clamp_images=True)
+    with torch.no_grad():
+        assert (logits - model(clamped)).abs().max() < 2e-2  # the clamped images' logits, not garbage
 
 
 def _party_cmd(*args):
     return [sys.executable, '-m', 'timm_mpc', 'party', *args]
 
 
-def test_two_terminal_example_and_a_killed_owner(tmp_path):
+def _start(*args, **kwargs):
+    return subprocess.Popen(_party_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_three_terminal_example_and_a_killed_owner(tmp_path):
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     common = ['--rendezvous', rendezvous, '--timeout', '20']
-    owner_cmd = _party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common)
-    client_cmd = _party_cmd('--rank', '1', '--batch', '1', '--json', str(tmp_path / 'client.json'), *common)
-    owner = subprocess.Popen(owner_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = subprocess.run(client_cmd, capture_output=True, text=True, timeout=240)
-    owner_out = owner.communicate(timeout=60)[0]
+    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common)
+    dealer = _start('--rank', '2', *common)
+    client = subprocess.run(_party_cmd('--rank', '1', '--batch', '1', '--json', str(tmp_path / 'client.json'), *common),
+                            capture_output=True, text=True, timeout=240)
+    owner_out, dealer_out = owner.communicate(timeout=60)[0], dealer.communicate(timeout=60)[0]
     assert client.returncode == 0, client.stdout + client.stderr
-    assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out
+    assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out, owner_out
+    assert 'holds no logit' in owner_out and 'dealer: done' in dealer_out and dealer.returncode == 0
     report = json.loads((tmp_path / 'client.json').read_text())
     assert len(report['logits']) == 1 and report['profile']['rounds'] > 100
+    assert report['profile']['dealer']['requests'] > 100 and report['profile']['dealer']['bytes'] > 0
 
     # the owner dies mid-protocol: the client must stop with a clear error, not hang
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     common = ['--rendezvous', rendezvous, '--timeout', '10']
     owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'softmax', *common),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = subprocess.Popen(_party_cmd('--rank', '1', '--batch', '8', *common),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    dealer = _start('--rank', '2', *common)
+    client = _start('--rank', '1', '--batch', '8', *common)
     for line in owner.stdout:
         if 'connected to the other party' in line:
             break
@@ -104,9 +131,75 @@ def test_two_terminal_example_and_a_killed_owner(tmp_path):
     killed_at = time.monotonic()
     _, err = client.communicate(timeout=120)
     waited = time.monotonic() - killed_at
+    dealer.communicate(timeout=60)
     assert client.returncode == 2
     assert 'timm-mpc party: error:' in err and 'lost the other party' in err, err[-2000:]
     assert waited < 2 * 10 + 15  # within the configured timeout (torch retries a connection once)
+
+
+def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
+    """Images x10 are refused by the client before it shares anything (and the owner is told why); x1e6 with
+    --clamp-images give the logits of the clamped images."""
+    model = _small_mpcvit(attn_pattern=MIXED, img_size=32)
+    import safetensors.torch
+    safetensors.torch.save_file(model.state_dict(), str(tmp_path / 'small.safetensors'))
+    owner_args = ['--rank', '0', '--model', 'mpcvit_tiny', '--checkpoint', str(tmp_path / 'small.safetensors'),
+                  '--model-kwargs', json.dumps(dict(depth=2, embed_dim=64, num_heads=4, img_size=32))]
+    images = _images(2, 32)
+    outcomes = {}
+    for name, factor, extra in (('x10', 10, []), ('x1e6 clamped', 1e6, ['--clamp-images'])):
+        torch.save(images * factor, tmp_path / 'images.pt')
+        common = ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '20']
+        owner, dealer = _start(*owner_args, *common), _start('--rank', '2', *common)
+        client = subprocess.run(_party_cmd('--rank', '1', '--images', str(tmp_path / 'images.pt'), '--json',
+                                           str(tmp_path / 'client.json'), *extra, *common),
+                                capture_output=True, text=True, timeout=240)
+        outcomes[name] = (client, owner.communicate(timeout=60), dealer.communicate(timeout=60))
+    client, (_, owner_err), _ = outcomes['x10']
+    assert client.returncode == 2 and 'refused' in client.stderr and 'leave the model\'s input range' in client.stderr
+    assert 'Traceback' not in client.stderr + owner_err
+    assert 'the client refused the plan before sharing anything' in owner_err, owner_err[-2000:]
+    client, _, _ = outcomes['x1e6 clamped']
+    assert client.returncode == 0, client.stderr[-2000:]
+    logits = torch.tensor(json.loads((tmp_path / 'client.json').read_text())['logits'])
+    with torch.no_grad():
+        plain = model((images * 1e6).clamp(-0.286 / 0.353, 0.714 / 0.353))
+    assert (logits - plain).abs().max() < 2e-2
+
+
+def test_client_against_a_suspended_owner_or_a_silent_listener_stops_within_its_timeout(tmp_path):
+    import signal
+    import socket
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'scaling', '--rendezvous', rendezvous,
+                   '--timeout', '60')
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen()  # accepts connections (the kernel does), never answers
+    try:
+        for line in owner.stdout:
+            if 'waiting for the client' in line:
+                break
+        time.sleep(1)
+        owner.send_signal(signal.SIGSTOP)
+        for address in (rendezvous, f'tcp://127.0.0.1:{listener.getsockname()[1]}'):
+            start = time.monotonic()
+            client = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', address, '--timeout', '4'),
+                                    capture_output=True, text=True, timeout=120)
+            assert time.monotonic() - start < 4 + 12, address  # the timeout, plus starting Python and torch
+            assert client.returncode == 2 and 'could not meet the other party and the dealer' in client.stderr, \
+                client.stderr[-2000:]
+    finally:
+        listener.close()
+        owner.send_signal(signal.SIGCONT)
+        owner.kill()
+        owner.communicate()
+
+
+def test_party_refuses_the_insecure_owner_as_dealer_setting():
+    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE'),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'refuses --provider TFP_INSECURE' in result.stderr
 
 
 def test_unreachable_rendezvous_is_a_clear_error_within_the_timeout():
@@ -128,7 +221,7 @@ def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
                  '--json', str(out)]) == 2  # a small checkpoint is refused for mpcvit_tiny's shape
     assert 'does not fit this model' in capsys.readouterr().err
     images = tmp_path / 'images.pt'
-    torch.save(_images(2, 32), images)
+    torch.save(_images(2, 32, mean=0.5, std=0.5), images)
     assert main(['bench', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(dict(img_size=32, patch_size=8, depth=2)),
                  '--pattern', 'scaling', '--act-layer', 'quad_gelu', '--check', '--json', str(out),
                  '--images', str(images)]) == 0
@@ -167,8 +260,7 @@ def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
     model = timm.create_model('mpcvit_tiny', img_size=16, embed_dim=32, depth=3, num_heads=4,
                               attn_pattern=[['relu_softmax', 'scaling', 'scaling', '2quad'], 'softmax', 'scaling'],
                               gelu_pattern=['gelu', [1] * 9 + [0] * 8, 'linear']).eval()
-    images = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    measured = secure_predict(model, images, return_result=True).profile
+    measured = secure_predict(model, _images(1), return_result=True).profile
     estimate = model_latency(model, table)
     assert estimate['rounds'] == pytest.approx(measured.rounds, rel=0.05)
     assert estimate['bytes'] == pytest.approx(measured.bytes, rel=0.05)

@@ -16,6 +16,7 @@ from .layers.head_kinds import HeadKinds
 from .pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
 from .hub.commands import add_hub_commands
 from .training.commands import add_training_commands
+from .utils import parse_json
 
 __all__ = ['main']
 
@@ -36,7 +37,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    pattern = json.loads(args.pattern) if args.pattern.startswith('[') else args.pattern
+    pattern = parse_json(args.pattern, '--pattern') if args.pattern.startswith('[') else args.pattern
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
     for module in model.modules():  # compare against timm's explicit (unfused) attention
         if hasattr(module, 'fused_attn'):
@@ -58,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
 def parse_pattern(text: str, model: torch.nn.Module) -> Any:
     """A ``--pattern`` value: a kind, ``muNN`` (NN% ReLU-Softmax heads, the rest Scaling) or a JSON list."""
     if text.startswith('['):
-        return json.loads(text)
+        return parse_json(text, '--pattern')
     if text.startswith('mu') and text[2:].isdigit():
         from .secure.bench import mu_pattern
         heads = [m.num_heads for m in model.modules() if isinstance(m, HeadKinds)]
@@ -72,8 +73,12 @@ def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     ``--pretrained`` (the published weights, loaded the timm way)."""
     name = args.model
     overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
-    overlay.update(json.loads(args.model_kwargs) if args.model_kwargs else {})
-    gelu = json.loads(args.gelu_pattern) if args.gelu_pattern and args.gelu_pattern.startswith('[') else args.gelu_pattern
+    kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'--model-kwargs must be a JSON object of keyword arguments, got {args.model_kwargs!r}')
+    overlay.update(kwargs)
+    gelu = parse_json(args.gelu_pattern, '--gelu-pattern') if args.gelu_pattern and args.gelu_pattern.startswith('[') \
+        else args.gelu_pattern
     if args.pretrained and not args.checkpoint:
         model = timm.create_model(name, pretrained=True, **overlay)  # published weights with their own pattern
         if args.pattern or args.act_layer or gelu:
@@ -97,7 +102,12 @@ def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
 def _settings(args: argparse.Namespace) -> Any:
     from .secure.settings import SecureSettings
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
-    return base(provider=args.provider, timeout_s=args.timeout)
+    settings = base(provider=args.provider, timeout_s=args.timeout)
+    if not settings.secure:
+        print(f'WARNING: --provider {settings.provider}: the model owner deals its own multiplication triples and can '
+              f'open the client\'s images and logits; figures of the protocol\'s cost only, never for real data',
+              file=sys.stderr, flush=True)
+    return settings
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
@@ -111,14 +121,27 @@ def _networks(args: argparse.Namespace) -> Dict[str, Any]:
     return nets
 
 
-def _load_images(path: Optional[str], model: Optional[torch.nn.Module], batch: Optional[int] = None) -> torch.Tensor:
-    """Images from a ``.pt`` tensor file, or the shipped Fashion-MNIST examples."""
+def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '--images') -> torch.Tensor:
+    """Images from a ``.pt`` file (a tensor, or a dict with an ``images`` tensor), or the shipped Fashion-MNIST
+    examples; the first ``batch`` of them. Checked as a finite float ``(B, C, H, W)`` tensor."""
+    from .secure.plan import check_image_tensor
     if path:
-        images = torch.load(path, weights_only=True)
-        if isinstance(images, dict):
+        try:
+            images = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f'{what} {path}: no such file') from None
+        except Exception as e:  # torch.load raises many kinds (pickle, zip, weights_only refusals)
+            raise ValueError(f'{what} {path} is not a tensor file written by torch.save '
+                             f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+        if isinstance(images, dict) and 'images' in images:
             images = images['images']
+        if not isinstance(images, torch.Tensor):
+            found = f'a dict with keys {sorted(map(str, images))}' if isinstance(images, dict) else type(images).__name__
+            raise ValueError(f'{what} {path} holds {found}; accepted: a (B, C, H, W) float tensor, or a dict with '
+                             f'one under "images"')
     else:
         images, _ = example_images()
+    check_image_tensor(images, f'{what} {path or "(the shipped examples)"}')
     return images[:batch] if batch else images
 
 
@@ -126,13 +149,18 @@ def _predict(args: argparse.Namespace) -> int:
     from .secure import secure_predict
     from .secure.bench import compare_logits, format_profile
 
+    from .secure.plan import check_images
+
+    settings = _settings(args)
+    images = _load_images(args.images, args.batch)
     model = resolve_model(args)
-    images = _load_images(args.images, model, args.batch)
-    print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; '
-          f'owner and client as two local processes (CrypTen, {args.provider})')
-    result = secure_predict(model, images, settings=_settings(args), return_result=True)
+    dealer = 'a dealer process' if settings.secure else 'the owner as dealer (insecure)'
+    print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
+          f'processes, triples from {dealer} (CrypTen, {args.provider})')
+    result = secure_predict(model, images, settings=settings, calibration_images=_calibration(args),
+                            clamp_images=args.clamp_images, return_result=True)
     with torch.no_grad():
-        plain = model(images)
+        plain = model(check_images(result.plan, images, clamp=args.clamp_images))
     profile = result.profile.to_dict(_networks(args))
     print(format_profile(profile, args.network))
     acc = compare_logits(result.logits, plain)
@@ -148,10 +176,12 @@ def _predict(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .secure.bench import baseline_of, format_comparison, format_profile, run_bench, write_json
 
+    settings = _settings(args)
+    images = _load_images(args.images, args.batch)
     model = resolve_model(args)
-    images = _load_images(args.images, model, args.batch)
     configs = {'baseline': baseline_of(model), 'model': model}
-    report = run_bench(configs, images, _settings(args), _networks(args), check=args.check)
+    report = run_bench(configs, images, settings, _networks(args), check=args.check,
+                       calibration_images=_calibration(args), clamp_images=args.clamp_images)
     report['model'] = args.model
     print(format_profile(report['results']['model']['profile'], args.network))
     print(format_comparison(report, args.network))
@@ -165,35 +195,44 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+def _calibration(args: argparse.Namespace) -> Optional[torch.Tensor]:
+    """The owner's ``--calibration-images`` (default None: the shipped examples at the model's input size)."""
+    if not args.calibration_images:
+        return None
+    return _load_images(args.calibration_images, what='--calibration-images')
+
+
 def _party(args: argparse.Namespace) -> int:
-    from .secure.calibration import calibrate
+    from .secure.bench import format_profile
     from .secure.party import run_client, run_dealer, run_owner
-    from .secure.plan import build_plan
+    from .secure.plan import build_secure_plan
 
     settings = _settings(args)
+    if not settings.secure:
+        raise ValueError(f'timm-mpc party runs real parties, so it refuses --provider {settings.provider} (the owner '
+                         f'would deal its own triples and could open the client\'s data); use TTP with a dealer (rank 2)')
     if args.rank == 2:
-        if args.provider != 'TTP':
-            raise ValueError('rank 2 is the dealer of multiplication triples: use it with --provider TTP')
+        print(f'dealer: serving multiplication triples at {args.rendezvous}', flush=True)
         run_dealer(args.rendezvous, settings)
+        print('dealer: done', flush=True)
         return 0
     if args.rank == 0:
         if not args.model:
-            raise ValueError('the owner (rank 0) needs --model (and usually --checkpoint)')
+            raise ValueError('the owner (rank 0) needs --model (and usually --checkpoint or --pretrained)')
+        calibration = _calibration(args)
         model = resolve_model(args)
-        plan = build_plan(model)
-        calib = _load_images(args.calibration_images, model)
-        plan['ranges'] = calibrate(model, calib, settings)
+        plan = build_secure_plan(model, settings, calibration)
         state = {k: v.detach().float() for k, v in model.state_dict().items() if k in plan['params']}
-        print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client at {args.rendezvous}',
-              flush=True)
+        print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client and the dealer at '
+              f'{args.rendezvous}', flush=True)
         result = run_owner(args.rendezvous, plan, state, settings, log=_log)
         print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
-              f'{result.profile.wall_s:.2f} s (the logits went to the client only)')
+              f'{result.profile.wall_s:.2f} s; the owner sent its share of the logits to the client and holds no '
+              f'logit itself')
         return 0
-    images = _load_images(args.images, None, args.batch)
+    images = _load_images(args.images, args.batch)
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
-    result = run_client(args.rendezvous, images, settings, log=_log)
-    from .secure.bench import format_profile
+    result = run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images)
     profile = result.profile.to_dict(_networks(args))
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
@@ -222,12 +261,31 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: b
                                                         'e.g. \'{"depth": 2}\'')
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a whole number of at least 1, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'expected a whole number of at least 1, got {value}')
+    return value
+
+
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--batch', type=int, default=None, help='number of images (default: all given; 4 for predict)')
-    p.add_argument('--images', default=None, help='.pt file with a (B, C, H, W) tensor; default: 8 shipped '
-                                                  'Fashion-MNIST test images')
-    p.add_argument('--provider', choices=['TFP', 'TTP'], default='TFP',
-                   help='multiplication triples from a trusted first party (TFP) or a third process (TTP)')
+    from .secure.settings import PROVIDERS
+    p.add_argument('--batch', type=_positive_int, default=None,
+                   help='number of images (default: all given; 4 for predict)')
+    p.add_argument('--images', default=None, help='.pt file with a (B, C, H, W) tensor of images normalized with '
+                                                  'the model\'s mean and std; default: 8 shipped Fashion-MNIST test images')
+    p.add_argument('--clamp-images', action='store_true',
+                   help='clamp image values outside the model\'s input range (pixels in [0, 1], normalized) '
+                        'instead of refusing the images')
+    p.add_argument('--calibration-images', default=None,
+                   help='owner: .pt images for the plain-text range pass (default: the shipped examples)')
+    p.add_argument('--provider', choices=PROVIDERS, default='TTP',
+                   help='multiplication triples from a dealer process that is neither party (TTP, default), or '
+                        'from the model owner itself (TFP_INSECURE: the owner can open the client\'s data; '
+                        'cost measurements only)')
     p.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the other party')
     p.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
     p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
@@ -266,11 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     party = sub.add_parser('party', help='run one party of a secure prediction (one per host)')
     party.add_argument('--rank', type=int, choices=[0, 1, 2], required=True,
-                       help='0: model owner, 1: client, 2: dealer (with --provider TTP)')
+                       help='0: model owner, 1: client, 2: dealer of multiplication triples (on a host that is '
+                            'neither party\'s)')
     party.add_argument('--world-size', type=int, choices=[2], default=2, help='number of parties (two)')
     party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
-    party.add_argument('--calibration-images', default=None,
-                       help='owner: .pt images for the plain-text range pass (default: the shipped examples)')
     _add_model_args(party, option=True)
     _add_secure_args(party)
     party.set_defaults(func=_party)

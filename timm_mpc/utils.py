@@ -1,11 +1,13 @@
 """Small helpers shared across the package."""
+import json
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator, Union
 
 import torch
 from torch import nn
 
-__all__ = ['inference_pass']
+__all__ = ['inference_pass', 'parse_json', 'read_json']
 
 
 @contextmanager
@@ -19,3 +21,21 @@ def inference_pass(model: nn.Module) -> Iterator[nn.Module]:
             yield model
     finally:
         model.train(was_training)
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``text`` parsed as JSON, or a ValueError that names ``what`` (an option, a file) and shows the text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        shown = text if len(text) <= 80 else text[:77] + '...'
+        raise ValueError(f'{what} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}): {shown!r}') from None
+
+
+def read_json(path: Union[str, Path], what: str) -> Any:
+    """The JSON content of the file ``path``, or a ValueError that names ``what`` and why it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f'cannot read {what} {path}: {getattr(e, "strerror", None) or e}') from None
+    return parse_json(text, f'{what} {path}')

@@ -1,6 +1,5 @@
 """``timm-mpc publish | seed-cache``: the Hub side of the command line."""
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -9,6 +8,8 @@ import timm
 from timm.models import load_checkpoint
 from torch import nn
 
+from ..utils import parse_json, read_json
+
 __all__ = ['add_hub_commands', 'training_summary']
 
 
@@ -16,8 +17,16 @@ def _short(path: Optional[str]) -> Optional[str]:
     return '/'.join(Path(path).parts[-2:]) if path else None
 
 
-def training_summary(run: Dict[str, Any]) -> Dict[str, Any]:
+def training_summary(run: Dict[str, Any], source: str = 'run.json') -> Dict[str, Any]:
     """What a card says about how a checkpoint was trained, from its run's ``run.json``."""
+    try:
+        return _training_summary(run)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f'{source} is not the run.json of a timm-mpc training run (its run, mode, config, final and '
+                         f'history entries are read; {type(e).__name__}: {e})') from None
+
+
+def _training_summary(run: Dict[str, Any]) -> Dict[str, Any]:
     cfg, final = run['config'], run['final']
     return dict(
         mode=run['mode'], epochs=final['epochs'], dataset=cfg['dataset'], train_subset=cfg.get('train_subset'),
@@ -35,13 +44,13 @@ def _load_source(args: argparse.Namespace) -> nn.Module:
         return timm.create_model(f'local-dir:{src}', pretrained=True)
     if not os.path.isfile(src):
         return timm.create_model(src, pretrained=True)
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     if args.model.startswith('mpcvit_'):
         return timm.create_model(args.model, pretrained=True, attn_pattern='softmax',
                                  pretrained_cfg_overlay=dict(file=src), **kwargs)
     model = timm.create_model(args.model, **kwargs)
     convert_to_mpc(model, 'softmax', act_layer=args.act_layer)
-    load_checkpoint(model, src, strict=True)  # the head kinds come with the weights
+    load_checkpoint(model, src, strict=True, weights_only=True)  # the head kinds come with the weights
     return model
 
 
@@ -52,10 +61,10 @@ def _publish(args: argparse.Namespace) -> int:
     kept = Path(args.source) / 'results.json'
     results_file = args.results or (str(kept) if kept.is_file() else None)  # a published folder keeps its figures
     if results_file:
-        measured = json.loads(Path(results_file).read_text())
+        measured = read_json(results_file, 'results file')
         results.update({k: measured[k] for k in ('plain', 'secure', 'machine', 'training') if k in measured})
     if args.run:
-        results['training'] = training_summary(json.loads(Path(args.run).read_text()))
+        results['training'] = training_summary(read_json(args.run, '--run file'), args.run)
     where = publish(model, args.repo, results=results, dry_run_dir=args.dry_run, private=args.private)
     print(f'{args.repo}: {"wrote" if args.dry_run else "uploaded"} {where}')
     return 0

@@ -8,7 +8,9 @@ from tqdm import tqdm
 
 from ..pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
 from .costs import NETWORKS, CostProfile, NetworkSetting
+from ..utils import inference_pass
 from .launch import SecureResult, secure_predict
+from .plan import check_images
 from .settings import SecureSettings
 
 __all__ = ['mu_pattern', 'baseline_of', 'compare_logits', 'run_bench', 'secure_accuracy', 'format_profile']
@@ -52,7 +54,8 @@ def compare_logits(secure: torch.Tensor, plain: torch.Tensor) -> Dict[str, float
 
 
 def _summary(profile: CostProfile, networks: Dict[str, NetworkSetting]) -> Dict[str, Any]:
-    return dict(rounds=profile.rounds, bytes=profile.bytes, wall_s=profile.wall_s,
+    return dict(rounds=profile.rounds, bytes=profile.bytes, wall_s=profile.wall_s, compute_s=profile.compute_s,
+                dealer=dict(profile.dealer),
                 latency_s={n: profile.latency(s) for n, s in networks.items()})
 
 
@@ -63,21 +66,25 @@ def run_bench(
         networks: Optional[Dict[str, NetworkSetting]] = None,
         check: bool = False,
         baseline: str = 'baseline',
+        calibration_images: Optional[torch.Tensor] = None,
+        clamp_images: bool = False,
 ) -> Dict[str, Any]:
     """Securely run every model of ``configs`` on ``images`` and compare each with ``configs[baseline]``.
 
     Returns a JSON-ready dict: per configuration the pattern, head counts, cost profile (per layer and
-    per operator), latency per network, ratios to the baseline and, with ``check``, accuracy under MPC.
+    per operator, the dealer's part apart), latency per network, ratios to the baseline and, with ``check``,
+    accuracy under MPC. ``calibration_images`` and ``clamp_images`` are :func:`secure_predict`'s.
     """
     networks = networks or NETWORKS
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in tqdm(configs.items(), desc='secure inference', unit='model'):
-        res: SecureResult = secure_predict(model, images, settings=settings, return_result=True)
+        res: SecureResult = secure_predict(model, images, settings=settings, calibration_images=calibration_images,
+                                           clamp_images=clamp_images, return_result=True)
         entry = dict(pattern=get_attn_pattern(model), heads=count_head_kinds(model),
                      **_summary(res.profile, networks), profile=res.profile.to_dict(networks))
         if check:
-            with torch.no_grad():
-                entry['accuracy'] = compare_logits(res.logits, model.eval()(images))
+            with inference_pass(model):
+                entry['accuracy'] = compare_logits(res.logits, model(check_images(res.plan, images, clamp=clamp_images)))
         results[name] = entry
     base = results[baseline]
     for entry in results.values():
@@ -95,15 +102,17 @@ def secure_accuracy(
         labels: torch.Tensor,
         settings: SecureSettings,
         batch: int = 32,
+        calibration_images: Optional[torch.Tensor] = None,
 ) -> Dict[str, Any]:
     """Top-1 accuracy (%) under two-party MPC and in plain text on the same images, and how far they agree.
 
-    The images go through :func:`secure_predict` ``batch`` at a time (each batch a full protocol run).
+    The images go through :func:`secure_predict` ``batch`` at a time (each batch a full protocol run), with
+    the owner calibrating on ``calibration_images`` (default: the shipped examples).
     """
-    model = model.eval()
-    secure = torch.cat([secure_predict(model, images[i:i + batch], settings=settings)
+    secure = torch.cat([secure_predict(model, images[i:i + batch], settings=settings,
+                                       calibration_images=calibration_images)
                         for i in tqdm(range(0, images.shape[0], batch), desc='secure accuracy', unit='batch')])
-    with torch.no_grad():
+    with inference_pass(model):
         plain = model(images)
     agree = compare_logits(secure, plain)
     return dict(images=int(images.shape[0]), batch=batch,
@@ -124,17 +133,24 @@ def format_profile(profile: Dict[str, Any], network: str) -> str:
                      f'{", ".join(by_op_layer.get(layer, []))}')
     lines.append(f'{"total":14s} {profile["rounds"]:7d} {profile["bytes"] / 1e6:9.2f} {profile["wall_s"]:8.3f}   '
                  f'{network.upper()} latency {profile["latency_s"][network]:.3f} s')
+    dealer = profile['dealer']
+    if dealer['requests']:
+        lines.append(f'{"dealer":14s} {dealer["requests"]:7d} {dealer["bytes"] / 1e6:9.2f} {dealer["time_s"]:8.3f}   '
+                     f'triple requests by the owner (offline phase: not in the rows, rounds or latency above)')
     return '\n'.join(lines)
 
 
 def format_comparison(report: Dict[str, Any], network: str) -> str:
-    """One line per configuration: rounds, MB, wall time, LAN/WAN latency and ratios to the baseline."""
+    """One line per configuration: rounds, MB, wall time, the dealer's part, LAN/WAN latency and ratios to the
+    baseline."""
     nets = list(report['networks'])
-    head = f'{"config":22s} {"rounds":>7s} {"MB":>9s} {"wall s":>7s} ' + ' '.join(f'{n.upper() + " s":>8s}' for n in nets)
+    head = f'{"config":22s} {"rounds":>7s} {"MB":>9s} {"wall s":>7s} {"dealer s":>8s} {"dealer MB":>9s} '
+    head += ' '.join(f'{n.upper() + " s":>8s}' for n in nets)
     head += ' ' + ' '.join(f'{"x " + n.upper():>7s}' for n in nets)
     lines = [head]
     for name, e in report['results'].items():
         line = f'{name:22s} {e["rounds"]:7d} {e["bytes"] / 1e6:9.1f} {e["wall_s"]:7.2f} '
+        line += f'{e["dealer"]["time_s"]:8.2f} {e["dealer"]["bytes"] / 1e6:9.1f} '
         line += ' '.join(f'{e["latency_s"][n]:8.2f}' for n in nets)
         line += ' ' + ' '.join(f'{e["ratio_to_baseline"][f"latency_{n}"]:6.2f}x' for n in nets)
         if 'accuracy' in e:

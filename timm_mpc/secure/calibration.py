@@ -2,9 +2,10 @@
 
 Fixed-point shares wrap silently when a value outgrows the encoding, and CrypTen's Newton iterations
 only converge on bounded inputs. One plain-text forward pass records, per layer, the LayerNorm
-variances, the attention denominators, the GeLU inputs and the largest products. The ranges go into
-the public plan, where they choose the scaling of each approximation's input; values the encoding
-cannot hold are refused with :class:`FixedPointRangeError`.
+variances, the attention denominators, the GeLU inputs and the largest products. The ranges stay with
+the owner: only the public scale and iteration count derived from each go into the plan
+(:func:`timm_mpc.secure.plan.public_schedules`); values the encoding cannot hold are refused with
+:class:`FixedPointRangeError`.
 """
 import math
 from collections import defaultdict
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from ..layers.head_kinds import HeadKinds
+from ..utils import inference_pass
 from .ops import GELU_TAIL_A, GELU_TAIL_B
 from .settings import SecureSettings
 
@@ -95,8 +97,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             hooks.append(module.register_forward_hook(output_hook(name)))
     try:
-        with torch.no_grad():
-            model.eval()(images)
+        with inference_pass(model):
+            model(images)
     finally:
         for h in hooks:
             h.remove()

@@ -1,5 +1,10 @@
 """Measured cost of a secure computation: rounds, bytes and time per layer and operator, and latency
-estimated for a network setting as ``compute + rounds × RTT + bytes / bandwidth``."""
+estimated for a network setting as ``compute + rounds × RTT + bytes / bandwidth``.
+
+The dealer's cost (the multiplication triples, an offline phase that CrypTen runs on demand) is kept
+apart from the two parties': its traffic is not in the rows, and the time the owner waited for it is
+taken out of the compute time of the latency estimates.
+"""
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,11 +46,18 @@ class CostRow:
 class CostProfile:
     """Cost rows of one secure inference, with totals and latency estimates.
 
-    ``setup`` holds one-off work (sharing the weights) that is not part of an inference.
+    ``setup`` holds one-off work (sharing the weights) that is not part of an inference. ``dealer`` is the
+    dealer's part: ``requests`` for triples, ``bytes`` exchanged with the owner, ``time_s`` the owner waited.
     """
     rows: List[CostRow] = field(default_factory=list)
     setup: List[CostRow] = field(default_factory=list)
     wall_s: float = 0.0
+    dealer: Dict[str, float] = field(default_factory=lambda: dict(requests=0, bytes=0.0, time_s=0.0))
+
+    @property
+    def compute_s(self) -> float:
+        """The parties' own time: the wall time less the owner's waits for the dealer's triples."""
+        return max(self.wall_s - self.dealer['time_s'], 0.0)
 
     @property
     def rounds(self) -> int:
@@ -56,8 +68,8 @@ class CostProfile:
         return sum(r.bytes for r in self.rows)
 
     def latency(self, network: NetworkSetting) -> float:
-        """Estimated latency of the inference (compute is the measured wall time)."""
-        return network.latency(self.wall_s, self.rounds, self.bytes)
+        """Estimated latency of the inference's online phase (compute is :attr:`compute_s`)."""
+        return network.latency(self.compute_s, self.rounds, self.bytes)
 
     def by(self, key: str) -> Dict[str, Dict[str, float]]:
         """Rounds, bytes and time summed by ``'layer'`` or ``'op'``, in first-seen order."""
@@ -72,18 +84,20 @@ class CostProfile:
     def to_dict(self, networks: Optional[Dict[str, NetworkSetting]] = None) -> Dict[str, Any]:
         networks = networks or NETWORKS
         return dict(
-            rounds=self.rounds, bytes=self.bytes, wall_s=self.wall_s,
+            rounds=self.rounds, bytes=self.bytes, wall_s=self.wall_s, compute_s=self.compute_s, dealer=dict(self.dealer),
             latency_s={name: self.latency(n) for name, n in networks.items()},
             networks={name: asdict(n) for name, n in networks.items()},
             by_layer=self.by('layer'), by_op=self.by('op'),
             rows=[asdict(r) for r in self.rows], setup=[asdict(r) for r in self.setup])
 
     @classmethod
-    def merge_parties(cls, own: 'CostProfile', other_bytes: List[float], other_setup_bytes: List[float]) -> 'CostProfile':
-        """One profile whose bytes are both parties' traffic (rounds and times are this party's)."""
+    def merge_parties(cls, own: 'CostProfile', other_bytes: List[float], other_setup_bytes: List[float],
+                      dealer: Optional[Dict[str, float]] = None) -> 'CostProfile':
+        """One profile whose bytes are both parties' traffic (rounds and times are this party's), with the
+        dealer's cost as the owner measured it (None: there was no dealer)."""
         rows = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.rows, other_bytes)]
         setup = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.setup, other_setup_bytes)]
-        return cls(rows, setup, own.wall_s)
+        return cls(rows, setup, own.wall_s, **({} if dealer is None else dict(dealer=dict(dealer))))
 
 
 class CostMeter:

@@ -1,4 +1,4 @@
-"""Run both parties (and the dealer, for TTP) as local processes over loopback: ``secure_predict``."""
+"""Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
 import queue as queue_lib
 import socket
 import time
@@ -12,7 +12,7 @@ from torch import nn
 
 from .costs import CostProfile
 from .party import PartyResult, run_client, run_dealer, run_owner
-from .plan import build_plan, check_images
+from .plan import build_secure_plan, check_images
 from .settings import SecureSettings
 
 __all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port']
@@ -40,14 +40,20 @@ def free_port() -> int:
 
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
+
+    def report_timeout(message: str) -> None:  # the watchdog ends this process right after
+        results.put((role, 'error', message))
+        results.close()
+        results.join_thread()
+
     try:
         settings_ = SecureSettings.from_dict(settings)
         if role == 'owner':
-            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_)
+            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, on_timeout=report_timeout)
         elif role == 'client':
-            result = run_client(rendezvous, payload['images'], settings_)
+            result = run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout)
         else:
-            run_dealer(rendezvous, settings_)
+            run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
         if result is not None and result.logits is not None:
             result.logits = result.logits.numpy()  # by value: a shared-memory tensor dies with this process
@@ -59,12 +65,12 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
 
 def run_local_parties(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
                       settings: SecureSettings) -> PartyResult:
-    """Start owner, client (and dealer for TTP) as processes; return the client's result or raise."""
+    """Start owner, client and dealer (unless the owner deals) as processes; return the client's result or raise."""
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     payloads = {'owner': dict(plan=plan, state_dict=state_dict), 'client': dict(images=images)}
-    roles = ['owner', 'client'] + (['dealer'] if settings.provider == 'TTP' else [])
+    roles = ['owner', 'client'] + (['dealer'] if settings.secure else [])
     procs = {role: ctx.Process(target=_party_process, args=(role, rendezvous, settings.to_dict(), payloads.get(role, {}), results),
                                daemon=True) for role in roles}
     for p in procs.values():
@@ -108,36 +114,38 @@ def secure_predict(
         images: torch.Tensor,
         settings: Optional[SecureSettings] = None,
         calibration_images: Optional[torch.Tensor] = None,
+        clamp_images: bool = False,
         return_result: bool = False,
 ) -> Any:
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
-    Party 0 (the owner) gets the weights, party 1 (the client) the images; they run CrypTen over
-    torch.distributed on loopback, and only the client learns the logits, which are returned.
-    Before any party starts, the model is checked (unsupported modules are named), the images are
-    checked, and a plain-text calibration pass (on ``calibration_images``, default ``images``) sets
-    the approximation ranges and refuses values that would overflow the fixed-point encoding.
+    Party 0 (the owner) gets the weights, party 1 (the client) the images, and a third process deals the
+    multiplication triples (``provider='TTP'``); they run CrypTen over torch.distributed on loopback, and only
+    the client learns the logits, which are returned. Before any process starts, the model is checked
+    (unsupported modules are named), a plain-text calibration pass on the owner's ``calibration_images``
+    (default: the shipped Fashion-MNIST examples at the model's input size) sets the approximations' public
+    schedules and refuses values that would overflow the fixed-point encoding, and the images are checked
+    against the model's input bounds. ``model`` itself is not changed.
 
     Args:
         model: An ``mpcvit_*`` model or a timm ViT after ``convert_to_mpc`` (fixed head pattern).
-        images: ``(B, C, H, W)`` normalized images.
+        images: ``(B, C, H, W)`` images: pixels in [0, 1] normalized with the model's mean and std.
         settings: Approximation and protocol settings; timm-mpc's tuned defaults if None.
-        calibration_images: Images for the plain-text range pass.
+        calibration_images: The owner's images for the plain-text range pass.
+        clamp_images: Clamp image values outside the input bounds to them instead of refusing the images.
         return_result: Return a :class:`SecureResult` (logits, cost profile, plan) instead of the logits.
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
+        InputRangeError: images outside the model's input bounds (without ``clamp_images``).
         FixedPointRangeError: a value the fixed-point encoding cannot hold.
         SecureInferenceError: a party failed (the message says which and why).
     """
-    from .calibration import calibrate
-
     settings = settings or SecureSettings()
-    model = model.eval()
-    plan = build_plan(model)
-    check_images(plan, images)
-    plan['ranges'] = calibrate(model, images if calibration_images is None else calibration_images, settings)
+    plan = build_secure_plan(model, settings, calibration_images)
+    images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
+    settings.warn_if_insecure()
     state_dict = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if k in plan['params']}
-    result = run_local_parties(plan, state_dict, images.detach().cpu().float(), settings)
+    result = run_local_parties(plan, state_dict, images, settings)
     out = SecureResult(torch.from_numpy(result.logits), result.profile, plan, settings)
     return out if return_result else out.logits

@@ -1,25 +1,34 @@
-"""One party of the two-party protocol: the model owner (rank 0), the client (rank 1), or the dealer.
+"""One party of the two-party protocol: the model owner (rank 0), the client (rank 1), or the dealer (rank 2).
 
-The owner holds the weights and the plan, the client holds the images; they meet over
-torch.distributed (gloo) at a rendezvous address. The owner sends the plan (public architecture) to
-the client, both share their secrets, run the plan, and only the client learns the logits.
+The owner holds the weights and the plan, the client holds the images, and the dealer (CrypTen's trusted
+third party, ``provider='TTP'``) deals the multiplication triples; they meet over torch.distributed (gloo)
+at a rendezvous address. The owner sends the public plan to the client, the client checks its images
+against it before sharing anything, both share their secrets and run the plan, and the owner sends its
+share of the logits to the client alone, which adds the two shares. Every wait is bounded by the
+settings' timeout: the rendezvous by a watchdog, every message after it by the process groups' timeout.
 """
 import json
 import os
+import sys
+import threading
+import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch
 
 from .costs import CostMeter, CostProfile
 from .crypten_compat import import_crypten, set_process_group_timeout
-from .plan import PLAN_VERSION, check_images
+from .plan import check_image_tensor, check_images, validate_plan
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError']
+__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER']
 
-ROLES = {OWNER: 'owner', CLIENT: 'client'}
+DEALER = 2
+ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
 
 
 class PeerError(RuntimeError):
@@ -41,16 +50,44 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _init(rank: int, rendezvous: str, settings: SecureSettings, world_size: int = 2) -> Any:
-    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE=str(world_size), RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
+def _exit_with(message: str) -> None:
+    print(f'timm-mpc: error: {message}', file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], None]]) -> Iterator[None]:
+    """End this process with ``message`` if the block has not finished after ``seconds``.
+
+    torch.distributed's store handshake has no bound of its own against a peer that accepts a connection and
+    never answers (a suspended process, a silent listener), and a blocked C++ call cannot be interrupted from
+    Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why).
+    """
+    def expire() -> None:
+        (on_expiry or _exit_with)(message)
+        os._exit(2)
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _init(rank: int, rendezvous: str, settings: SecureSettings,
+          on_timeout: Optional[Callable[[str], None]] = None) -> Any:
+    """Meet the other party (and the dealer) within ``settings.timeout_s``; return the initialized ``crypten``."""
+    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
     set_process_group_timeout(settings.timeout_s)
     crypten = import_crypten()
     settings.apply(crypten)
-    try:
-        crypten.init()
-    except Exception as e:
-        raise PeerError(f'could not meet the other party at {rendezvous} within {settings.timeout_s:.0f} s '
-                        f'({type(e).__name__}: {_first_line(e)})') from e
+    others = 'the other party' + (' and the dealer' if settings.secure else '')
+    message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
+    with _watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
+        try:
+            crypten.init()
+        except Exception as e:
+            raise PeerError(f'{message} ({type(e).__name__}: {_first_line(e)})') from e
     return crypten
 
 
@@ -70,41 +107,94 @@ def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
     return json.loads(bytes(data.tolist()).decode())
 
 
+def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
+    """Open the secret-shared ``x`` to party ``dst`` only: the other party sends its share point to point.
+
+    CrypTen's ``get_plain_text(dst=...)`` goes through ``torch.distributed.reduce``, which gloo runs as a ring
+    reduce-scatter and gather: the non-receiving party keeps a fully reduced chunk (about half of the values).
+    """
+    share = x.share.contiguous()
+    if comm.get_rank() != dst:
+        comm.send(share, dst)
+        return None
+    return x.encoder.decode(share + comm.recv(torch.empty_like(share), src=1 - dst))
+
+
+def _meter_dealer(comm: Any) -> Dict[str, float]:
+    """Count the owner's exchanges with the dealer apart from the two parties' own traffic.
+
+    CrypTen's TTP client asks the dealer for each triple during the run and logs that traffic with the
+    parties'; here each request's rounds and bytes are taken out of the party's counters and tallied, with
+    the time the owner waited for it, as the dealer's (offline-phase) cost.
+    """
+    from crypten.mpc.provider.ttp_provider import TTPClient
+    client = TTPClient.get()
+    request = client.ttp_request
+    tally = dict(requests=0, bytes=0.0, time_s=0.0)
+
+    def metered(*args: Any, **kwargs: Any) -> Any:
+        rounds, sent, t0 = comm.comm_rounds, comm.comm_bytes, time.perf_counter()
+        try:
+            return request(*args, **kwargs)
+        finally:
+            tally['requests'] += 1
+            tally['bytes'] += comm.comm_bytes - sent
+            tally['time_s'] += time.perf_counter() - t0
+            comm.comm_rounds, comm.comm_bytes = rounds, sent
+
+    client.ttp_request = metered
+    return tally
+
+
+def _client_verdict(plan: Any, images: torch.Tensor, clamp: bool) -> Dict[str, Any]:
+    """The client's answer to the owner's plan: accepted with the batch size, or refused with the reason."""
+    try:
+        validate_plan(plan)
+        images = check_images(plan, images, clamp=clamp)
+    except (ValueError, TypeError, KeyError) as e:
+        return dict(accepted=False, reason=f'{type(e).__name__}: {e}')
+    return dict(accepted=True, batch=int(images.shape[0]), images=images)
+
+
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Dict[str, Any]],
-         state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor],
-         log: Optional[Callable[[str], None]] = None) -> PartyResult:
-    crypten = _init(rank, rendezvous, settings)
+         state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
+         log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+    crypten = _init(rank, rendezvous, settings, on_timeout)
+    comm = crypten.communicator.get()
     if log is not None:
         log(f'{ROLES[rank]}: connected to the other party; running the protocol')
     try:
+        dealer = _meter_dealer(comm) if settings.secure and rank == OWNER else None
         # settings must agree, or the parties would compute different things
         owner_settings = _exchange_json(crypten, settings.to_dict() if rank == OWNER else None, OWNER)
         own = settings.to_dict()
-        differ = {k: (owner_settings[k], own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
+        differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
         if differ:
             raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
         plan = _exchange_json(crypten, plan, OWNER)
-        if plan.get('version') != PLAN_VERSION:
-            raise PeerError(f'plan version {plan.get("version")} from the owner; this timm-mpc reads {PLAN_VERSION}')
-        if rank == CLIENT:
-            check_images(plan, images)
-        batch = _exchange_json(crypten, images.shape[0] if rank == CLIENT else None, CLIENT)
+        verdict = _client_verdict(plan, images, clamp) if rank == CLIENT else None
+        answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'images'},
+                                CLIENT)
+        if not answer['accepted']:
+            if rank == CLIENT:
+                raise ValueError(f'the client refused the owner\'s plan before sharing anything: {answer["reason"]}')
+            raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
-        meter = CostMeter(crypten.communicator.get())
+        meter = CostMeter(comm)
         program = SecureViT(plan, settings, meter, state_dict)
-        patches = program.share_images(images, batch)
+        patches = program.share_images(verdict['images'] if rank == CLIENT else None, answer['batch'])
         with meter.inference():
             logits = program.forward(patches)
             with meter.section('head', 'reveal'):
-                plain = logits.get_plain_text(dst=CLIENT)
+                plain = reveal_to(logits, CLIENT, comm)
         profile = meter.profile
-        # each party counted only what it sent: add the other party's bytes
-        mine = [[r.bytes for r in profile.rows], [r.bytes for r in profile.setup]]
-        owner_bytes = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
-        client_bytes = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
-        other = client_bytes if rank == OWNER else owner_bytes
-        profile = CostProfile.merge_parties(profile, other[0], other[1])
-        return PartyResult(rank, plain if rank == CLIENT else None, profile, plan)
+        # each party counted only what it sent: add the other party's bytes; the owner tells the dealer's cost
+        mine = dict(rows=[r.bytes for r in profile.rows], setup=[r.bytes for r in profile.setup], dealer=dealer)
+        owner_part = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
+        client_part = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
+        other = client_part if rank == OWNER else owner_part
+        profile = CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'])
+        return PartyResult(rank, plain, profile, plan)
     except RuntimeError as e:
         if isinstance(e, PeerError):
             raise
@@ -120,21 +210,40 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
 
 
 def run_owner(rendezvous: str, plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
-              settings: SecureSettings, log: Optional[Callable[[str], None]] = None) -> PartyResult:
-    """Run party 0, the model owner: contributes the weights, learns nothing but the costs."""
-    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log)
+              settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
+              on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+    """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs.
+
+    ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
+    line on stderr); the process then exits with code 2.
+    """
+    validate_plan(plan)
+    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
-               log: Optional[Callable[[str], None]] = None) -> PartyResult:
-    """Run party 1, the client: contributes the images and alone receives the logits."""
-    return _run(CLIENT, rendezvous, settings, None, None, images, log)
+               log: Optional[Callable[[str], None]] = None, clamp: bool = False,
+               on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+    """Run party 1, the client: contributes the images and alone receives the logits.
+
+    The images are checked before connecting (a finite float tensor of four dimensions) and against the
+    owner's plan (shape, public input bounds) before anything is shared; with ``clamp`` values outside the
+    bounds are clamped to them instead of refused.
+    """
+    check_image_tensor(images)
+    return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
+                on_timeout=on_timeout)
 
 
-def run_dealer(rendezvous: str, settings: SecureSettings) -> None:
-    """Run the trusted third party that deals multiplication triples (``provider='TTP'``), rank 2."""
-    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK='2', DISTRIBUTED_BACKEND='gloo')
-    set_process_group_timeout(settings.timeout_s)
-    crypten = import_crypten()
-    settings.apply(crypten)
-    crypten.mpc.provider.TTPServer()
+def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:
+    """Run the dealer of multiplication triples (``provider='TTP'``), rank 2, until the owner is done.
+
+    The dealer must be neither party: it knows every triple, so together with either party it would open
+    the other party's inputs. It sees only the sizes of the triples it is asked for.
+    """
+    if not settings.secure:
+        raise ValueError(f'the dealer (rank 2) serves provider TTP; these settings use {settings.provider}')
+    crypten = _init(DEALER, rendezvous, settings, on_timeout)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # the server calls crypten.init() again: a no-op
+        crypten.mpc.provider.TTPServer()  # serves triples until the owner says it is done

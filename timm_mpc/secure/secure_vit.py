@@ -49,22 +49,12 @@ class SecureViT:
     def w(self, name: str) -> Optional[Any]:
         return self.weights.get(name)
 
-    def _schedule(self, low: Optional[float], high: Optional[float], domain: Dict[int, Tuple[float, float]],
-                  default_iters: int) -> Tuple[float, int]:
-        """Input scale and Newton iterations for values in ``[low, high]``; CrypTen's fixed choice
-        when range scaling is off or the range is unknown."""
-        if not self.settings.range_scaling or high is None:
-            return 1.0, default_iters
-        return ops.newton_schedule(low, high, domain, min(domain))
-
     def _layer_norm(self, x, name: str, spec: Optional[Dict[str, Any]]):
         if spec is None:
             return x
-        r = self.plan['ranges'].get(name, {})
-        scale, iters = self._schedule(r.get('var_min'), r.get('var_max'), ops.INV_SQRT_DOMAIN,
-                                      self.settings.sqrt_nr_iters)
+        schedule = self.plan['schedules'][name]
         return ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec['eps'], self.settings,
-                              scale, iters)
+                              schedule['scale'], schedule['iters'])
 
     def share_images(self, images: Optional[torch.Tensor], batch: int):
         """Secret-share the client's images as patch rows (the owner passes None and the batch size)."""
@@ -144,7 +134,7 @@ class SecureViT:
             index = torch.tensor(heads)
             qh, kh, vh = (t if len(heads) == H else t.index_select(1, index) for t in (q, k, v))
             with m.section(layer, kind):
-                outputs.append(self._heads(qh, kh, vh, kind, N, spec, f'{name}.{kind}'))
+                outputs.append(self._heads(qh, kh, vh, kind, N, spec, self.plan['schedules'].get(f'{name}.{kind}')))
             order += heads
         with m.section(layer, 'linear'):
             out = outputs[0] if len(outputs) == 1 else crypten.cat(outputs, dim=1)
@@ -153,8 +143,9 @@ class SecureViT:
             out = out.transpose(1, 2).reshape(B, N, H * hd)
             return ops.linear(out, self.w(f'{name}.proj.weight'), self.w(f'{name}.proj.bias'))
 
-    def _heads(self, q, k, v, kind: str, N: int, spec: Dict[str, Any], range_key: str):
-        """Attention output ``weights(q·kᵀ·scale) @ v`` for heads that all use ``kind``."""
+    def _heads(self, q, k, v, kind: str, N: int, spec: Dict[str, Any], schedule: Optional[Dict[str, Any]]):
+        """Attention output ``weights(q·kᵀ·scale) @ v`` for heads that all use ``kind`` (``schedule``: the
+        plan's reciprocal scale and iterations for the kinds that divide)."""
         scale = spec['scale']
         if kind == 'scaling':
             hd = q.size(-1)
@@ -162,19 +153,15 @@ class SecureViT:
                 return q.matmul(k.transpose(-2, -1).matmul(v)).mul(scale / N)
             return q.mul(scale / N).matmul(k.transpose(-2, -1)).matmul(v)
         scores = q.mul(scale).matmul(k.transpose(-2, -1))
-        r = self.plan['ranges'].get(range_key, {})
-        if kind == 'softmax':  # the sum of exp(s - max) lies in [1, N]
-            div_scale, iters = self._schedule(1.0, float(N), ops.RECIPROCAL_DOMAIN, self.settings.reciprocal_nr_iters)
-            return ops.softmax(scores, iters, div_scale).matmul(v)
+        if kind == 'softmax':
+            return ops.softmax(scores, schedule['iters'], schedule['scale']).matmul(v)
         if kind == 'relu_softmax':
             numer = scores.relu()
             denom = numer.sum(-1, keepdim=True) + spec['relu_eps']
         else:  # 2quad
             numer = (scores + spec['quad_c']).square()
             denom = numer.sum(-1, keepdim=True)
-        div_scale, iters = self._schedule(r.get('denom_min'), r.get('denom_max'), ops.RECIPROCAL_DOMAIN,
-                                          self.settings.reciprocal_nr_iters)
-        weights = numer * ops.reciprocal(denom, iters, div_scale)
+        weights = numer * ops.reciprocal(denom, schedule['iters'], schedule['scale'])
         return weights.matmul(v)
 
     def _mlp(self, x, name: str, spec: Dict[str, Any]):

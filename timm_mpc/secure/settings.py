@@ -1,11 +1,22 @@
 """Fixed-point and approximation settings of the secure computation, applied to CrypTen's config."""
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict
 
-__all__ = ['SecureSettings', 'PROVIDERS', 'GELU_METHODS']
+__all__ = ['SecureSettings', 'PROVIDERS', 'GELU_METHODS', 'InsecureSettingWarning', 'INSECURE_PROVIDER']
 
-PROVIDERS = ('TFP', 'TTP')
-"""Where Beaver multiplication triples come from: CrypTen's trusted first party, or a third process."""
+INSECURE_PROVIDER = 'TFP_INSECURE'
+PROVIDERS = ('TTP', INSECURE_PROVIDER)
+"""Where Beaver multiplication triples come from: ``TTP``, a dealer process that is neither party (the
+default), or ``TFP_INSECURE``, CrypTen's trusted first party: the model owner deals its own triples and so
+can open every value the client shares (benchmarks of the protocol's cost only)."""
+
+
+class InsecureSettingWarning(UserWarning):
+    """A secure computation runs in a setting that gives the model owner the client's data."""
+
+
+warnings.simplefilter('always', InsecureSettingWarning)  # on every run, not once per session
 
 GELU_METHODS = ('exp_fit', 'erf')
 """Secure exact-GeLU algorithms: ``exp_fit`` (ReLU minus a fitted Gaussian tail) or CrypTen's Taylor ``erf``."""
@@ -31,6 +42,8 @@ class SecureSettings:
             from the plan's calibrated ranges, and run only the Newton iterations that range needs; off, every
             call runs ``sqrt_nr_iters`` / ``reciprocal_nr_iters`` iterations on unscaled inputs (CrypTen).
         batch_independent: Merge independent multiplications into one round where the algorithm allows.
+        range_margin: Headroom of the Newton schedules beyond the ranges calibrated on the owner's images:
+            they cover ``[low / margin, high * margin]``, since the client's images are not the owner's.
         provider: Source of multiplication triples, one of :data:`PROVIDERS`.
         timeout_s: Bound on any wait for the other party (rendezvous included), in seconds.
     """
@@ -44,16 +57,35 @@ class SecureSettings:
     erf_iterations: int = 8
     range_scaling: bool = True
     batch_independent: bool = True
-    provider: str = 'TFP'
+    range_margin: float = 4.0
+    provider: str = 'TTP'
     timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.provider == 'TFP':
+            raise ValueError(f"provider 'TFP' makes the model owner the dealer of its own multiplication triples, "
+                             f"which lets it open the client's image; use 'TTP' (a dealer process outside both "
+                             f"parties), or {INSECURE_PROVIDER!r} to measure the protocol's cost only")
         if self.provider not in PROVIDERS:
             raise ValueError(f'unknown provider {self.provider!r}; accepted: {list(PROVIDERS)}')
+        if not self.range_margin >= 1:
+            raise ValueError(f'range_margin must be at least 1, got {self.range_margin}')
         if self.gelu not in GELU_METHODS:
             raise ValueError(f'unknown gelu method {self.gelu!r}; accepted: {list(GELU_METHODS)}')
         if self.timeout_s <= 0:
             raise ValueError(f'timeout_s must be positive, got {self.timeout_s}')
+
+    @property
+    def secure(self) -> bool:
+        """False for the owner-as-dealer benchmark setting, which gives the owner the client's data."""
+        return self.provider != INSECURE_PROVIDER
+
+    def warn_if_insecure(self) -> None:
+        """Warn (on every run) that the owner-as-dealer setting is not private."""
+        if not self.secure:
+            warnings.warn(f'provider {INSECURE_PROVIDER}: the model owner deals its own multiplication triples and '
+                          f'can open the client\'s image and logits; use it to measure cost only, never on real data',
+                          InsecureSettingWarning, stacklevel=3)
 
     @classmethod
     def crypten_defaults(cls, **overrides: Any) -> 'SecureSettings':
@@ -80,5 +112,5 @@ class SecureSettings:
         cfg.functions.sqrt_nr_iters = self.sqrt_nr_iters
         cfg.functions.max_method = self.max_method
         cfg.functions.erf_iterations = self.erf_iterations
-        cfg.mpc.provider = self.provider
+        cfg.mpc.provider = 'TTP' if self.secure else 'TFP'
         cfg.communicator.verbose = True  # count rounds and bytes

@@ -12,6 +12,7 @@ from typing import Any, Dict
 import timm
 import torch
 
+from ..utils import parse_json
 from .config import RunConfig
 
 __all__ = ['add_training_commands']
@@ -19,13 +20,13 @@ __all__ = ['add_training_commands']
 _DEFAULTS = RunConfig()
 
 
-def _json_or_text(text: str) -> Any:
-    return json.loads(text) if text.strip().startswith(('[', '{')) else text
+def _json_or_text(text: str, what: str) -> Any:
+    return parse_json(text, what) if text.strip().startswith(('[', '{')) else text
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
     values: Dict[str, Any] = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    values['model_kwargs'] = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    values['model_kwargs'] = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     if values.get('auto_augment') == 'none':
         values['auto_augment'] = None
     if 'scale' in values:
@@ -36,8 +37,8 @@ def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
 
 def _train(args: argparse.Namespace) -> int:
     from .engine import train_model
-    cfg = _config(args, attn_pattern=_json_or_text(args.attn_pattern),
-                  gelu_pattern=_json_or_text(args.gelu_pattern) if args.gelu_pattern else None)
+    cfg = _config(args, attn_pattern=_json_or_text(args.attn_pattern, '--attn-pattern'),
+                  gelu_pattern=_json_or_text(args.gelu_pattern, '--gelu-pattern') if args.gelu_pattern else None)
     record = train_model(cfg, 'train')
     return _report(record, cfg)
 
@@ -112,7 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import build_dataset, build_loader
     from .engine import evaluate, model_summary
     from timm.data import resolve_data_config
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     if args.checkpoint:
         kwargs.update(attn_pattern='softmax', pretrained_cfg_overlay=dict(file=args.checkpoint))
     model = timm.create_model(args.model, pretrained=True, **kwargs).eval()

@@ -269,7 +269,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     start_epoch = 0
     last = out / 'last.pth.tar'
     if cfg.resume and last.is_file():
-        start_epoch = resume_checkpoint(model, str(last), optimizer, scaler, log_info=False) or 0
+        start_epoch = resume_checkpoint(model, str(last), optimizer, scaler, log_info=False, weights_only=True) or 0
         if (out / 'run.json').is_file():
             record['history'] = json.loads((out / 'run.json').read_text()).get('history', [])[:start_epoch]
     if start_epoch:

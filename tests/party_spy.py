@@ -1,0 +1,225 @@
+"""A semi-honest party's view, recorded from inside its own process, and what an attacker makes of it.
+
+:func:`record_view` instruments the process it runs in before the party starts. The party runs
+unchanged and sends every message as it would; the instrumentation only keeps a copy of every value the
+process holds: every tensor it sends or receives and every collective buffer after the collective
+(``torch.distributed``), every random ring element it draws (its masks, its pseudo-random zero shares
+and the triples a dealer's seed lets it draw, or the triples it deals itself) and every share it assigns
+to a secret-shared tensor. :func:`best_reconstruction` and :func:`recovered_values` are the attacks.
+"""
+import sys
+from typing import Callable, Iterable, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+SCALE = 2.0 ** 16  # CrypTen's fixed-point scale with 16 fractional bits
+
+_DIST_OPS = ('send', 'recv', 'isend', 'irecv', 'broadcast', 'all_reduce', 'reduce', 'all_gather', 'gather',
+             'scatter', 'reduce_scatter')
+_RNG = ('generate_random_ring_element', 'generate_kbit_random_tensor')
+
+
+class View:
+    """Every int64 value a party's process held (as flat copies), for the attacker to search."""
+
+    def __init__(self) -> None:
+        self.records: List[torch.Tensor] = []
+
+    def add(self, value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.int64 and value.numel():
+                self.records.append(value.detach().flatten().clone())
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                self.add(v)
+
+
+class _RecordOnWait:
+    """A non-blocking operation's handle: the buffers are recorded once the operation has completed."""
+
+    def __init__(self, work, view: View, buffers: list) -> None:
+        self._work, self._view, self._buffers = work, view, buffers
+
+    def wait(self, *args, **kwargs):
+        done = self._work.wait(*args, **kwargs)
+        self._view.add(self._buffers)
+        return done
+
+    def __getattr__(self, name: str):
+        return getattr(self._work, name)
+
+
+def _wrap_dist(view: View, name: str) -> None:
+    original = getattr(dist, name)
+
+    def spied(*args, **kwargs):
+        result = original(*args, **kwargs)
+        buffers = list(args) + list(kwargs.values())
+        if result is not None and hasattr(result, 'wait'):  # isend, irecv, async_op=True
+            return _RecordOnWait(result, view, buffers)
+        view.add(buffers)
+        return result
+    setattr(dist, name, spied)
+
+
+def _wrap_rng(view: View, name: str) -> None:
+    import crypten.common.rng as rng
+    original = getattr(rng, name)
+
+    def spied(*args, **kwargs):
+        value = original(*args, **kwargs)
+        view.add(value)
+        return value
+    for module in list(sys.modules.values()):  # crypten's modules import the functions by name
+        if getattr(module, '__name__', '').startswith('crypten') and getattr(module, name, None) is original:
+            setattr(module, name, spied)
+
+
+def _wrap_share(view: View, cls: type) -> None:
+    prop = cls.share
+
+    def setter(self, value):
+        view.add(value)
+        prop.fset(self, value)
+    cls.share = property(prop.fget, setter)
+
+
+def record_view() -> View:
+    """Instrument this process (before its party starts) and return the view that fills as it runs."""
+    from timm_mpc.secure.crypten_compat import import_crypten
+    import_crypten()
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
+    view = View()
+    for name in _DIST_OPS:
+        _wrap_dist(view, name)
+    for name in _RNG:
+        _wrap_rng(view, name)
+    for cls in (ArithmeticSharedTensor, BinarySharedTensor):
+        _wrap_share(view, cls)
+    return view
+
+
+def _decode(values: torch.Tensor) -> torch.Tensor:
+    return values.double() / SCALE
+
+
+def _combinations(candidates: Sequence[torch.Tensor], chunk: int = 256) -> Iterable[torch.Tensor]:
+    """Each candidate, and the sum and difference (in the ring, mod 2^64) of every pair, in chunks."""
+    stack = torch.stack(list(candidates))
+    yield stack
+    for i in range(len(candidates)):
+        rest = stack[i + 1:]
+        for j in range(0, rest.shape[0], chunk):
+            part = rest[j:j + chunk]
+            yield torch.cat([part + stack[i], part - stack[i], stack[i] - part])
+
+
+def _candidates(view: Sequence[torch.Tensor], numel: int) -> List[torch.Tensor]:
+    unique = {}
+    for t in view:
+        if t.numel() == numel:
+            unique.setdefault(hash(t.numpy().tobytes()), t)
+    return list(unique.values())
+
+
+def best_reconstruction(view: Sequence[torch.Tensor], secret: torch.Tensor,
+                        transform: Callable[[torch.Tensor], torch.Tensor] = None, source_numel: int = None) -> float:
+    """The best |correlation| (the square root of an affine fit's R²) between ``secret`` and what the view
+    gives: any recorded tensor, or the sum or difference of any two, decoded as fixed point and, with
+    ``transform``, mapped by the attacker's own computation (e.g. its own weights)."""
+    target = secret.flatten().double()
+    target = (target - target.mean()) / target.std()
+    numel = source_numel or target.numel()
+    candidates = _candidates(view, numel)
+    best = 0.0
+    if not candidates:
+        return best
+    for combo in _combinations(candidates):
+        x = _decode(combo)
+        if transform is not None:
+            x = transform(x)
+        x = x - x.mean(1, keepdim=True)
+        norm = x.norm(dim=1)
+        corr = (x @ target) / (norm * (target.numel() - 1) ** 0.5)
+        corr = torch.nan_to_num(corr.abs(), nan=0.0)  # a constant combination says nothing
+        best = max(best, float(corr.max()))
+    return best
+
+
+def recovered_values(view: Sequence[torch.Tensor], secret: torch.Tensor, tolerance: float,
+                     transform: Callable[[torch.Tensor], torch.Tensor] = None, source_numel: int = None) -> float:
+    """The largest fraction of ``secret``'s values that one reconstruction (as in :func:`best_reconstruction`)
+    gives within ``tolerance``."""
+    target = secret.flatten().double()
+    best = 0.0
+    candidates = _candidates(view, source_numel or target.numel())
+    for combo in (_combinations(candidates) if candidates else []):
+        x = _decode(combo)
+        if transform is not None:
+            x = transform(x)
+        best = max(best, float(((x - target).abs() < tolerance).double().mean(1).max()))
+    return best
+
+
+def held_values(view: Sequence[torch.Tensor], secret: torch.Tensor) -> float:
+    """The fraction of ``secret``'s values (as decoded by the receiving party, so exactly encodable) that the
+    view holds, encoded, in their own layout: two or more of them in one recorded tensor at positions as far
+    apart as in ``secret`` (a collective's buffer left with revealed values holds a slice of the tensor).
+
+    A single encoded value found somewhere proves nothing: the owner's own random draws include small
+    integers (e.g. CrypTen's random tie-breaking in ``max`` draws 16-bit values) that equal a small
+    encoded logit by chance."""
+    encoded = torch.round(secret.flatten().double() * SCALE).long()
+    held = torch.zeros(encoded.numel(), dtype=torch.bool)
+    for t in view:
+        if int(torch.isin(t, encoded).sum()) < 2:
+            continue
+        where, which = (t.unsqueeze(1) == encoded.unsqueeze(0)).nonzero(as_tuple=True)
+        offsets, counts = torch.unique(where - which, return_counts=True)
+        for offset in offsets[counts >= 2]:
+            held[which[(where - which) == offset]] = True
+    return float(held.double().mean())
+
+
+def run_spied_parties(plan: dict, state_dict: dict, images: torch.Tensor, settings: dict, out_dir: str,
+                      timeout: float = 180) -> None:
+    """Run the real owner (recording its view), client and, for TTP, dealer as three processes; the owner's view
+    goes to ``out_dir/owner_view.pt``, the client's logits to ``out_dir/client_logits.pt``."""
+    import torch.multiprocessing as mp
+
+    from timm_mpc.secure.launch import free_port
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    ctx = mp.get_context('spawn')
+    procs = [ctx.Process(target=_spied_owner, args=(rendezvous, plan, state_dict, settings, out_dir)),
+             ctx.Process(target=_client, args=(rendezvous, images, settings, out_dir))]
+    if settings['provider'] == 'TTP':
+        procs.append(ctx.Process(target=_dealer, args=(rendezvous, settings)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * len(procs), [p.exitcode for p in procs]
+
+
+def _spied_owner(rendezvous, plan, state_dict, settings, out_dir):
+    from timm_mpc.secure import SecureSettings, run_owner
+    torch.set_num_threads(1)
+    view = record_view()
+    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings))
+    torch.save(view.records, f'{out_dir}/owner_view.pt')
+
+
+def _client(rendezvous, images, settings, out_dir):
+    from timm_mpc.secure import SecureSettings, run_client
+    torch.set_num_threads(1)
+    result = run_client(rendezvous, images, SecureSettings.from_dict(settings))
+    torch.save(result.logits, f'{out_dir}/client_logits.pt')
+
+
+def _dealer(rendezvous, settings):
+    from timm_mpc.secure import SecureSettings, run_dealer
+    torch.set_num_threads(1)
+    run_dealer(rendezvous, SecureSettings.from_dict(settings))

@@ -119,6 +119,18 @@ def test_unpublishable_models_are_refused_before_writing(tmp_path, make, match):
     assert not (tmp_path / 'out').exists() and not list(tmp_path.iterdir())
 
 
+def test_a_folder_in_the_way_is_refused_before_anything_is_written(tmp_path):
+    folder = save_for_hub(_mpcvit(), tmp_path / 'repo', 'me/mpcvit_tiny.x')
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    (folder / 'README.md').unlink()
+    (folder / 'README.md').mkdir()
+    with pytest.raises(ValueError, match=r'README.md is in the way'):
+        save_for_hub(_mpcvit(gelu=True), folder, 'me/mpcvit_tiny.x')
+    after = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    assert after == {k: v for k, v in before.items() if k != 'README.md'}  # nothing new beside the old files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['repo']  # and no temporary folder left
+
+
 def test_bad_repo_ids_and_missing_token(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match='ORG/NAME'):
         publish(_mpcvit(), 'no-org', dry_run_dir=tmp_path / 'x')

@@ -126,13 +126,44 @@ def test_plan_refuses_unsupported_models_naming_the_module():
 
 
 def test_images_are_checked_before_any_protocol():
+    from timm_mpc.secure import InputRangeError
     plan = build_plan(timm.create_model('mpcvit_tiny', attn_pattern='scaling'))
+    low, high = plan['input_bounds'][0]
+    assert low == pytest.approx(-0.286 / 0.353) and high == pytest.approx(0.714 / 0.353)  # pixels 0 and 1
+    images = (torch.rand(2, 3, 32, 32) - 0.286) / 0.353
+    assert check_images(plan, images) is images
+    for factor in (10, 1e6):
+        with pytest.raises(InputRangeError, match=r"channel 0 has values in .* accepted \[-0.81.*, 2.02.*\].*clamp"):
+            check_images(plan, images * factor)
+    clamped = check_images(plan, images * 1e6, clamp=True)
+    assert clamped.min() == pytest.approx(low) and clamped.max() == pytest.approx(high)
     with pytest.raises(ValueError, match=r'shape \(batch, 3, 32, 32\); got \(2, 3, 28, 28\)'):
         check_images(plan, torch.zeros(2, 3, 28, 28))
     with pytest.raises(ValueError, match='floating-point'):
         check_images(plan, torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match='NaN'):
         check_images(plan, torch.full((1, 3, 32, 32), float('nan')))
+
+
+def test_the_public_plan_holds_schedules_not_statistics_and_refuses_what_it_does_not_know():
+    import json
+    from timm_mpc.secure import build_secure_plan
+    from timm_mpc.secure.plan import PLAN_VERSION, validate_plan
+    model = timm.create_model('mpcvit_tiny', depth=2, img_size=16, attn_pattern=[['relu_softmax', '2quad', 'softmax',
+                                                                                   'scaling']] * 2, act_layer='gelu')
+    plan = build_secure_plan(model, SecureSettings())
+    assert 'ranges' not in plan and validate_plan(json.loads(json.dumps(plan))) == plan
+    assert set(plan['schedules']) == {'norm', 'blocks.0.norm1', 'blocks.0.norm2', 'blocks.1.norm1', 'blocks.1.norm2',
+                                      'blocks.0.mlp.act', 'blocks.1.mlp.act', *(f'blocks.{i}.attn.{k}' for i in (0, 1)
+                                                                                for k in ('relu_softmax', '2quad', 'softmax'))}
+    for schedule in plan['schedules'].values():  # a power of 4 and an iteration count: no measured value
+        assert set(schedule) == {'scale', 'iters'} and isinstance(schedule['iters'], int)
+        assert math.log(schedule['scale'], 4) == round(math.log(schedule['scale'], 4))
+    assert plan['schedules']['blocks.0.mlp.act']['iters'] >= 8  # timm's GELU (act_layer='gelu') is calibrated too
+    with pytest.raises(ValueError, match=f'plan version 1; this timm-mpc reads version {PLAN_VERSION}'):
+        validate_plan({**plan, 'version': 1})
+    with pytest.raises(ValueError, match=r"unknown \['ranges'\]"):
+        validate_plan({**plan, 'ranges': {}})
 
 
 def test_calibration_refuses_values_that_would_overflow():

@@ -56,8 +56,7 @@ def _load_source(args: argparse.Namespace) -> nn.Module:
 
 def _publish(args: argparse.Namespace) -> int:
     from .publish import publish
-    model = _load_source(args).eval()
-    results: Dict[str, Any] = {}
+    results: Dict[str, Any] = {}  # the small files first: a malformed one stops before the model loads
     kept = Path(args.source) / 'results.json'
     results_file = args.results or (str(kept) if kept.is_file() else None)  # a published folder keeps its figures
     if results_file:
@@ -65,6 +64,7 @@ def _publish(args: argparse.Namespace) -> int:
         results.update({k: measured[k] for k in ('plain', 'secure', 'machine', 'training') if k in measured})
     if args.run:
         results['training'] = training_summary(read_json(args.run, '--run file'), args.run)
+    model = _load_source(args).eval()
     where = publish(model, args.repo, results=results, dry_run_dir=args.dry_run, private=args.private)
     print(f'{args.repo}: {"wrote" if args.dry_run else "uploaded"} {where}')
     return 0

@@ -97,6 +97,13 @@ def save_for_hub(
         ValueError: a model that cannot be rebuilt from a config, or labels that do not fit it.
     """
     directory = Path(directory)
+    blocked = [str(p) for p in [directory] if p.exists() and not p.is_dir()]
+    blocked += [str(directory / name) for name in HUB_FILES
+                if (directory / name).exists() and not (directory / name).is_file() or (directory / name).is_symlink()]
+    if blocked:  # checked first, so that a failed move cannot leave new files beside old ones
+        raise ValueError(f'cannot write the repository folder {directory}: {", ".join(blocked)} '
+                         f'{"is" if len(blocked) == 1 else "are"} in the way (accepted: an absent or regular file '
+                         f'for each of {list(HUB_FILES)} in a folder)')
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.', dir=directory.parent))
     try:

@@ -136,7 +136,7 @@ class MPCViT(VisionTransformer):
     ) -> None:
         """
         Args:
-            attn_pattern: One kind (or ``'search'``) for all heads, or one entry per layer: a kind,
+            attn_pattern: One kind (or ``'search'``, the default) for all heads, or one entry per layer: a kind,
                 ``'search'``, or a list with one kind per head. Kinds: ``softmax``, ``relu_softmax``,
                 ``scaling``, ``2quad``.
             gelu_pattern: None for plain GeLU MLPs; else MPCViT+ linearization: ``'gelu'``, ``'linear'``,

@@ -7,16 +7,16 @@ the owner: only the public scale and iteration count derived from each go into t
 (:func:`timm_mpc.secure.plan.public_schedules`); values the encoding cannot hold are refused with
 :class:`FixedPointRangeError`.
 """
-import math
 from collections import defaultdict
 from typing import Any, Dict, List
 
 import torch
+from timm.layers import GELU
 from torch import nn
 
 from ..layers.head_kinds import HeadKinds
 from ..utils import inference_pass
-from .ops import GELU_TAIL_A, GELU_TAIL_B
+from .ops import GELU_MAX_EXP_ITERATIONS, gelu_bound, gelu_exp_iterations
 from .settings import SecureSettings
 
 __all__ = ['calibrate', 'FixedPointRangeError', 'product_limit']
@@ -92,7 +92,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             hooks.append(module.register_forward_pre_hook(layer_norm_hook(name)))
         elif isinstance(module, HeadKinds):
             hooks.append(module.register_forward_pre_hook(scores_hook(name.rsplit('.', 1)[0])))
-        elif isinstance(module, nn.GELU):
+        elif isinstance(module, (nn.GELU, GELU)):
             hooks.append(module.register_forward_pre_hook(act_hook(name)))
         elif isinstance(module, (nn.Linear, nn.Conv2d)):
             hooks.append(module.register_forward_hook(output_hook(name)))
@@ -111,13 +111,9 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             f'{name} reaches {value:.3g}, beyond the {limit:.3g} that products hold with '
             f'{settings.precision_bits} fractional bits in a 64-bit ring ({len(over)} value(s) too large); '
             f'lower precision_bits or rescale the model')
-    exp_domain = 2.0 ** settings.gelu_exp_iterations  # the limit exp needs 1 + z / 2^k > 0
     for name, r in ranges.items():
-        if 'abs_max' in r and settings.gelu == 'exp_fit':
-            x = r['abs_max']
-            if GELU_TAIL_A * x + GELU_TAIL_B * x * x >= exp_domain:
-                bound = (-GELU_TAIL_A + math.sqrt(GELU_TAIL_A ** 2 + 4 * GELU_TAIL_B * exp_domain)) / (2 * GELU_TAIL_B)
-                raise FixedPointRangeError(
-                    f'{name}: GeLU inputs reach {x:.3g}, beyond the ±{bound:.3g} of the secure GeLU with '
-                    f'gelu_exp_iterations={settings.gelu_exp_iterations}; raise gelu_exp_iterations')
+        if 'abs_max' in r and settings.gelu == 'exp_fit' and gelu_exp_iterations(r['abs_max'], 0) is None:
+            raise FixedPointRangeError(
+                f'{name}: GeLU inputs reach {r["abs_max"]:.3g}, beyond the ±{gelu_bound(GELU_MAX_EXP_ITERATIONS):.3g} '
+                f'that the secure GeLU covers with its most squarings ({GELU_MAX_EXP_ITERATIONS}); rescale the model')
     return dict(ranges)

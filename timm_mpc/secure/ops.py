@@ -10,14 +10,31 @@ from .settings import SecureSettings
 
 __all__ = [
     'linear', 'layer_norm', 'inv_sqrt', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'newton_schedule',
-    'INV_SQRT_DOMAIN', 'RECIPROCAL_DOMAIN',
-    'GELU_TAIL_A', 'GELU_TAIL_B',
+    'gelu_exp_iterations', 'gelu_bound', 'INV_SQRT_DOMAIN', 'RECIPROCAL_DOMAIN',
+    'GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS',
 ]
 
 # GELU(x) = relu(x) - |x| * Phi(-|x|), and |x| * Phi(-|x|) ≈ 0.5 |x| exp(-A |x| - B x²): a two-parameter
 # minimax fit of the Gaussian tail on [0, 12] (max error 7.8e-4; 1.5e-3 with an 8-squaring exp).
 GELU_TAIL_A = 0.76079453
 GELU_TAIL_B = 0.39000894
+GELU_MAX_EXP_ITERATIONS = 12  # beyond, 1 + z / 2^k loses the exponent's precision in 16 fractional bits
+
+
+def gelu_bound(exp_iterations: int) -> float:
+    """Largest |x| whose Gaussian-tail exponent ``-A|x| - Bx²`` the limit exp with ``exp_iterations`` squarings
+    takes (it needs ``1 + z / 2^k > 0``)."""
+    domain = 2.0 ** exp_iterations
+    return (-GELU_TAIL_A + math.sqrt(GELU_TAIL_A ** 2 + 4 * GELU_TAIL_B * domain)) / (2 * GELU_TAIL_B)
+
+
+def gelu_exp_iterations(abs_max: float, min_iters: int) -> Optional[int]:
+    """The fewest squarings (at least ``min_iters``) under which secure GeLU covers inputs up to ``abs_max``,
+    or None beyond :data:`GELU_MAX_EXP_ITERATIONS`."""
+    for iters in range(min_iters, GELU_MAX_EXP_ITERATIONS + 1):
+        if abs_max < gelu_bound(iters):
+            return iters
+    return None
 
 
 def _crypten() -> Any:
@@ -127,8 +144,9 @@ def quad_gelu(x, settings: Optional[SecureSettings] = None):
     return x.square().mul(0.125) + x.mul(0.5) + 0.25
 
 
-def gelu(x, settings: SecureSettings):
-    """Exact (erf) GeLU, securely: ``exp_fit`` (default) or CrypTen's Taylor ``erf``."""
+def gelu(x, settings: SecureSettings, exp_iterations: Optional[int] = None):
+    """Exact (erf) GeLU, securely: ``exp_fit`` (default; ``exp_iterations`` squarings of its exp, by default
+    ``settings.gelu_exp_iterations``) or CrypTen's Taylor ``erf``."""
     if settings.gelu == 'erf':
         crypten = _crypten()
         with crypten.cfg.temp_override({'functions.erf_iterations': settings.erf_iterations}):
@@ -142,6 +160,6 @@ def gelu(x, settings: SecureSettings):
     abs_x = relu_x.mul(2) - x
     exponent = abs_x.mul(-GELU_TAIL_A) - square.mul(GELU_TAIL_B)
     crypten = _crypten()
-    with crypten.cfg.temp_override({'functions.exp_iterations': settings.gelu_exp_iterations}):
+    with crypten.cfg.temp_override({'functions.exp_iterations': exp_iterations or settings.gelu_exp_iterations}):
         tail = abs_x * exponent.exp()
     return relu_x - tail.mul(0.5)

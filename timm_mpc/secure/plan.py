@@ -14,8 +14,9 @@ both must agree on. The fields, all public:
   size, activation, MPCViT+ GeLU tokens, biases).
 - ``params``: the name and shape of every weight the owner will share (values stay the owner's).
 - ``schedules``: per LayerNorm and per attention kind that divides, a public input scale (a power of 4)
-  and a Newton iteration count, derived from ranges the owner calibrated on its own images. They reveal
-  the order of magnitude (a power of 4) of those ranges, never the ranges themselves.
+  and a Newton iteration count; per exact GeLU, the squarings of its exp. They are derived from ranges the
+  owner calibrated on its own images, widened by ``range_margin``, and reveal the order of magnitude of
+  those ranges (a power of 4, an iteration count), never the ranges themselves.
 
 Everything the secure engine does not support is refused here, naming the module, before any party starts.
 """
@@ -204,6 +205,12 @@ def public_schedules(plan: Dict[str, Any], ranges: Dict[str, Dict[str, float]],
                               settings, settings.range_margin)
     tokens = plan_tokens(plan)
     for i, blk in enumerate(plan['blocks']):
+        if blk['mlp']['act'] == 'gelu' and settings.gelu == 'exp_fit':
+            abs_max = ranges.get(f'blocks.{i}.mlp.act', {}).get('abs_max')
+            iters = settings.gelu_exp_iterations
+            if settings.range_scaling and abs_max is not None:
+                iters = ops.gelu_exp_iterations(abs_max * settings.range_margin, iters) or ops.GELU_MAX_EXP_ITERATIONS
+            out[f'blocks.{i}.mlp.act'] = dict(scale=1.0, iters=iters)
         for kind in sorted(set(blk['attn']['kinds'])):
             name = f'blocks.{i}.attn.{kind}'
             if kind == 'softmax':  # the sum of exp(s - max) lies in [1, N] whatever the data

@@ -1,4 +1,5 @@
 """`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs."""
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -170,6 +171,8 @@ class SecureViT:
         with m.section(layer, 'linear'):
             h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
         act = getattr(ops, spec['act']) if spec['act'] != 'identity' else None
+        if f'{name}.act' in self.plan['schedules']:  # exact GeLU: its exp's squarings cover the calibrated inputs
+            act = partial(act, exp_iterations=self.plan['schedules'][f'{name}.act']['iters'])
         tokens = spec['gelu_tokens']
         if tokens is None or all(tokens):
             if act is not None:

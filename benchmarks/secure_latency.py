@@ -3,8 +3,12 @@
 Part 1 (targets): batch 1, timm-mpc's tuned settings, the all-Softmax + exact-GeLU baseline against
 all-ReLU-Softmax, all-Scaling, the mu = 0.5 mix, all-2Quad and the MPCViT+ form (mu = 0.5 with every
 GeLU token linearized), with ratios to the baseline. Part 2: what each secure setting does to the
-baseline and the mu = 0.5 mix, starting from CrypTen's defaults. Part 3: top-1 agreement with plain
-text on the eight shipped Fashion-MNIST test images.
+baseline and the mu = 0.5 mix, starting from CrypTen's defaults, and, for comparison with figures measured
+that way, the insecure owner-as-dealer setting. Part 3: top-1 agreement with plain text on the eight
+shipped Fashion-MNIST test images.
+
+Every run but the owner-as-dealer row has a dealer process outside both parties (the default); its traffic
+and the owner's waits for it are reported apart and are not in the rounds, MB or latency.
 
     python benchmarks/secure_latency.py --json benchmarks/results/secure_latency.json \
         --png benchmarks/results/secure_latency.png
@@ -74,6 +78,7 @@ def main() -> None:
     if not args.skip_settings:
         print('part 2: settings, from CrypTen\'s defaults to the tuned ones')
         steps = {
+            'owner as dealer (insecure)': SecureSettings.crypten_defaults(provider='TFP_INSECURE'),
             'crypten_defaults': SecureSettings.crypten_defaults(),
             '+exp_fit_gelu': SecureSettings.crypten_defaults(gelu='exp_fit'),
             '+range_scaling': SecureSettings.crypten_defaults(gelu='exp_fit', range_scaling=True),
@@ -111,7 +116,8 @@ def markdown(report) -> str:
         out = []
         for name, e in results.items():
             r = e['ratio_to_baseline']
-            line = (f'| {name} | {e["rounds"]} | {e["bytes"] / 1e6:.0f} | {e["wall_s"]:.2f} | '
+            line = (f'| {name} | {e["rounds"]} | {e["bytes"] / 1e6:.0f} | {e["wall_s"]:.2f} | {e["compute_s"]:.2f} | '
+                    f'{e["dealer"]["bytes"] / 1e6:.0f} | {e["dealer"]["time_s"]:.2f} | '
                     f'{e["latency_s"]["lan"]:.2f} | {e["latency_s"]["wan"]:.1f} |')
             if ratios:
                 line += f' {r["latency_lan"]:.2f}x | {r["latency_wan"]:.2f}x |'
@@ -120,8 +126,9 @@ def markdown(report) -> str:
                 line += f' {a["top1_agreement"]:.0%} of {a["images"]} | {a["max_abs_error"]:.2g} |'
             out.append(line)
         return out
-    head = ('| config | rounds | MB (both parties) | wall s | LAN s | WAN s | LAN speed-up | WAN speed-up | '
-            'top-1 agreement | max logit error |\n|---|---|---|---|---|---|---|---|---|---|')
+    head = ('| config | rounds | MB (both parties) | wall s | parties\' compute s | dealer MB | dealer s | LAN s | WAN s | '
+            'LAN speed-up | WAN speed-up | top-1 agreement | max logit error |\n'
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     lines = ['Part 1, tuned settings, batch 1:', '', head, *rows(report['part1']['results'])]
     if 'part2' in report:
         lines += ['', 'Part 2, each setting added to CrypTen\'s defaults (batch 1):', '', head]

@@ -159,6 +159,7 @@ def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
     assert client.returncode == 2 and 'refused' in client.stderr and 'leave the model\'s input range' in client.stderr
     assert 'Traceback' not in client.stderr + owner_err
     assert 'the client refused the plan before sharing anything' in owner_err, owner_err[-2000:]
+    assert 'input size or input bounds' in owner_err and 'channel' not in owner_err  # nothing of the images' values
     client, _, _ = outcomes['x1e6 clamped']
     assert client.returncode == 0, client.stderr[-2000:]
     logits = torch.tensor(json.loads((tmp_path / 'client.json').read_text())['logits'])

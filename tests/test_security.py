@@ -74,12 +74,14 @@ def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(mode
     view, logits = _owner_view(model, images, 'TTP', tmp_path)  # the default: a dealer outside both parties
     assert (logits - plain).abs().max() < 0.05 and len(view) > 1000  # it ran, and the owner saw a lot
     found = _attacks(model, images, view, logits)
+    print('default (TTP):', found)
     # no better than chance: a random target of the same size correlates as well with the view
     assert found['image'] < max(0.3, 1.5 * found['image_chance']), found
     assert found['logits_direct'] == found['logits_via_head'] == found['logits_held'] == 0, found
 
     view, logits = _owner_view(model, images, 'TFP_INSECURE', tmp_path)  # the owner deals its own triples
     found = _attacks(model, images, view, logits)
+    print('owner as dealer (TFP_INSECURE):', found)
     assert found['image'] > 0.999, found  # x = (x - a) + a: the client's patches, to one fixed-point step
     assert found['logits_via_head'] == 1.0, found  # the head's input, then the owner's own head: every logit
     assert found['logits_held'] == 0, found  # the reveal itself still leaves nothing at the owner

@@ -68,13 +68,16 @@ def _cost_rows(cost: Dict[str, Any], name: str, baseline: bool) -> List[Dict[str
     rows = []
     for key, title in [('model', name)] + ([] if baseline else [('baseline', 'all-Softmax, exact GeLU')]):
         e = cost[key]
-        rows.append(dict(name=title, rounds=str(e['rounds']), mb=f'{e["bytes"] / 1e6:.1f}', wall=f'{e["wall_s"]:.2f}',
-                         lan=f'{e["latency_s"]["lan"]:.2f}', wan=f'{e["latency_s"]["wan"]:.1f}'))
+        rows.append(dict(name=title, rounds=str(e['rounds']), mb=f'{e["bytes"] / 1e6:.1f}',
+                         compute=f'{e["compute_s"]:.2f}', lan=f'{e["latency_s"]["lan"]:.2f}',
+                         wan=f'{e["latency_s"]["wan"]:.1f}', dealer_mb=f'{e["dealer"]["bytes"] / 1e6:.1f}',
+                         dealer_s=f'{e["dealer"]["time_s"]:.2f}'))
     if baseline:
         return rows
     r = cost['model']['ratio_to_baseline']
     rows.append(dict(name='saving (baseline / this model)', rounds=f'{r["rounds"]:.2f}x', mb=f'{r["bytes"]:.2f}x',
-                     wall=f'{r["wall"]:.2f}x', lan=f'{r["latency_lan"]:.2f}x', wan=f'{r["latency_wan"]:.2f}x'))
+                     compute=f'{r["compute"]:.2f}x', lan=f'{r["latency_lan"]:.2f}x', wan=f'{r["latency_wan"]:.2f}x',
+                     dealer_mb='', dealer_s=''))
     return rows
 
 

@@ -90,7 +90,7 @@ def run_bench(
     for entry in results.values():
         entry['ratio_to_baseline'] = dict(
             rounds=base['rounds'] / entry['rounds'], bytes=base['bytes'] / entry['bytes'],
-            wall=base['wall_s'] / entry['wall_s'],
+            wall=base['wall_s'] / entry['wall_s'], compute=base['compute_s'] / entry['compute_s'],
             **{f'latency_{n}': base['latency_s'][n] / entry['latency_s'][n] for n in networks})
     return dict(settings=settings.to_dict(), batch=int(images.shape[0]),
                 networks={n: vars(s) for n, s in networks.items()}, results=results)

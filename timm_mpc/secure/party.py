@@ -15,7 +15,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -146,14 +146,19 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
     return tally
 
 
-def _client_verdict(plan: Any, images: torch.Tensor, clamp: bool) -> Dict[str, Any]:
-    """The client's answer to the owner's plan: accepted with the batch size, or refused with the reason."""
+def _client_verdict(plan: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
+    """The client's answer to the owner's plan (accepted with the batch size, or refused with a reason that says
+    nothing of the images' values or shape), and the images to share."""
     try:
         validate_plan(plan)
-        images = check_images(plan, images, clamp=clamp)
     except (ValueError, TypeError, KeyError) as e:
-        return dict(accepted=False, reason=f'{type(e).__name__}: {e}')
-    return dict(accepted=True, batch=int(images.shape[0]), images=images)
+        return dict(accepted=False, reason=f'the client cannot run this plan ({type(e).__name__}: {e})'), None
+    try:
+        images = check_images(plan, images, clamp=clamp)
+    except ValueError as e:  # the details stay with the client: they describe its images
+        return dict(accepted=False, reason='the client\'s images do not fit the plan (input size or input bounds)',
+                    detail=str(e)), None
+    return dict(accepted=True, batch=int(images.shape[0])), images
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Dict[str, Any]],
@@ -172,17 +177,18 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
         if differ:
             raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
         plan = _exchange_json(crypten, plan, OWNER)
-        verdict = _client_verdict(plan, images, clamp) if rank == CLIENT else None
-        answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'images'},
+        verdict, images = _client_verdict(plan, images, clamp) if rank == CLIENT else (None, None)
+        answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'},
                                 CLIENT)
         if not answer['accepted']:
             if rank == CLIENT:
-                raise ValueError(f'the client refused the owner\'s plan before sharing anything: {answer["reason"]}')
+                raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
+                                 f'{verdict.get("detail", verdict["reason"])}')
             raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
         meter = CostMeter(comm)
         program = SecureViT(plan, settings, meter, state_dict)
-        patches = program.share_images(verdict['images'] if rank == CLIENT else None, answer['batch'])
+        patches = program.share_images(images, answer['batch'])
         with meter.inference():
             logits = program.forward(patches)
             with meter.section('head', 'reveal'):

@@ -89,19 +89,24 @@ def _first_images(loader: torch.utils.data.DataLoader, count: int) -> Any:
     return torch.cat(images)[:count], torch.cat(labels)[:count]
 
 
-def _secure_eval(model: torch.nn.Module, loader: torch.utils.data.DataLoader, args: argparse.Namespace) -> Dict[str, Any]:
-    """Accuracy under MPC on the first test images, and the secure cost of one image against the all-Softmax,
-    exact-GeLU model (both measured with real two-party runs)."""
+def _secure_eval(model: torch.nn.Module, loader: torch.utils.data.DataLoader, calibration_loader: Any,
+                 args: argparse.Namespace) -> Dict[str, Any]:
+    """Accuracy under MPC on the first test images, with the owner calibrating on the first training images,
+    and the secure cost of one image against the all-Softmax, exact-GeLU model (real two-party runs, a dealer
+    process outside both parties)."""
     from ..secure.bench import baseline_of, run_bench, secure_accuracy
     from ..secure.settings import SecureSettings
     images, labels = _first_images(loader, args.secure_images)
+    calibration, _ = _first_images(calibration_loader, args.calibration_images)
     settings = SecureSettings()
-    result = secure_accuracy(model, images, labels, settings, batch=args.secure_batch)
-    report = run_bench({'baseline': baseline_of(model), 'model': model}, images[:1], settings)
-    keep = ('heads', 'rounds', 'bytes', 'wall_s', 'latency_s', 'ratio_to_baseline')
+    result = secure_accuracy(model, images, labels, settings, batch=args.secure_batch, calibration_images=calibration)
+    report = run_bench({'baseline': baseline_of(model), 'model': model}, images[:1], settings,
+                       calibration_images=calibration)
+    keep = ('heads', 'rounds', 'bytes', 'wall_s', 'compute_s', 'dealer', 'latency_s', 'ratio_to_baseline')
     result['cost'] = dict(batch=report['batch'], networks=report['networks'],
                           **{name: {k: e[k] for k in keep} for name, e in report['results'].items()})
     result['settings'] = report['settings']
+    result['calibration_images'] = int(calibration.shape[0])
     return result
 
 
@@ -133,7 +138,10 @@ def _eval(args: argparse.Namespace) -> int:
           f'{metrics["images"]} {args.dataset} test images')
     result: Dict[str, Any] = dict(source=source, plain=plain, model=model_summary(model, cfg), machine=_machine())
     if args.secure_images:
-        result['secure'] = secure = _secure_eval(model, loader, args)
+        train = build_dataset(args.dataset, 'train', args.data_dir, args.download, data_config['input_size'][-1],
+                              data_config['input_size'][0], args.calibration_images)
+        result['secure'] = secure = _secure_eval(model, loader, build_loader(train, data_config, args.batch_size, False,
+                                                                             args.workers), args)
         cost = secure['cost']
         print(f'under MPC: top-1 {secure["top1"]:.2f}% on the first {secure["images"]} images (plain text '
               f'{secure["plain_top1"]:.2f}%, agreement {secure["agreement"]:.1f}%); one image: '
@@ -243,6 +251,8 @@ def add_training_commands(sub: Any) -> None:
                     help='also run two-party secure inference on the first N test images (accuracy under MPC) and '
                          'measure one image\'s secure cost against the all-Softmax model')
     ev.add_argument('--secure-batch', type=int, default=32, help='images per secure run')
+    ev.add_argument('--calibration-images', type=int, default=64,
+                    help='the owner calibrates the secure approximations on the first N training images')
     ev.add_argument('--json', default=None, help='write the figures to this JSON file (the input of timm-mpc publish '
                                                  '--results)')
     ev.set_defaults(func=_eval)

@@ -50,7 +50,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _exit_with(message: str) -> None:
+def _report_on_stderr(message: str) -> None:
     print(f'timm-mpc: error: {message}', file=sys.stderr, flush=True)
 
 
@@ -63,7 +63,7 @@ def _watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], 
     Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why).
     """
     def expire() -> None:
-        (on_expiry or _exit_with)(message)
+        (on_expiry or _report_on_stderr)(message)
         os._exit(2)
     timer = threading.Timer(seconds, expire)
     timer.daemon = True

@@ -45,14 +45,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default=None)
     parser.add_argument('--json', default='secure_latency.json')
-    parser.add_argument('--png', default='secure_latency.png')
+    parser.add_argument('--png', default=None, help='the plot (default secure_latency.png when measuring)')
     parser.add_argument('--skip-settings', action='store_true', help='only part 1')
     parser.add_argument('--markdown', default=None, help='also write the tables as Markdown to this file')
-    parser.add_argument('--from-json', default=None, help='render the tables of an earlier run; measure nothing')
+    parser.add_argument('--from-json', default=None,
+                        help='render the tables (and, with --png, the plot) of an earlier run; measure nothing')
     args = parser.parse_args()
     if args.from_json:
-        print(markdown(json.loads(Path(args.from_json).read_text())))
+        report = json.loads(Path(args.from_json).read_text())
+        print(markdown(report))
+        if args.png:
+            plot(report['part1'], args.png)
         return
+    args.png = args.png or 'secure_latency.png'
     torch.manual_seed(0)
 
     mu50 = mu_pattern([4] * 7, 0.5)
@@ -159,7 +164,8 @@ def plot(part1, path) -> None:
         ax.set_title(f'{net.upper()} ({n["rtt_s"] * 1e3:g} ms RTT, {n["bandwidth_bps"] / 1e9:g} Gbit/s)')
         ax.set_ylabel('estimated latency (s)')
         ax.tick_params(axis='x', rotation=30)
-    fig.suptitle('mpcvit_tiny secure inference (CrypTen, 2 parties, batch 1): latency and speed-up over Softmax + GeLU')
+    fig.suptitle('mpcvit_tiny secure inference (CrypTen, 2 parties and a dealer, batch 1): online latency and '
+                 'speed-up over Softmax + GeLU', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -34,12 +34,14 @@ NETWORKS: Dict[str, NetworkSetting] = {
 
 @dataclass
 class CostRow:
-    """Cost of one operator of one layer. ``bytes`` is what both parties sent, together."""
+    """Cost of one operator of one layer. ``bytes`` is what both parties sent, together; ``time_s`` the
+    parties' time, without ``dealer_s``, the owner's waits for the dealer's triples in this operator."""
     layer: str
     op: str
     rounds: int
     bytes: float
     time_s: float
+    dealer_s: float = 0.0
 
 
 @dataclass
@@ -92,19 +94,25 @@ class CostProfile:
 
     @classmethod
     def merge_parties(cls, own: 'CostProfile', other_bytes: List[float], other_setup_bytes: List[float],
-                      dealer: Optional[Dict[str, float]] = None) -> 'CostProfile':
-        """One profile whose bytes are both parties' traffic (rounds and times are this party's), with the
-        dealer's cost as the owner measured it (None: there was no dealer)."""
-        rows = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.rows, other_bytes)]
+                      dealer: Optional[Dict[str, float]] = None,
+                      dealer_s: Optional[List[float]] = None) -> 'CostProfile':
+        """One profile from this party's measured rows (rounds and times are this party's) and what the other
+        sent: its bytes per row, and, from the owner, the dealer's cost and its waits for the dealer per row
+        (None: there was no dealer), which are taken out of each row's time."""
+        waits = dealer_s or [0.0] * len(own.rows)
+        rows = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, max(r.time_s - w, 0.0), w)
+                for r, b, w in zip(own.rows, other_bytes, waits)]
         setup = [CostRow(r.layer, r.op, r.rounds, r.bytes + b, r.time_s) for r, b in zip(own.setup, other_setup_bytes)]
         return cls(rows, setup, own.wall_s, **({} if dealer is None else dict(dealer=dict(dealer))))
 
 
 class CostMeter:
-    """Records CrypTen's communication counters around each operator of a secure computation."""
+    """Records CrypTen's communication counters around each operator of a secure computation, and, given the
+    owner's dealer tally (``requests``, ``bytes``, ``time_s``), its waits for the dealer in each operator."""
 
-    def __init__(self, communicator: Any) -> None:
+    def __init__(self, communicator: Any, dealer: Optional[Dict[str, float]] = None) -> None:
         self.comm = communicator
+        self.dealer = dealer
         self.profile = CostProfile()
         self._setup = False
 
@@ -116,11 +124,13 @@ class CostMeter:
     def section(self, layer: str, op: str) -> Iterator[None]:
         """Charge everything done inside the block to ``(layer, op)``."""
         rounds0, bytes0 = self._stats()
+        waited0 = self.dealer['time_s'] if self.dealer else 0.0
         t0 = time.perf_counter()
         yield
         elapsed = time.perf_counter() - t0
         rounds1, bytes1 = self._stats()
-        row = CostRow(layer, op, rounds1 - rounds0, bytes1 - bytes0, elapsed)
+        waited = (self.dealer['time_s'] if self.dealer else 0.0) - waited0
+        row = CostRow(layer, op, rounds1 - rounds0, bytes1 - bytes0, elapsed, waited)  # wall time until merged
         (self.profile.setup if self._setup else self.profile.rows).append(row)
 
     @contextmanager

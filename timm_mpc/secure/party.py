@@ -186,7 +186,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
                                  f'{verdict.get("detail", verdict["reason"])}')
             raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
-        meter = CostMeter(comm)
+        meter = CostMeter(comm, dealer)
         program = SecureViT(plan, settings, meter, state_dict)
         patches = program.share_images(images, answer['batch'])
         with meter.inference():
@@ -195,11 +195,13 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
                 plain = reveal_to(logits, CLIENT, comm)
         profile = meter.profile
         # each party counted only what it sent: add the other party's bytes; the owner tells the dealer's cost
-        mine = dict(rows=[r.bytes for r in profile.rows], setup=[r.bytes for r in profile.setup], dealer=dealer)
+        mine = dict(rows=[r.bytes for r in profile.rows], setup=[r.bytes for r in profile.setup], dealer=dealer,
+                    dealer_s=[r.dealer_s for r in profile.rows] if dealer else None)
         owner_part = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
         client_part = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
         other = client_part if rank == OWNER else owner_part
-        profile = CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'])
+        profile = CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'],
+                                            owner_part['dealer_s'])
         return PartyResult(rank, plain, profile, plan)
     except RuntimeError as e:
         if isinstance(e, PeerError):

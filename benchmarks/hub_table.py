@@ -1,0 +1,38 @@
+"""The README's table of the published checkpoints, from their measured results.json (written by
+hub_checkpoints.sh). Measures nothing.
+
+    python benchmarks/hub_table.py [checkpoints/timm-mpc]
+"""
+import json
+import sys
+from pathlib import Path
+
+ORDER = ('fmnist_mu30_kd', 'fmnist_mu70_kd', 'fmnist_mu50_kd', 'fmnist_plus_mu50_kd', 'fmnist_softmax')
+
+
+def row(name: str, results: dict) -> str:
+    heads = results['model']['head_kinds']
+    pattern = '/'.join(str(heads.get(k, 0)) for k in ('relu_softmax', 'scaling', 'softmax'))
+    if results['model'].get('gelu_pattern'):
+        pattern += ' + GeLU lin.'
+    secure = results['secure']
+    model, base = secure['cost']['model'], secure['cost']['baseline']
+    saving = '(baseline)' if set(heads) == {'softmax'} else f'{model["ratio_to_baseline"]["latency_lan"]:.2f}x'
+    return (f'| `{name}` | {pattern} | {results["plain"]["top1"]:.2f} | {secure["top1"]:.2f} '
+            f'({secure["agreement"]:.0f}%, {secure["max_abs_error"]:.2g}) | {model["rounds"]} | '
+            f'{model["bytes"] / 1e6:.0f} | {model["dealer"]["bytes"] / 1e6:.0f} | {model["latency_s"]["lan"]:.2f} | '
+            f'{base["latency_s"]["lan"]:.2f} | {saving} |')
+
+
+def main() -> None:
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else 'checkpoints/timm-mpc')
+    print('| tag | heads RS/SC/SM | top-1 (%) | under MPC (%, agreement, max logit error) | rounds | MB | dealer MB | '
+          'LAN (s) | all-Softmax LAN (s) | saving |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for tag in ORDER:
+        name = f'mpcvit_tiny.{tag}'
+        print(row(name, json.loads((root / name / 'results.json').read_text())))
+
+
+if __name__ == '__main__':
+    main()

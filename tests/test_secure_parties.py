@@ -41,7 +41,11 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
     assert (result.logits - plain).abs().max() < 2e-2
     ops = result.profile.by('op')
     assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu', 'layernorm', 'linear'} <= set(ops)
-    assert ops['scaling']['rounds'] == 2 * 2  # two matmuls per layer, nothing non-linear
+    assert ops['scaling']['rounds'] == 2 * 2  # two matmuls per layer, nothing non-linear: no dealer round counted
+    dealer = result.profile.dealer  # the triples' cost, apart: requests, bytes, the owner's waits, per row too
+    assert dealer['requests'] > 10 and dealer['bytes'] > 0
+    assert sum(r.dealer_s for r in result.profile.rows) == pytest.approx(dealer['time_s'], abs=0.05)
+    assert result.profile.compute_s == pytest.approx(result.profile.wall_s - dealer['time_s'])
     assert ops['softmax']['rounds'] > 10 * 2
     layers = result.profile.by('layer')
     assert {'blocks.0', 'blocks.1', 'patch_embed', 'head'} <= set(layers)

@@ -123,7 +123,7 @@ def secure_accuracy(
 
 def format_profile(profile: Dict[str, Any], network: str) -> str:
     """A per-layer table of one configuration's profile (from :meth:`CostProfile.to_dict`)."""
-    lines = [f'{"layer":14s} {"rounds":>7s} {"MB":>9s} {"time s":>8s}   operators (rounds)']
+    lines = [f'{"layer":14s} {"rounds":>7s} {"MB":>9s} {"time s":>8s}   operators (rounds); time: the parties\' own']
     by_op_layer: Dict[str, List[str]] = {}
     for row in profile['rows']:
         if row['rounds']:
@@ -131,8 +131,8 @@ def format_profile(profile: Dict[str, Any], network: str) -> str:
     for layer, agg in profile['by_layer'].items():
         lines.append(f'{layer:14s} {agg["rounds"]:7d} {agg["bytes"] / 1e6:9.2f} {agg["time_s"]:8.3f}   '
                      f'{", ".join(by_op_layer.get(layer, []))}')
-    lines.append(f'{"total":14s} {profile["rounds"]:7d} {profile["bytes"] / 1e6:9.2f} {profile["wall_s"]:8.3f}   '
-                 f'{network.upper()} latency {profile["latency_s"][network]:.3f} s')
+    lines.append(f'{"total":14s} {profile["rounds"]:7d} {profile["bytes"] / 1e6:9.2f} {profile["compute_s"]:8.3f}   '
+                 f'{network.upper()} latency {profile["latency_s"][network]:.3f} s (wall time {profile["wall_s"]:.3f} s)')
     dealer = profile['dealer']
     if dealer['requests']:
         lines.append(f'{"dealer":14s} {dealer["requests"]:7d} {dealer["bytes"] / 1e6:9.2f} {dealer["time_s"]:8.3f}   '

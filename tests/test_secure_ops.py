@@ -35,6 +35,36 @@ def test_crypten_imports_with_the_onnx_stand_in():
     assert stand_in.registry is None or hasattr(stand_in, 'registry')
 
 
+def test_crypten_draws_its_randomness_from_a_keyed_cryptographic_stream(crypten):
+    """CrypTen's masks, zero shares and triples come from torch's Mersenne Twister, which uses only 32 bits of
+    its seed and whose state follows from its outputs; timm-mpc replaces them by SHAKE-128 streams keyed by the
+    full seed, drawn in the same order by every holder of that seed."""
+    import crypten.common.rng as rng
+    import crypten.mpc.primitives.arithmetic as arithmetic
+    import crypten.mpc.provider.ttp_provider as ttp_provider
+    from timm_mpc.secure.crypten_compat import _dealer_seeds, kbit_random_tensor, random_ring_element
+    assert rng.generate_random_ring_element is random_ring_element is arithmetic.generate_random_ring_element
+    assert ttp_provider.generate_kbit_random_tensor is kbit_random_tensor
+    assert ttp_provider.TTPServer._setup_generators is _dealer_seeds
+
+    def generator(seed):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return g
+    full_range = (-(2 ** 63), 2 ** 63 - 1)
+    # the weakness: seeds that share their low 32 bits give torch the same stream
+    assert torch.equal(torch.randint(*full_range, (64,), generator=generator(2 ** 40 + 7)),
+                       torch.randint(*full_range, (64,), generator=generator(7)))
+    first = random_ring_element((1000,), generator=(g := generator(2 ** 40 + 7)))
+    assert torch.equal(first, random_ring_element((1000,), generator=generator(2 ** 40 + 7)))  # holders agree
+    assert not torch.equal(first, random_ring_element((1000,), generator=g))  # each draw moves on
+    assert not torch.equal(first, random_ring_element((1000,), generator=generator(7)))  # the whole seed counts
+    assert not torch.equal(first, torch.randint(*full_range, (1000,), generator=generator(2 ** 40 + 7)))
+    assert first.float().abs().mean() > 2 ** 61  # spread over the whole ring
+    bits = kbit_random_tensor((20000,), bitlength=16, generator=generator(3))
+    assert bits.min() >= 0 and bits.max() < 2 ** 16 and abs(bits.double().mean() / 2 ** 15 - 1) < 0.02
+
+
 def _emulate_newton(kind, x, iters):
     def exp_limit(z, n=8):
         return (1 + z / 2 ** n) ** (2 ** n)

@@ -1,19 +1,30 @@
-"""The one place where timm-mpc imports CrypTen, and the one shim it needs on current PyTorch.
+"""The one place where timm-mpc imports CrypTen, with the two changes it needs.
 
-CrypTen 0.4.1 (its last release) imports ``torch.onnx._internal.registration`` at import time for its
-ONNX converter, and that module no longer exists in current PyTorch, so ``import crypten`` fails.
-timm-mpc never uses the ONNX converter (it builds secure models from modules), so a stand-in module
-with an empty ``registry`` is registered under that name before the import. Nothing installed is edited,
-and the stand-in is only added when the real module is missing.
+1. CrypTen 0.4.1 (its last release) imports ``torch.onnx._internal.registration`` at import time for its
+   ONNX converter, and that module no longer exists in current PyTorch, so ``import crypten`` fails.
+   timm-mpc never uses the ONNX converter (it builds secure models from modules), so a stand-in module
+   with an empty ``registry`` is registered under that name before the import, only when the real one is missing.
+2. CrypTen draws every mask, zero share and triple from torch's Mersenne Twister (``torch.randint`` with a
+   seeded ``torch.Generator``), which is no cryptographic generator: its state follows from its outputs, and
+   torch seeds it from 32 bits of the seed. A party sees masked values ``x - a`` with small ``x``, that is,
+   the top bits of the other party's masks ``a``, so it could rebuild the generator and unmask ``x``; and the
+   dealer draws the parties' seeds from torch's default generator. Here every random ring element comes
+   from SHAKE-128 keyed by the generator's full 64-bit seed and a per-generator call counter (the parties and
+   the dealer draw in the same order, as CrypTen already requires), and the dealer's seeds from
+   ``os.urandom``. Nothing installed is edited: CrypTen's functions are replaced in its loaded modules.
 """
+import hashlib
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from datetime import timedelta
-from typing import Any
+from typing import Any, Dict, Tuple
 
-__all__ = ['import_crypten', 'set_process_group_timeout']
+import torch
+
+__all__ = ['import_crypten', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -33,7 +44,78 @@ def import_crypten() -> Any:
         stand_in = types.ModuleType(_ONNX_REGISTRATION, 'timm-mpc stand-in: CrypTen\'s ONNX converter is not used')
         stand_in.registry = None
         sys.modules[_ONNX_REGISTRATION] = stand_in
-    return importlib.import_module('crypten')
+    crypten = importlib.import_module('crypten')
+    _use_cryptographic_randomness()
+    return crypten
+
+
+_DOMAIN = b'timm-mpc crypten ring elements v1'
+_CALLS: Dict[Tuple[int, int], int] = {}  # (generator, its seed) -> calls so far
+
+
+def _stream(generator: Any, numel: int) -> torch.Tensor:
+    """``numel`` uniform int64 values: SHAKE-128 of the generator's seed and how often it was drawn from."""
+    if generator is None:  # CrypTen's default: this party's local generator
+        generator = sys.modules['crypten'].generators['local'][torch.device('cpu')]
+    seed = generator.initial_seed()
+    calls = _CALLS.get((id(generator), seed), 0)
+    _CALLS[(id(generator), seed)] = calls + 1
+    if not numel:
+        return torch.zeros(0, dtype=torch.int64)
+    data = hashlib.shake_128(_DOMAIN + seed.to_bytes(8, 'little') + calls.to_bytes(8, 'little')).digest(8 * numel)
+    return torch.frombuffer(bytearray(data), dtype=torch.int64)
+
+
+def _shape(size: Any) -> torch.Size:
+    return torch.Size([size]) if isinstance(size, int) else torch.Size(size)
+
+
+def random_ring_element(size: Any, ring_size: int = 2 ** 64, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+    """CrypTen's ``generate_random_ring_element`` (uniform over the 64-bit ring), from a cryptographic stream."""
+    shape = _shape(size)
+    if ring_size != 2 ** 64 or kwargs.get('device') not in (None, 'cpu', torch.device('cpu')):
+        raise ValueError(f'timm-mpc draws ring elements for the 64-bit ring on the CPU; got ring_size={ring_size}, '
+                         f'device={kwargs.get("device")}')
+    return _stream(generator, shape.numel()).reshape(shape)
+
+
+def kbit_random_tensor(size: Any, bitlength: Any = None, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+    """CrypTen's ``generate_kbit_random_tensor`` (uniform over ``[0, 2^bitlength)``), from a cryptographic stream."""
+    values = random_ring_element(size, generator=generator, **kwargs)
+    if bitlength is None or bitlength == 64:
+        return values
+    return values & ((1 << bitlength) - 1)
+
+
+def _dealer_seeds(self: Any) -> None:
+    """CrypTen's ``TTPServer._setup_generators``, with the parties' seeds from ``os.urandom`` instead of torch's
+    default (Mersenne Twister) generator."""
+    import torch.distributed as dist
+    from crypten import communicator as comm
+    ws = comm.get().get_world_size()
+    seeds = [torch.tensor(int.from_bytes(os.urandom(8), 'big') - 2 ** 63) for _ in range(ws)]
+    requests = [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]
+    self.generators = [torch.Generator(device='cpu') for _ in range(ws)]
+    self.generators_cuda = [None] * ws
+    for i in range(ws):
+        self.generators[i].manual_seed(seeds[i].item())
+        requests[i].wait()
+    dist.barrier(group=self.ttp_group)
+
+
+def _use_cryptographic_randomness() -> None:
+    """Replace CrypTen's random ring elements and the dealer's seeds (see the module's docstring); idempotent."""
+    import crypten.common.rng as rng
+    from crypten.mpc.provider.ttp_provider import TTPServer
+    replacements = {'generate_random_ring_element': random_ring_element,
+                    'generate_kbit_random_tensor': kbit_random_tensor}
+    originals = {name: getattr(rng, name) for name in replacements}
+    for module in list(sys.modules.values()):  # CrypTen's modules import the functions by name
+        if getattr(module, '__name__', '').startswith('crypten'):
+            for name, original in originals.items():
+                if getattr(module, name, None) is original:
+                    setattr(module, name, replacements[name])
+    TTPServer._setup_generators = _dealer_seeds
 
 
 def set_process_group_timeout(seconds: float) -> None:

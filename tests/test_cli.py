@@ -49,6 +49,8 @@ def test_malformed_files_and_options_are_clear_errors(tmp_path, capsys):
         (['predict', '--images', str(tmp_path / 'dict.pt')], "holds a dict with keys ['pictures']; accepted"),
         (['predict', '--model-kwargs', '{"depth": 2'], '--model-kwargs is not valid JSON'),
         (['predict', '--model-kwargs', '[2]'], '--model-kwargs must be a JSON object'),
+        (['predict', '--model-kwargs', '{"bogus": 1}'], 'cannot be built with these arguments'),
+        (['predict', '--timeout', 'inf'], 'timeout_s must be a number of seconds in (0, 86400]'),
         (['publish', str(bad), '--repo', 'me/x', '--run', str(text), '--dry-run', str(tmp_path / 'out')],
          f'--run file {text} is not valid JSON'),
     ]

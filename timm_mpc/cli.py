@@ -68,6 +68,15 @@ def parse_pattern(text: str, model: torch.nn.Module) -> Any:
 
 
 def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
+    """:func:`_resolve_model`, with keyword arguments the model does not take reported as such."""
+    try:
+        return _resolve_model(args)
+    except TypeError as e:
+        raise ValueError(f'{args.model} cannot be built with these arguments (--model-kwargs '
+                         f'{args.model_kwargs or "{}"}): {e}') from None
+
+
+def _resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     """The model a command names: an ``mpcvit_*`` (its pattern from the checkpoint or ``--pattern``) or a
     timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint`` or
     ``--pretrained`` (the published weights, loaded the timm way)."""

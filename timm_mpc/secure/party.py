@@ -81,7 +81,7 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings,
     set_process_group_timeout(settings.timeout_s)
     crypten = import_crypten()
     settings.apply(crypten)
-    others = 'the other party' + (' and the dealer' if settings.secure else '')
+    others = 'the two parties' if rank == DEALER else 'the other party' + (' and the dealer' if settings.secure else '')
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
     with _watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
         try:

@@ -72,8 +72,8 @@ class SecureSettings:
             raise ValueError(f'range_margin must be at least 1, got {self.range_margin}')
         if self.gelu not in GELU_METHODS:
             raise ValueError(f'unknown gelu method {self.gelu!r}; accepted: {list(GELU_METHODS)}')
-        if self.timeout_s <= 0:
-            raise ValueError(f'timeout_s must be positive, got {self.timeout_s}')
+        if not 0 < self.timeout_s <= 86400:
+            raise ValueError(f'timeout_s must be a number of seconds in (0, 86400], got {self.timeout_s}')
 
     @property
     def secure(self) -> bool:

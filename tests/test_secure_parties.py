@@ -135,7 +135,8 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     killed_at = time.monotonic()
     _, err = client.communicate(timeout=120)
     waited = time.monotonic() - killed_at
-    dealer.communicate(timeout=60)
+    _, dealer_err = dealer.communicate(timeout=60)
+    assert dealer.returncode == 2 and 'the dealer lost the owner' in dealer_err, dealer_err[-2000:]
     assert client.returncode == 2
     assert 'timm-mpc party: error:' in err and 'lost the other party' in err, err[-2000:]
     assert waited < 2 * 10 + 15  # within the configured timeout (torch retries a connection once)

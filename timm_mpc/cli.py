@@ -111,12 +111,7 @@ def _resolve_model(args: argparse.Namespace) -> torch.nn.Module:
 def _settings(args: argparse.Namespace) -> Any:
     from .secure.settings import SecureSettings
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
-    settings = base(provider=args.provider, timeout_s=args.timeout)
-    if not settings.secure:
-        print(f'WARNING: --provider {settings.provider}: the model owner deals its own multiplication triples and can '
-              f'open the client\'s images and logits; figures of the protocol\'s cost only, never for real data',
-              file=sys.stderr, flush=True)
-    return settings
+    return base(provider=args.provider, timeout_s=args.timeout)  # an insecure provider warns when it runs
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:

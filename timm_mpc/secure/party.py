@@ -226,6 +226,7 @@ def run_owner(rendezvous: str, plan: Dict[str, Any], state_dict: Dict[str, torch
     line on stderr); the process then exits with code 2.
     """
     validate_plan(plan)
+    settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout)
 
 
@@ -239,6 +240,7 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     bounds are clamped to them instead of refused.
     """
     check_image_tensor(images)
+    settings.warn_if_insecure()
     return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
                 on_timeout=on_timeout)
 
@@ -252,6 +254,16 @@ def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[C
     if not settings.secure:
         raise ValueError(f'the dealer (rank 2) serves provider TTP; these settings use {settings.provider}')
     crypten = _init(DEALER, rendezvous, settings, on_timeout)
+    comm = crypten.communicator.get()
+    receive = comm.recv_obj
+    last: list = [None]
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        last[0] = receive(*args, **kwargs)
+        return last[0]
+    comm.recv_obj = recorded  # CrypTen's server returns quietly when it loses the owner: tell that from the end
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', RuntimeWarning)  # the server calls crypten.init() again: a no-op
         crypten.mpc.provider.TTPServer()  # serves triples until the owner says it is done
+    if last[0] != 'terminate':
+        raise PeerError('the dealer lost the owner before the protocol ended')

@@ -26,19 +26,16 @@ import torch
 
 import timm_mpc
 from timm_mpc.data import example_images
-from timm_mpc.secure.bench import baseline_of, format_comparison, mu_pattern, run_bench
+from timm_mpc.pattern import mu_pattern
+from timm_mpc.secure.bench import baseline_of, format_comparison, run_bench
 from timm_mpc.secure.settings import SecureSettings
 
 TARGETS = {'mu50': 1.9, 'scaling': 2.5}  # LAN latency ratios to the baseline: the paper's CIFAR-10 mu = 0.5, and ours
 
 
 def build(pattern, checkpoint=None, gelu_pattern=None):
-    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint)) if checkpoint else {}
-    model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', **overlay)
-    timm_mpc.set_attn_pattern(model, pattern)
-    if gelu_pattern is not None:
-        model.set_gelu_pattern(gelu_pattern)
-    return model.eval()
+    return timm_mpc.create_mpc_model('mpcvit_tiny', checkpoint=checkpoint, attn_pattern=pattern,
+                                     gelu_pattern=gelu_pattern).eval()
 
 
 def main() -> None:

@@ -56,7 +56,7 @@ def test_softmax_conversion_reproduces_the_model_and_keeps_every_weight(family, 
     after = model.state_dict()
     for key, (ptr, value) in before.items():
         assert after[key].data_ptr() == ptr and torch.equal(after[key], value), key
-    assert set(after) - set(before) == {f'{name}.heads.kinds' for name, _, _ in report.attention}
+    assert set(after) - set(before) == {f'{name}.heads.{key}' for name, _, _ in report.attention for key in ('kinds', 'alpha')}
     assert report.attention and all(new.startswith('MPC') for _, _, new in report.attention)
     with torch.no_grad():
         assert (model(images) - logits).abs().max() <= 1e-5

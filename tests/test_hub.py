@@ -18,7 +18,8 @@ from timm_mpc.cli import main
 from timm_mpc.data import example_images
 from timm_mpc.hub import HUB_FILES, model_facts, pattern_grid, publish, render_card, save_for_hub, seed_hub_cache
 from timm_mpc.layers import MPCAttention, QuadGELU
-from timm_mpc.training.engine import save_weights
+from timm_mpc.layers.pattern_state import checkpoint_state
+from timm_mpc.utils import save_weights
 
 from hub_server import LoopbackHub
 
@@ -81,13 +82,13 @@ def test_publish_folder_loads_back_through_local_dir(tmp_path, gelu):
 
 def test_cli_publish_dry_run_matches_source_exactly(tmp_path, capsys):
     model = _mpcvit(gelu=True)
-    save_weights(model, tmp_path / 'trained.safetensors')
+    save_weights(checkpoint_state(model), tmp_path / 'trained.safetensors')
     out = tmp_path / 'repo'
     assert main(['publish', str(tmp_path / 'trained.safetensors'), '--repo', 'me/mpcvit_tiny.mine', '--dry-run',
                  str(out), '--model-kwargs', json.dumps(TINY)]) == 0
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     assert _same(model, loaded)
-    assert load_file(out / 'model.safetensors').keys() == model.state_dict().keys()
+    assert load_file(out / 'model.safetensors').keys() == checkpoint_state(model).keys()
     card = (out / 'README.md').read_text()
     assert 'library_name: timm' in card and 'hf-hub:me/mpcvit_tiny.mine' in card
     assert 'No accuracy was measured' in card
@@ -176,7 +177,7 @@ def test_cli_upload_with_token_from_env_goes_through_lfs(tmp_path):
     """`timm-mpc publish` with HF_TOKEN and HF_ENDPOINT set, as a user runs it; without Xet, the weights take
     the Hub's LFS path (batch API, upload, verify) and the commit points at them."""
     model = _mpcvit()
-    save_weights(model, tmp_path / 'w.safetensors')
+    save_weights(checkpoint_state(model), tmp_path / 'w.safetensors')
     repo = 'me/mpcvit_tiny.cli'
     with LoopbackHub(token='hf_cli', lfs=True) as hub:
         proc = _run_python(f'''
@@ -207,7 +208,7 @@ def test_pattern_grid_by_hand():
 def test_eval_and_publish_render_measured_card(debian_fmnist, tmp_path):
     """The measuring command's JSON (plain and secure accuracy, secure cost) becomes the card's figures."""
     model = _mpcvit()
-    save_weights(model, tmp_path / 'w.safetensors')
+    save_weights(checkpoint_state(model), tmp_path / 'w.safetensors')
     measured = tmp_path / 'eval.json'
     assert main(['eval', '--checkpoint', str(tmp_path / 'w.safetensors'), '--model-kwargs', json.dumps(TINY),
                  '--secure-images', '2', '--secure-batch', '2', '--no-latency', '--json', str(measured)]) == 0

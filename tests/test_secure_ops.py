@@ -146,19 +146,19 @@ def test_secure_attention_kinds(crypten):
 def test_plan_refuses_unsupported_models_naming_the_module():
     with pytest.raises(UnsupportedModelError, match=r'blocks.0.attn \(Attention\).*convert_to_mpc'):
         build_plan(timm.create_model('vit_tiny_patch16_224'))
-    with pytest.raises(UnsupportedModelError, match=r'blocks.0.attn is in search mode.*binarize'):
+    with pytest.raises(UnsupportedModelError, match=r'blocks.0.attn has heads in search mode.*binarize'):
         build_plan(timm.create_model('mpcvit_tiny'))
-    with pytest.raises(UnsupportedModelError, match='SwinTransformer'):
+    with pytest.raises(UnsupportedModelError, match=r'SwinTransformer.*Swin family.*does not run securely yet'):
         build_plan(timm_mpc.convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1))))
     model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', act_layer='gelu_tanh')
-    with pytest.raises(UnsupportedModelError, match=r'blocks.0.mlp.act \(GELUTanh\).*exact GELU, QuadGELU, ReLU'):
+    with pytest.raises(UnsupportedModelError, match=r"blocks.0.mlp.act \(GELUTanh\).*'gelu', 'quad_gelu', 'relu', 'identity'"):
         build_plan(model)
 
 
 def test_images_are_checked_before_any_protocol():
     from timm_mpc.secure import InputRangeError
     plan = build_plan(timm.create_model('mpcvit_tiny', attn_pattern='scaling'))
-    low, high = plan['input_bounds'][0]
+    low, high = plan.input_bounds[0]
     assert low == pytest.approx(-0.286 / 0.353) and high == pytest.approx(0.714 / 0.353)  # pixels 0 and 1
     images = (torch.rand(2, 3, 32, 32) - 0.286) / 0.353
     assert check_images(plan, images) is images
@@ -177,30 +177,38 @@ def test_images_are_checked_before_any_protocol():
 
 def test_the_public_plan_holds_schedules_not_statistics_and_refuses_what_it_does_not_know():
     import json
-    from timm_mpc.secure import build_secure_plan
-    from timm_mpc.secure.plan import PLAN_VERSION, validate_plan
+    from timm_mpc.secure import PlanError, SecurePlan, build_secure_plan
+    from timm_mpc.secure.plan import PLAN_VERSION
     model = timm.create_model('mpcvit_tiny', depth=2, img_size=16, attn_pattern=[['relu_softmax', '2quad', 'softmax',
                                                                                    'scaling']] * 2, act_layer='gelu')
     plan = build_secure_plan(model, SecureSettings())
-    assert 'ranges' not in plan and validate_plan(json.loads(json.dumps(plan))) == plan
-    assert set(plan['schedules']) == {'norm', 'blocks.0.norm1', 'blocks.0.norm2', 'blocks.1.norm1', 'blocks.1.norm2',
-                                      'blocks.0.mlp.act', 'blocks.1.mlp.act', *(f'blocks.{i}.attn.{k}' for i in (0, 1)
-                                                                                for k in ('relu_softmax', '2quad', 'softmax'))}
-    for schedule in plan['schedules'].values():  # a power of 4 and an iteration count: no measured value
+    wire = json.loads(plan.to_json())
+    assert 'ranges' not in wire and SecurePlan.from_dict(wire) == plan
+    assert not any(name.endswith(('.alpha', '.beta')) for name in plan.params)  # pattern parameters are not shared
+    assert set(plan.schedules) == {'norm', 'blocks.0.norm1', 'blocks.0.norm2', 'blocks.1.norm1', 'blocks.1.norm2',
+                                   'blocks.0.mlp.act', 'blocks.1.mlp.act', *(f'blocks.{i}.attn.{k}' for i in (0, 1)
+                                                                             for k in ('relu_softmax', '2quad', 'softmax'))}
+    for schedule in wire['schedules'].values():  # a power of 4 and an iteration count: no measured value
         assert set(schedule) == {'scale', 'iters'} and isinstance(schedule['iters'], int)
         assert math.log(schedule['scale'], 4) == round(math.log(schedule['scale'], 4))
-    assert plan['schedules']['blocks.0.mlp.act']['iters'] >= 8  # timm's GELU (act_layer='gelu') is calibrated too
-    with pytest.raises(ValueError, match=f'plan version 1; this timm-mpc reads version {PLAN_VERSION}'):
-        validate_plan({**plan, 'version': 1})
-    with pytest.raises(ValueError, match=r"unknown \['ranges'\]"):
-        validate_plan({**plan, 'ranges': {}})
+    assert plan.schedules['blocks.0.mlp.act'].iters >= 8  # timm's GELU (act_layer='gelu') is calibrated too
+    bad = [({**wire, 'version': 1}, f'plan version 1; this timm-mpc reads version {PLAN_VERSION}'),
+           ({**wire, 'ranges': {}}, r"plan fields: missing \[\], unknown \['ranges'\]"),
+           ({**wire, 'embed_dim': '64'}, r"plan.embed_dim must be int, got '64'"),
+           ({**wire, 'blocks': [{**wire['blocks'][0], 'attn': {**wire['blocks'][0]['attn'], 'kinds': ['exp'] * 4}}]},
+            r"plan blocks.0.attn: unknown attention kind 'exp'"),
+           ({**wire, 'schedules': {k: v for k, v in wire['schedules'].items() if k != 'blocks.1.attn.2quad'}},
+            r"plan schedules miss \['blocks.1.attn.2quad'\]")]
+    for data, match in bad:
+        with pytest.raises(PlanError, match=match):
+            SecurePlan.from_dict(data)
 
 
 def test_calibration_refuses_values_that_would_overflow():
     model = timm.create_model('mpcvit_tiny', attn_pattern='relu_softmax').eval()
     images = torch.randn(2, 3, 32, 32)
     ranges = calibrate(model, images, SecureSettings())
-    assert ranges['blocks.0.norm1']['var_max'] > 0 and 'denom_max' in ranges['blocks.3.attn.relu_softmax']
+    assert ranges['blocks.0.norm1']['max'] > 0 and 'max' in ranges['blocks.3.attn.relu_softmax']
     with torch.no_grad():
         model.blocks[2].mlp.fc1.weight.mul_(1e6)
     with pytest.raises(FixedPointRangeError, match=r'blocks.2.mlp.act \(squared inputs\) reaches .* 16 fractional bits'):

@@ -244,7 +244,7 @@ def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
 
 def test_kind_cost_table_is_measured_and_cached(tmp_path):
     from timm_mpc.layers import ATTN_KINDS
-    from timm_mpc.secure.cost_table import kind_cost_table
+    from timm_mpc.cost import kind_cost_table
 
     shape = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=4, cache_dir=tmp_path)
     table = kind_cost_table(**shape)
@@ -261,8 +261,7 @@ def test_kind_cost_table_is_measured_and_cached(tmp_path):
 
 def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
     """The search's latency estimate, built from the per-kind table, against a real two-party run."""
-    from timm_mpc.search import model_latency
-    from timm_mpc.secure.cost_table import kind_cost_table
+    from timm_mpc.cost import kind_cost_table, model_latency
 
     table = kind_cost_table(img_size=16, patch_size=4, embed_dim=32, num_heads=4, cache_dir=tmp_path)
     model = timm.create_model('mpcvit_tiny', img_size=16, embed_dim=32, depth=3, num_heads=4,

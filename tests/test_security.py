@@ -38,7 +38,7 @@ def _images(model, batch):
 def _owner_view(model, images, provider, tmp_path):
     settings = SecureSettings(provider=provider, timeout_s=60)
     plan = build_secure_plan(model, settings)
-    state = {k: v.detach().float() for k, v in model.state_dict().items() if k in plan['params']}
+    state = plan.owner_weights(model)
     run_spied_parties(plan, state, images, settings.to_dict(), str(tmp_path))
     return torch.load(tmp_path / 'owner_view.pt'), torch.load(tmp_path / 'client_logits.pt')
 

@@ -13,7 +13,8 @@ from timm_mpc.cli import main
 from timm_mpc.data import fashion_mnist_to_model_input
 from timm_mpc.layers.linearizable_mlp import LinearizableMlp
 from timm_mpc.pattern import get_attn_pattern
-from timm_mpc.search import binarize_budget, binarize_gelu, binarize_mu, estimate_latency, model_cost_table
+from timm_mpc.cost import estimate_latency, model_cost_table
+from timm_mpc.search import binarize_budget, binarize_gelu, binarize_mu
 from timm_mpc.training import ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod
 from timm_mpc.training.data import DatasetMissingError
 

@@ -8,13 +8,14 @@ import timm
 import torch
 
 from . import __version__
-from .convert import SUPPORTED_FAMILIES, convert_to_mpc
-from .layers.register import ACT_LAYER_NAMES, ATTN_LAYER_NAMES
+from .convert import convert_to_mpc
 from .data import example_images
-from .layers.attn_kinds import ATTN_KINDS
-from .layers.head_kinds import HeadKinds
-from .pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
+from .factory import create_mpc_model
 from .hub.commands import add_hub_commands
+from .layers.attn_kinds import list_attn_kinds
+from .layers.register import ACT_LAYER_NAMES, attn_layer_names
+from .pattern import count_head_kinds, parse_attn_pattern
+from .reader import support_table
 from .training.commands import add_training_commands
 from .utils import parse_json
 
@@ -27,18 +28,21 @@ def _info(args: argparse.Namespace) -> int:
     for name in timm.list_models('mpcvit_*'):
         tags = timm.list_pretrained(f"{name}.*")
         print(f'  {name:14s} Hub tags: {", ".join(t.split(".", 1)[1] for t in tags) or "none (load a local file)"}')
-    print(f'attention kinds (per head): {", ".join(ATTN_KINDS)}, or search')
-    print(f'timm attn_layer names: {", ".join(ATTN_LAYER_NAMES)}')
+    print('attention kinds (per head), or search:')
+    for kind in list_attn_kinds():
+        print(f'  {kind.name:14s} code {kind.code}, {kind.title} ({kind.paper})')
+    print(f'timm attn_layer names: {", ".join(attn_layer_names())}')
     print(f'timm act_layer names: {", ".join(ACT_LAYER_NAMES)} (plus timm\'s own, e.g. relu, gelu)')
-    print('convert_to_mpc families:')
-    for family in SUPPORTED_FAMILIES:
-        print(f'  {family}')
+    print('families:')
+    print(f'  {"family":15s} {"models":32s} {"converts":9s} runs securely')
+    for row in support_table():
+        print(f'  {row["family"]:15s} {row["models"]:32s} {row["converts"]:9s} {row["secure"]}')
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    pattern = parse_json(args.pattern, '--pattern') if args.pattern.startswith('[') else args.pattern
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    pattern = parse_attn_pattern(args.pattern, model)
     for module in model.modules():  # compare against timm's explicit (unfused) attention
         if hasattr(module, 'fused_attn'):
             module.fused_attn = False
@@ -56,55 +60,20 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_pattern(text: str, model: torch.nn.Module) -> Any:
-    """A ``--pattern`` value: a kind, ``muNN`` (NN% ReLU-Softmax heads, the rest Scaling) or a JSON list."""
-    if text.startswith('['):
-        return parse_json(text, '--pattern')
-    if text.startswith('mu') and text[2:].isdigit():
-        from .secure.bench import mu_pattern
-        heads = [m.num_heads for m in model.modules() if isinstance(m, HeadKinds)]
-        return mu_pattern(heads, int(text[2:]) / 100)
-    return text
-
-
 def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
-    """:func:`_resolve_model`, with keyword arguments the model does not take reported as such."""
-    try:
-        return _resolve_model(args)
-    except TypeError as e:
-        raise ValueError(f'{args.model} cannot be built with these arguments (--model-kwargs '
-                         f'{args.model_kwargs or "{}"}): {e}') from None
-
-
-def _resolve_model(args: argparse.Namespace) -> torch.nn.Module:
-    """The model a command names: an ``mpcvit_*`` (its pattern from the checkpoint or ``--pattern``) or a
-    timm ViT converted with ``--pattern`` / ``--act-layer``. Random weights unless ``--checkpoint`` or
-    ``--pretrained`` (the published weights, loaded the timm way)."""
-    name = args.model
-    overlay = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
+    """The model a command names (see :func:`timm_mpc.factory.create_mpc_model`), in eval mode: random weights
+    with the ``--pattern`` (default mu50) unless ``--checkpoint`` or ``--pretrained`` gives weights with theirs."""
     kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     if not isinstance(kwargs, dict):
         raise ValueError(f'--model-kwargs must be a JSON object of keyword arguments, got {args.model_kwargs!r}')
-    overlay.update(kwargs)
-    gelu = parse_json(args.gelu_pattern, '--gelu-pattern') if args.gelu_pattern and args.gelu_pattern.startswith('[') \
-        else args.gelu_pattern
-    if args.pretrained and not args.checkpoint:
-        model = timm.create_model(name, pretrained=True, **overlay)  # published weights with their own pattern
-        if args.pattern or args.act_layer or gelu:
-            convert_to_mpc(model, parse_pattern(args.pattern, model) if args.pattern else get_attn_pattern(model),
-                           act_layer=args.act_layer, gelu_pattern=gelu)
-    elif name.startswith('mpcvit_'):
-        model = timm.create_model(name, attn_pattern='softmax', **overlay)
-        if args.pattern or not args.checkpoint:
-            set_attn_pattern(model, parse_pattern(args.pattern or 'mu50', model))
-        if gelu:
-            model.set_gelu_pattern(gelu)
-        if args.act_layer:
-            convert_to_mpc(model, get_attn_pattern(model), act_layer=args.act_layer)
-    else:
-        model = timm.create_model(name, **overlay)
-        convert_to_mpc(model, 'softmax')
-        convert_to_mpc(model, parse_pattern(args.pattern or 'mu50', model), act_layer=args.act_layer, gelu_pattern=gelu)
+    weights = args.pretrained or args.checkpoint
+    try:
+        model = create_mpc_model(args.model, pretrained=args.pretrained and not args.checkpoint,
+                                 checkpoint=args.checkpoint, attn_pattern=args.pattern or (None if weights else 'mu50'),
+                                 gelu_pattern=args.gelu_pattern, act_layer=args.act_layer, **kwargs)
+    except TypeError as e:
+        raise ValueError(f'{args.model} cannot be built with these arguments (--model-kwargs '
+                         f'{args.model_kwargs or "{}"}): {e}') from None
     return model.eval()
 
 
@@ -115,7 +84,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
-    from .secure.costs import NETWORKS, NetworkSetting
+    from .cost import NETWORKS, NetworkSetting
     nets = dict(NETWORKS)
     if args.rtt_ms is not None or args.bandwidth_mbps is not None:
         n = nets[args.network]
@@ -226,7 +195,7 @@ def _party(args: argparse.Namespace) -> int:
         calibration = _calibration(args)
         model = resolve_model(args)
         plan = build_secure_plan(model, settings, calibration)
-        state = {k: v.detach().float() for k, v in model.state_dict().items() if k in plan['params']}
+        state = plan.owner_weights(model)
         print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client and the dealer at '
               f'{args.rendezvous}', flush=True)
         result = run_owner(args.rendezvous, plan, state, settings, log=_log)
@@ -253,7 +222,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True, option: b
     else:
         p.add_argument('model', nargs=None if required else '?', default='mpcvit_tiny', help=help_)
     p.add_argument('--pattern', default=None,
-                   help=f'head pattern: a kind ({", ".join(ATTN_KINDS)}), muNN (NN%% ReLU-Softmax, rest Scaling; '
+                   help=f'head pattern: a kind ({", ".join(k.name for k in list_attn_kinds())}), muNN (NN%% ReLU-Softmax, rest Scaling; '
                         f'default mu50 without a checkpoint) or a JSON list')
     p.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern: gelu, linear or a JSON list')
     p.add_argument('--act-layer', default=None, help='MLP activation, e.g. quad_gelu or relu')
@@ -309,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser('convert', help='convert a timm model and show what changed')
     convert.add_argument('model', help='a timm model name, e.g. vit_tiny_patch16_224')
     convert.add_argument('--pattern', default='softmax',
-                         help=f'one of {", ".join(ATTN_KINDS)}, search, or a JSON list of layer patterns')
+                         help=f'one of {", ".join(k.name for k in list_attn_kinds())}, search, or a JSON list of layer patterns')
     convert.add_argument('--act-layer', default=None, help='new MLP activation, e.g. quad_gelu or relu')
     convert.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights first')
     convert.add_argument('--batch', type=int, default=2, help='random images to compare outputs on')

@@ -3,70 +3,55 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-from timm.layers import GluMlp, Mlp, SwiGLU, get_act_layer
-from timm.layers import Attention
+from timm.layers import Mlp, get_act_layer
 from timm.models._input import get_model_input_config
-from timm.models.eva import EvaAttention
-from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
-from .layers.attention import MPCAttention
-from .layers.eva_attention import MPCEvaAttention
 from .layers.linearizable_mlp import GeluPattern, LinearizableMlp
 from .layers.mpc_attention import MPCAttentionMixin
-from .layers.swin_attention import MPCWindowAttention
 from .pattern import ModelPattern, count_head_kinds, expand_attn_pattern, expand_gelu_pattern
+from .reader import FAMILIES, MLP_TYPES, ModelParts, read_model
 from .utils import inference_pass
 
 __all__ = ['convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION']
 
-SUPPORTED_ATTENTION: Dict[Type[nn.Module], Type[MPCAttentionMixin]] = {
-    Attention: MPCAttention,
-    EvaAttention: MPCEvaAttention,
-    WindowAttention: MPCWindowAttention,
-}
-"""timm attention classes that convert, and what they become."""
-
-SUPPORTED_FAMILIES = ('vit_* and deit_* (timm.layers.Attention)', 'eva02_* and eva_* (EvaAttention, rope)',
-                      'swin_* (WindowAttention, relative position bias and shifted windows)')
-_MLP_TYPES = (Mlp, GluMlp, SwiGLU)
+SUPPORTED_ATTENTION: Dict[Type[nn.Module], Type[MPCAttentionMixin]] = {f.attention: f.mpc_attention for f in FAMILIES}
+"""timm attention classes that convert, and what they become (from :data:`timm_mpc.reader.FAMILIES`)."""
 
 
 @dataclass
 class ConversionReport:
-    """What :func:`convert_to_mpc` changed: ``(module name, old class, new class)`` per module."""
+    """What :func:`convert_to_mpc` changed: ``(module name, old class, new class)`` per module, and whether the
+    converted model runs securely."""
     attention: List[Tuple[str, str, str]] = field(default_factory=list)
     activations: List[Tuple[str, str, str]] = field(default_factory=list)
     mlps: List[Tuple[str, str, str]] = field(default_factory=list)
     head_counts: Dict[str, int] = field(default_factory=dict)
+    family: str = ''
+    runs_securely: bool = False
+    secure_note: str = ''
 
     def __str__(self) -> str:
-        lines = [f'attention modules converted: {len(self.attention)}; heads by kind: {self.head_counts}']
+        secure = 'yes' if self.runs_securely else f'not yet ({self.secure_note})'
+        lines = [f'family {self.family}: converts yes, runs securely {secure}',
+                 f'attention modules converted: {len(self.attention)}; heads by kind: {self.head_counts}']
         for title, rows in (('attention', self.attention), ('activation', self.activations), ('mlp', self.mlps)):
             lines += [f'  {title:10s} {name}: {old} -> {new}' for name, old, new in rows]
         return '\n'.join(lines)
 
 
-def _looks_like_attention(module: nn.Module) -> bool:
-    name = type(module).__name__.lower()
-    return 'attention' in name or 'attn' in name
+def _supported_families() -> str:
+    return '; '.join(f'{f.models} ({f.attention.__name__})' for f in FAMILIES)
 
 
-def _find_attention(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """Supported attention modules; raises naming what it found if anything else looks like attention."""
-    found, unsupported = [], set()
-    for name, module in model.named_modules():
-        if isinstance(module, MPCAttentionMixin) or type(module) in SUPPORTED_ATTENTION:
-            found.append((name, module))
-        elif _looks_like_attention(module) and not any(name.startswith(f'{n}.') for n, _ in found):
-            unsupported.add(f'{type(module).__module__}.{type(module).__name__}')
-    if unsupported or not found:
-        what = (f'attention modules of unsupported types {sorted(unsupported)}' if unsupported
-                else f'no attention modules (top-level type {type(model).__name__})')
+def _check_converts(parts: ModelParts, model: nn.Module) -> None:
+    """Raise naming what was found unless every attention module of the model converts."""
+    if not parts.converts:
+        what = (f'attention modules of unsupported types {sorted({t for _, t in parts.unsupported})}'
+                if parts.unsupported else f'no attention modules (top-level type {type(model).__name__})')
         raise ValueError(
             f'convert_to_mpc cannot convert this model: it has {what}. Supported families: '
-            f'{"; ".join(SUPPORTED_FAMILIES)}. Nothing was changed.')
-    return found
+            f'{_supported_families()}. Nothing was changed.')
 
 
 def _mlp_token_shapes(model: nn.Module, mlps: Sequence[nn.Module], input_size: Sequence[int]) -> List[Tuple[int, ...]]:
@@ -109,7 +94,7 @@ def convert_to_mpc(
     Everything is checked before the first module changes: on error the model is untouched.
 
     Args:
-        model: A timm model of a supported family (see ``SUPPORTED_ATTENTION``), or one converted before.
+        model: A timm model of a supported family (see :data:`timm_mpc.reader.FAMILIES`), or one converted before.
         attn_pattern: One kind (``softmax``, ``relu_softmax``, ``scaling``, ``2quad``) or ``'search'``
             for every head, or one entry per attention module: a kind, ``'search'``, or a list of kinds,
             one per head.
@@ -129,7 +114,9 @@ def convert_to_mpc(
     Raises:
         ValueError: an unsupported model, an unknown kind or activation, or a pattern of the wrong shape.
     """
-    attention = _find_attention(model)
+    parts = read_model(model)
+    _check_converts(parts, model)
+    attention = parts.attention
     layers = expand_attn_pattern(attn_pattern, [m.num_heads for _, m in attention])
 
     new_act = None
@@ -140,9 +127,9 @@ def convert_to_mpc(
             raise ValueError(
                 f'unknown act_layer {act_layer!r}; use a timm activation name (e.g. quad_gelu, relu, gelu) '
                 f'or an nn.Module class') from None
-    mlps = [(n, m) for n, m in model.named_modules() if isinstance(m, _MLP_TYPES)]
+    mlps = parts.mlps
     if (new_act is not None or gelu_pattern is not None) and not mlps:
-        raise ValueError(f'act_layer/gelu_pattern given, but the model has no timm MLP ({[t.__name__ for t in _MLP_TYPES]})')
+        raise ValueError(f'act_layer/gelu_pattern given, but the model has no timm MLP ({[t.__name__ for t in MLP_TYPES]})')
 
     new_mlps: List[Tuple[str, nn.Module, LinearizableMlp]] = []
     if gelu_pattern is not None:
@@ -158,28 +145,40 @@ def convert_to_mpc(
         shapes = _mlp_token_shapes(model, [m for _, m in mlps], size)
         for (name, mlp), shape, layer in zip(mlps, shapes, gelu_layers):
             if isinstance(mlp, LinearizableMlp):
-                new = LinearizableMlp.from_module(mlp, mlp.token_shape, layer)
+                mlp.values_of(layer)  # set in place below; checked now
+                new_mlps.append((name, mlp, layer))
             else:
-                new = LinearizableMlp.from_module(mlp, shape, layer)
-            new_mlps.append((name, mlp, new))
+                new_mlps.append((name, mlp, LinearizableMlp.from_module(mlp, shape, layer)))
 
+    # a module converted before keeps its tensors and gets the new pattern in place
     new_attention = [
-        (name, module, SUPPORTED_ATTENTION.get(type(module), type(module)).from_module(module, layer, relu_eps, quad_c))
+        (name, module, layer if isinstance(module, MPCAttentionMixin)
+         else SUPPORTED_ATTENTION[type(module)].from_module(module, layer, relu_eps, quad_c))
         for (name, module), layer in zip(attention, layers)]
 
     # all checks passed: apply
     report = ConversionReport()
     for name, old, new in new_attention:
-        _replace(model, name, new)
+        if isinstance(new, nn.Module):
+            _replace(model, name, new)
+        else:
+            old.heads.set_pattern(new)
+            new = old
         report.attention.append((name, type(old).__name__, type(new).__name__))
     for name, old, new in new_mlps:
-        _replace(model, name, new)
+        if isinstance(new, nn.Module):
+            _replace(model, name, new)
+        else:
+            old.set_pattern(new)
+            new = old
         report.mlps.append((name, type(old).__name__, type(new).__name__))
     if new_act is not None:
-        for name, mlp in model.named_modules():
-            if isinstance(mlp, _MLP_TYPES):
-                old_act = type(mlp.act).__name__
-                mlp.act = new_act()
-                report.activations.append((f'{name}.act', old_act, type(mlp.act).__name__))
+        for name, mlp in read_model(model).mlps:
+            old_act = type(mlp.act).__name__
+            mlp.act = new_act()
+            report.activations.append((f'{name}.act', old_act, type(mlp.act).__name__))
     report.head_counts = count_head_kinds(model)
+    if parts.family is not None:
+        report.family, report.secure_note = parts.family.name, parts.family.secure_note
+    report.runs_securely = parts.runs_securely
     return (model, report) if return_report else model

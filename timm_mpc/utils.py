@@ -2,12 +2,13 @@
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Dict, Iterator, Union
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ['inference_pass', 'parse_json', 'read_json']
+__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights']
 
 
 @contextmanager
@@ -39,3 +40,11 @@ def read_json(path: Union[str, Path], what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f'cannot read {what} {path}: {getattr(e, "strerror", None) or e}') from None
     return parse_json(text, f'{what} {path}')
+
+
+def save_weights(state: Dict[str, torch.Tensor], path: Union[str, Path]) -> None:
+    """A state dict as safetensors, written whole or not at all."""
+    path = Path(path)
+    tmp = path.with_suffix('.part')
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+    tmp.replace(path)

@@ -6,6 +6,8 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models import get_pretrained_cfg
 
+from ..layers.attn_kinds import SEARCH, list_attn_kinds, get_attn_kind
+
 __all__ = ['DATASET_CARDS', 'CARD_TEMPLATE', 'pattern_grid', 'render_card']
 
 CARD_TEMPLATE = Path(__file__).with_name('card_template.md')
@@ -19,8 +21,14 @@ DATASET_CARDS: Dict[str, Dict[str, str]] = {
 }
 """How a training dataset is named on a card and which Hub dataset it is."""
 
-_KIND_CODES = {'softmax': 'SM', 'relu_softmax': 'RS', 'scaling': 'SC', '2quad': '2Q', 'search': '?'}
-_KIND_TITLES = {'softmax': 'Softmax', 'relu_softmax': 'ReLU-Softmax', 'scaling': 'Scaling', '2quad': '2Quad'}
+
+
+def _label(kind: str) -> str:
+    return '?' if kind == SEARCH else get_attn_kind(kind).label
+
+
+def _title(kind: str) -> str:
+    return 'search (α)' if kind == SEARCH else get_attn_kind(kind).title
 
 
 def pattern_grid(attn_pattern: Sequence[Any], gelu_pattern: Optional[Sequence[Any]] = None) -> str:
@@ -35,20 +43,21 @@ def pattern_grid(attn_pattern: Sequence[Any], gelu_pattern: Optional[Sequence[An
     lines = ['| layer | ' + ' | '.join(columns) + ' |', '|---' * (len(columns) + 1) + '|']
     for layer, kinds in enumerate(attn_pattern):
         kinds = kinds if isinstance(kinds, list) else [kinds] * heads
-        cells = [_KIND_CODES.get(k, k) for k in kinds]
+        cells = [_label(k) for k in kinds]
         if gelu_pattern:
             g = gelu_pattern[layer]
             cells.append({'gelu': 'all', 'linear': 'none'}[g] if isinstance(g, str) else f'{int(sum(g))} / {len(g)}')
         lines.append(f'| {layer} | ' + ' | '.join(cells) + ' |')
-    used = sorted({k for p in attn_pattern for k in (p if isinstance(p, list) else [p])}, key=list(_KIND_CODES).index)
+    order = [k.name for k in list_attn_kinds()] + [SEARCH]
+    used = sorted({k for p in attn_pattern for k in (p if isinstance(p, list) else [p])}, key=order.index)
     lines.append('')
-    lines.append(', '.join(f'{_KIND_CODES[k]} = {_KIND_TITLES.get(k, k)}' for k in used) + '.')
+    lines.append(', '.join(f'{_label(k)} = {_title(k)}' for k in used) + '.')
     return '\n'.join(lines)
 
 
 def _heads_line(head_kinds: Dict[str, int]) -> str:
     total = sum(head_kinds.values())
-    return ', '.join(f'{n} {_KIND_TITLES.get(k, k)}' for k, n in head_kinds.items()) + f' (of {total})'
+    return ', '.join(f'{n} {_title(k)}' for k, n in head_kinds.items()) + f' (of {total})'
 
 
 def _gelu_line(gelu_pattern: Optional[List[Any]]) -> str:
@@ -147,7 +156,7 @@ def render_card(results: Dict[str, Any], repo_id: str, create_name: Optional[str
                    f'measured against.')
     else:
         summary = (f'An MPC-friendly `{model["architecture"]}` image classifier{for_data}: each attention head is '
-                   f'{" or ".join(_KIND_TITLES[k] for k in model["head_kinds"])}, chosen by the MPCViT search, so that '
+                   f'{" or ".join(_title(k) for k in model["head_kinds"])}, chosen by the MPCViT search, so that '
                    f'two-party secure inference (the model owner keeps the weights, the client the image) is cheap.')
     card = ModelCard.from_template(
         card_data, template_path=str(CARD_TEMPLATE),

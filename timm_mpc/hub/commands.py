@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import timm
-from timm.models import load_checkpoint
 from torch import nn
 
+from ..factory import create_mpc_model
 from ..utils import parse_json, read_json
 
 __all__ = ['add_hub_commands', 'training_summary']
@@ -38,20 +38,13 @@ def _training_summary(run: Dict[str, Any]) -> Dict[str, Any]:
 
 def _load_source(args: argparse.Namespace) -> nn.Module:
     """The model to publish: a weights file of ``--model``, a published folder, or a timm/Hub model name."""
-    from ..convert import convert_to_mpc
     src = args.source
     if os.path.isdir(src):
         return timm.create_model(f'local-dir:{src}', pretrained=True)
     if not os.path.isfile(src):
         return timm.create_model(src, pretrained=True)
     kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
-    if args.model.startswith('mpcvit_'):
-        return timm.create_model(args.model, pretrained=True, attn_pattern='softmax',
-                                 pretrained_cfg_overlay=dict(file=src), **kwargs)
-    model = timm.create_model(args.model, **kwargs)
-    convert_to_mpc(model, 'softmax', act_layer=args.act_layer)
-    load_checkpoint(model, src, strict=True, weights_only=True)  # the head kinds come with the weights
-    return model
+    return create_mpc_model(args.model, checkpoint=src, act_layer=args.act_layer, **kwargs)
 
 
 def _publish(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 timm's ``hf-hub:`` and ``local-dir:`` loaders call ``timm.create_model(architecture, **model_args)`` and
 then load the weights strictly, so the architecture must be registered and ``model_args`` must rebuild
 the same modules. The head pattern also travels in the weights (the ``heads.kinds`` buffers), so a
-plain ``timm.create_model("mpcvit_tiny", pretrained=True)`` through a default config gets it too.
+plain ``timm.create_model("mpcvit_tiny", pretrained=True)`` through a default config gets it too; where
+``model_args`` name a pattern, loading checks that the weights hold the same one.
 """
 from itertools import zip_longest
 from typing import Any, Dict, Tuple
@@ -15,12 +16,12 @@ from timm.models._input import get_model_input_config
 from torch import nn
 
 from ..layers.attention import MPCAttention
-from ..layers.head_kinds import HeadKinds
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..layers.mpc_attention import MPCAttentionMixin
-from ..layers.register import ATTN_LAYER_NAMES
+from ..layers.register import attn_layer_names
 from ..models.mpcvit import MPCViT
 from ..pattern import get_attn_pattern, get_gelu_pattern
+from ..reader import read_model
 from ..utils import inference_pass
 
 __all__ = ['hub_model_args', 'check_rebuild']
@@ -30,7 +31,7 @@ _HEAD_DEFAULTS = dict(relu_eps=1e-5, quad_c=5.0)  # what timm's ViT builds MPC a
 
 def _head_constants(model: nn.Module) -> Dict[str, float]:
     """The ReLU-Softmax epsilon and 2Quad shift, which must be the same in every head to be an argument."""
-    values = {(h.relu_eps, h.quad_c) for h in model.modules() if isinstance(h, HeadKinds)}
+    values = {(h.relu_eps, h.quad_c) for _, h in read_model(model).heads}
     if len(values) != 1:
         raise ValueError(f'heads use different relu_eps/quad_c {sorted(values)}; a config can hold one of each')
     relu_eps, quad_c = values.pop()
@@ -59,7 +60,8 @@ def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
         raise ValueError('the model has no registered timm architecture in its pretrained_cfg; '
                          'create it with timm.create_model(...) before publishing')
     args = dict(getattr(model, '_model_args', {}))
-    heads = [m for m in model.modules() if isinstance(m, MPCAttentionMixin)]
+    parts = read_model(model)
+    heads = [m for _, m in parts.attention if isinstance(m, MPCAttentionMixin)]
     if not heads:
         raise ValueError(f'{arch} has no MPC attention; convert it with timm_mpc.convert_to_mpc first')
     constants = _head_constants(model)
@@ -77,16 +79,16 @@ def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     if unsupported:
         raise ValueError(f'{arch}: publishing converted {unsupported} is not supported; timm builds that family\'s '
                          f'attention without an attn_layer argument. Supported: timm ViTs (Attention -> MPCAttention)')
-    if any(isinstance(m, LinearizableMlp) for m in model.modules()):
+    if any(isinstance(m, LinearizableMlp) for _, m in parts.mlps):
         raise ValueError(f'{arch}: MPCViT+ GeLU linearization of a converted timm ViT cannot be published, because '
                          f'timm\'s VisionTransformer takes its mlp_layer only as a class; publish an mpcvit_* model, '
                          f'or a converted ViT without gelu_pattern')
     if constants != _HEAD_DEFAULTS:
         raise ValueError(f'{arch}: heads use relu_eps/quad_c {constants}; timm\'s ViT builds MPC attention with '
                          f'{_HEAD_DEFAULTS}, so convert with those to publish')
-    args['attn_layer'] = next(name for name, cls in ATTN_LAYER_NAMES.items() if cls is MPCAttention)
+    args['attn_layer'] = next(name for name, cls in attn_layer_names().items() if cls is MPCAttention)
     # timm's ViT builds nn.GELU by default, which has no timm name; a replaced activation has one
-    acts = {type(m.act) for m in model.modules() if hasattr(m, 'fc1') and isinstance(getattr(m, 'act', None), nn.Module)}
+    acts = {type(act) for _, act in parts.activations}
     if len(acts) == 1:
         act = acts.pop()
         name = next((n for n, cls in create_act._ACT_LAYER_DEFAULT.items() if cls is act), None)

@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
-from ..training.engine import save_weights
-from ..utils import inference_pass
+from ..layers.pattern_state import checkpoint_state
+from ..reader import num_weights
+from ..utils import inference_pass, save_weights
 from .cache import require_org_name
 from .card import render_card
 from .model_config import check_rebuild, hub_model_args
@@ -35,7 +36,7 @@ def model_facts(model: nn.Module) -> Dict[str, Any]:
     with inference_pass(model), FlopCounterMode(display=False) as flops:
         model(torch.zeros(1, *size, device=device))
     facts: Dict[str, Any] = dict(
-        architecture=cfg['architecture'], params=sum(p.numel() for p in model.parameters()),
+        architecture=cfg['architecture'], params=num_weights(model),
         gmacs=flops.get_total_flops() / 2e9, image_size=list(size[1:]), in_chans=size[0],
         num_classes=model.num_classes, license=cfg.get('license', 'apache-2.0'),
         head_kinds=count_head_kinds(model), attn_pattern=get_attn_pattern(model))
@@ -65,7 +66,7 @@ def _write_folder(
             raise ValueError(f'{len(labels)} label names for a model with {model.num_classes} classes')
         model_config['label_names'] = list(labels)
     save_config_for_hf(model, str(directory / 'config.json'), model_config=model_config, model_args=model_args)
-    save_weights(model, directory / 'model.safetensors')
+    save_weights(checkpoint_state(model), directory / 'model.safetensors')
     (directory / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
     (directory / 'README.md').write_text(card)
 

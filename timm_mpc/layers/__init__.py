@@ -1,23 +1,27 @@
-"""MPC-friendly layers: attention kinds per head, activations and the MPCViT+ MLP."""
-from .activations import QuadGELU, quad_gelu
+"""MPC-friendly layers: the registry of attention kinds, heads with a kind each, activations and the MPCViT+ MLP."""
+from .activations import ACTIVATIONS, QuadGELU, activation_name, quad_gelu
 from .attention import (
     MPCAttention, Quad2Attention, ReLUSoftmaxAttention, ScalingAttention, SearchAttention, SoftmaxAttention,
 )
 from .attn_kinds import (
-    ATTN_KINDS, SEARCH, kind_code, kind_name, quad2_weights, relu_softmax_weights, scaling_weights, softmax_weights,
+    ATTN_KINDS, SEARCH, SEARCH_CODE, SEARCH_KINDS, AttnKind, KindContext, PatternError, list_attn_kinds, get_attn_kind, kind_code,
+    kind_name, quad2_weights, register_attn_kind, relu_softmax_weights, scaling_weights, softmax_weights,
 )
 from .eva_attention import MPCEvaAttention
 from .head_kinds import HeadKinds, HeadPattern
 from .linearizable_mlp import GELU_PATTERNS, GeluPattern, LinearizableMlp
 from .mpc_attention import MPCAttentionMixin, split_attn_mask
-from .register import ACT_LAYER_NAMES, ATTN_LAYER_NAMES, register_timm_layers
+from .pattern_state import PatternState, is_pattern_key
+from .register import ACT_LAYER_NAMES, attn_layer_names, register_timm_layers
 from .swin_attention import MPCWindowAttention
 
 __all__ = [
-    'ATTN_KINDS', 'SEARCH', 'GELU_PATTERNS', 'ACT_LAYER_NAMES', 'ATTN_LAYER_NAMES',
-    'HeadKinds', 'HeadPattern', 'GeluPattern', 'LinearizableMlp',
+    'ATTN_KINDS', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'GELU_PATTERNS', 'ACT_LAYER_NAMES', 'ACTIVATIONS',
+    'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds',
+    'HeadKinds', 'HeadPattern', 'GeluPattern', 'LinearizableMlp', 'PatternState', 'is_pattern_key',
     'MPCAttentionMixin', 'MPCAttention', 'SoftmaxAttention', 'ReLUSoftmaxAttention', 'ScalingAttention',
     'Quad2Attention', 'SearchAttention', 'MPCEvaAttention', 'MPCWindowAttention',
-    'QuadGELU', 'quad_gelu', 'kind_code', 'kind_name', 'split_attn_mask', 'register_timm_layers',
+    'QuadGELU', 'quad_gelu', 'activation_name', 'kind_code', 'kind_name', 'split_attn_mask',
+    'attn_layer_names', 'register_timm_layers',
     'softmax_weights', 'relu_softmax_weights', 'scaling_weights', 'quad2_weights',
 ]

@@ -5,7 +5,7 @@ import torch
 from timm.layers import Attention
 
 from .head_kinds import HeadPattern
-from .mpc_attention import MPCAttentionMixin, split_attn_mask
+from .mpc_attention import MPCAttentionMixin
 
 __all__ = [
     'MPCAttention', 'SoftmaxAttention', 'ReLUSoftmaxAttention', 'ScalingAttention', 'Quad2Attention',
@@ -58,8 +58,7 @@ class MPCAttention(MPCAttentionMixin, Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias, keep = split_attn_mask(attn_mask, N, N, is_causal, device=x.device)
-        x = self.attend(q, k, v, bias, keep)
+        x = self.attend(q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         return self.project_out(x, gate)
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 
-from .mpc_attention import MPCAttentionMixin, split_attn_mask
+from .mpc_attention import MPCAttentionMixin
 
 __all__ = ['MPCEvaAttention']
 
@@ -48,7 +48,6 @@ class MPCEvaAttention(MPCAttentionMixin, EvaAttention):
             q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
             k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
 
-        bias, keep = split_attn_mask(attn_mask, N, N, is_causal, device=x.device)
-        x = self.attend(q, k, v, bias, keep)
+        x = self.attend(q, k, v, attn_mask, is_causal)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.project_out(x, gate)

@@ -1,41 +1,37 @@
 """`HeadKinds`: one attention kind per head, or a learnable ReLU-Softmax/Scaling mix per head."""
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from timm.layers import register_notrace_module
 from torch import nn
 
-from .attn_kinds import ATTN_KINDS, KIND_WEIGHTS, SEARCH, kind_code, kind_name, relu_softmax_weights, scaling_weights
-from .state_mode import StateModeMixin
+from .attn_kinds import (
+    SEARCH, SEARCH_CODE, SEARCH_KINDS, PatternError, get_attn_kind, kind_code, kind_name, list_attn_kinds,
+)
+from .pattern_state import PatternState, check_unit_interval
 
-__all__ = ['HeadKinds', 'HeadPattern', 'check_unit_interval']
+__all__ = ['HeadKinds', 'HeadPattern']
 
 HeadPattern = Union[str, Sequence[str]]
-"""A layer's heads: one kind for all heads, ``'search'``, or a list with one kind per head."""
+"""A layer's heads: one kind for all heads, ``'search'``, or a list with one kind (or ``'search'``) per head."""
 
 
-def check_unit_interval(name: str, value: torch.Tensor) -> None:
-    """Raise a ValueError naming ``name`` unless every element of ``value`` lies in [0, 1]."""
-    value = value.detach()
-    if not torch.isfinite(value).all() or value.min() < 0 or value.max() > 1:
-        raise ValueError(
-            f'{name} must lie in [0, 1] (1 = keep the non-linear form, 0 = the linear form); '
-            f'got values from {value.min().item():.4g} to {value.max().item():.4g}')
-
-
-class HeadKinds(StateModeMixin, nn.Module):
+@register_notrace_module  # timm's fx tracing records the call; whether a mask is given is known when it runs
+class HeadKinds(PatternState, nn.Module):
     """Turns attention scores into attention weights, with its own rule for each head.
 
-    Two modes, told apart by the module's state so that the mode travels with a checkpoint:
+    Its state is two tensors that always exist, so that optimizers, EMA copies, DDP and checkpoints keep
+    valid references whatever the pattern:
 
-    * fixed: the ``kinds`` buffer holds one kind code per head (see :data:`ATTN_KINDS`).
-      All heads of one kind are computed together; the loop runs over kinds, never heads.
-    * search (MPCViT): the ``alpha`` parameter, shape ``(1, H, 1, 1)``, initialised to 1, mixes
-      ``alpha · ReLUSoftmax(s) + (1 − alpha) · Scaling(s)`` for every head.
+    * ``kinds`` (buffer, one integer per head): the kind's code (see :func:`timm_mpc.layers.get_attn_kind`),
+      or :data:`SEARCH_CODE` for a head in search mode;
+    * ``alpha`` (parameter, shape ``(1, H, 1, 1)``): in search mode (MPCViT) the head computes
+      ``alpha · ReLUSoftmax(s) + (1 − alpha) · Scaling(s)`` (:data:`SEARCH_KINDS`); a fixed head ignores it.
 
-    Loading a state dict switches the mode to the one the state dict holds; a plain timm state
-    dict, which holds neither key, leaves the module as it is.
+    The heads of one kind are grouped when the pattern is set (or loaded), so the forward pass has no
+    data-dependent control flow: ``torch.compile`` and ``torch.fx`` see one graph.
     """
-    fixed_key, search_key, state_name = 'kinds', 'alpha', 'head pattern'
+    pattern_keys, attribute_name = ('kinds', 'alpha'), 'heads'
 
     def __init__(
             self,
@@ -55,66 +51,83 @@ class HeadKinds(StateModeMixin, nn.Module):
         self.num_heads = num_heads
         self.relu_eps = relu_eps
         self.quad_c = quad_c
-        self.alpha: Optional[nn.Parameter] = None
-        self.kinds: Optional[torch.Tensor] = None
+        self.alpha = nn.Parameter(torch.ones(1, num_heads, 1, 1))
+        self.register_buffer('kinds', torch.zeros(num_heads, dtype=torch.long))
+        self.groups: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
         self.set_pattern(pattern)
 
     @property
     def searching(self) -> bool:
-        """True in search mode (learnable α per head)."""
-        return self.alpha is not None
+        """True when every head is in search mode (learnable α)."""
+        return all(kind == SEARCH for kind, _ in self.groups)
 
     @property
     def pattern(self) -> Union[str, List[str]]:
-        """``'search'`` in search mode, otherwise the list of per-head kind names."""
+        """``'search'`` when every head searches, otherwise the list of per-head kind names."""
         if self.searching:
             return SEARCH
         return [kind_name(c) for c in self.kinds.tolist()]
 
-    def set_pattern(self, pattern: HeadPattern) -> None:
-        """Switch to ``pattern``: a kind for all heads, ``'search'`` (α = 1), or one kind per head.
+    @property
+    def opts(self) -> Dict[str, float]:
+        """The constants every kind's weights take: ``eps`` (ReLU-Softmax) and ``quad_c`` (2Quad)."""
+        return dict(eps=self.relu_eps, quad_c=self.quad_c)
+
+    def codes_of(self, pattern: HeadPattern) -> List[int]:
+        """The ``kinds`` codes of a layer pattern.
 
         Raises:
-            ValueError: an unknown kind, or a list whose length is not the number of heads.
+            PatternError: an unknown kind, or a list whose length is not the number of heads.
         """
-        device = self._device()
-        if isinstance(pattern, str) and pattern == SEARCH:
-            self._set_search(torch.ones(1, self.num_heads, 1, 1, device=device))
-            return
         if isinstance(pattern, str):
-            codes = [kind_code(pattern)] * self.num_heads
-        elif isinstance(pattern, Sequence) and len(pattern) == self.num_heads:
-            codes = [kind_code(k) for k in pattern]
-        else:
-            raise ValueError(
-                f'a head pattern must be one of {list(ATTN_KINDS) + [SEARCH]} or a list of '
-                f'{self.num_heads} kinds (one per head); got {pattern!r}')
-        self._set_kinds(torch.tensor(codes, dtype=torch.long, device=device))
+            return [SEARCH_CODE if pattern == SEARCH else kind_code(pattern)] * self.num_heads
+        if isinstance(pattern, Sequence) and len(pattern) == self.num_heads:
+            return [SEARCH_CODE if k == SEARCH else kind_code(k) for k in pattern]
+        raise PatternError(
+            f'a head pattern must be one of {[k.name for k in list_attn_kinds()] + [SEARCH]} or a list of '
+            f'{self.num_heads} kinds (one per head); got {pattern!r}')
+
+    def set_pattern(self, pattern: HeadPattern) -> None:
+        """Set every head's kind in place; ``'search'`` heads restart from α = 1.
+
+        Raises:
+            PatternError: an unknown kind, or a list whose length is not the number of heads.
+        """
+        codes = torch.tensor(self.codes_of(pattern), dtype=torch.long)
+        with torch.no_grad():
+            self.kinds.copy_(codes)
+            self.alpha.masked_fill_(codes.to(self.alpha.device).view(1, -1, 1, 1) == SEARCH_CODE, 1.0)
+        self.refresh()
 
     def set_alpha(self, alpha: torch.Tensor) -> None:
-        """Enter search mode with the given α (any shape with ``num_heads`` elements, values in [0, 1])."""
-        alpha = torch.as_tensor(alpha, dtype=torch.float32)
-        if alpha.numel() != self.num_heads:
-            raise ValueError(f'alpha must have {self.num_heads} values (one per head); got shape {tuple(alpha.shape)}')
-        check_unit_interval('alpha', alpha)
-        self._set_search(alpha.reshape(1, self.num_heads, 1, 1).to(self._device()))
+        """Put every head in search mode with the given α (``num_heads`` values in [0, 1]), in place."""
+        self.enter_search(alpha, 'head')
 
-    def _device(self) -> torch.device:
-        state = self.alpha if self.alpha is not None else self.kinds
-        return state.device if state is not None else torch.device('cpu')
+    def refresh(self) -> None:
+        """Group the heads by kind from the ``kinds`` buffer (after it was set or loaded)."""
+        codes = self.kinds.tolist()
+        self.groups = tuple((kind_name(code), tuple(h for h, c in enumerate(codes) if c == code))
+                            for code in sorted(set(codes)))
+        # α trains only where a head searches (DDP refuses parameters that get no gradient)
+        self.alpha.requires_grad_(any(kind == SEARCH for kind, _ in self.groups))
 
-    def _set_search(self, alpha: torch.Tensor) -> None:
-        # exactly one of the two is registered state; the other is a plain None attribute
-        self._buffers.pop('kinds', None)
-        self.__dict__['kinds'] = None
-        self.__dict__.pop('alpha', None)
-        self.alpha = nn.Parameter(alpha.float())
+    def unused_state(self) -> Tuple[str, ...]:
+        return () if any(kind == SEARCH for kind, _ in self.groups) else ('alpha',)
 
-    def _set_kinds(self, codes: torch.Tensor) -> None:
-        self._parameters.pop('alpha', None)
-        self.__dict__['alpha'] = None
-        self.__dict__.pop('kinds', None)
-        self.register_buffer('kinds', codes)
+    def check_state(self, state: Dict[str, torch.Tensor]) -> None:
+        kinds = state['kinds']
+        if kinds.shape != (self.num_heads,) or kinds.is_floating_point():
+            raise PatternError(f'kinds must be an integer tensor of shape ({self.num_heads},), got '
+                               f'{kinds.dtype} of shape {tuple(kinds.shape)}')
+        for code in kinds.tolist():
+            kind_name(code)
+        check_unit_interval('alpha', state['alpha'])
+
+    def legacy_state(self, present: str, value: torch.Tensor) -> torch.Tensor:
+        # checkpoints written before both tensors always existed hold one: kinds (fixed) or alpha (search)
+        if present == 'kinds':
+            return torch.ones_like(self.alpha)
+        return torch.full_like(self.kinds, SEARCH_CODE)
 
     def forward(self, scores: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Attention weights for ``scores`` of shape ``(B, H, Nq, Nk)``.
@@ -123,34 +136,26 @@ class HeadKinds(StateModeMixin, nn.Module):
             scores: Scaled dot products, any additive bias (relative position) already added.
             keep: Optional boolean mask broadcastable to ``scores``: False marks keys a query must not see.
         """
-        opts = dict(eps=self.relu_eps, quad_c=self.quad_c)
-        if self.searching:
-            alpha = self.alpha.to(scores.dtype)
-            return alpha * relu_softmax_weights(scores, keep, **opts) + (1 - alpha) * scaling_weights(scores, keep)
-        codes = self.kinds.unique().tolist()
-        if len(codes) == 1:
-            return KIND_WEIGHTS[kind_name(codes[0])](scores, keep, **opts)
-        weights = torch.empty_like(scores)
+        if len(self.groups) == 1:
+            return self._weights(self.groups[0][0], scores, keep, self.alpha)
         if keep is not None:
             keep = keep.expand_as(scores)
-        for code in codes:
-            heads = self.kinds == code
-            weights[:, heads] = KIND_WEIGHTS[kind_name(code)](
-                scores[:, heads], None if keep is None else keep[:, heads], **opts)
-        return weights
+        parts, order = [], []
+        for kind, heads in self.groups:  # constant per pattern: one graph for torch.compile and torch.fx
+            index = list(heads)
+            parts.append(self._weights(kind, scores[:, index], None if keep is None else keep[:, index],
+                                       self.alpha[:, index]))
+            order.extend(heads)
+        return torch.cat(parts, dim=1)[:, sorted(range(len(order)), key=order.__getitem__)]
 
-    def _load_fixed(self, kinds: torch.Tensor) -> None:
-        if kinds.shape != (self.num_heads,) or kinds.is_floating_point():
-            raise ValueError(f'expected an integer tensor of shape ({self.num_heads},), got '
-                             f'{kinds.dtype} of shape {tuple(kinds.shape)}')
-        for code in kinds.tolist():
-            kind_name(code)
-        self._set_kinds(kinds.to(self._device(), torch.long).clone())
-
-    def _load_search(self, alpha: torch.Tensor) -> None:
-        self.set_alpha(alpha)
+    def _weights(self, kind: str, scores: torch.Tensor, keep: Optional[torch.Tensor],
+                 alpha: torch.Tensor) -> torch.Tensor:
+        opts = self.opts
+        if kind == SEARCH:
+            alpha = alpha.to(scores.dtype)
+            first, second = (get_attn_kind(k).weights for k in SEARCH_KINDS)
+            return alpha * first(scores, keep, **opts) + (1 - alpha) * second(scores, keep, **opts)
+        return get_attn_kind(kind).weights(scores, keep, **opts)
 
     def extra_repr(self) -> str:
-        if self.searching:
-            return f'num_heads={self.num_heads}, pattern=search'
         return f'num_heads={self.num_heads}, pattern={self.pattern}'

@@ -1,14 +1,14 @@
 """MPCViT+ MLP: per-token choice between GeLU and a linear path with a ReLU after the second layer."""
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import Mlp
 from torch import nn
 
-from .head_kinds import check_unit_interval
+from .attn_kinds import PatternError
+from .pattern_state import PatternState, check_unit_interval
 from .rebase import rebase_module
-from .state_mode import StateModeMixin
 
 __all__ = ['LinearizableMlp', 'GeluPattern', 'GELU_PATTERNS']
 
@@ -16,9 +16,10 @@ GeluPattern = Union[str, Sequence[Any], torch.Tensor]
 """``'gelu'``, ``'linear'``, ``'search'``, or one 0/1 value per token (1 = keep GeLU)."""
 
 GELU_PATTERNS = ('gelu', 'linear', 'search')
+_SEARCH_VALUE = -1.0  # a gelu_tokens value: the token's β is searched
 
 
-class LinearizableMlp(StateModeMixin, Mlp):
+class LinearizableMlp(PatternState, Mlp):
     """timm ``Mlp`` where each token position either keeps the activation or is linearized.
 
     With ``β`` per token position (shape ``(1, *token_shape, 1)``)::
@@ -27,10 +28,11 @@ class LinearizableMlp(StateModeMixin, Mlp):
         out = (1 − β) · ReLU(fc2 h) + β · fc2 h
 
     A token with β = 1 is the plain MLP; with β = 0 it skips the activation and gets a ReLU after
-    the second linear layer (MPCViT+). Fixed mode keeps 0/1 values in the ``gelu_tokens``
-    buffer; search mode learns them as the ``beta`` parameter. Parameter names are ``Mlp``'s.
+    the second linear layer (MPCViT+). The ``gelu_tokens`` buffer holds the fixed 0/1 values, or -1 where β
+    is searched as the ``beta`` parameter; both always exist (see :class:`PatternState`). Parameter names
+    are ``Mlp``'s.
     """
-    fixed_key, search_key, state_name = 'gelu_tokens', 'beta', 'GeLU pattern'
+    pattern_keys, attribute_name = ('gelu_tokens', 'beta'), 'mlp'
 
     def __init__(
             self,
@@ -59,8 +61,10 @@ class LinearizableMlp(StateModeMixin, Mlp):
 
     def init_linearization(self, token_shape: Sequence[int], gelu_pattern: GeluPattern) -> None:
         self.token_shape: Tuple[int, ...] = tuple(int(t) for t in token_shape)
-        self.beta: Optional[nn.Parameter] = None
-        self.gelu_tokens: Optional[torch.Tensor] = None
+        device = self.fc1.weight.device
+        self.beta = nn.Parameter(torch.ones(self.beta_shape, device=device))
+        self.register_buffer('gelu_tokens', torch.ones(self.beta_shape, device=device))
+        self.mode = 'gelu'
         self.set_pattern(gelu_pattern)
 
     @classmethod
@@ -73,7 +77,7 @@ class LinearizableMlp(StateModeMixin, Mlp):
     @property
     def searching(self) -> bool:
         """True in search mode (learnable β)."""
-        return self.beta is not None
+        return self.mode == 'search'
 
     @property
     def num_tokens(self) -> int:
@@ -91,73 +95,85 @@ class LinearizableMlp(StateModeMixin, Mlp):
             return 'search'
         return self.gelu_tokens.reshape(self.token_shape).int().tolist()
 
-    def set_pattern(self, gelu_pattern: GeluPattern) -> None:
-        """Switch to ``gelu_pattern`` (see the constructor).
+    def values_of(self, gelu_pattern: GeluPattern) -> torch.Tensor:
+        """The ``gelu_tokens`` values of a pattern (-1 for search).
 
         Raises:
-            ValueError: an unknown name, a pattern of the wrong shape, or values other than 0 and 1.
+            PatternError: an unknown name, a pattern of the wrong shape, or values other than 0 and 1.
         """
-        device = self.fc1.weight.device
         if isinstance(gelu_pattern, str):
             if gelu_pattern not in GELU_PATTERNS:
-                raise ValueError(
+                raise PatternError(
                     f'unknown GeLU pattern {gelu_pattern!r}; accepted: {list(GELU_PATTERNS)} or one 0/1 '
                     f'value per token (shape {self.token_shape})')
-            if gelu_pattern == 'search':
-                self._set_search(torch.ones(self.beta_shape, device=device))
-                return
-            values = torch.full(self.beta_shape, 1. if gelu_pattern == 'gelu' else 0., device=device)
-        else:
-            values = torch.as_tensor(gelu_pattern, dtype=torch.float32, device=device)
-            if values.numel() != self.num_tokens:
-                raise ValueError(
-                    f'a GeLU pattern needs one value per token, shape {self.token_shape}; '
-                    f'got shape {tuple(values.shape)}')
-            if not ((values == 0) | (values == 1)).all():
-                raise ValueError(
-                    'a fixed GeLU pattern holds 0 (linearized token) or 1 (GeLU token); got values '
-                    f'{sorted(set(values.flatten().tolist()))[:8]}; use set_beta for fractional search values')
-        self._set_fixed(values.reshape(self.beta_shape))
+            value = {'gelu': 1.0, 'linear': 0.0, 'search': _SEARCH_VALUE}[gelu_pattern]
+            return torch.full(self.beta_shape, value)
+        values = torch.as_tensor(gelu_pattern, dtype=torch.float32).detach().cpu()
+        if values.numel() != self.num_tokens:
+            raise PatternError(
+                f'a GeLU pattern needs one value per token, shape {self.token_shape}; got shape {tuple(values.shape)}')
+        if not ((values == 0) | (values == 1)).all():
+            raise PatternError(
+                'a fixed GeLU pattern holds 0 (linearized token) or 1 (GeLU token); got values '
+                f'{sorted(set(values.flatten().tolist()))[:8]}; use set_beta for fractional search values')
+        return values.reshape(self.beta_shape)
+
+    def set_pattern(self, gelu_pattern: GeluPattern) -> None:
+        """Set the pattern in place (see the constructor); ``'search'`` restarts β from 1.
+
+        Raises:
+            PatternError: an unknown name, a pattern of the wrong shape, or values other than 0 and 1.
+        """
+        values = self.values_of(gelu_pattern)
+        with torch.no_grad():
+            self.gelu_tokens.copy_(values)
+            if isinstance(gelu_pattern, str) and gelu_pattern == 'search':
+                self.beta.fill_(1.0)
+        self.refresh()
 
     def set_beta(self, beta: torch.Tensor) -> None:
-        """Enter search mode with the given β (one value per token, in [0, 1])."""
-        beta = torch.as_tensor(beta, dtype=torch.float32)
-        if beta.numel() != self.num_tokens:
-            raise ValueError(f'beta needs one value per token, shape {self.token_shape}; got shape {tuple(beta.shape)}')
+        """Enter search mode with the given β (one value per token, in [0, 1]), in place."""
+        self.enter_search(beta, 'token')
+
+    def refresh(self) -> None:
+        """The forward path from the ``gelu_tokens`` buffer (after it was set or loaded)."""
+        tokens = self.gelu_tokens
+        self.mode = 'search' if bool((tokens == _SEARCH_VALUE).all()) else 'gelu' if bool((tokens == 1).all()) \
+            else 'mixed'
+        self.beta.requires_grad_(self.mode == 'search')  # β trains only in search mode (DDP refuses unused ones)
+
+    def unused_state(self) -> Tuple[str, ...]:
+        return {'gelu': ('gelu_tokens', 'beta'), 'mixed': ('beta',), 'search': ()}[self.mode]
+
+    def check_state(self, state: Dict[str, torch.Tensor]) -> None:
+        tokens, beta = state['gelu_tokens'], state['beta']
+        for name, value in state.items():
+            if value.numel() != self.num_tokens:
+                raise PatternError(f'{name} needs one value per token, shape {self.token_shape}; '
+                                   f'got shape {tuple(value.shape)}')
+        searched = tokens == _SEARCH_VALUE
+        if not (searched.all() or ((tokens == 0) | (tokens == 1)).all()):
+            raise PatternError(f'gelu_tokens holds 0 or 1 per token, or -1 everywhere (search); got values '
+                               f'{sorted(set(tokens.flatten().tolist()))[:8]}')
         check_unit_interval('beta', beta)
-        self._set_search(beta.reshape(self.beta_shape).to(self.fc1.weight.device))
 
-    def _set_search(self, beta: torch.Tensor) -> None:
-        # exactly one of the two is registered state; the other is a plain None attribute
-        self._buffers.pop('gelu_tokens', None)
-        self.__dict__['gelu_tokens'] = None
-        self.__dict__.pop('beta', None)
-        self.beta = nn.Parameter(beta)
-
-    def _set_fixed(self, values: torch.Tensor) -> None:
-        self._parameters.pop('beta', None)
-        self.__dict__['beta'] = None
-        self.__dict__.pop('gelu_tokens', None)
-        self.register_buffer('gelu_tokens', values)
+    def legacy_state(self, present: str, value: torch.Tensor) -> torch.Tensor:
+        # checkpoints written before both tensors always existed hold one: gelu_tokens (fixed) or beta (search)
+        if present == 'gelu_tokens':
+            return torch.ones(self.beta_shape)
+        return torch.full(self.beta_shape, _SEARCH_VALUE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        beta = self.beta if self.searching else self.gelu_tokens
         x = self.fc1(x)
-        if self.searching or not bool(beta.all()):
-            beta = beta.to(x.dtype)
+        if self.mode == 'gelu':
+            x = self.fc2(self.norm(self.drop1(self.act(x))))
+        else:
+            beta = (self.beta if self.mode == 'search' else self.gelu_tokens).to(x.dtype)
             x = beta * self.act(x) + (1 - beta) * x
             x = self.norm(self.drop1(x))
             x = self.fc2(x)
             x = (1 - beta) * x.relu() + beta * x
-        else:
-            x = self.fc2(self.norm(self.drop1(self.act(x))))
         return self.drop2(x)
-
-    def _load_fixed(self, gelu_tokens: torch.Tensor) -> None:
-        self.set_pattern(gelu_tokens)
-
-    def _load_search(self, beta: torch.Tensor) -> None:
-        self.set_beta(beta)
 
     def extra_repr(self) -> str:
         if self.searching:

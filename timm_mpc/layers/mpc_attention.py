@@ -7,7 +7,7 @@ from torch import nn
 from .head_kinds import HeadKinds, HeadPattern
 from .rebase import rebase_module
 
-__all__ = ['MPCAttentionMixin', 'split_attn_mask']
+__all__ = ['MPCAttentionMixin', 'split_attn_mask', 'attention_scores']
 
 _M = TypeVar('_M', bound=nn.Module)
 
@@ -40,6 +40,26 @@ def split_attn_mask(
     return attn_mask.masked_fill(~keep, 0.), keep
 
 
+def attention_scores(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        scale: float,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scores ``q·kᵀ·scale`` plus the finite part of ``attn_mask``, and the keys each query may see (or None).
+
+    One function for fx tracing (wrapped, not traced into): whether a mask was given is decided when the model
+    runs, not baked into the graph.
+    """
+    bias, keep = split_attn_mask(attn_mask, q.shape[-2], k.shape[-2], is_causal, device=q.device)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    return (scores if bias is None else scores + bias), keep
+
+
+torch.fx.wrap('attention_scores')  # fx records the call; it runs when the traced model runs
+
+
 class MPCAttentionMixin:
     """Adds a :class:`HeadKinds` module named ``heads`` to an attention module.
 
@@ -61,15 +81,13 @@ class MPCAttentionMixin:
             q: torch.Tensor,
             k: torch.Tensor,
             v: torch.Tensor,
-            bias: Optional[torch.Tensor] = None,
-            keep: Optional[torch.Tensor] = None,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
     ) -> torch.Tensor:
-        """``weights(q·kᵀ·scale + bias) @ v`` for ``q, k, v`` of shape ``(B, H, N, head_dim)``."""
-        scores = (q * self.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            scores = scores + bias
-        weights = self.attn_drop(self.heads(scores, keep))
-        return weights @ v
+        """``weights(q·kᵀ·scale + mask) @ v`` for ``q, k, v`` of shape ``(B, H, N, head_dim)`` and an SDPA-style
+        ``attn_mask`` (additive, or boolean keep) or ``is_causal``."""
+        scores, keep = attention_scores(q, k, self.scale, attn_mask, is_causal)
+        return self.attn_drop(self.heads(scores, keep)) @ v
 
     def project_out(self, x: torch.Tensor, gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Output norm, optional gate, projection and dropout, as timm's attention modules end."""

@@ -12,14 +12,18 @@ from functools import partial
 from typing import Any, Dict, Optional, Sequence, Set, Type, Union
 
 import torch
-from timm.layers import DropPath, LayerScale, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs, load_pretrained, register_model
+from timm.layers import Attention, DropPath, LayerScale, Mlp
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers.attention import MPCAttention
+from ..layers.attn_kinds import SEARCH_KINDS, PatternError, kind_code
 from ..layers.linearizable_mlp import GeluPattern, LinearizableMlp
-from ..pattern import ModelPattern, expand_gelu_pattern, set_attn_pattern
+from ..layers.pattern_state import is_pattern_key
+from ..pattern import ModelPattern, expand_attn_pattern, expand_gelu_pattern, set_attn_pattern, set_gelu_pattern
+from ..reader import Family, register_family
 
 __all__ = ['MPCViT', 'MPCViTBlock', 'checkpoint_filter_fn', 'PretrainedWeightsError']
 
@@ -43,6 +47,7 @@ class MPCViTBlock(nn.Module):
 
     Takes the same arguments as timm's ``Block``, so it serves as ``VisionTransformer``'s ``block_fn``.
     """
+    norm_style = 'post'  # the secure plan reads this: the norm after the attention residual is on the stream
 
     def __init__(
             self,
@@ -119,10 +124,13 @@ class MPCViTBlock(nn.Module):
 
 
 class MPCViT(VisionTransformer):
-    """timm ``VisionTransformer`` with :class:`MPCViTBlock` blocks and a head pattern.
+    """timm ``VisionTransformer`` with :class:`MPCViTBlock` blocks, a head pattern and MPCViT+ MLPs.
 
-    Without weights the model starts where the MPCViT search starts: every head in search mode
-    with α = 1. The distillation teacher is the same model with ``attn_pattern='softmax'``.
+    Every MLP is a :class:`~timm_mpc.layers.LinearizableMlp` and every attention layer has its
+    :class:`~timm_mpc.layers.HeadKinds`, whatever the patterns: a pattern is values in those modules' state,
+    so setting or loading one never changes the model's structure. Without weights the model starts where the
+    MPCViT search starts: every head in search mode with α = 1, every token with its GeLU. The distillation
+    teacher is the same model with ``attn_pattern='softmax'``.
     """
 
     def __init__(
@@ -137,10 +145,9 @@ class MPCViT(VisionTransformer):
         """
         Args:
             attn_pattern: One kind (or ``'search'``, the default) for all heads, or one entry per layer: a kind,
-                ``'search'``, or a list with one kind per head. Kinds: ``softmax``, ``relu_softmax``,
-                ``scaling``, ``2quad``.
-            gelu_pattern: None for plain GeLU MLPs; else MPCViT+ linearization: ``'gelu'``, ``'linear'``,
-                ``'search'``, or one entry per layer (those names or a 0/1 value per token).
+                ``'search'``, or a list with one kind per head. Kinds: see :data:`timm_mpc.layers.ATTN_KINDS`.
+            gelu_pattern: MPCViT+ linearization: ``'gelu'`` (None, the default: every token keeps its GeLU),
+                ``'linear'``, ``'search'``, or one entry per layer (those names or a 0/1 value per token).
             gelu_per_token: One β per token position (the paper); False gives one β per layer.
             relu_eps: ReLU-Softmax denominator epsilon.
             quad_c: 2Quad shift.
@@ -151,9 +158,12 @@ class MPCViT(VisionTransformer):
         kwargs.setdefault('attn_layer', MPCAttention)
         super().__init__(**kwargs)
         self.gelu_per_token = gelu_per_token
+        token_shape = (self.num_tokens,) if gelu_per_token else ()
+        for blk in self.blocks:
+            blk.mlp = LinearizableMlp.from_module(blk.mlp, token_shape, 'gelu')
         set_attn_pattern(self, attn_pattern)
         if gelu_pattern is not None:
-            self.set_gelu_pattern(gelu_pattern)
+            set_gelu_pattern(self, gelu_pattern)
 
     @property
     def num_tokens(self) -> int:
@@ -161,26 +171,18 @@ class MPCViT(VisionTransformer):
         return self.patch_embed.num_patches + self.num_prefix_tokens
 
     def set_gelu_pattern(self, gelu_pattern: Union[GeluPattern, Sequence[GeluPattern]]) -> None:
-        """Turn the MLPs into :class:`LinearizableMlp` (if not already) with the given pattern.
-
-        The pattern is checked for every layer before any layer changes.
-        """
-        layers = expand_gelu_pattern(gelu_pattern, len(self.blocks))
-        token_shape = (self.num_tokens,) if self.gelu_per_token else ()
-        mlps = [blk.mlp if isinstance(blk.mlp, LinearizableMlp) else LinearizableMlp.from_module(blk.mlp, token_shape, 'gelu')
-                for blk in self.blocks]
-        for mlp, layer in zip(mlps, layers):
-            mlp.set_pattern(layer)  # raises before anything is attached if a layer's pattern is bad
-        for blk, mlp in zip(self.blocks, mlps):
-            blk.mlp = mlp
+        """Set every MLP's GeLU pattern in place (see :func:`timm_mpc.pattern.set_gelu_pattern`)."""
+        set_gelu_pattern(self, gelu_pattern)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         # the architecture parameters α and β are searched, not regularised by weight decay
         names = set(super().no_weight_decay())
-        names.update(n for n, _ in self.named_parameters() if n.endswith('.alpha') or n.endswith('.beta'))
+        names.update(n for n, _ in self.named_parameters() if is_pattern_key(n))
         return names
 
+
+register_family(Family('MPCViT', 'mpcvit_*', MPCViT, Attention, MPCAttention, True))
 
 _AUTHORS_KEYS = [
     (r'^tokenizer\.conv_layers\.0\.0\.', 'patch_embed.proj.'),
@@ -196,16 +198,15 @@ _AUTHORS_KEYS = [
     (r'^classifier\.norm\.', 'norm.'),
     (r'^classifier\.fc\.', 'head.'),
 ]
-# keys whose presence or absence sets a layer's mode rather than a weight
-_MODE_KEY = re.compile(r'\.(heads\.(alpha|kinds)|mlp\.(beta|gelu_tokens))$')
+_BINARY_KINDS = {1.0: kind_code(SEARCH_KINDS[0]), 0.0: kind_code(SEARCH_KINDS[1])}  # the authors' binarized α
 
 
-def _convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: MPCViT) -> Dict[str, torch.Tensor]:
+def _convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Map the original MPCViT repository's layout onto ``MPCViT`` names.
 
-    Binary α (1 = ReLU-Softmax, 0 = Scaling) becomes a fixed head pattern and binary β a fixed GeLU
-    pattern; fractional values are a search checkpoint and load in search mode, where they mean the
-    mix the search trained (the authors' evaluation code would leave such heads unnormalised).
+    Binary α (1 = ReLU-Softmax, 0 = Scaling) is a fixed head pattern and binary β a fixed GeLU pattern, so they
+    become ``kinds`` codes and ``gelu_tokens``; fractional values are a search checkpoint and stay α and β, where
+    they mean the mix the search trained (the authors' evaluation code would leave such heads unnormalised).
     """
     out: Dict[str, torch.Tensor] = {}
     unknown = []
@@ -217,10 +218,10 @@ def _convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: MPCV
         else:
             unknown.append(key)
             continue
-        if new_key.endswith('.heads.alpha') and ((value == 0) | (value == 1)).all():
-            codes = torch.where(value.flatten() == 1, 1, 2)  # relu_softmax : scaling
-            out[new_key.replace('.alpha', '.kinds')] = codes.long()
-        elif new_key.endswith('.mlp.beta') and ((value == 0) | (value == 1)).all():
+        binary = bool(((value == 0) | (value == 1)).all())
+        if new_key.endswith('.heads.alpha') and binary:
+            out[new_key.replace('.alpha', '.kinds')] = torch.tensor([_BINARY_KINDS[float(v)] for v in value.flatten()])
+        elif new_key.endswith('.mlp.beta') and binary:
             out[new_key.replace('.beta', '.gelu_tokens')] = value.float()
         else:
             out[new_key] = value
@@ -228,19 +229,16 @@ def _convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor], model: MPCV
         raise ValueError(
             f'checkpoint in the MPCViT repository layout has keys this converter does not know: {unknown[:6]}'
             f'{" ..." if len(unknown) > 6 else ""}; known prefixes are tokenizer.conv_layers.0.0, classifier.*')
-    # blocks without α are the authors' Softmax baseline
-    for i, blk in enumerate(model.blocks):
-        if f'blocks.{i}.attn.qkv.weight' in out and not any(f'blocks.{i}.attn.heads.{k}' in out for k in ('kinds', 'alpha')):
-            out[f'blocks.{i}.attn.heads.kinds'] = torch.zeros(blk.attn.num_heads, dtype=torch.long)
     return out
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MPCViT) -> Dict[str, torch.Tensor]:
-    """Prepare a checkpoint for ``model``: ours, a timm ViT-Lite one, or the MPCViT authors' layout.
+    """Remap a checkpoint's keys for ``model``: ours, a timm ViT-Lite one, or the MPCViT authors' layout.
 
-    The checkpoint's head pattern and GeLU pattern travel with it: the model is switched to them
-    (MPCViT+ MLPs are created where the checkpoint has β). Shapes are checked first, so a
-    mismatched checkpoint is refused with a clear message before anything is changed.
+    Only keys (and the authors' α/β encoding) change; the model is not touched. The checkpoint's head and GeLU
+    patterns are values in the weights, so loading sets them; a layer whose checkpoint holds neither tensor of
+    a pattern is what it was trained as, Softmax heads and GeLU on every token. Shapes are checked first, so a checkpoint of
+    another architecture is refused with a clear message before anything is loaded.
 
     Raises:
         ValueError: a checkpoint that does not fit the model.
@@ -248,30 +246,30 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MPCViT) -> Dict[str,
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
     if any(k.startswith(('tokenizer.', 'classifier.')) for k in state_dict):
-        state_dict = _convert_authors_checkpoint(state_dict, model)
-
+        state_dict = _convert_authors_checkpoint(state_dict)
+    state_dict = dict(state_dict)
+    for i, blk in enumerate(model.blocks):  # neither tensor of a pattern: a plain ViT-Lite layer
+        heads, mlp = f'blocks.{i}.attn.heads.', f'blocks.{i}.mlp.'
+        if heads + 'kinds' not in state_dict and heads + 'alpha' not in state_dict:
+            state_dict[heads + 'kinds'] = torch.full((blk.attn.heads.num_heads,), kind_code('softmax'))
+        if mlp + 'gelu_tokens' not in state_dict and mlp + 'beta' not in state_dict:
+            state_dict[mlp + 'gelu_tokens'] = torch.ones_like(blk.mlp.gelu_tokens)
     expected = model.state_dict()
     cfg = getattr(model, 'pretrained_cfg', {}) or {}
     adaptable = tuple(p for p in (cfg.get('classifier'), cfg.get('first_conv')) if p)  # timm adapts these
     mismatched = [
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
         for k, v in state_dict.items()
-        if k in expected and not _MODE_KEY.search(k) and not k.startswith(adaptable) and v.shape != expected[k].shape]
-    missing = [k for k in expected if k not in state_dict and not _MODE_KEY.search(k)]
-    unexpected = [k for k in state_dict if k not in expected and not _MODE_KEY.search(k)]
+        if k in expected and not is_pattern_key(k) and not k.startswith(adaptable) and v.shape != expected[k].shape]
+    # a checkpoint may hold either tensor of a pattern (older ones hold one); the layers fill in the other
+    missing = [k for k in expected if k not in state_dict and not is_pattern_key(k)]
+    unexpected = [k for k in state_dict if k not in expected]
     if mismatched or missing or unexpected:
         arch = (f'depth {len(model.blocks)}, dim {model.embed_dim}, '
                 f'{model.blocks[0].attn.num_heads} heads, {model.num_tokens} tokens')
         problems = [('shape mismatches', mismatched), ('missing keys', missing), ('unexpected keys', unexpected)]
         detail = '; '.join(f'{name}: {items[:4]}{" ..." if len(items) > 4 else ""}' for name, items in problems if items)
         raise ValueError(f'checkpoint does not fit this model ({arch}): {detail}')
-
-    for i, blk in enumerate(model.blocks):
-        has_beta = any(f'blocks.{i}.mlp.{k}' in state_dict for k in ('beta', 'gelu_tokens'))
-        if has_beta and not isinstance(blk.mlp, LinearizableMlp):
-            beta = state_dict.get(f'blocks.{i}.mlp.beta', state_dict.get(f'blocks.{i}.mlp.gelu_tokens'))
-            token_shape = (model.num_tokens,) if beta.numel() > 1 else ()
-            blk.mlp = LinearizableMlp.from_module(blk.mlp, token_shape, 'gelu')
     return state_dict
 
 
@@ -324,11 +322,31 @@ def _weight_source(cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _check_weights_pattern(model: MPCViT, requested: Dict[str, Any]) -> None:
+    """The patterns a caller asked for (``model_args``) must be the ones the loaded weights hold."""
+    if 'attn_pattern' in requested:
+        heads = [blk.attn.heads for blk in model.blocks]
+        asked = [h.codes_of(layer) for h, layer in zip(heads, expand_attn_pattern(
+            requested['attn_pattern'], [h.num_heads for h in heads]))]
+        if asked != [h.kinds.tolist() for h in heads]:
+            raise PatternError(f'the weights hold head pattern {[h.pattern for h in heads]}, but attn_pattern='
+                               f'{requested["attn_pattern"]!r} was asked for; leave attn_pattern out to take the '
+                               f'weights\' pattern, or load weights of that pattern')
+    if requested.get('gelu_pattern') is not None:
+        mlps = [blk.mlp for blk in model.blocks]
+        layers = expand_gelu_pattern(requested['gelu_pattern'], len(mlps))
+        if not all(torch.equal(m.values_of(layer), m.gelu_tokens.cpu()) for m, layer in zip(mlps, layers)):
+            raise PatternError(f'the weights hold GeLU pattern {[m.pattern for m in mlps]}, but gelu_pattern='
+                               f'{requested["gelu_pattern"]!r} was asked for; leave gelu_pattern out to take the '
+                               f'weights\' pattern')
+
+
 def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPCViT:
-    model = build_model_with_cfg(MPCViT, variant, pretrained=False, **kwargs)
+    build = dict(pretrained_filter_fn=checkpoint_filter_fn,
+                 feature_cfg=dict(out_indices=kwargs.pop('out_indices', 3), feature_cls='getter'))
     if not pretrained:
-        return model
-    cfg = model.pretrained_cfg
+        return build_model_with_cfg(MPCViT, variant, pretrained=False, **build, **kwargs)
+    cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay')).to_dict()
     name = f'{variant}.{cfg["tag"]}' if cfg.get('tag') and not cfg.get('file') else variant
     source = _weight_source(cfg)
     if source is None:
@@ -340,13 +358,10 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
     if cfg.get('file') and not os.path.exists(cfg['file']):
         raise PretrainedWeightsError(f'checkpoint file for {name} not found: {cfg["file"]}')
     try:
-        load_pretrained(
-            model,
-            num_classes=kwargs.get('num_classes', cfg.get('num_classes', 10)),
-            in_chans=kwargs.get('in_chans', 3),
-            filter_fn=checkpoint_filter_fn,
-        )
-    except Exception as e:  # any failure here is a failure to get the weights: say which and from where
+        model = build_model_with_cfg(MPCViT, variant, pretrained=True, **build, **kwargs)
+    except (TypeError, PatternError):  # arguments the model does not take: not a weights problem
+        raise
+    except Exception as e:  # any other failure is a failure to get the weights: say which and from where
         if cfg.get('file'):
             hint = (' The file may be corrupt or truncated, or not a checkpoint of this model '
                     '(accepted: safetensors or torch.save state dicts in timm-mpc or MPCViT layout).')
@@ -359,6 +374,8 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
                     f'checkpoints/{repo}), or pass pretrained_cfg_overlay=dict(file=PATH) to load a local file.')
         raise PretrainedWeightsError(f'could not load pretrained weights for {name} from {source}: '
                                      f'{type(e).__name__}: {str(e).rstrip(".")}.{hint}') from e
+    if not kwargs.get('features_only'):
+        _check_weights_pattern(model, kwargs)
     return model
 
 

@@ -4,19 +4,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ..layers.head_kinds import HeadKinds
+from ..layers.attn_kinds import SEARCH_KINDS
 from ..layers.linearizable_mlp import LinearizableMlp
-from ..secure.costs import NETWORKS
-from .cost_model import estimate_latency
+from ..reader import read_model
+from ..cost import NETWORKS, estimate_latency
 
 __all__ = ['searches_gelu', 'searched_alpha', 'searched_beta', 'binarize_mu', 'binarize_budget', 'binarize_gelu']
 
-RS, SA = 'relu_softmax', 'scaling'
+RS, SA = SEARCH_KINDS  # what α = 1 and α = 0 stand for
 
 
 def searched_alpha(model: nn.Module) -> List[List[float]]:
     """α of every search-mode attention layer, one list of per-head values per layer."""
-    layers = [m for m in model.modules() if isinstance(m, HeadKinds)]
+    layers = [m for _, m in read_model(model).heads]
     if not layers or not all(m.searching for m in layers):
         raise ValueError('the model is not a searched supernet: every attention layer must be in search mode (α)')
     return [m.alpha.detach().flatten().tolist() for m in layers]
@@ -24,12 +24,12 @@ def searched_alpha(model: nn.Module) -> List[List[float]]:
 
 def searches_gelu(model: nn.Module) -> bool:
     """True if any MLP of the model is searching its GeLU linearization (MPCViT+ β)."""
-    return any(isinstance(m, LinearizableMlp) and m.searching for m in model.modules())
+    return any(isinstance(m, LinearizableMlp) and m.searching for _, m in read_model(model).mlps)
 
 
 def searched_beta(model: nn.Module) -> List[List[float]]:
     """β of every search-mode MLP (MPCViT+), one flat list of per-token values per layer."""
-    layers = [m for m in model.modules() if isinstance(m, LinearizableMlp)]
+    layers = [m for _, m in read_model(model).mlps if isinstance(m, LinearizableMlp)]
     if not layers or not all(m.searching for m in layers):
         raise ValueError("the model has no GeLU search: create it with gelu_pattern='search' (MPCViT+)")
     return [m.beta.detach().flatten().tolist() for m in layers]

@@ -7,9 +7,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from ..pattern import count_head_kinds, set_attn_pattern
+from ..cost import estimate_latency, model_cost_table
+from ..layers.pattern_state import checkpoint_state
+from ..pattern import count_head_kinds, set_attn_pattern, set_gelu_pattern
+from ..utils import save_weights
 from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu
-from .cost_model import estimate_latency, model_cost_table
 
 __all__ = ['binarized_model', 'export_patterns']
 
@@ -19,7 +21,7 @@ def binarized_model(supernet: nn.Module, attn_pattern: List[List[str]], gelu_pat
     model = copy.deepcopy(supernet)
     set_attn_pattern(model, attn_pattern)
     if gelu_pattern is not None:
-        model.set_gelu_pattern(gelu_pattern)
+        set_gelu_pattern(model, gelu_pattern)
     elif searches_gelu(model):
         raise ValueError('the supernet searched GeLU linearization (β); give a GeLU keep fraction to binarize it')
     return model
@@ -42,7 +44,6 @@ def export_patterns(
         ``alpha``, ``beta`` (None without a GeLU search) and ``patterns``: per name the head and GeLU
         patterns, the number of ReLU-Softmax heads, the estimated secure cost and the checkpoint file.
     """
-    from ..training.engine import save_weights
     alpha = searched_alpha(supernet)
     beta = searched_beta(supernet) if searches_gelu(supernet) else None
     gelu = binarize_gelu(beta, gelu_keep) if beta is not None and gelu_keep is not None else None
@@ -54,7 +55,7 @@ def export_patterns(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, attn in chosen.items():
         model = binarized_model(supernet, attn, gelu)
-        save_weights(model, out_dir / f'{name}.safetensors')
+        save_weights(checkpoint_state(model), out_dir / f'{name}.safetensors')
         patterns[name] = dict(attn_pattern=attn, gelu_pattern=gelu, head_kinds=count_head_kinds(model),
                               secure_estimate=estimate_latency(table, attn, gelu), file=f'{name}.safetensors')
     result = dict(alpha=alpha, beta=beta, gelu_keep=gelu_keep, network=network, patterns=patterns)

@@ -3,16 +3,16 @@
 Nothing here imports CrypTen until a secure computation runs (see :mod:`.crypten_compat`).
 """
 from .calibration import FixedPointRangeError, calibrate
-from .cost_table import kind_cost_table
-from .costs import NETWORKS, CostProfile, CostRow, NetworkSetting
 from .launch import SecureInferenceError, SecureResult, secure_predict
 from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
-from .plan import InputRangeError, UnsupportedModelError, build_plan, build_secure_plan, check_images
+from .plan import (
+    InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
+)
 from .settings import InsecureSettingWarning, SecureSettings
 
 __all__ = [
     'secure_predict', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
     'UnsupportedModelError', 'InputRangeError', 'FixedPointRangeError', 'InsecureSettingWarning', 'build_plan',
-    'build_secure_plan', 'check_images', 'calibrate',
-    'kind_cost_table', 'CostProfile', 'CostRow', 'NetworkSetting', 'NETWORKS', 'PartyResult', 'run_owner', 'run_client', 'run_dealer',
+    'build_secure_plan', 'check_images', 'calibrate', 'SecurePlan', 'PlanError',
+    'PartyResult', 'run_owner', 'run_client', 'run_dealer',
 ]

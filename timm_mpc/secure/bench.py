@@ -1,48 +1,33 @@
 """``timm-mpc bench``: secure cost of a model against its all-Softmax, exact-GeLU baseline, in one run."""
+import copy
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
-from .costs import NETWORKS, CostProfile, NetworkSetting
+from ..reader import read_model
+from ..cost.profile import NETWORKS, CostProfile, NetworkSetting
 from ..utils import inference_pass
 from .launch import SecureResult, secure_predict
 from .plan import check_images
 from .settings import SecureSettings
 
-__all__ = ['mu_pattern', 'baseline_of', 'compare_logits', 'run_bench', 'secure_accuracy', 'format_profile']
-
-
-def mu_pattern(heads_per_layer: Sequence[int], mu: float) -> List[List[str]]:
-    """A fixed pattern with ``round(mu · heads)`` ReLU-Softmax heads spread over the layers, the rest Scaling.
-
-    It stands in for a searched pattern of the same μ when none is at hand (same count, not the same choice).
-    """
-    total = sum(heads_per_layer)
-    keep = round(mu * total)
-    order = sorted(((h, layer) for layer, n in enumerate(heads_per_layer) for h in range(n)))[:keep]
-    chosen = {(layer, h) for h, layer in order}
-    return [['relu_softmax' if (layer, h) in chosen else 'scaling' for h in range(n)]
-            for layer, n in enumerate(heads_per_layer)]
+__all__ = ['baseline_of', 'compare_logits', 'run_bench', 'secure_accuracy', 'format_profile']
 
 
 def baseline_of(model: nn.Module) -> nn.Module:
-    """The same model and weights with Softmax in every head and exact GeLU in every MLP (the paper's baseline)."""
-    import copy
-
-    from timm.layers import Mlp
-
-    from ..layers.linearizable_mlp import LinearizableMlp
+    """A copy of the model and weights with Softmax in every head and exact GeLU in every MLP (the paper's
+    baseline); ``model`` itself is not changed."""
     base = copy.deepcopy(model)
     set_attn_pattern(base, 'softmax')
-    for name, module in list(base.named_modules()):
-        if isinstance(module, LinearizableMlp):
-            module.set_pattern('gelu')
-        if isinstance(module, Mlp):
-            module.act = nn.GELU()
+    for _, mlp in read_model(base).mlps:
+        if isinstance(mlp, LinearizableMlp):
+            mlp.set_pattern('gelu')
+        mlp.act = nn.GELU()
     return base
 
 

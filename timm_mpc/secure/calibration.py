@@ -8,13 +8,14 @@ the owner: only the public scale and iteration count derived from each go into t
 :class:`FixedPointRangeError`.
 """
 from collections import defaultdict
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import torch
-from timm.layers import GELU
 from torch import nn
 
+from ..layers.attn_kinds import get_attn_kind
 from ..layers.head_kinds import HeadKinds
+from ..reader import read_model
 from ..utils import inference_pass
 from .ops import GELU_MAX_EXP_ITERATIONS, gelu_bound, gelu_exp_iterations
 from .settings import SecureSettings
@@ -33,7 +34,12 @@ def product_limit(settings: SecureSettings) -> float:
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) -> Dict[str, Dict[str, float]]:
-    """Run ``model`` on ``images`` in plain text and return the ranges the secure plan needs.
+    """Run ``model`` on ``images`` in plain text and return the ranges the secure plan needs: ``{'min', 'max'}``
+    of each LayerNorm's variance and of each attention kind's denominator (``blocks.i.attn.<kind>``), and the
+    ``max`` of each exact GeLU's input magnitude.
+
+    The modules are the ones :func:`timm_mpc.reader.read_model` finds, so calibration covers exactly what the
+    plan computes; an exact GeLU is one entry of :data:`timm_mpc.layers.ACTIVATIONS` in either of its classes.
 
     Raises:
         FixedPointRangeError: a product would not fit the fixed-point encoding, or a GeLU input lies
@@ -46,12 +52,16 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
     def track(name: str, value: torch.Tensor) -> None:
         largest.append((float(value.detach().abs().max()), name))
 
+    def record(name: str, value: torch.Tensor) -> None:
+        r = ranges[name]
+        r['min'] = min(r.get('min', float('inf')), float(value.min()))
+        r['max'] = max(r.get('max', float('-inf')), float(value.max()))
+
     def layer_norm_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
             centred = x - x.mean(-1, keepdim=True)
-            var = centred.square().mean(-1) + module.eps
-            ranges[name].update(var_max=float(var.max()), var_min=float(var.min()))
+            record(name, centred.square().mean(-1) + module.eps)
             track(f'{name} (centred input)', centred)  # squared only after a public rescaling
         return hook
 
@@ -59,26 +69,18 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
         def hook(module: HeadKinds, args: tuple) -> None:
             scores = args[0].detach().float()
             track(f'{name} (attention scores)', scores)
-            if module.searching:
-                return
-            for kind in set(module.pattern):
-                heads = torch.tensor([k == kind for k in module.pattern])
-                s = scores[:, heads]
-                if kind == 'relu_softmax':
-                    denom = s.relu().sum(-1) + module.relu_eps
-                elif kind == '2quad':
-                    numer = (s + module.quad_c).square()
-                    track(f'{name} (2quad numerators)', numer)
-                    denom = numer.sum(-1)
-                else:
-                    continue
-                ranges[f'{name}.{kind}'].update(denom_max=float(denom.max()), denom_min=float(denom.min()))
+            for kind, heads in module.groups:
+                denominator = get_attn_kind(kind).denominator if kind != 'search' else None
+                if denominator is not None:
+                    denom = denominator(scores[:, list(heads)], **module.opts)
+                    track(f'{name} ({kind} denominators)', denom)
+                    record(f'{name}.{kind}', denom)
         return hook
 
     def act_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float()
-            ranges[name]['abs_max'] = float(x.abs().max())
+            record(name, x.abs())
             track(f'{name} (squared inputs)', x.square())
         return hook
 
@@ -87,15 +89,13 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             track(f'{name} (output)', output)
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.LayerNorm):
-            hooks.append(module.register_forward_pre_hook(layer_norm_hook(name)))
-        elif isinstance(module, HeadKinds):
-            hooks.append(module.register_forward_pre_hook(scores_hook(name.rsplit('.', 1)[0])))
-        elif isinstance(module, (nn.GELU, GELU)):
-            hooks.append(module.register_forward_pre_hook(act_hook(name)))
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            hooks.append(module.register_forward_hook(output_hook(name)))
+    parts = read_model(model)
+    acts = parts.activation_names()
+    hooks += [m.register_forward_pre_hook(layer_norm_hook(name)) for name, m in parts.norms]
+    hooks += [m.register_forward_pre_hook(scores_hook(name.rsplit('.', 1)[0])) for name, m in parts.heads]
+    hooks += [m.register_forward_pre_hook(act_hook(name)) for name, m in parts.activations  # they square their input
+              if acts[name] in ('gelu', 'quad_gelu')]
+    hooks += [m.register_forward_hook(output_hook(name)) for name, m in parts.linears]
     try:
         with inference_pass(model):
             model(images)
@@ -111,9 +111,10 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             f'{name} reaches {value:.3g}, beyond the {limit:.3g} that products hold with '
             f'{settings.precision_bits} fractional bits in a 64-bit ring ({len(over)} value(s) too large); '
             f'lower precision_bits or rescale the model')
-    for name, r in ranges.items():
-        if 'abs_max' in r and settings.gelu == 'exp_fit' and gelu_exp_iterations(r['abs_max'], 0) is None:
+    for name, _ in parts.activations:
+        abs_max = ranges.get(name, {}).get('max')
+        if acts[name] == 'gelu' and abs_max is not None and settings.gelu == 'exp_fit' and gelu_exp_iterations(abs_max, 0) is None:
             raise FixedPointRangeError(
-                f'{name}: GeLU inputs reach {r["abs_max"]:.3g}, beyond the ±{gelu_bound(GELU_MAX_EXP_ITERATIONS):.3g} '
+                f'{name}: GeLU inputs reach {abs_max:.3g}, beyond the ±{gelu_bound(GELU_MAX_EXP_ITERATIONS):.3g} '
                 f'that the secure GeLU covers with its most squarings ({GELU_MAX_EXP_ITERATIONS}); rescale the model')
     return dict(ranges)

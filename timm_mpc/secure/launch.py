@@ -1,18 +1,20 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
+import importlib
 import queue as queue_lib
 import socket
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from .costs import CostProfile
+from ..cost.profile import CostProfile
+from ..layers.attn_kinds import kind_modules
 from .party import PartyResult, run_client, run_dealer, run_owner
-from .plan import build_secure_plan, check_images
+from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
 
 __all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port']
@@ -27,7 +29,7 @@ class SecureResult:
     """The client's logits from a secure inference, with what it cost."""
     logits: torch.Tensor
     profile: CostProfile
-    plan: Dict[str, Any]
+    plan: SecurePlan
     settings: SecureSettings
 
 
@@ -38,8 +40,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any) -> None:
+def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
+                   kind_modules: Tuple[str, ...] = ()) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
+    for module in kind_modules:  # attention kinds registered outside timm-mpc, as in the parent
+        importlib.import_module(module)
 
     def report_timeout(message: str) -> None:  # the watchdog ends this process right after
         results.put((role, 'error', message))
@@ -63,7 +68,7 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         raise SystemExit(1)
 
 
-def run_local_parties(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
                       settings: SecureSettings) -> PartyResult:
     """Start owner, client and dealer (unless the owner deals) as processes; return the client's result or raise."""
     ctx = mp.get_context('spawn')
@@ -71,8 +76,8 @@ def run_local_parties(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     payloads = {'owner': dict(plan=plan, state_dict=state_dict), 'client': dict(images=images)}
     roles = ['owner', 'client'] + (['dealer'] if settings.secure else [])
-    procs = {role: ctx.Process(target=_party_process, args=(role, rendezvous, settings.to_dict(), payloads.get(role, {}), results),
-                               daemon=True) for role in roles}
+    procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
+        role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, kind_modules())) for role in roles}
     for p in procs.values():
         p.start()
     outcomes: Dict[str, Any] = {}
@@ -145,7 +150,7 @@ def secure_predict(
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()
-    state_dict = {k: v.detach().cpu().float() for k, v in model.state_dict().items() if k in plan['params']}
+    state_dict = plan.owner_weights(model)
     result = run_local_parties(plan, state_dict, images, settings)
     out = SecureResult(torch.from_numpy(result.logits), result.profile, plan, settings)
     return out if return_result else out.logits

@@ -19,9 +19,9 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .costs import CostMeter, CostProfile
+from ..cost.profile import CostMeter, CostProfile
 from .crypten_compat import import_crypten, set_process_group_timeout
-from .plan import check_image_tensor, check_images, validate_plan
+from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
@@ -41,7 +41,7 @@ class PartyResult:
     rank: int
     logits: Optional[torch.Tensor]
     profile: CostProfile
-    plan: Dict[str, Any]
+    plan: SecurePlan
 
 
 def _first_line(error: BaseException) -> str:
@@ -146,22 +146,23 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
     return tally
 
 
-def _client_verdict(plan: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[str, Any], Optional[torch.Tensor]]:
+def _client_verdict(data: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[str, Any], Optional[SecurePlan],
+                                                                         Optional[torch.Tensor]]:
     """The client's answer to the owner's plan (accepted with the batch size, or refused with a reason that says
-    nothing of the images' values or shape), and the images to share."""
+    nothing of the images' values or shape), the plan read back, and the images to share."""
     try:
-        validate_plan(plan)
-    except (ValueError, TypeError, KeyError) as e:
-        return dict(accepted=False, reason=f'the client cannot run this plan ({type(e).__name__}: {e})'), None
+        plan = SecurePlan.from_dict(data)
+    except PlanError as e:
+        return dict(accepted=False, reason=f'the client cannot run this plan ({e})'), None, None
     try:
         images = check_images(plan, images, clamp=clamp)
     except ValueError as e:  # the details stay with the client: they describe its images
         return dict(accepted=False, reason='the client\'s images do not fit the plan (input size or input bounds)',
-                    detail=str(e)), None
-    return dict(accepted=True, batch=int(images.shape[0])), images
+                    detail=str(e)), plan, None
+    return dict(accepted=True, batch=int(images.shape[0])), plan, images
 
 
-def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Dict[str, Any]],
+def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
@@ -176,8 +177,10 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
         differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
         if differ:
             raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
-        plan = _exchange_json(crypten, plan, OWNER)
-        verdict, images = _client_verdict(plan, images, clamp) if rank == CLIENT else (None, None)
+        sent = _exchange_json(crypten, plan.to_dict() if rank == OWNER else None, OWNER)
+        verdict = None
+        if rank == CLIENT:
+            verdict, plan, images = _client_verdict(sent, images, clamp)
         answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'},
                                 CLIENT)
         if not answer['accepted']:
@@ -217,7 +220,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Di
             pass
 
 
-def run_owner(rendezvous: str, plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor],
+def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
               settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
               on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs.
@@ -225,7 +228,7 @@ def run_owner(rendezvous: str, plan: Dict[str, Any], state_dict: Dict[str, torch
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
     line on stderr); the process then exits with code 2.
     """
-    validate_plan(plan)
+    plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout)
 

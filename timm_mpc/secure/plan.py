@@ -1,47 +1,54 @@
-"""The public side of a secure model: its architecture as plain data (a *plan*).
+"""The public side of a secure model: its architecture as a typed, versioned plan (:class:`SecurePlan`).
 
-Both parties must run the same computation. The model owner builds the plan from a timm model and
-sends it to the client as JSON; the client never sees a weight or a calibration statistic, only what
-both must agree on. The fields, all public:
+Both parties must run the same computation. The model owner builds the plan from a timm model and its own
+calibration images (:func:`build_secure_plan`) and sends it to the client as JSON; the client reads it back
+with :meth:`SecurePlan.from_dict`, which refuses another version, a missing or unknown field, a value of the
+wrong type, an attention kind or activation it does not know, and a layer without its schedule. The client
+never sees a weight or a calibration statistic, only what both must agree on. The fields, all public:
 
-- ``version``: :data:`PLAN_VERSION`; another version, or a field not listed here, is refused.
+- ``version``: :data:`PLAN_VERSION`.
 - ``input_size`` ``[C, H, W]``, ``input_bounds`` (per channel ``[low, high]``: pixels in [0, 1] normalized
   with the model's mean and std), ``patch_size``, ``embed_dim``, ``cls_token``, ``reg_tokens``,
   ``num_prefix_tokens``, ``pos_embed``, ``no_embed_class``, ``global_pool``, ``num_classes``.
 - ``norm_pre``, ``norm``, ``fc_norm``: LayerNorm ``eps`` and whether it has a bias, or None.
 - ``blocks``: per block its style (pre- or post-norm), norms, LayerScale flags, attention (heads, head
-  size, score scale, one kind per head, biases, q/k norms, ReLU-Softmax eps, 2Quad constant) and MLP (hidden
-  size, activation, MPCViT+ GeLU tokens, biases).
+  size, score scale, one kind per head, biases, q/k norms, the kinds' constants) and MLP (hidden size,
+  activation, MPCViT+ GeLU tokens, biases).
 - ``params``: the name and shape of every weight the owner will share (values stay the owner's).
-- ``schedules``: per LayerNorm and per attention kind that divides, a public input scale (a power of 4)
-  and a Newton iteration count; per exact GeLU, the squarings of its exp. They are derived from ranges the
-  owner calibrated on its own images, widened by ``range_margin``, and reveal the order of magnitude of
-  those ranges (a power of 4, an iteration count), never the ranges themselves.
+- ``schedules``: the calibrated ranges in their public form: per LayerNorm and per attention kind with a
+  reciprocal, an input scale (a power of 4) and a Newton iteration count; per exact GeLU, the squarings of
+  its exp. They are derived from ranges the owner measured on its own images, widened by ``range_margin``,
+  and reveal the order of magnitude of those ranges, never the ranges themselves (which stay with the owner).
 
-Everything the secure engine does not support is refused here, naming the module, before any party starts.
+Everything the secure engine does not support is refused by :func:`build_plan`, naming the module, before
+any party starts.
 """
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import GELU, LayerScale, Mlp, PatchEmbed
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.layers import LayerScale, Mlp, PatchEmbed
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..layers.activations import QuadGELU
+from ..layers.activations import ACTIVATIONS, activation_name
 from ..layers.attention import MPCAttention
+from ..layers.attn_kinds import PatternError, get_attn_kind
 from ..layers.linearizable_mlp import LinearizableMlp
-from ..models.mpcvit import MPCViT, MPCViTBlock
+from ..reader import FAMILIES, read_model
 from . import ops
 from .settings import SecureSettings
 
-__all__ = ['UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'plan_tokens',
-           'check_image_tensor', 'check_images', 'validate_plan', 'normalization', 'PLAN_VERSION']
+__all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'NormSpec', 'Schedule', 'PlanError',
+           'UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'check_image_tensor',
+           'check_images', 'normalization', 'PLAN_VERSION']
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: typed plan; kind constants as opts; every layer's schedule required
 
-# every attention kind that divides by a data-dependent denominator has a calibrated reciprocal schedule
-_DIVIDING_KINDS = ('relu_softmax', '2quad')
 _BOUND_TOLERANCE = 1e-3  # float round-off of a normalization, in normalized units
 
 
@@ -53,85 +60,262 @@ class UnsupportedModelError(ValueError):
     """The model has a part the secure engine cannot compute."""
 
 
+class PlanError(ValueError):
+    """A plan that this timm-mpc cannot run: another version, a missing or unknown field, a bad value."""
+
+
+@dataclass
+class NormSpec:
+    eps: float
+    bias: bool
+
+
+@dataclass
+class Schedule:
+    scale: float
+    iters: int
+
+
+@dataclass
+class AttentionSpec:
+    num_heads: int
+    head_dim: int
+    scale: float
+    kinds: List[str]
+    qkv_bias: bool
+    proj_bias: bool
+    q_norm: Optional[NormSpec]
+    k_norm: Optional[NormSpec]
+    opts: Dict[str, float]
+
+    def groups(self) -> List[Tuple[str, List[int]]]:
+        """``(kind, heads)`` for every kind in the layer, in code order."""
+        codes = {kind: get_attn_kind(kind).code for kind in set(self.kinds)}
+        return [(kind, [h for h, k in enumerate(self.kinds) if k == kind]) for kind in sorted(codes, key=codes.get)]
+
+
+@dataclass
+class MlpSpec:
+    hidden: int
+    act: str
+    gelu_tokens: Optional[List[int]]
+    fc1_bias: bool
+    fc2_bias: bool
+
+
+@dataclass
+class BlockSpec:
+    style: str
+    norm1: NormSpec
+    norm2: NormSpec
+    attn: AttentionSpec
+    mlp: MlpSpec
+    ls1: bool
+    ls2: bool
+
+
+@dataclass
+class SecurePlan:
+    """Everything both parties must agree on to run a model securely (see the module docstring)."""
+    input_size: List[int]
+    input_bounds: List[List[float]]
+    patch_size: List[int]
+    embed_dim: int
+    cls_token: bool
+    reg_tokens: int
+    num_prefix_tokens: int
+    pos_embed: bool
+    no_embed_class: bool
+    norm_pre: Optional[NormSpec]
+    blocks: List[BlockSpec]
+    norm: Optional[NormSpec]
+    fc_norm: Optional[NormSpec]
+    global_pool: str
+    num_classes: int
+    params: Dict[str, List[int]]
+    schedules: Dict[str, Schedule] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image: patches plus prefix tokens."""
+        _, h, w = self.input_size
+        return (h // self.patch_size[0]) * (w // self.patch_size[1]) + self.num_prefix_tokens
+
+    def layer_norm_names(self) -> List[str]:
+        """The qualified name of every LayerNorm the plan computes, in order."""
+        names = [name for name in ('norm_pre', 'norm', 'fc_norm') if getattr(self, name) is not None]
+        for i, blk in enumerate(self.blocks):
+            names += [f'blocks.{i}.norm1', f'blocks.{i}.norm2']
+            if blk.attn.q_norm is not None:
+                names += [f'blocks.{i}.attn.q_norm', f'blocks.{i}.attn.k_norm']
+        return names
+
+    def reciprocal_names(self) -> List[Tuple[str, str]]:
+        """``(schedule name, kind)`` for every attention kind in a layer that needs a reciprocal schedule."""
+        return [(f'blocks.{i}.attn.{kind}', kind) for i, blk in enumerate(self.blocks)
+                for kind, _ in blk.attn.groups() if get_attn_kind(kind).reciprocal_range is not None]
+
+    def owner_weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
+        """The weights the owner shares: the plan's ``params`` of ``model``, detached float32 on the CPU."""
+        state = model.state_dict()
+        return {name: state[name].detach().cpu().float() for name in self.params}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The plan as JSON-ready data."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Any) -> 'SecurePlan':
+        """Read a plan sent as JSON data, refusing what this timm-mpc cannot run.
+
+        Raises:
+            PlanError: another version, a missing or unknown field, a value of the wrong type, an attention
+                kind or activation not known here, inconsistent input bounds, or a layer without its schedule.
+        """
+        if not isinstance(data, dict):
+            raise PlanError(f'a plan is a JSON object, got {type(data).__name__}')
+        if data.get('version') != PLAN_VERSION:
+            raise PlanError(f'plan version {data.get("version")!r}; this timm-mpc reads version {PLAN_VERSION}')
+        plan = _decode(cls, data, 'plan')
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        """Consistency checks beyond types (see :meth:`from_dict`)."""
+        c = self.input_size[0]
+        if len(self.input_bounds) != c or any(len(b) != 2 or not b[0] < b[1] for b in self.input_bounds):
+            raise PlanError(f'plan input_bounds must be one [low, high] pair per channel ({c}), got {self.input_bounds}')
+        acts = [name for name, _ in ACTIVATIONS]
+        for i, blk in enumerate(self.blocks):
+            try:
+                blk.attn.groups()
+            except PatternError as e:
+                raise PlanError(f'plan blocks.{i}.attn: {e}') from None
+            if len(blk.attn.kinds) != blk.attn.num_heads:
+                raise PlanError(f'plan blocks.{i}.attn has {len(blk.attn.kinds)} kinds for {blk.attn.num_heads} heads')
+            if blk.mlp.act not in acts:
+                raise PlanError(f'plan blocks.{i}.mlp.act {blk.mlp.act!r}; accepted: {acts}')
+            if blk.style not in ('pre', 'post'):
+                raise PlanError(f'plan blocks.{i}.style {blk.style!r}; accepted: pre, post')
+        if self.global_pool not in ('token', 'avg'):
+            raise PlanError(f'plan global_pool {self.global_pool!r}; accepted: token, avg')
+        needed = self.layer_norm_names() + [name for name, _ in self.reciprocal_names()]
+        missing = [name for name in needed if name not in self.schedules]
+        if missing:
+            raise PlanError(f'plan schedules miss {missing[:4]}{" ..." if len(missing) > 4 else ""}: every LayerNorm '
+                            f'and every attention kind with a reciprocal needs one')
+
+
+def _decode(tp: Any, value: Any, path: str) -> Any:
+    """``value`` (JSON data) as type ``tp``, or a PlanError naming the field."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise PlanError(f'{path} must be an object, got {type(value).__name__}')
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        missing, unknown = set(names) - set(value), set(value) - set(names)
+        if missing or unknown:
+            raise PlanError(f'{path} fields: missing {sorted(missing)}, unknown {sorted(unknown)}; '
+                            f'version {PLAN_VERSION} has {names}')
+        return tp(**{name: _decode(hints[name], value[name], f'{path}.{name}') for name in names})
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _decode(args[0], value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PlanError(f'{path} must be a list, got {type(value).__name__}')
+        return [_decode(args[0], v, f'{path}[{i}]') for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise PlanError(f'{path} must be an object, got {type(value).__name__}')
+        return {k: _decode(args[1], v, f'{path}.{k}') for k, v in value.items()}
+    accepted = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[tp]
+    if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
+        raise PlanError(f'{path} must be {tp.__name__}, got {value!r}')
+    return tp(value)
+
+
 def _fail(path: str, module: Any, accepted: str) -> None:
     raise UnsupportedModelError(
         f'secure inference does not support {path or "the model"} ({type(module).__name__}); accepted: {accepted}')
 
 
-def _layer_norm(path: str, module: nn.Module, optional: bool = True) -> Optional[Dict[str, Any]]:
+def _layer_norm(path: str, module: nn.Module, optional: bool = True) -> Optional[NormSpec]:
     if isinstance(module, nn.Identity) and optional:
         return None
     if not isinstance(module, nn.LayerNorm) or not module.elementwise_affine or len(module.normalized_shape) != 1:
         _fail(path, module, 'nn.LayerNorm over the last dimension with affine weights, or nn.Identity')
-    return dict(eps=float(module.eps), bias=module.bias is not None)
+    return NormSpec(eps=float(module.eps), bias=module.bias is not None)
 
 
-def _activation(path: str, act: nn.Module) -> str:
-    if isinstance(act, QuadGELU):
-        return 'quad_gelu'
-    if isinstance(act, (nn.GELU, GELU)) and getattr(act, 'approximate', 'none') == 'none':
-        return 'gelu'
-    if isinstance(act, nn.ReLU):
-        return 'relu'
-    if isinstance(act, nn.Identity):
-        return 'identity'
-    _fail(path, act, 'exact GELU, QuadGELU, ReLU or Identity')
-
-
-def _attention(path: str, attn: nn.Module) -> Dict[str, Any]:
+def _attention(path: str, attn: nn.Module) -> AttentionSpec:
     if not isinstance(attn, MPCAttention):
         _fail(path, attn, 'timm_mpc MPCAttention (convert the model with timm_mpc.convert_to_mpc first)')
-    if attn.heads.searching:
+    if any(kind == 'search' for kind, _ in attn.heads.groups):
         raise UnsupportedModelError(
-            f'{path} is in search mode (learnable alpha); binarize it to one kind per head before secure inference')
+            f'{path} has heads in search mode (learnable alpha); binarize it to one kind per head before secure '
+            f'inference')
     if attn.gate is not None or not isinstance(attn.norm, nn.Identity):
         _fail(path, attn, 'attention without output gate or scale norm')
-    return dict(
+    return AttentionSpec(
         num_heads=attn.num_heads, head_dim=attn.head_dim, scale=float(attn.scale), kinds=attn.heads.pattern,
         qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
         q_norm=_layer_norm(f'{path}.q_norm', attn.q_norm), k_norm=_layer_norm(f'{path}.k_norm', attn.k_norm),
-        relu_eps=float(attn.heads.relu_eps), quad_c=float(attn.heads.quad_c))
+        opts={k: float(v) for k, v in attn.heads.opts.items()})
 
 
-def _mlp(path: str, mlp: nn.Module) -> Dict[str, Any]:
+def _mlp(path: str, mlp: nn.Module) -> MlpSpec:
     if type(mlp) not in (Mlp, LinearizableMlp) or not isinstance(mlp.norm, nn.Identity):
         _fail(path, mlp, 'timm Mlp (fc1, act, fc2) or timm_mpc LinearizableMlp, without hidden norm')
     if not isinstance(mlp.fc1, nn.Linear):
         _fail(f'{path}.fc1', mlp.fc1, 'nn.Linear')
     gelu_tokens = None
-    if isinstance(mlp, LinearizableMlp):
+    if isinstance(mlp, LinearizableMlp) and mlp.mode != 'gelu':
         if mlp.searching:
             raise UnsupportedModelError(f'{path} is in search mode (learnable beta); fix its GeLU pattern first')
         if mlp.token_shape and len(mlp.token_shape) != 1:
             _fail(path, mlp, 'a per-token or per-layer GeLU pattern over a token sequence')
         gelu_tokens = mlp.gelu_tokens.flatten().int().tolist()
-    return dict(hidden=mlp.fc1.out_features, act=_activation(f'{path}.act', mlp.act), gelu_tokens=gelu_tokens,
-                fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None)
+    act = activation_name(mlp.act)
+    if act is None:
+        _fail(f'{path}.act', mlp.act, f'one of {[name for name, _ in ACTIVATIONS]} (GeLU exact, not tanh)')
+    return MlpSpec(hidden=mlp.fc1.out_features, act=act, gelu_tokens=gelu_tokens,
+                   fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None)
 
 
-def _block(path: str, blk: nn.Module) -> Dict[str, Any]:
-    if type(blk) not in (Block, MPCViTBlock):
+def _block(path: str, blk: nn.Module) -> BlockSpec:
+    style = getattr(blk, 'norm_style', 'pre' if type(blk) is Block else None)
+    if style is None:
         _fail(path, blk, 'timm Block (pre-norm) or timm_mpc MPCViTBlock (LayerNorm after the attention residual)')
     for name in ('ls1', 'ls2'):
         ls = getattr(blk, name)
         if not isinstance(ls, (nn.Identity, LayerScale)):
             _fail(f'{path}.{name}', ls, 'LayerScale or Identity')
-    return dict(
-        style='post' if isinstance(blk, MPCViTBlock) else 'pre',
-        norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
+    return BlockSpec(
+        style=style, norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
         norm2=_layer_norm(f'{path}.norm2', blk.norm2, optional=False),
         attn=_attention(f'{path}.attn', blk.attn), mlp=_mlp(f'{path}.mlp', blk.mlp),
         ls1=isinstance(blk.ls1, LayerScale), ls2=isinstance(blk.ls2, LayerScale))
 
 
-def build_plan(model: nn.Module) -> Dict[str, Any]:
-    """The public plan of ``model`` (a ViT-family timm model whose attention was made MPC-friendly).
+def build_plan(model: nn.Module) -> SecurePlan:
+    """The public plan of ``model`` (a ViT-family timm model whose attention was made MPC-friendly), without
+    schedules.
 
     Raises:
-        UnsupportedModelError: naming the first module the secure engine cannot compute.
+        UnsupportedModelError: naming the family that does not run securely yet, or the first module the
+            secure engine cannot compute.
     """
-    if not isinstance(model, VisionTransformer):
-        _fail('', model, 'timm VisionTransformer models: mpcvit_*, or vit_* / deit_* after convert_to_mpc')
+    parts = read_model(model)
+    if not parts.runs_securely:
+        secure = ', '.join(f'{f.models}' for f in FAMILIES if f.secure)
+        family = f'the {parts.family.name} family ({parts.family.secure_note})' if parts.family else 'this model'
+        _fail('', model, f'{secure}; {family} does not run securely yet'
+              + ('' if parts.converts else '; convert it with timm_mpc.convert_to_mpc first'))
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or not pe.flatten \
             or pe.proj.kernel_size != pe.proj.stride or pe.proj.padding != (0, 0) or model.dynamic_img_size:
@@ -140,11 +324,9 @@ def build_plan(model: nn.Module) -> Dict[str, Any]:
         _fail('attn_pool', model.attn_pool or model, "global_pool 'token' or 'avg'")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         _fail('head', model.head, 'nn.Linear or nn.Identity')
-    if type(model) not in (VisionTransformer, MPCViT):
-        _fail('', model, 'VisionTransformer or MPCViT (distilled and other subclasses have their own forward)')
-    params = {name: list(p.shape) for name, p in model.named_parameters()}
-    return dict(
-        version=PLAN_VERSION,
+    params = {name: list(p.shape) for name, p in model.named_parameters()
+              if name not in {f'{n}.alpha' for n, _ in parts.heads} | {f'{n}.beta' for n, _ in parts.mlps}}
+    return SecurePlan(
         input_size=[pe.proj.in_channels, *pe.img_size],
         input_bounds=[[(0.0 - m) / s, (1.0 - m) / s] for m, s in zip(*normalization(model, pe.proj.in_channels))],
         patch_size=list(pe.patch_size),
@@ -161,7 +343,6 @@ def build_plan(model: nn.Module) -> Dict[str, Any]:
         global_pool=model.global_pool,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         params=params,
-        schedules={},
     )
 
 
@@ -176,55 +357,45 @@ def normalization(model: nn.Module, channels: int) -> Tuple[Tuple[float, ...], T
 
 
 def _schedule(low: Optional[float], high: Optional[float], domain: Dict[int, Tuple[float, float]],
-              default_iters: int, settings: SecureSettings, margin: float) -> Dict[str, Any]:
+              default_iters: int, settings: SecureSettings, margin: float) -> Schedule:
     """Public input scale and Newton iterations for values in ``[low, high]`` (with ``high`` widened by
     ``margin``: only values above the covered range make the iterations diverge; values below it come out
     too small, never unbounded). CrypTen's fixed choice when range scaling is off or nothing was measured."""
     if not settings.range_scaling or high is None:
-        return dict(scale=1.0, iters=default_iters)
+        return Schedule(scale=1.0, iters=default_iters)
     scale, iters = ops.newton_schedule(low, high * margin, domain, min(domain))
-    return dict(scale=scale, iters=iters)
+    return Schedule(scale=scale, iters=iters)
 
 
-def _layer_norm_names(plan: Dict[str, Any]) -> List[str]:
-    names = [name for name in ('norm_pre', 'norm', 'fc_norm') if plan[name] is not None]
-    for i, blk in enumerate(plan['blocks']):
-        names += [f'blocks.{i}.norm1', f'blocks.{i}.norm2']
-        if blk['attn']['q_norm'] is not None:
-            names += [f'blocks.{i}.attn.q_norm', f'blocks.{i}.attn.k_norm']
-    return names
-
-
-def public_schedules(plan: Dict[str, Any], ranges: Dict[str, Dict[str, float]],
-                     settings: SecureSettings) -> Dict[str, Dict[str, Any]]:
+def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],
+                     settings: SecureSettings) -> Dict[str, Schedule]:
     """The plan's ``schedules`` from the owner's calibrated ``ranges`` (which stay with the owner)."""
     out = {}
-    for name in _layer_norm_names(plan):
+    for name in plan.layer_norm_names():
         r = ranges.get(name, {})
-        out[name] = _schedule(r.get('var_min'), r.get('var_max'), ops.INV_SQRT_DOMAIN, settings.sqrt_nr_iters,
+        out[name] = _schedule(r.get('min'), r.get('max'), ops.INV_SQRT_DOMAIN, settings.sqrt_nr_iters,
                               settings, settings.range_margin)
-    tokens = plan_tokens(plan)
-    for i, blk in enumerate(plan['blocks']):
-        if blk['mlp']['act'] == 'gelu' and settings.gelu == 'exp_fit':
-            abs_max = ranges.get(f'blocks.{i}.mlp.act', {}).get('abs_max')
+    for name, kind in plan.reciprocal_names():
+        calibrated = ranges.get(name)
+        spec = get_attn_kind(kind)
+        if spec.denominator is not None and calibrated is None:  # nothing measured: CrypTen's fixed choice
+            out[name] = _schedule(None, None, ops.RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters, settings, 1.0)
+            continue
+        low, high, widen = spec.reciprocal_range(calibrated or {}, plan.tokens)
+        out[name] = _schedule(low, high, ops.RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters, settings,
+                              settings.range_margin if widen else 1.0)
+    for i, blk in enumerate(plan.blocks):
+        if blk.mlp.act == 'gelu' and settings.gelu == 'exp_fit':
+            abs_max = ranges.get(f'blocks.{i}.mlp.act', {}).get('max')
             iters = settings.gelu_exp_iterations
             if settings.range_scaling and abs_max is not None:
                 iters = ops.gelu_exp_iterations(abs_max * settings.range_margin, iters) or ops.GELU_MAX_EXP_ITERATIONS
-            out[f'blocks.{i}.mlp.act'] = dict(scale=1.0, iters=iters)
-        for kind in sorted(set(blk['attn']['kinds'])):
-            name = f'blocks.{i}.attn.{kind}'
-            if kind == 'softmax':  # the sum of exp(s - max) lies in [1, N] whatever the data
-                out[name] = _schedule(1.0, float(tokens), ops.RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters,
-                                      settings, 1.0)
-            elif kind in _DIVIDING_KINDS:
-                r = ranges.get(name, {})
-                out[name] = _schedule(r.get('denom_min'), r.get('denom_max'), ops.RECIPROCAL_DOMAIN,
-                                      settings.reciprocal_nr_iters, settings, settings.range_margin)
+            out[f'blocks.{i}.mlp.act'] = Schedule(scale=1.0, iters=iters)
     return out
 
 
 def build_secure_plan(model: nn.Module, settings: SecureSettings,
-                      calibration_images: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+                      calibration_images: Optional[torch.Tensor] = None) -> SecurePlan:
     """The plan the owner sends: :func:`build_plan`, calibrated on the owner's images (default: the shipped
     Fashion-MNIST examples at the model's input size), with only the public schedules kept.
 
@@ -237,16 +408,11 @@ def build_secure_plan(model: nn.Module, settings: SecureSettings,
     from .calibration import calibrate
     plan = build_plan(model)
     if calibration_images is None:
-        calibration_images = calibration_examples(plan['input_size'], *normalization(model, plan['input_size'][0]))
+        calibration_images = calibration_examples(plan.input_size, *normalization(model, plan.input_size[0]))
     check_images(plan, calibration_images, what='calibration images')
-    plan['schedules'] = public_schedules(plan, calibrate(model, calibration_images, settings), settings)
+    plan.schedules = public_schedules(plan, calibrate(model, calibration_images, settings), settings)
+    plan.check()
     return plan
-
-
-def plan_tokens(plan: Dict[str, Any]) -> int:
-    """Tokens per image: patches plus prefix tokens."""
-    _, h, w = plan['input_size']
-    return (h // plan['patch_size'][0]) * (w // plan['patch_size'][1]) + plan['num_prefix_tokens']
 
 
 def check_image_tensor(images: Any, what: str = 'images') -> None:
@@ -262,7 +428,7 @@ def check_image_tensor(images: Any, what: str = 'images') -> None:
         raise ValueError(f'{what} contain NaN or infinite values')
 
 
-def check_images(plan: Dict[str, Any], images: torch.Tensor, clamp: bool = False,
+def check_images(plan: SecurePlan, images: torch.Tensor, clamp: bool = False,
                  what: str = 'images') -> torch.Tensor:
     """Refuse images the plan cannot take, before anything is shared; return the images to share.
 
@@ -274,11 +440,11 @@ def check_images(plan: Dict[str, Any], images: torch.Tensor, clamp: bool = False
         InputRangeError: values outside the bounds, without ``clamp``.
     """
     check_image_tensor(images, what)
-    expected = tuple(plan['input_size'])
+    expected = tuple(plan.input_size)
     if tuple(images.shape[1:]) != expected:
         raise ValueError(f'{what} must have shape (batch, {", ".join(map(str, expected))}); got {tuple(images.shape)}')
-    low = torch.tensor([b[0] for b in plan['input_bounds']]).view(1, -1, 1, 1)
-    high = torch.tensor([b[1] for b in plan['input_bounds']]).view(1, -1, 1, 1)
+    low = torch.tensor([b[0] for b in plan.input_bounds]).view(1, -1, 1, 1)
+    high = torch.tensor([b[1] for b in plan.input_bounds]).view(1, -1, 1, 1)
     if clamp:
         return torch.maximum(torch.minimum(images, high), low)
     found = images.amin(dim=(0, 2, 3)), images.amax(dim=(0, 2, 3))
@@ -291,25 +457,3 @@ def check_images(plan: Dict[str, Any], images: torch.Tensor, clamp: bool = False
             f'accepted [{low.flatten()[c]:.4g}, {high.flatten()[c]:.4g}] (pixels in [0, 1] normalized with the '
             f'model\'s mean and std); normalize them that way, or clamp them (clamp_images=True, --clamp-images)')
     return images
-
-
-_PLAN_FIELDS = {
-    'version', 'input_size', 'input_bounds', 'patch_size', 'embed_dim', 'cls_token', 'reg_tokens',
-    'num_prefix_tokens', 'pos_embed', 'no_embed_class', 'norm_pre', 'blocks', 'norm', 'fc_norm', 'global_pool',
-    'num_classes', 'params', 'schedules'}
-
-
-def validate_plan(plan: Any) -> Dict[str, Any]:
-    """Refuse a plan of another version, or with fields missing or unknown (the client runs only what it knows)."""
-    if not isinstance(plan, dict):
-        raise ValueError(f'a plan is a JSON object, got {type(plan).__name__}')
-    if plan.get('version') != PLAN_VERSION:
-        raise ValueError(f'plan version {plan.get("version")!r}; this timm-mpc reads version {PLAN_VERSION}')
-    missing, unknown = _PLAN_FIELDS - set(plan), set(plan) - _PLAN_FIELDS
-    if missing or unknown:
-        raise ValueError(f'plan fields: missing {sorted(missing)}, unknown {sorted(unknown)}; '
-                         f'version {PLAN_VERSION} has {sorted(_PLAN_FIELDS)}')
-    c = plan['input_size'][0]
-    if len(plan['input_bounds']) != c or any(len(b) != 2 or not b[0] < b[1] for b in plan['input_bounds']):
-        raise ValueError(f'plan input_bounds must be one [low, high] pair per channel ({c}), got {plan["input_bounds"]}')
-    return plan

@@ -1,13 +1,14 @@
 """`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs."""
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..layers.attn_kinds import ATTN_KINDS
+from ..cost.profile import CostMeter
+from ..layers.attn_kinds import KindContext, get_attn_kind
 from . import ops
-from .costs import CostMeter
 from .crypten_compat import import_crypten
+from .plan import AttentionSpec, BlockSpec, MlpSpec, NormSpec, Schedule, SecurePlan
 from .settings import SecureSettings
 
 __all__ = ['SecureViT', 'patchify']
@@ -31,7 +32,7 @@ class SecureViT:
     images, runs every operator on shares and reveals the logits to the client alone.
     """
 
-    def __init__(self, plan: Dict[str, Any], settings: SecureSettings, meter: CostMeter,
+    def __init__(self, plan: SecurePlan, settings: SecureSettings, meter: CostMeter,
                  state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
         self.plan = plan
         self.settings = settings
@@ -39,7 +40,7 @@ class SecureViT:
         self.crypten = import_crypten()
         self.weights: Dict[str, Any] = {}
         with meter.setup_phase(), meter.section('weights', 'share'):
-            for name, shape in plan['params'].items():
+            for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
                 if name.endswith('.weight') and len(shape) == 2:
                     value = value.t()  # linear weights are used as (in, out)
@@ -50,17 +51,17 @@ class SecureViT:
     def w(self, name: str) -> Optional[Any]:
         return self.weights.get(name)
 
-    def _layer_norm(self, x, name: str, spec: Optional[Dict[str, Any]]):
+    def _layer_norm(self, x, name: str, spec: Optional[NormSpec]):
         if spec is None:
             return x
-        schedule = self.plan['schedules'][name]
-        return ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec['eps'], self.settings,
-                              schedule['scale'], schedule['iters'])
+        schedule = self.plan.schedules[name]
+        return ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec.eps, self.settings,
+                              schedule.scale, schedule.iters)
 
     def share_images(self, images: Optional[torch.Tensor], batch: int):
         """Secret-share the client's images as patch rows (the owner passes None and the batch size)."""
-        c, h, w = self.plan['input_size']
-        p = self.plan['patch_size']
+        c, h, w = self.plan.input_size
+        p = self.plan.patch_size
         rows = patchify(images, p) if images is not None else torch.zeros(batch, (h // p[0]) * (w // p[1]), c * p[0] * p[1])
         with self.meter.section('input', 'share'):
             return self.crypten.cryptensor(rows, src=CLIENT)
@@ -74,68 +75,66 @@ class SecureViT:
         with m.section('embed', 'add'):
             B = x.size(0)
             prefix = []
-            if plan['cls_token']:
+            if plan.cls_token:
                 prefix.append(self.w('cls_token').expand(B, -1, -1))
-            if plan['reg_tokens']:
+            if plan.reg_tokens:
                 prefix.append(self.w('reg_token').expand(B, -1, -1))
-            if plan['no_embed_class']:
-                if plan['pos_embed']:
+            if plan.no_embed_class:
+                if plan.pos_embed:
                     x = x + self.w('pos_embed')
                 x = crypten.cat(prefix + [x], dim=1) if prefix else x
             else:
                 x = crypten.cat(prefix + [x], dim=1) if prefix else x
-                if plan['pos_embed']:
+                if plan.pos_embed:
                     x = x + self.w('pos_embed')
         with m.section('norm_pre', 'layernorm'):
-            x = self._layer_norm(x, 'norm_pre', plan['norm_pre'])
-        for i, spec in enumerate(plan['blocks']):
+            x = self._layer_norm(x, 'norm_pre', plan.norm_pre)
+        for i, spec in enumerate(plan.blocks):
             x = self._block(x, f'blocks.{i}', spec)
         with m.section('norm', 'layernorm'):
-            x = self._layer_norm(x, 'norm', plan['norm'])
+            x = self._layer_norm(x, 'norm', plan.norm)
         with m.section('head', 'pool'):
-            npt = plan['num_prefix_tokens']
-            x = x[:, 0] if plan['global_pool'] == 'token' else x[:, npt:].mean(1)
+            npt = plan.num_prefix_tokens
+            x = x[:, 0] if plan.global_pool == 'token' else x[:, npt:].mean(1)
         with m.section('fc_norm', 'layernorm'):
-            x = self._layer_norm(x, 'fc_norm', plan['fc_norm'])
-        if plan['num_classes']:
+            x = self._layer_norm(x, 'fc_norm', plan.fc_norm)
+        if plan.num_classes:
             with m.section('head', 'linear'):
                 x = ops.linear(x, self.w('head.weight'), self.w('head.bias'))
         return x
 
-    def _block(self, x, name: str, spec: Dict[str, Any]):
+    def _block(self, x, name: str, spec: BlockSpec):
         m = self.meter
         with m.section(name, 'layernorm'):
-            h = self._layer_norm(x, f'{name}.norm1', spec['norm1'])
-        h = self._attention(h, f'{name}.attn', spec['attn'])
-        x = x + (h * self.w(f'{name}.ls1.gamma') if spec['ls1'] else h)
+            h = self._layer_norm(x, f'{name}.norm1', spec.norm1)
+        h = self._attention(h, f'{name}.attn', spec.attn)
+        x = x + (h * self.w(f'{name}.ls1.gamma') if spec.ls1 else h)
         with m.section(name, 'layernorm'):
-            normed = self._layer_norm(x, f'{name}.norm2', spec['norm2'])
-        if spec['style'] == 'post':  # ViT-Lite: the norm after the attention residual is on the residual stream
+            normed = self._layer_norm(x, f'{name}.norm2', spec.norm2)
+        if spec.style == 'post':  # ViT-Lite: the norm after the attention residual is on the residual stream
             x = normed
-        h = self._mlp(normed, f'{name}.mlp', spec['mlp'])
-        return x + (h * self.w(f'{name}.ls2.gamma') if spec['ls2'] else h)
+        h = self._mlp(normed, f'{name}.mlp', spec.mlp)
+        return x + (h * self.w(f'{name}.ls2.gamma') if spec.ls2 else h)
 
-    def _attention(self, x, name: str, spec: Dict[str, Any]):
+    def _attention(self, x, name: str, spec: AttentionSpec):
         m, crypten = self.meter, self.crypten
         B, N, _ = x.size()
-        H, hd = spec['num_heads'], spec['head_dim']
+        H, hd = spec.num_heads, spec.head_dim
         layer = name.rsplit('.', 1)[0]
         with m.section(layer, 'linear'):
             qkv = ops.linear(x, self.w(f'{name}.qkv.weight'), self.w(f'{name}.qkv.bias'))
             q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        if spec['q_norm'] is not None:
+        if spec.q_norm is not None:
             with m.section(layer, 'layernorm'):
-                q = self._layer_norm(q, f'{name}.q_norm', spec['q_norm'])
-                k = self._layer_norm(k, f'{name}.k_norm', spec['k_norm'])
-        kinds: List[str] = spec['kinds']
-        groups: List[Tuple[str, List[int]]] = [
-            (kind, [h for h, k_ in enumerate(kinds) if k_ == kind]) for kind in ATTN_KINDS if kind in kinds]
+                q = self._layer_norm(q, f'{name}.q_norm', spec.q_norm)
+                k = self._layer_norm(k, f'{name}.k_norm', spec.k_norm)
         outputs, order = [], []
-        for kind, heads in groups:
+        for kind, heads in spec.groups():
             index = torch.tensor(heads)
             qh, kh, vh = (t if len(heads) == H else t.index_select(1, index) for t in (q, k, v))
             with m.section(layer, kind):
-                outputs.append(self._heads(qh, kh, vh, kind, N, spec, self.plan['schedules'].get(f'{name}.{kind}')))
+                outputs.append(get_attn_kind(kind).secure(qh, kh, vh, spec.scale, self._context(
+                    N, spec, self.plan.schedules.get(f'{name}.{kind}'))))
             order += heads
         with m.section(layer, 'linear'):
             out = outputs[0] if len(outputs) == 1 else crypten.cat(outputs, dim=1)
@@ -144,39 +143,25 @@ class SecureViT:
             out = out.transpose(1, 2).reshape(B, N, H * hd)
             return ops.linear(out, self.w(f'{name}.proj.weight'), self.w(f'{name}.proj.bias'))
 
-    def _heads(self, q, k, v, kind: str, N: int, spec: Dict[str, Any], schedule: Optional[Dict[str, Any]]):
-        """Attention output ``weights(q·kᵀ·scale) @ v`` for heads that all use ``kind`` (``schedule``: the
-        plan's reciprocal scale and iterations for the kinds that divide)."""
-        scale = spec['scale']
-        if kind == 'scaling':
-            hd = q.size(-1)
-            if N > hd:  # Q(KᵀV) moves less data than (QKᵀ)V once the sequence is longer than a head
-                return q.matmul(k.transpose(-2, -1).matmul(v)).mul(scale / N)
-            return q.mul(scale / N).matmul(k.transpose(-2, -1)).matmul(v)
-        scores = q.mul(scale).matmul(k.transpose(-2, -1))
-        if kind == 'softmax':
-            return ops.softmax(scores, schedule['iters'], schedule['scale']).matmul(v)
-        if kind == 'relu_softmax':
-            numer = scores.relu()
-            denom = numer.sum(-1, keepdim=True) + spec['relu_eps']
-        else:  # 2quad
-            numer = (scores + spec['quad_c']).square()
-            denom = numer.sum(-1, keepdim=True)
-        weights = numer * ops.reciprocal(denom, schedule['iters'], schedule['scale'])
-        return weights.matmul(v)
+    def _context(self, num_keys: int, spec: AttentionSpec, schedule: Optional[Schedule]) -> KindContext:
+        """What a kind's secure computation gets: the engine's reciprocal and softmax with this layer's schedule
+        for the kind (the plan holds one for every kind with a reciprocal; others get CrypTen's fixed choice)."""
+        schedule = schedule or Schedule(scale=1.0, iters=self.settings.reciprocal_nr_iters)
+        return KindContext(num_keys, spec.opts, partial(ops.reciprocal, iters=schedule.iters, scale=schedule.scale),
+                           partial(ops.softmax, iters=schedule.iters, scale=schedule.scale))
 
-    def _mlp(self, x, name: str, spec: Dict[str, Any]):
+    def _mlp(self, x, name: str, spec: MlpSpec):
         m = self.meter
         layer = name.rsplit('.', 1)[0]
         with m.section(layer, 'linear'):
             h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
-        act = getattr(ops, spec['act']) if spec['act'] != 'identity' else None
-        if f'{name}.act' in self.plan['schedules']:  # exact GeLU: its exp's squarings cover the calibrated inputs
-            act = partial(act, exp_iterations=self.plan['schedules'][f'{name}.act']['iters'])
-        tokens = spec['gelu_tokens']
+        act = getattr(ops, spec.act) if spec.act != 'identity' else None
+        if f'{name}.act' in self.plan.schedules:  # exact GeLU: its exp's squarings cover the calibrated inputs
+            act = partial(act, exp_iterations=self.plan.schedules[f'{name}.act'].iters)
+        tokens = spec.gelu_tokens
         if tokens is None or all(tokens):
             if act is not None:
-                with m.section(layer, spec['act']):
+                with m.section(layer, spec.act):
                     h = act(h, self.settings)
             with m.section(layer, 'linear'):
                 return ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
@@ -186,7 +171,7 @@ class SecureViT:
         keep = torch.tensor([t for t, on in enumerate(tokens) if on])
         linear = torch.tensor([t for t, on in enumerate(tokens) if not on])
         if act is not None and len(keep):
-            with m.section(layer, spec['act']):
+            with m.section(layer, spec.act):
                 h = self._scatter_tokens(h, keep, act(h.index_select(1, keep), self.settings), linear)
         with m.section(layer, 'linear'):
             y = ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))

@@ -12,16 +12,14 @@ from typing import Any, Dict
 import timm
 import torch
 
+from ..factory import create_mpc_model
+from ..pattern import parse_attn_pattern, parse_gelu_pattern
 from ..utils import parse_json
 from .config import RunConfig
 
 __all__ = ['add_training_commands']
 
 _DEFAULTS = RunConfig()
-
-
-def _json_or_text(text: str, what: str) -> Any:
-    return parse_json(text, what) if text.strip().startswith(('[', '{')) else text
 
 
 def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
@@ -37,8 +35,8 @@ def _config(args: argparse.Namespace, **overrides: Any) -> RunConfig:
 
 def _train(args: argparse.Namespace) -> int:
     from .engine import train_model
-    cfg = _config(args, attn_pattern=_json_or_text(args.attn_pattern, '--attn-pattern'),
-                  gelu_pattern=_json_or_text(args.gelu_pattern, '--gelu-pattern') if args.gelu_pattern else None)
+    cfg = _config(args, attn_pattern=parse_attn_pattern(args.attn_pattern, what='--attn-pattern'),
+                  gelu_pattern=parse_gelu_pattern(args.gelu_pattern))
     record = train_model(cfg, 'train')
     return _report(record, cfg)
 
@@ -119,9 +117,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .engine import evaluate, model_summary
     from timm.data import resolve_data_config
     kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
-    if args.checkpoint:
-        kwargs.update(attn_pattern='softmax', pretrained_cfg_overlay=dict(file=args.checkpoint))
-    model = timm.create_model(args.model, pretrained=True, **kwargs).eval()
+    model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
     data_config = resolve_data_config(model=model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][-1],

@@ -8,10 +8,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import timm
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from timm.data import Mixup, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict, resume_checkpoint
@@ -22,13 +20,16 @@ from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from tqdm import tqdm
 
-from ..models.mpcvit import _MODE_KEY
+from ..factory import create_mpc_model
+from ..layers.pattern_state import checkpoint_state, is_pattern_key
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
+from ..reader import num_weights
+from ..utils import save_weights
 from .config import RunConfig
 from .data import DATASETS, build_dataset, build_loader
 from .losses import ArchitecturePenalty, TokenDistillationLoss
 
-__all__ = ['TokensAndLogits', 'create_run_model', 'load_weights', 'evaluate', 'model_summary', 'train_model', 'save_weights']
+__all__ = ['TokensAndLogits', 'create_run_model', 'load_weights', 'evaluate', 'model_summary', 'train_model']
 
 
 class TokensAndLogits(nn.Module):
@@ -47,7 +48,7 @@ class TokensAndLogits(nn.Module):
 def load_weights(model: nn.Module, path: str) -> None:
     """Load the weights of a checkpoint (ours or timm's; safetensors or torch) into ``model`` but keep the
     model's own head and GeLU patterns, e.g. to start a search from a trained teacher."""
-    state = {k: v for k, v in load_state_dict(path, weights_only=True).items() if not _MODE_KEY.search(k)}
+    state = {k: v for k, v in load_state_dict(path, weights_only=True).items() if not is_pattern_key(k)}
     incompatible = model.load_state_dict(state, strict=False)
     if incompatible.missing_keys or incompatible.unexpected_keys:
         raise ValueError(f'checkpoint {path} does not fit {type(model).__name__}: missing '
@@ -59,24 +60,15 @@ def create_run_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     ``pattern_from_init``), its weights random or from ``init_from``."""
     kwargs = dict(cfg.model_kwargs, num_classes=num_classes, drop_path_rate=cfg.drop_path)
     if cfg.init_from and cfg.pattern_from_init:
-        model = timm.create_model(cfg.model, pretrained=True, attn_pattern='softmax',
-                                  pretrained_cfg_overlay=dict(file=cfg.init_from), **kwargs)
+        model = create_mpc_model(cfg.model, checkpoint=cfg.init_from, **kwargs)
         if cfg.reinit_weights:  # the paper retrains the searched architecture from scratch
-            gelu = get_gelu_pattern(model) or None
-            model = timm.create_model(cfg.model, attn_pattern=get_attn_pattern(model), gelu_pattern=gelu,
-                                      gelu_per_token=model.gelu_per_token, **kwargs)
+            model = create_mpc_model(cfg.model, attn_pattern=get_attn_pattern(model),
+                                     gelu_pattern=get_gelu_pattern(model) or None, **kwargs)
         return model
-    model = timm.create_model(cfg.model, attn_pattern=cfg.attn_pattern, gelu_pattern=cfg.gelu_pattern, **kwargs)
+    model = create_mpc_model(cfg.model, attn_pattern=cfg.attn_pattern, gelu_pattern=cfg.gelu_pattern, **kwargs)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     return model
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """The model's state (weights and patterns) as safetensors, written whole or not at all."""
-    tmp = path.with_suffix('.part')
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
@@ -118,14 +110,14 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     """What a run's model is: parameters, head kinds and pattern, GeLU tokens kept, and (for fixed patterns)
     secure latency estimated from the measured per-kind cost table."""
     summary: Dict[str, Any] = dict(
-        architecture=cfg.model.split('.')[0], params=sum(p.numel() for p in model.parameters()),
+        architecture=cfg.model.split('.')[0], params=num_weights(model),
         head_kinds=count_head_kinds(model), attn_pattern=get_attn_pattern(model))
     gelu = get_gelu_pattern(model)
     if gelu:
         summary['gelu_pattern'] = gelu
     searching = any(p == 'search' for p in summary['attn_pattern']) or any(g == 'search' for g in gelu)
     if cfg.estimate_latency and not searching:
-        from ..search.cost_model import model_cost_table, model_latency
+        from ..cost import model_cost_table, model_latency
         summary['secure_estimate'] = model_latency(model, model_cost_table(model))
     return summary
 
@@ -236,15 +228,13 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
 
     teacher = None
     if cfg.teacher:
-        teacher = timm.create_model(cfg.model, pretrained=True, attn_pattern='softmax',
-                                    pretrained_cfg_overlay=dict(file=cfg.teacher),
-                                    **dict(cfg.model_kwargs, num_classes=num_classes))
+        teacher = create_mpc_model(cfg.model, checkpoint=cfg.teacher, **dict(cfg.model_kwargs, num_classes=num_classes))
         teacher = TokensAndLogits(teacher).to(device).eval().requires_grad_(False)
     penalty = None
     if mode == 'search':
         costs = dict(head=None, token=None)
         if cfg.cost_weighted:
-            from ..search.cost_model import head_costs, model_cost_table
+            from ..cost import head_costs, model_cost_table
             costs = head_costs(model_cost_table(model), cfg.network)
         penalty = ArchitecturePenalty(model, cfg.lam, cfg.lam_beta, costs['head'], costs['token'])
 
@@ -306,7 +296,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         record['final'] = dict(test_top1=final.get('test_top1'), test_top5=final.get('test_top5'),
                                epochs=len(record['history']), test_images=len(test_set))
         record['model'] = model_summary(model, cfg)
-        save_weights(model, out / 'model.safetensors')
+        save_weights(checkpoint_state(model), out / 'model.safetensors')
         if on_finish is not None:
             on_finish(model, record, out)
         _write_json(out / 'run.json', record)

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
-from ..layers.head_kinds import HeadKinds
 from ..layers.linearizable_mlp import LinearizableMlp
+from ..reader import read_model
 
 __all__ = ['TokenDistillationLoss', 'ArchitecturePenalty']
 
@@ -71,8 +71,9 @@ class ArchitecturePenalty(nn.Module):
             token_cost: ``c_t`` per token; None for 1.
         """
         super().__init__()
-        self.alphas = [m.alpha for m in model.modules() if isinstance(m, HeadKinds) and m.searching]
-        self.betas = [m.beta for m in model.modules() if isinstance(m, LinearizableMlp) and m.searching]
+        parts = read_model(model)
+        self.alphas = [m.alpha for _, m in parts.heads if m.searching]
+        self.betas = [m.beta for _, m in parts.mlps if isinstance(m, LinearizableMlp) and m.searching]
         if not self.alphas and not self.betas:
             raise ValueError('the model has no search-mode heads or MLPs to penalise; create it with '
                              "attn_pattern='search' (and gelu_pattern='search' for MPCViT+)")

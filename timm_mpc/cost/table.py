@@ -1,26 +1,26 @@
-"""Per-kind secure cost for given shapes, measured once and cached: what each head kind and each
-activation kind costs in one layer of a model. The MPC-aware search reads its per-head costs from here."""
+"""Per-kind secure cost for given shapes, measured once and cached: what each registered attention kind and
+each activation costs in one layer of a model. The MPC-aware search reads its per-head costs from here."""
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import timm
 import torch
 from torch import nn
 
-from ..layers.activations import QuadGELU
-from ..layers.attn_kinds import ATTN_KINDS
 from ..data import calibration_examples
-from .launch import secure_predict
-from .plan import normalization
-from .settings import SecureSettings
+from ..layers.activations import ACTIVATIONS
+from ..layers.attn_kinds import list_attn_kinds
+
+if TYPE_CHECKING:
+    from ..secure.settings import SecureSettings
 
 __all__ = ['kind_cost_table', 'default_cache_dir']
 
-ACT_KINDS = ('gelu', 'quad_gelu', 'relu')
-TABLE_VERSION = 3  # 3: a dealer outside both parties, its cost apart
+ACT_KINDS = tuple(name for name, _ in ACTIVATIONS if name != 'identity')  # identity costs nothing
+TABLE_VERSION = 4  # 4: every registered kind, and the activations, from their tables
 
 
 def default_cache_dir() -> Path:
@@ -31,14 +31,18 @@ def default_cache_dir() -> Path:
 
 def _probe_model(img_size: int, patch_size: int, embed_dim: int, num_heads: int, mlp_ratio: float) -> nn.Module:
     """One block per activation kind; in every block the heads cycle through the attention kinds."""
-    kinds = [ATTN_KINDS[h % len(ATTN_KINDS)] for h in range(num_heads)]
     model = timm.create_model('mpcvit_tiny', img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                               num_heads=num_heads, mlp_ratio=mlp_ratio, depth=len(ACT_KINDS),
-                              attn_pattern=[kinds] * len(ACT_KINDS))
-    acts = {'gelu': nn.GELU, 'quad_gelu': QuadGELU, 'relu': nn.ReLU}
+                              attn_pattern=[_probe_heads(num_heads)] * len(ACT_KINDS))
+    classes = dict(ACTIVATIONS)
     for blk, act in zip(model.blocks, ACT_KINDS):
-        blk.mlp.act = acts[act]()
+        blk.mlp.act = classes[act][0]()
     return model.eval()
+
+
+def _probe_heads(num_heads: int) -> List[str]:
+    kinds = [k.name for k in list_attn_kinds()]
+    return [kinds[h % len(kinds)] for h in range(num_heads)]
 
 
 def _accumulate(agg: Dict[str, float], row: Any, share: int) -> None:
@@ -54,7 +58,7 @@ def kind_cost_table(
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
         batch: int = 1,
-        settings: Optional[SecureSettings] = None,
+        settings: Optional['SecureSettings'] = None,
         cache_dir: Optional[Path] = None,
 ) -> Dict[str, Any]:
     """Rounds, bytes (both parties) and seconds per head of each attention kind and per MLP activation
@@ -67,8 +71,12 @@ def kind_cost_table(
     :func:`timm_mpc.search.estimate_latency` can price a whole model of any depth and pattern. Results are
     cached as JSON under ``cache_dir`` (see :func:`default_cache_dir`), keyed by shapes and settings.
     """
+    from ..secure.launch import secure_predict  # measuring runs the engine, which reports into cost.profile
+    from ..secure.plan import normalization
+    from ..secure.settings import SecureSettings
     settings = settings or SecureSettings()
-    key_data = dict(version=TABLE_VERSION, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
+    kinds = _probe_heads(num_heads)
+    key_data = dict(version=TABLE_VERSION, kinds=sorted(set(kinds)), img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, num_heads=num_heads,
                     mlp_ratio=mlp_ratio, batch=batch, settings={k: v for k, v in settings.to_dict().items()
                                                                  if k != 'timeout_s'})
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
@@ -81,7 +89,7 @@ def kind_cost_table(
     images = calibration_examples((3, img_size, img_size), *normalization(model, 3))
     images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
     result = secure_predict(model, images, settings=settings, return_result=True)
-    heads_of = {k: sum(1 for h in range(num_heads) if ATTN_KINDS[h % len(ATTN_KINDS)] == k) for k in ATTN_KINDS}
+    heads_of = {k: kinds.count(k) for k in kinds}
     attention: Dict[str, Dict[str, float]] = {}
     activation: Dict[str, Dict[str, float]] = {}
     rest = dict(rounds=0.0, bytes=0.0, time_s=0.0)

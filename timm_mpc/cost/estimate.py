@@ -3,10 +3,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from torch import nn
 
-from ..layers.activations import QuadGELU
-from ..layers.head_kinds import HeadKinds
+from ..layers.activations import activation_name
+from ..layers.attn_kinds import SEARCH_KINDS
 from ..pattern import get_attn_pattern, get_gelu_pattern
-from ..secure.costs import NETWORKS, NetworkSetting
+from ..reader import read_model
+from .profile import NETWORKS, NetworkSetting
+from .table import kind_cost_table
 
 __all__ = ['estimate_latency', 'model_latency', 'model_cost_table', 'head_costs', 'layer_cost']
 
@@ -62,7 +64,7 @@ def estimate_latency(
     """Estimated secure cost of a model whose blocks all have the table's shape.
 
     Args:
-        table: A :func:`timm_mpc.secure.cost_table.kind_cost_table` for the model's shapes.
+        table: A :func:`timm_mpc.cost.kind_cost_table` for the model's shapes.
         attn_pattern: One list of per-head kinds per block.
         gelu_pattern: None (plain MLPs) or one GeLU pattern per block (``'gelu'``, ``'linear'``, 0/1 per token).
         networks: Settings to estimate latency for (default LAN and WAN).
@@ -86,8 +88,7 @@ def estimate_latency(
 
 def model_cost_table(model: nn.Module, **kwargs: Any) -> Dict[str, Any]:
     """The cached per-kind cost table for an ``mpcvit_*`` model's shapes (measured on first use)."""
-    from ..secure.cost_table import kind_cost_table
-    heads = next(m for m in model.modules() if isinstance(m, HeadKinds))
+    heads = read_model(model).heads[0][1]
     blk = model.blocks[0]
     return kind_cost_table(
         img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
@@ -97,8 +98,7 @@ def model_cost_table(model: nn.Module, **kwargs: Any) -> Dict[str, Any]:
 
 def model_latency(model: nn.Module, table: Dict[str, Any], networks: Optional[Dict[str, NetworkSetting]] = None) -> Dict[str, Any]:
     """:func:`estimate_latency` for a fixed-pattern model, reading its head and GeLU patterns."""
-    act = type(model.blocks[0].mlp.act)
-    act_kind = 'quad_gelu' if act is QuadGELU else 'relu' if act is nn.ReLU else 'gelu'
+    act_kind = activation_name(model.blocks[0].mlp.act) or 'gelu'
     return estimate_latency(table, get_attn_pattern(model), get_gelu_pattern(model) or None, networks, act_kind)
 
 
@@ -110,7 +110,7 @@ def head_costs(table: Dict[str, Any], network: Union[str, NetworkSetting] = 'lan
     """
     net = NETWORKS[network] if isinstance(network, str) else network
     h = table['shape']['num_heads']
-    rs, sa = table['per_head']['relu_softmax'], table['per_head']['scaling']
+    rs, sa = (table['per_head'][kind] for kind in SEARCH_KINDS)
     head = net.latency(rs['time_s'] - sa['time_s'], (rs['rounds'] - sa['rounds']) / h, rs['bytes'] - sa['bytes'])
     one_gelu = layer_cost(table, [], 'gelu')
     one_linear = layer_cost(table, [], 'linear')

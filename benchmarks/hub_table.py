@@ -7,17 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from timm_mpc.layers import BASELINE_KIND, SEARCH_KINDS
+
 ORDER = ('fmnist_mu30_kd', 'fmnist_mu70_kd', 'fmnist_mu50_kd', 'fmnist_plus_mu50_kd', 'fmnist_softmax')
 
 
 def row(name: str, results: dict) -> str:
     heads = results['model']['head_kinds']
-    pattern = '/'.join(str(heads.get(k, 0)) for k in ('relu_softmax', 'scaling', 'softmax'))
+    pattern = '/'.join(str(heads.get(k, 0)) for k in (*SEARCH_KINDS, BASELINE_KIND))
     if results['model'].get('gelu_pattern'):
         pattern += ' + GeLU lin.'
     secure = results['secure']
     model, base = secure['cost']['model'], secure['cost']['baseline']
-    saving = '(baseline)' if set(heads) == {'softmax'} else f'{model["ratio_to_baseline"]["latency_lan"]:.2f}x'
+    saving = '(baseline)' if set(heads) == {BASELINE_KIND} else f'{model["ratio_to_baseline"]["latency_lan"]:.2f}x'
     return (f'| `{name}` | {pattern} | {results["plain"]["top1"]:.2f} | {secure["top1"]:.2f} '
             f'({secure["agreement"]:.0f}%, {secure["max_abs_error"]:.2g}) | {model["rounds"]} | '
             f'{model["bytes"] / 1e6:.0f} | {model["dealer"]["bytes"] / 1e6:.0f} | {model["latency_s"]["lan"]:.2f} | '

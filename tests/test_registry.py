@@ -54,6 +54,17 @@ def test_a_registered_kind_runs_in_plain_text_calibration_secure_inference_and_a
     assert '4 Square-Norm' in card
 
 
+def test_the_cost_table_probes_every_registered_kind(toy):
+    from timm_mpc.cost import layer_cost
+    from timm_mpc.cost.table import _probe_pattern
+    probed = {kind for block in _probe_pattern(4) for kind in block}
+    assert probed == {k.name for k in registry.list_attn_kinds()} and 'square_norm' in probed
+    cost = dict(rounds=1, bytes=1, time_s=1)
+    table = dict(per_head={'softmax': cost}, per_layer_rest=cost)  # a table measured before the kind
+    with pytest.raises(ValueError, match=r"no measured cost for attention kind 'square_norm'.*\['softmax'\]"):
+        layer_cost(table, ['square_norm'])
+
+
 def test_a_kind_whose_name_or_code_is_taken_is_refused(toy):
     clash = toy.TOY.__class__(**{**toy.TOY.__dict__, 'name': 'other'})  # code 90 again
     with pytest.raises(ValueError, match="'other' \\(code 90\\) clashes with the registered 'square_norm'"):
@@ -105,6 +116,16 @@ def test_an_optimizer_built_before_loading_a_search_checkpoint_trains_what_the_m
         changed = model(torch.ones(1, 3, 16, 16))
         alpha.copy_(before)
         assert not torch.equal(model(torch.ones(1, 3, 16, 16)), changed)
+
+
+def test_every_pattern_travels_with_a_checkpoint():
+    from timm_mpc.layers.pattern_state import checkpoint_state
+    plain = timm.create_model('mpcvit_tiny', attn_pattern='softmax', **SMALL)
+    state = checkpoint_state(plain)
+    assert not any(k.endswith(('.alpha', '.beta')) for k in state)  # unused searched tensors are left out
+    other = timm.create_model('mpcvit_tiny', attn_pattern='scaling', gelu_pattern='linear', **SMALL)
+    other.load_state_dict(state, strict=True)
+    assert timm_mpc.count_head_kinds(other) == {'softmax': 8} and timm_mpc.get_gelu_pattern(other) == []
 
 
 def test_weights_and_model_args_must_agree_on_the_pattern(tmp_path):

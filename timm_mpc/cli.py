@@ -15,7 +15,7 @@ from .hub.commands import add_hub_commands
 from .layers.attn_kinds import list_attn_kinds
 from .layers.register import ACT_LAYER_NAMES, attn_layer_names
 from .pattern import count_head_kinds, parse_attn_pattern
-from .reader import support_table
+from .reader import read_model, support_table
 from .training.commands import add_training_commands
 from .utils import parse_json
 
@@ -43,7 +43,7 @@ def _info(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
     pattern = parse_attn_pattern(args.pattern, model)
-    for module in model.modules():  # compare against timm's explicit (unfused) attention
+    for _, module in read_model(model).attention:  # compare against timm's explicit (unfused) attention
         if hasattr(module, 'fused_attn'):
             module.fused_attn = False
     size = model.pretrained_cfg['input_size']

@@ -10,13 +10,11 @@ from torch import nn
 from .layers.linearizable_mlp import GeluPattern, LinearizableMlp
 from .layers.mpc_attention import MPCAttentionMixin
 from .pattern import ModelPattern, count_head_kinds, expand_attn_pattern, expand_gelu_pattern
-from .reader import FAMILIES, MLP_TYPES, ModelParts, read_model
+from .reader import FAMILIES, MLP_TYPES, SUPPORTED_ATTENTION, ModelParts, read_model
 from .utils import inference_pass
 
 __all__ = ['convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION']
 
-SUPPORTED_ATTENTION: Dict[Type[nn.Module], Type[MPCAttentionMixin]] = {f.attention: f.mpc_attention for f in FAMILIES}
-"""timm attention classes that convert, and what they become (from :data:`timm_mpc.reader.FAMILIES`)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ from timm.models import load_checkpoint, model_entrypoint
 from torch import nn
 
 from .convert import convert_to_mpc
+from .layers.attn_kinds import BASELINE_KIND
 from .layers.linearizable_mlp import LinearizableMlp
 from .pattern import get_attn_pattern, parse_attn_pattern, parse_gelu_pattern, set_attn_pattern, set_gelu_pattern
 from .reader import read_model
@@ -51,15 +52,15 @@ def create_mpc_model(
     if checkpoint and not _builds_mpc_attention(name):
         # the converted model's weights: convert first (MLPs too, where they were), then load strictly
         model = timm.create_model(name, **kwargs)
-        convert_to_mpc(model, 'softmax', act_layer=act_layer, gelu_pattern=gelu_pattern)
-        act_layer = gelu_pattern = None
+        convert_to_mpc(model, BASELINE_KIND, act_layer=act_layer, gelu_pattern=gelu_pattern)  # the structure
+        act_layer = None
         load_checkpoint(model, checkpoint, strict=True, weights_only=True)
     elif checkpoint:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs)
     else:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if not read_model(model).heads:
-        convert_to_mpc(model, 'softmax')  # a plain timm model: the same computation, with MPC heads
+        convert_to_mpc(model, BASELINE_KIND)  # a plain timm model: the same computation, with MPC heads
     if attn_pattern is not None:
         set_attn_pattern(model, parse_attn_pattern(attn_pattern, model) if isinstance(attn_pattern, str)
                          else attn_pattern)

@@ -6,7 +6,8 @@ the losses, publishing) does it through :func:`read_model`, so they all see the 
 family supports is one :class:`Family` entry in :data:`FAMILIES`.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Type
+from collections.abc import Mapping
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 from timm.layers import Attention, GluMlp, Mlp, SwiGLU
 from timm.models.eva import Eva, EvaAttention
@@ -24,7 +25,7 @@ from .layers.pattern_state import is_pattern_key
 from .layers.swin_attention import MPCWindowAttention
 
 __all__ = ['Family', 'FAMILIES', 'register_family', 'ModelParts', 'read_model', 'support_table', 'MLP_TYPES',
-           'num_weights']
+           'num_weights', 'SUPPORTED_ATTENTION']
 
 MLP_TYPES = (Mlp, GluMlp, SwiGLU)
 """timm MLPs whose activation ``convert_to_mpc`` can replace (``LinearizableMlp`` is an ``Mlp``)."""
@@ -62,6 +63,26 @@ def register_family(family: Family) -> Family:
             raise ValueError(f'a family for {family.model_class.__name__} is already registered')
         FAMILIES.append(family)
     return family
+
+
+class _SupportedAttention(Mapping):
+    """timm attention class -> its MPC-friendly class, read from :data:`FAMILIES` each time."""
+
+    def _table(self) -> Dict[type, type]:
+        return {f.attention: f.mpc_attention for f in FAMILIES}
+
+    def __getitem__(self, cls: type) -> type:
+        return self._table()[cls]
+
+    def __iter__(self) -> Iterator[type]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+SUPPORTED_ATTENTION: Mapping = _SupportedAttention()
+"""timm attention classes that convert, and what they become (a live view of :data:`FAMILIES`)."""
 
 
 def _family_of(model: nn.Module) -> Optional[Family]:
@@ -102,10 +123,9 @@ class ModelParts:
 
 def read_model(model: nn.Module) -> ModelParts:
     """Walk ``model`` once and sort its modules into :class:`ModelParts`."""
-    known = tuple(f.attention for f in FAMILIES)
     parts = ModelParts(_family_of(model))
     for name, module in model.named_modules():
-        if isinstance(module, MPCAttentionMixin) or type(module) in known:
+        if isinstance(module, MPCAttentionMixin) or type(module) in SUPPORTED_ATTENTION:
             parts.attention.append((name, module))
         elif _looks_like_attention(module) and not any(name.startswith(f'{n}.') for n, _ in parts.attention):
             parts.unsupported.append((name, f'{type(module).__module__}.{type(module).__name__}'))

@@ -37,6 +37,9 @@ def layer_cost(table: Dict[str, Any], heads: Sequence[str], gelu: Union[str, Seq
     cost = _zero()
     _add(cost, table['per_layer_rest'])
     for kind in sorted(set(heads)):
+        if kind not in table['per_head']:
+            raise ValueError(f'the cost table has no measured cost for attention kind {kind!r} (it measured '
+                             f'{sorted(table["per_head"])}); measure a new table with the kind registered')
         _add(cost, table['per_head'][kind], sum(1 for h in heads if h == kind))
     tokens = [1] if gelu is None or gelu == 'gelu' else [0] if gelu == 'linear' else [int(t) for t in _flat(gelu)]
     kept = sum(tokens) / len(tokens)

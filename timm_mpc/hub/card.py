@@ -6,7 +6,7 @@ import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models import get_pretrained_cfg
 
-from ..layers.attn_kinds import SEARCH, list_attn_kinds, get_attn_kind
+from ..layers.attn_kinds import BASELINE_KIND, SEARCH, get_attn_kind, list_attn_kinds
 
 __all__ = ['DATASET_CARDS', 'CARD_TEMPLATE', 'pattern_grid', 'render_card']
 
@@ -70,7 +70,7 @@ def _gelu_line(gelu_pattern: Optional[List[Any]]) -> str:
 
 def _is_baseline(model: Dict[str, Any]) -> bool:
     """All heads Softmax and every GeLU exact: the model the others' secure cost is compared with."""
-    return set(model['head_kinds']) == {'softmax'} and not model.get('gelu_pattern')
+    return set(model['head_kinds']) == {BASELINE_KIND} and not model.get('gelu_pattern')
 
 
 def _cost_rows(cost: Dict[str, Any], name: str, baseline: bool) -> List[Dict[str, str]]:

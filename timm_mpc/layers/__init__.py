@@ -4,8 +4,9 @@ from .attention import (
     MPCAttention, Quad2Attention, ReLUSoftmaxAttention, ScalingAttention, SearchAttention, SoftmaxAttention,
 )
 from .attn_kinds import (
-    ATTN_KINDS, SEARCH, SEARCH_CODE, SEARCH_KINDS, AttnKind, KindContext, PatternError, list_attn_kinds, get_attn_kind, kind_code,
-    kind_name, quad2_weights, register_attn_kind, relu_softmax_weights, scaling_weights, softmax_weights,
+    ATTN_KINDS, BASELINE_KIND, SEARCH, SEARCH_CODE, SEARCH_KINDS, AttnKind, KindContext, PatternError,
+    get_attn_kind, kind_code, kind_modules, kind_name, list_attn_kinds, quad2_weights, register_attn_kind,
+    relu_softmax_weights, scaling_weights, softmax_weights,
 )
 from .eva_attention import MPCEvaAttention
 from .head_kinds import HeadKinds, HeadPattern
@@ -16,8 +17,8 @@ from .register import ACT_LAYER_NAMES, attn_layer_names, register_timm_layers
 from .swin_attention import MPCWindowAttention
 
 __all__ = [
-    'ATTN_KINDS', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'GELU_PATTERNS', 'ACT_LAYER_NAMES', 'ACTIVATIONS',
-    'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds',
+    'ATTN_KINDS', 'BASELINE_KIND', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'GELU_PATTERNS', 'ACT_LAYER_NAMES', 'ACTIVATIONS',
+    'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds', 'kind_modules',
     'HeadKinds', 'HeadPattern', 'GeluPattern', 'LinearizableMlp', 'PatternState', 'is_pattern_key',
     'MPCAttentionMixin', 'MPCAttention', 'SoftmaxAttention', 'ReLUSoftmaxAttention', 'ScalingAttention',
     'Quad2Attention', 'SearchAttention', 'MPCEvaAttention', 'MPCWindowAttention',

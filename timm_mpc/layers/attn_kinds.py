@@ -20,7 +20,7 @@ import torch
 
 __all__ = [
     'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds', 'kind_modules',
-    'ATTN_KINDS', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'kind_code', 'kind_name',
+    'ATTN_KINDS', 'BASELINE_KIND', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'kind_code', 'kind_name',
     'softmax_weights', 'relu_softmax_weights', 'scaling_weights', 'quad2_weights',
 ]
 
@@ -29,6 +29,9 @@ SEARCH = 'search'
 
 SEARCH_CODE = -1
 """The code of a search head in a ``kinds`` buffer."""
+
+BASELINE_KIND = 'softmax'
+"""The ViT's own kind: what a converted model starts with, and the baseline every saving is measured against."""
 
 SEARCH_KINDS = ('relu_softmax', 'scaling')
 """The two kinds a search head mixes, ``α · first + (1 − α) · second``, and binarizes to (α = 1: the first)."""

@@ -31,7 +31,7 @@ class HeadKinds(PatternState, nn.Module):
     The heads of one kind are grouped when the pattern is set (or loaded), so the forward pass has no
     data-dependent control flow: ``torch.compile`` and ``torch.fx`` see one graph.
     """
-    pattern_keys, attribute_name = ('kinds', 'alpha'), 'heads'
+    pattern_keys, attribute_name, search_value = ('kinds', 'alpha'), 'heads', SEARCH_CODE
 
     def __init__(
             self,

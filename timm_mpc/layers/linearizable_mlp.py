@@ -32,7 +32,7 @@ class LinearizableMlp(PatternState, Mlp):
     is searched as the ``beta`` parameter; both always exist (see :class:`PatternState`). Parameter names
     are ``Mlp``'s.
     """
-    pattern_keys, attribute_name = ('gelu_tokens', 'beta'), 'mlp'
+    pattern_keys, attribute_name, search_value = ('gelu_tokens', 'beta'), 'mlp', _SEARCH_VALUE
 
     def __init__(
             self,
@@ -143,7 +143,7 @@ class LinearizableMlp(PatternState, Mlp):
         self.beta.requires_grad_(self.mode == 'search')  # β trains only in search mode (DDP refuses unused ones)
 
     def unused_state(self) -> Tuple[str, ...]:
-        return {'gelu': ('gelu_tokens', 'beta'), 'mixed': ('beta',), 'search': ()}[self.mode]
+        return () if self.searching else ('beta',)
 
     def check_state(self, state: Dict[str, torch.Tensor]) -> None:
         tokens, beta = state['gelu_tokens'], state['beta']

@@ -24,12 +24,14 @@ class PatternState:
     and the searched parameter), allocated in ``__init__`` whatever the pattern.
 
     Loading a state dict copies into those tensors in place, like any weight, then calls ``refresh`` so the
-    module regroups its forward pass. A checkpoint with neither (a plain timm one) leaves the pattern as it is;
-    one that holds only one of the two (written before both always existed) gets the other from ``legacy_state``; values are checked with ``check_state`` first, and a bad
-    one is reported through ``load_state_dict``'s error list, naming the module.
+    module regroups its forward pass. A checkpoint with neither (a plain timm one) leaves the pattern as it
+    is; one that holds only one of the two (written before both always existed) gets the other from
+    ``legacy_state``. Values are checked with ``check_state`` first, and a bad one is reported through
+    ``load_state_dict``'s error list, naming the module.
     """
     pattern_keys: Tuple[str, str]
     attribute_name: str  # the module's usual name in its parent, e.g. 'heads': how its keys are recognised
+    search_value: float  # the buffer's value for a searched head or token
 
     def check_state(self, state: Dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
@@ -54,7 +56,7 @@ class PatternState:
         check_unit_interval(name, value)
         with torch.no_grad():
             searched.copy_(value.reshape(searched.shape))
-            codes.fill_(-1)  # the search code of both buffers
+            codes.fill_(self.search_value)
         self.refresh()
 
     def _load_from_state_dict(
@@ -97,8 +99,8 @@ def is_pattern_key(key: str) -> bool:
 
 
 def checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``model``'s state dict without the pattern tensors its patterns do not use (α of fixed heads, β and the GeLU
-    tokens of plain MLPs): what a published checkpoint holds, loadable strictly (see :class:`PatternState`)."""
+    """``model``'s state dict without the searched tensors its patterns do not use (α of fixed heads, β of fixed
+    MLPs): what a published checkpoint holds, loadable strictly (see :class:`PatternState`)."""
     unused = {f'{name}.{key}' if name else key for name, m in model.named_modules() if isinstance(m, PatternState)
               for key in m.unused_state()}
     return {k: v for k, v in model.state_dict().items() if k not in unused}

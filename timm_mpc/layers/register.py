@@ -33,8 +33,9 @@ def attn_layer_names() -> Dict[str, Type[MPCAttention]]:
     for name in [k.name for k in list_attn_kinds()] + [SEARCH]:
         if name not in _NAMED_CLASSES:  # a kind registered by a user: a class of its own, made once
             title = ''.join(part.title() for part in name.split('_'))
-            _NAMED_CLASSES[name] = type(f'{title}Attention', (MPCAttention,), dict(
+            cls = type(f'{title}Attention', (MPCAttention,), dict(
                 default_pattern=name, __doc__=f'``{name}`` attention in every head.', __module__=__name__))
+            globals()[cls.__name__] = _NAMED_CLASSES[name] = cls  # a module attribute, so it pickles
         names[name] = _NAMED_CLASSES[name]
     return names
 

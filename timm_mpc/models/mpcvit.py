@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..layers.attention import MPCAttention
-from ..layers.attn_kinds import SEARCH_KINDS, PatternError, kind_code
+from ..layers.attn_kinds import BASELINE_KIND, SEARCH_KINDS, PatternError, kind_code
 from ..layers.linearizable_mlp import GeluPattern, LinearizableMlp
 from ..layers.pattern_state import is_pattern_key
 from ..pattern import ModelPattern, expand_attn_pattern, expand_gelu_pattern, set_attn_pattern, set_gelu_pattern
@@ -235,9 +235,10 @@ def _convert_authors_checkpoint(state_dict: Dict[str, torch.Tensor]) -> Dict[str
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MPCViT) -> Dict[str, torch.Tensor]:
     """Remap a checkpoint's keys for ``model``: ours, a timm ViT-Lite one, or the MPCViT authors' layout.
 
-    Only keys (and the authors' α/β encoding) change; the model is not touched. The checkpoint's head and GeLU
-    patterns are values in the weights, so loading sets them; a layer whose checkpoint holds neither tensor of
-    a pattern is what it was trained as, Softmax heads and GeLU on every token. Shapes are checked first, so a checkpoint of
+    The model is not touched: keys are renamed (the authors' α/β encoding included), and where a checkpoint
+    holds neither tensor of a layer's pattern (a timm ViT-Lite checkpoint, or one written before patterns were
+    always saved) the filter adds what that absence means, Softmax heads and GeLU on every token. The patterns
+    are values in the weights, so loading sets them. Shapes are checked first, so a checkpoint of
     another architecture is refused with a clear message before anything is loaded.
 
     Raises:
@@ -251,7 +252,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MPCViT) -> Dict[str,
     for i, blk in enumerate(model.blocks):  # neither tensor of a pattern: a plain ViT-Lite layer
         heads, mlp = f'blocks.{i}.attn.heads.', f'blocks.{i}.mlp.'
         if heads + 'kinds' not in state_dict and heads + 'alpha' not in state_dict:
-            state_dict[heads + 'kinds'] = torch.full((blk.attn.heads.num_heads,), kind_code('softmax'))
+            state_dict[heads + 'kinds'] = torch.full((blk.attn.heads.num_heads,), kind_code(BASELINE_KIND))
         if mlp + 'gelu_tokens' not in state_dict and mlp + 'beta' not in state_dict:
             state_dict[mlp + 'gelu_tokens'] = torch.ones_like(blk.mlp.gelu_tokens)
     expected = model.state_dict()

@@ -7,6 +7,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from timm.layers import Mlp
+
+from ..layers.attn_kinds import BASELINE_KIND
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
 from ..reader import read_model
@@ -23,11 +26,12 @@ def baseline_of(model: nn.Module) -> nn.Module:
     """A copy of the model and weights with Softmax in every head and exact GeLU in every MLP (the paper's
     baseline); ``model`` itself is not changed."""
     base = copy.deepcopy(model)
-    set_attn_pattern(base, 'softmax')
+    set_attn_pattern(base, BASELINE_KIND)
     for _, mlp in read_model(base).mlps:
         if isinstance(mlp, LinearizableMlp):
             mlp.set_pattern('gelu')
-        mlp.act = nn.GELU()
+        if isinstance(mlp, Mlp):  # fc1 -> act -> fc2 (a gated MLP keeps its own activation)
+            mlp.act = nn.GELU()
     return base
 
 

@@ -13,7 +13,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from ..layers.attn_kinds import get_attn_kind
+from ..layers.attn_kinds import SEARCH, get_attn_kind
 from ..layers.head_kinds import HeadKinds
 from ..reader import read_model
 from ..utils import inference_pass
@@ -70,7 +70,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             scores = args[0].detach().float()
             track(f'{name} (attention scores)', scores)
             for kind, heads in module.groups:
-                denominator = get_attn_kind(kind).denominator if kind != 'search' else None
+                denominator = get_attn_kind(kind).denominator if kind != SEARCH else None
                 if denominator is not None:
                     denom = denominator(scores[:, list(heads)], **module.opts)
                     track(f'{name} ({kind} denominators)', denom)

@@ -37,8 +37,9 @@ from torch import nn
 
 from ..layers.activations import ACTIVATIONS, activation_name
 from ..layers.attention import MPCAttention
-from ..layers.attn_kinds import PatternError, get_attn_kind
+from ..layers.attn_kinds import SEARCH, PatternError, get_attn_kind
 from ..layers.linearizable_mlp import LinearizableMlp
+from ..layers.pattern_state import is_pattern_key
 from ..reader import FAMILIES, read_model
 from . import ops
 from .settings import SecureSettings
@@ -188,7 +189,8 @@ class SecurePlan:
         """Consistency checks beyond types (see :meth:`from_dict`)."""
         c = self.input_size[0]
         if len(self.input_bounds) != c or any(len(b) != 2 or not b[0] < b[1] for b in self.input_bounds):
-            raise PlanError(f'plan input_bounds must be one [low, high] pair per channel ({c}), got {self.input_bounds}')
+            raise PlanError(f'plan input_bounds must be one [low, high] pair per channel ({c}), '
+                            f'got {self.input_bounds}')
         acts = [name for name, _ in ACTIVATIONS]
         for i, blk in enumerate(self.blocks):
             try:
@@ -255,7 +257,7 @@ def _layer_norm(path: str, module: nn.Module, optional: bool = True) -> Optional
 def _attention(path: str, attn: nn.Module) -> AttentionSpec:
     if not isinstance(attn, MPCAttention):
         _fail(path, attn, 'timm_mpc MPCAttention (convert the model with timm_mpc.convert_to_mpc first)')
-    if any(kind == 'search' for kind, _ in attn.heads.groups):
+    if any(kind == SEARCH for kind, _ in attn.heads.groups):
         raise UnsupportedModelError(
             f'{path} has heads in search mode (learnable alpha); binarize it to one kind per head before secure '
             f'inference')
@@ -324,8 +326,7 @@ def build_plan(model: nn.Module) -> SecurePlan:
         _fail('attn_pool', model.attn_pool or model, "global_pool 'token' or 'avg'")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         _fail('head', model.head, 'nn.Linear or nn.Identity')
-    params = {name: list(p.shape) for name, p in model.named_parameters()
-              if name not in {f'{n}.alpha' for n, _ in parts.heads} | {f'{n}.beta' for n, _ in parts.mlps}}
+    params = {name: list(p.shape) for name, p in model.named_parameters() if not is_pattern_key(name)}
     return SecurePlan(
         input_size=[pe.proj.in_channels, *pe.img_size],
         input_bounds=[[(0.0 - m) / s, (1.0 - m) / s] for m, s in zip(*normalization(model, pe.proj.in_channels))],

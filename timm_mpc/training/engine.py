@@ -21,9 +21,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..factory import create_mpc_model
+from ..layers.attn_kinds import SEARCH
 from ..layers.pattern_state import checkpoint_state, is_pattern_key
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..reader import num_weights
+from ..search.binarize import searches_gelu
 from ..utils import save_weights
 from .config import RunConfig
 from .data import DATASETS, build_dataset, build_loader
@@ -115,7 +117,7 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     gelu = get_gelu_pattern(model)
     if gelu:
         summary['gelu_pattern'] = gelu
-    searching = any(p == 'search' for p in summary['attn_pattern']) or any(g == 'search' for g in gelu)
+    searching = SEARCH in summary['head_kinds'] or searches_gelu(model)
     if cfg.estimate_latency and not searching:
         from ..cost import model_cost_table, model_latency
         summary['secure_estimate'] = model_latency(model, model_cost_table(model))
@@ -216,7 +218,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if num_classes is None:  # an ImageFolder: one class per sub-folder
         num_classes = len(build_dataset(cfg.dataset, 'train', cfg.data_dir).reader.class_to_idx)
     model = create_run_model(cfg, num_classes).to(device)
-    if mode == 'search' and not any(p == 'search' for p in get_attn_pattern(model)):
+    if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     data_config = resolve_data_config(model=model)
     in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]

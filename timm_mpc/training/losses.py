@@ -50,7 +50,7 @@ class ArchitecturePenalty(nn.Module):
     """``λ · Σ_h c_h·|α_h| + λ_β · Σ_t c_t·|β_t|`` over a model's search-mode heads and MLPs.
 
     ``c_h`` is what head ``h`` saves by becoming Scaling and ``c_t`` what a token saves by losing its GeLU,
-    in seconds of estimated secure latency (see :func:`timm_mpc.search.head_costs`); without costs every
+    in seconds of estimated secure latency (see :func:`timm_mpc.cost.head_costs`); without costs every
     weight is 1 and the penalty is the paper's plain L1.
     """
 

@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from ..layers.attn_kinds import SEARCH_KINDS
+
 __all__ = ['load_runs', 'pareto_table', 'plot_pareto']
 
 
@@ -27,7 +29,7 @@ def load_runs(paths: Sequence[str]) -> List[Dict[str, Any]]:
         rows.append(dict(
             name=path.parent.name, mode=run['mode'], top1=final['test_top1'], epochs=final['epochs'],
             kd=bool(run['config'].get('teacher')), heads=heads, head_kinds=kinds,
-            relu_softmax=kinds.get('relu_softmax', 0), gelu_linearized=gelu is not None,
+            relu_softmax=kinds.get(SEARCH_KINDS[0], 0), gelu_linearized=gelu is not None,
             latency_s=model['secure_estimate']['latency_s'], rounds=model['secure_estimate']['rounds'],
             bytes=model['secure_estimate']['bytes']))
     return rows
@@ -38,11 +40,10 @@ def pareto_table(rows: List[Dict[str, Any]]) -> str:
     lines = ['| run | top-1 (%) | epochs | KD | heads (RS/SA/other) | rounds | MB | LAN (s) | WAN (s) |',
              '|---|---:|---:|:-:|---|---:|---:|---:|---:|']
     for r in sorted(rows, key=lambda r: r['latency_s']['lan']):
-        k = r['head_kinds']
-        other = r['heads'] - k.get('relu_softmax', 0) - k.get('scaling', 0)
+        rs, sa = (r['head_kinds'].get(kind, 0) for kind in SEARCH_KINDS)
         lines.append(f"| {r['name']}{' (+GeLU lin.)' if r['gelu_linearized'] else ''} | {r['top1']:.2f} | "
-                     f"{r['epochs']} | {'yes' if r['kd'] else 'no'} | {k.get('relu_softmax', 0)}/"
-                     f"{k.get('scaling', 0)}/{other} | {r['rounds']:.0f} | {r['bytes'] / 1e6:.0f} | "
+                     f"{r['epochs']} | {'yes' if r['kd'] else 'no'} | {rs}/{sa}/{r['heads'] - rs - sa} | "
+                     f"{r['rounds']:.0f} | {r['bytes'] / 1e6:.0f} | "
                      f"{r['latency_s']['lan']:.2f} | {r['latency_s']['wan']:.1f} |")
     return '\n'.join(lines)
 

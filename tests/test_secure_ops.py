@@ -213,3 +213,19 @@ def test_calibration_refuses_values_that_would_overflow():
         model.blocks[2].mlp.fc1.weight.mul_(1e6)
     with pytest.raises(FixedPointRangeError, match=r'blocks.2.mlp.act \(squared inputs\) reaches .* 16 fractional bits'):
         calibrate(model, images, SecureSettings())
+
+
+def test_truncation_failures_are_measured_per_image_and_operator():
+    """The expected number of local-truncation failures, |x| / 2^64 summed over every truncated element."""
+    from timm_mpc.secure.truncation import truncation_failures
+    torch.manual_seed(0)
+    model = timm.create_model('mpcvit_tiny', depth=1, img_size=16, embed_dim=64,
+                              attn_pattern=[['scaling', 'relu_softmax', 'scaling', 'softmax']]).eval()
+    images = torch.rand(2, 3, 16, 16).sub(0.286).div(0.353)
+    measured = truncation_failures(model, images)
+    assert measured['images'] == 2 and {'linear', 'layernorm', 'gelu', 'softmax'} <= set(measured['by_op'])
+    assert 0 < measured['per_image'] < 1e-2 and measured['per_image'] == pytest.approx(sum(measured['by_op'].values()))
+    # the probability grows with the magnitude of what is truncated: larger weights, more failures
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight.mul_(8)
+    assert truncation_failures(model, images)['by_op']['linear'] > 2 * measured['by_op']['linear']

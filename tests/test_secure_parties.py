@@ -42,10 +42,10 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
     ops = result.profile.by('op')
     assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu', 'layernorm', 'linear'} <= set(ops)
     assert ops['scaling']['rounds'] == 2 * 2  # two matmuls per layer, nothing non-linear: no dealer round counted
-    dealer = result.profile.dealer  # the triples' cost, apart: requests, bytes, the owner's waits, per row too
-    assert dealer['requests'] > 10 and dealer['bytes'] > 0
-    assert sum(r.dealer_s for r in result.profile.rows) == pytest.approx(dealer['time_s'], abs=0.05)
-    assert result.profile.compute_s == pytest.approx(result.profile.wall_s - dealer['time_s'])
+    dealer = result.profile.dealer  # the triples' cost, apart: fetched in one batch before the images are shared
+    assert dealer['requests'] == 1 and dealer['bytes'] > 0 and dealer['time_s'] > 0
+    assert sum(r.dealer_s for r in result.profile.rows) == 0  # no wait for the dealer in the online phase
+    assert result.profile.compute_s == pytest.approx(result.profile.wall_s)
     assert ops['softmax']['rounds'] > 10 * 2
     layers = result.profile.by('layer')
     assert {'blocks.0', 'blocks.1', 'patch_embed', 'head'} <= set(layers)
@@ -118,7 +118,7 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     assert 'holds no logit' in owner_out and 'dealer: done' in dealer_out and dealer.returncode == 0
     report = json.loads((tmp_path / 'client.json').read_text())
     assert len(report['logits']) == 1 and report['profile']['rounds'] > 100
-    assert report['profile']['dealer']['requests'] > 100 and report['profile']['dealer']['bytes'] > 0
+    assert report['profile']['dealer']['requests'] >= 1 and report['profile']['dealer']['bytes'] > 0  # offline phase
 
     # the owner dies mid-protocol: the client must stop with a clear error, not hang
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
@@ -271,3 +271,38 @@ def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
     estimate = model_latency(model, table)
     assert estimate['rounds'] == pytest.approx(measured.rounds, rel=0.05)
     assert estimate['bytes'] == pytest.approx(measured.bytes, rel=0.05)
+
+
+def test_an_image_beyond_the_calibrated_range_is_refused_not_returned_as_garbage():
+    """Calibrated on blank images, the owner's schedules do not cover a real image: its logits leave the plan's
+    public bound, and secure_predict says so instead of returning them."""
+    from timm_mpc.secure import SecureInferenceError
+    model = timm_mpc.create_mpc_model(
+        'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_mu70_kd/model.safetensors').eval()
+    images, _ = timm_mpc.data.example_images()
+    blank = torch.full((4, 3, 32, 32), (0.5 - 0.286) / 0.353)
+    with pytest.raises(SecureInferenceError, match=r"images \[1\] gave logits beyond the plan's bound \(1024\)"):
+        secure_predict(model, images[:2], SecureSettings(truncation_retries=0), calibration_images=blank)
+
+
+def test_images_with_implausible_logits_run_again(monkeypatch):
+    """A failed truncation (about one image in a thousand) shows as a logit beyond the plan's bound: those
+    images, and only those, run again; the others keep their first logits."""
+    from timm_mpc.secure import launch
+    model, images = _small_mpcvit(attn_pattern=MIXED), _images(3)
+    calls = []
+    real = launch.run_local_parties
+
+    def failing_once(plan, state_dict, batch, settings):
+        result = real(plan, state_dict, batch, settings)
+        calls.append(batch.shape[0])
+        if len(calls) == 1:  # what a failed truncation in image 1 looks like to the client
+            result.logits[1, 0] = 4.4e8
+            result.implausible = plan.implausible(torch.from_numpy(result.logits))
+        return result
+
+    monkeypatch.setattr(launch, 'run_local_parties', failing_once)
+    result = secure_predict(model, images, return_result=True)
+    assert calls == [3, 1] and result.retries == 1
+    with torch.no_grad():
+        assert (result.logits - model(images)).abs().max() < 0.05

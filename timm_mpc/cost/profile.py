@@ -58,8 +58,9 @@ class CostProfile:
 
     @property
     def compute_s(self) -> float:
-        """The parties' own time: the wall time less the owner's waits for the dealer's triples."""
-        return max(self.wall_s - self.dealer['time_s'], 0.0)
+        """The parties' own time: the wall time less the owner's waits for the dealer's triples during the
+        inference (with the offline phase, the triples were fetched before it, and there are none)."""
+        return max(self.wall_s - sum(row.dealer_s for row in self.rows), 0.0)
 
     @property
     def rounds(self) -> int:

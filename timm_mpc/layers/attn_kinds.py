@@ -13,6 +13,7 @@ and the cards all dispatch through :func:`get_attn_kind`; adding a kind is one :
 | scaling        | s / N                            | MPCViT        |
 | 2quad          | (s + c)² / Σ (s + c)²            | MPCFormer     |
 """
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
@@ -20,6 +21,7 @@ import torch
 
 __all__ = [
     'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds', 'kind_modules',
+    'import_kind_modules',
     'ATTN_KINDS', 'BASELINE_KIND', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'kind_code', 'kind_name',
     'softmax_weights', 'relu_softmax_weights', 'scaling_weights', 'quad2_weights',
 ]
@@ -125,6 +127,12 @@ def get_attn_kind(name: str) -> AttnKind:
 def kind_modules() -> Tuple[str, ...]:
     """The modules that registered kinds beyond the built-in ones: a new process imports them to know those kinds."""
     return tuple(sorted({k.secure.__module__ for k in _REGISTRY.values() if k.secure.__module__ != __name__}))
+
+
+def import_kind_modules(modules: Sequence[str]) -> None:
+    """Import :func:`kind_modules` of another process, so that this one knows the same kinds."""
+    for module in modules:
+        importlib.import_module(module)
 
 
 def list_attn_kinds() -> Tuple[AttnKind, ...]:
@@ -233,8 +241,10 @@ def _secure_relu_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext)
 
 def _secure_scaling(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
     n = ctx.num_keys
+    # the public factors go in first, so no product grows with the sequence: a truncation fails with a
+    # probability that grows with the magnitude of what it truncates
     if n > q.size(-1):  # Q(KᵀV) moves less data than (QKᵀ)V once the sequence is longer than a head
-        return q.matmul(k.transpose(-2, -1).matmul(v)).mul(scale / n)
+        return q.mul(scale).matmul(k.mul(1 / n).transpose(-2, -1).matmul(v))
     return q.mul(scale / n).matmul(k.transpose(-2, -1)).matmul(v)
 
 

@@ -35,8 +35,8 @@ def product_limit(settings: SecureSettings) -> float:
 
 def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) -> Dict[str, Dict[str, float]]:
     """Run ``model`` on ``images`` in plain text and return the ranges the secure plan needs: ``{'min', 'max'}``
-    of each LayerNorm's variance and of each attention kind's denominator (``blocks.i.attn.<kind>``), and the
-    ``max`` of each exact GeLU's input magnitude.
+    of each LayerNorm's variance and of each attention kind's denominator (``blocks.i.attn.<kind>``), the
+    ``max`` of each exact GeLU's input magnitude, and of the logits' magnitude (``logits``).
 
     The modules are the ones :func:`timm_mpc.reader.read_model` finds, so calibration covers exactly what the
     plan computes; an exact GeLU is one entry of :data:`timm_mpc.layers.ACTIVATIONS` in either of its classes.
@@ -98,7 +98,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
     hooks += [m.register_forward_hook(output_hook(name)) for name, m in parts.linears]
     try:
         with inference_pass(model):
-            model(images)
+            record('logits', model(images).detach().float().abs())
     finally:
         for h in hooks:
             h.remove()

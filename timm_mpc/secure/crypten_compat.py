@@ -11,7 +11,11 @@
    dealer draws the parties' seeds from torch's default generator. Here every random ring element comes
    from SHAKE-128 keyed by the generator's full 64-bit seed and a per-generator call counter (the parties and
    the dealer draw in the same order, as CrypTen already requires), and the dealer's seeds from
-   ``os.urandom``. Nothing installed is edited: CrypTen's functions are replaced in its loaded modules.
+   ``os.urandom``.
+3. The dealer answers a list of requests at once (``TTPServer.batch``), in order, exactly as it would one by one:
+   the owner's offline phase (:mod:`timm_mpc.secure.offline`).
+
+Nothing installed is edited: CrypTen's functions are replaced in its loaded modules.
 """
 import hashlib
 import importlib
@@ -116,6 +120,18 @@ def _use_cryptographic_randomness() -> None:
                 if getattr(module, name, None) is original:
                     setattr(module, name, replacements[name])
     TTPServer._setup_generators = _dealer_seeds
+    TTPServer.batch = _dealer_batch
+
+
+def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:
+    """``TTPServer.batch``: answer each ``(function, device, args, kwargs)`` request in order, as one flat tensor."""
+    results = []
+    for function, device, args, kwargs in requests:
+        if function not in ('additive', 'square', 'binary', 'wraps', 'B2A'):  # CrypTen's TTP_FUNCTIONS
+            raise ValueError(f'the dealer does not serve {function!r}')
+        self.device = device
+        results.append(getattr(self, function)(*args, **kwargs).reshape(-1))
+    return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
 
 
 def set_process_group_timeout(seconds: float) -> None:

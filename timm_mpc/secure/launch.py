@@ -1,5 +1,4 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
-import importlib
 import queue as queue_lib
 import socket
 import time
@@ -12,8 +11,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ..cost.profile import CostProfile
-from ..layers.attn_kinds import kind_modules
+from ..layers.attn_kinds import import_kind_modules, kind_modules
 from .party import PartyResult, run_client, run_dealer, run_owner
+from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
 
@@ -26,11 +26,13 @@ class SecureInferenceError(RuntimeError):
 
 @dataclass
 class SecureResult:
-    """The client's logits from a secure inference, with what it cost."""
+    """The client's logits from a secure inference, with what it cost (of the first run) and how many runs again
+    found images whose logits marked a failed truncation."""
     logits: torch.Tensor
     profile: CostProfile
     plan: SecurePlan
     settings: SecureSettings
+    retries: int = 0
 
 
 def free_port() -> int:
@@ -43,8 +45,7 @@ def free_port() -> int:
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
                    kind_modules: Tuple[str, ...] = ()) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
-    for module in kind_modules:  # attention kinds registered outside timm-mpc, as in the parent
-        importlib.import_module(module)
+    import_kind_modules(kind_modules)  # attention kinds registered outside timm-mpc, as in the parent
 
     def report_timeout(message: str) -> None:  # the watchdog ends this process right after
         results.put((role, 'error', message))
@@ -54,7 +55,8 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
     try:
         settings_ = SecureSettings.from_dict(settings)
         if role == 'owner':
-            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, on_timeout=report_timeout)
+            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, on_timeout=report_timeout,
+                               requests=payload['requests'])
         elif role == 'client':
             result = run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout)
         else:
@@ -74,7 +76,9 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    payloads = {'owner': dict(plan=plan, state_dict=state_dict), 'client': dict(images=images)}
+    # the owner's process is a daemon and cannot start the recording process itself: record here
+    requests = record_requests(plan, settings, images.shape[0]) if settings.secure and settings.offline_phase else None
+    payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests), 'client': dict(images=images)}
     roles = ['owner', 'client'] + (['dealer'] if settings.secure else [])
     procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
         role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, kind_modules())) for role in roles}
@@ -132,6 +136,11 @@ def secure_predict(
     schedules and refuses values that would overflow the fixed-point encoding, and the images are checked
     against the model's input bounds. ``model`` itself is not changed.
 
+    Two-party truncation fails now and then (about one image in a thousand, see
+    :mod:`timm_mpc.secure.truncation`) and leaves a logit off by about 2^32. The client finds such images by the
+    plan's public logit bound, and they are run again with fresh randomness (``settings.truncation_retries``
+    times at most); logits still beyond the bound are an error, never returned.
+
     Args:
         model: An ``mpcvit_*`` model or a timm ViT after ``convert_to_mpc`` (fixed head pattern).
         images: ``(B, C, H, W)`` images: pixels in [0, 1] normalized with the model's mean and std.
@@ -152,5 +161,16 @@ def secure_predict(
     settings.warn_if_insecure()
     state_dict = plan.owner_weights(model)
     result = run_local_parties(plan, state_dict, images, settings)
-    out = SecureResult(torch.from_numpy(result.logits), result.profile, plan, settings)
+    logits, redo, retries = torch.from_numpy(result.logits), result.implausible, 0
+    while redo and retries < settings.truncation_retries:  # a failed truncation: fresh randomness, fresh odds
+        retries += 1
+        again = run_local_parties(plan, state_dict, images[redo], settings)
+        logits[redo] = torch.from_numpy(again.logits)
+        redo = [redo[i] for i in again.implausible]
+    if redo:
+        raise SecureInferenceError(
+            f'images {redo} gave logits beyond the plan\'s bound ({plan.logit_bound:g}) in {retries + 1} runs: not a '
+            f'truncation failure (about 1 image in 1000 meets one) but values outside what the owner calibrated; '
+            f'calibrate on images like these (calibration_images)')
+    out = SecureResult(logits, result.profile, plan, settings, retries)
     return out if return_result else out.logits

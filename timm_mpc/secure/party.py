@@ -14,13 +14,14 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from ..cost.profile import CostMeter, CostProfile
 from .crypten_compat import import_crypten, set_process_group_timeout
+from .offline import prefetch, record_requests
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
@@ -37,11 +38,13 @@ class PeerError(RuntimeError):
 
 @dataclass
 class PartyResult:
-    """What a party ends with: the client's logits (None for the owner) and the cost profile."""
+    """What a party ends with: the client's logits (None for the owner), the cost profile, and (client) the
+    images whose logits leave the plan's bound, the mark of a failed truncation: run those again."""
     rank: int
     logits: Optional[torch.Tensor]
     profile: CostProfile
     plan: SecurePlan
+    implausible: List[int] = field(default_factory=list)
 
 
 def _first_line(error: BaseException) -> str:
@@ -164,7 +167,8 @@ def _client_verdict(data: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
-         log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+         log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
+         requests: Optional[List[Any]] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
@@ -189,6 +193,12 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                                  f'{verdict.get("detail", verdict["reason"])}')
             raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
+        if dealer is not None and settings.offline_phase:  # the owner fetches the triples before the images
+            t0 = time.perf_counter()
+            requests = requests if requests is not None else record_requests(plan, settings, answer['batch'])
+            dealer['record_s'] = time.perf_counter() - t0
+            from crypten.mpc.provider.ttp_provider import TTPClient
+            prefetch(TTPClient.get(), requests)
         meter = CostMeter(comm, dealer)
         program = SecureViT(plan, settings, meter, state_dict)
         patches = program.share_images(images, answer['batch'])
@@ -205,7 +215,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         other = client_part if rank == OWNER else owner_part
         profile = CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'],
                                             owner_part['dealer_s'])
-        return PartyResult(rank, plain, profile, plan)
+        return PartyResult(rank, plain, profile, plan, [] if plain is None else plan.implausible(plain))
     except RuntimeError as e:
         if isinstance(e, PeerError):
             raise
@@ -222,15 +232,18 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
 
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
               settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
-              on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+              on_timeout: Optional[Callable[[str], None]] = None, requests: Optional[List[Any]] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs.
 
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
-    line on stderr); the process then exits with code 2.
+    line on stderr); the process then exits with code 2. ``requests``: the dealer requests of one inference
+    at the client's batch size (:func:`timm_mpc.secure.offline.record_requests`), recorded here once the batch
+    is known if not given.
     """
     plan.check()
     settings.warn_if_insecure()
-    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout)
+    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout,
+                requests=requests)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,

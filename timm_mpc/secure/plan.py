@@ -15,6 +15,8 @@ never sees a weight or a calibration statistic, only what both must agree on. Th
   size, score scale, one kind per head, biases, q/k norms, the kinds' constants) and MLP (hidden size,
   activation, MPCViT+ GeLU tokens, biases).
 - ``params``: the name and shape of every weight the owner will share (values stay the owner's).
+- ``logit_bound``: a power of 2 above the logits the owner calibrated (at least 2^10); logits beyond it mark a
+  failed truncation (see :meth:`SecurePlan.implausible`).
 - ``schedules``: the calibrated ranges in their public form: per LayerNorm and per attention kind with a
   reciprocal, an input scale (a power of 4) and a Newton iteration count; per exact GeLU, the squarings of
   its exp. They are derived from ranges the owner measured on its own images, widened by ``range_margin``,
@@ -25,6 +27,7 @@ any party starts.
 """
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -135,6 +138,7 @@ class SecurePlan:
     num_classes: int
     params: Dict[str, List[int]]
     schedules: Dict[str, Schedule] = field(default_factory=dict)
+    logit_bound: float = 0.0
     version: int = PLAN_VERSION
 
     @property
@@ -156,6 +160,11 @@ class SecurePlan:
         """``(schedule name, kind)`` for every attention kind in a layer that needs a reciprocal schedule."""
         return [(f'blocks.{i}.attn.{kind}', kind) for i, blk in enumerate(self.blocks)
                 for kind, _ in blk.attn.groups() if get_attn_kind(kind).reciprocal_range is not None]
+
+    def implausible(self, logits: torch.Tensor) -> List[int]:
+        """Images whose logits leave ``logit_bound``: a failed two-party truncation puts a logit off by about
+        ``2^32`` (:mod:`timm_mpc.secure.truncation`), far beyond any the calibrated model gives."""
+        return [int(i) for i in (logits.abs() > self.logit_bound).flatten(1).any(-1).nonzero().flatten()]
 
     def owner_weights(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The weights the owner shares: the plan's ``params`` of ``model``, detached float32 on the CPU."""
@@ -203,6 +212,8 @@ class SecurePlan:
                 raise PlanError(f'plan blocks.{i}.mlp.act {blk.mlp.act!r}; accepted: {acts}')
             if blk.style not in ('pre', 'post'):
                 raise PlanError(f'plan blocks.{i}.style {blk.style!r}; accepted: pre, post')
+        if not self.logit_bound > 0:
+            raise PlanError(f'plan logit_bound must be positive, got {self.logit_bound}')
         if self.global_pool not in ('token', 'avg'):
             raise PlanError(f'plan global_pool {self.global_pool!r}; accepted: token, avg')
         needed = self.layer_norm_names() + [name for name, _ in self.reciprocal_names()]
@@ -395,6 +406,12 @@ def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],
     return out
 
 
+def logit_bound(calibrated_max: float, settings: SecureSettings) -> float:
+    """The plan's public bound on the logits: a power of 2 at least ``range_margin`` times the largest logit
+    magnitude the owner calibrated (and at least 2^10), so it reveals only an order of magnitude."""
+    return 2.0 ** max(10, math.ceil(math.log2(max(calibrated_max, 1e-12) * settings.range_margin)))
+
+
 def build_secure_plan(model: nn.Module, settings: SecureSettings,
                       calibration_images: Optional[torch.Tensor] = None) -> SecurePlan:
     """The plan the owner sends: :func:`build_plan`, calibrated on the owner's images (default: the shipped
@@ -411,7 +428,9 @@ def build_secure_plan(model: nn.Module, settings: SecureSettings,
     if calibration_images is None:
         calibration_images = calibration_examples(plan.input_size, *normalization(model, plan.input_size[0]))
     check_images(plan, calibration_images, what='calibration images')
-    plan.schedules = public_schedules(plan, calibrate(model, calibration_images, settings), settings)
+    ranges = calibrate(model, calibration_images, settings)
+    plan.schedules = public_schedules(plan, ranges, settings)
+    plan.logit_bound = logit_bound(ranges['logits']['max'], settings)
     plan.check()
     return plan
 

@@ -46,6 +46,10 @@ class SecureSettings:
             they cover ``[low / margin, high * margin]``, since the client's images are not the owner's.
         provider: Source of multiplication triples, one of :data:`PROVIDERS`.
         timeout_s: Bound on any wait for the other party (rendezvous included), in seconds.
+        offline_phase: The owner fetches the dealer's triples for a whole inference before the images are
+            shared, in a few large batches, instead of one round trip per triple during it.
+        truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
+            public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.truncation`).
     """
     precision_bits: int = 16
     exp_iterations: int = 8
@@ -60,6 +64,8 @@ class SecureSettings:
     range_margin: float = 4.0
     provider: str = 'TTP'
     timeout_s: float = 120.0
+    offline_phase: bool = True
+    truncation_retries: int = 2
 
     def __post_init__(self) -> None:
         if self.provider == 'TFP':
@@ -72,6 +78,8 @@ class SecureSettings:
             raise ValueError(f'range_margin must be at least 1, got {self.range_margin}')
         if self.gelu not in GELU_METHODS:
             raise ValueError(f'unknown gelu method {self.gelu!r}; accepted: {list(GELU_METHODS)}')
+        if not (isinstance(self.truncation_retries, int) and 0 <= self.truncation_retries <= 10):
+            raise ValueError(f'truncation_retries must be a whole number from 0 to 10, got {self.truncation_retries!r}')
         if not 0 < self.timeout_s <= 86400:
             raise ValueError(f'timeout_s must be a number of seconds in (0, 86400], got {self.timeout_s}')
 

@@ -1,0 +1,188 @@
+"""The offline phase: the owner fetches the dealer's correlated randomness before the images arrive.
+
+CrypTen's TTP client asks the dealer for each multiplication triple (and square, wrap and bit pair) at the
+moment it is used, one round trip each: about 700 requests for one ``mpcvit_tiny`` image, which the owner
+waits for in the middle of the online phase. Which requests an inference makes depends only on the public
+plan, the settings and the batch size, never on the data: the owner records the sequence once, by running
+the same computation on zeros in two processes of its own (:func:`record_requests`, cached on disk), and asks
+the dealer for all of it in large batches (``TTPServer.batch``, see :mod:`.crypten_compat`) before the online phase starts
+(:func:`prefetch`). The dealer computes exactly what it would have computed request by request, in the same
+order, so every share is the same; only the round trips are gone.
+
+What each party learns does not change: the dealer sees the same request sizes, now all at once.
+"""
+import hashlib
+import json
+import multiprocessing
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import torch
+
+from ..layers.attn_kinds import import_kind_modules, kind_modules
+from .crypten_compat import import_crypten
+from .plan import SecurePlan
+from .secure_vit import SecureViT, patchify
+from .settings import SecureSettings
+
+__all__ = ['record_requests', 'prefetch', 'default_cache_dir']
+
+Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
+CACHE_VERSION = 2
+CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
+
+
+def default_cache_dir() -> Path:
+    """``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``, plus ``offline``."""
+    root = os.environ.get('TIMM_MPC_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'timm_mpc')
+    return Path(root) / 'offline'
+
+
+def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
+    if function == 'additive':
+        size0, size1, op, *rest = args
+        a, b = torch.empty(size0, device='meta'), torch.empty(size1, device='meta')
+        return getattr(torch, op)(a, b, *rest, **kwargs).shape
+    if function == 'binary':
+        return torch.broadcast_shapes(torch.Size(args[0]), torch.Size(args[1]))
+    return torch.Size(args[0])  # square, wraps, B2A: the size asked for
+
+
+# CrypTen's provider methods and the dealer functions the TTP provider asks for in their place
+_PROVIDER_TO_DEALER = {'generate_additive_triple': 'additive', 'square': 'square', 'generate_binary_triple': 'binary',
+                       'wrap_rng': 'wraps', 'B2A_rng': 'B2A'}
+
+
+def _recording(method: Any, function: str, requests: List[Request]) -> Any:
+    def recorded(self: Any, *args: Any, device: Any = None, **kwargs: Any) -> Any:
+        requests.append((function, None if device is None else str(device),
+                         tuple(tuple(a) if isinstance(a, torch.Size) else a for a in args), kwargs))
+        return method(self, *args, device=device, **kwargs)
+    return recorded
+
+
+def _record(rank: int, plan: Dict[str, Any], settings: Dict[str, Any], batch: int, rendezvous: str,
+            results: Any, modules: Tuple[str, ...]) -> None:
+    """One of two processes that run an inference on zeros (the owner-as-dealer provider: no third process),
+    the first noting each request its provider gets, in order: the same sequence as with the real dealer,
+    since no step of CrypTen's algorithms depends on the data."""
+    torch.set_num_threads(1)
+    try:
+        import_kind_modules(modules)
+        os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
+        crypten = import_crypten()
+        settings_ = SecureSettings.from_dict(settings)
+        settings_.apply(crypten)
+        crypten.cfg.mpc.provider = 'TFP'
+        crypten.init()
+        from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+        requests: List[Request] = []
+        if rank == 0:
+            for method, function in _PROVIDER_TO_DEALER.items():
+                setattr(TrustedFirstParty, method, _recording(getattr(TrustedFirstParty, method), function, requests))
+        plan_ = SecurePlan.from_dict(plan)
+        from ..cost.profile import CostMeter
+        program = SecureViT(plan_, settings_, CostMeter(crypten.communicator.get()), None)
+        c, h, w = plan_.input_size
+        patches = crypten.cryptensor(patchify(torch.zeros(batch, c, h, w), plan_.patch_size), src=1)
+        requests.clear()  # only what an inference asks for
+        program.forward(patches)
+        crypten.uninit()
+        if rank == 0:
+            results.put(('ok', requests))
+    except BaseException as e:  # report to the parent, which raises
+        results.put(('error', f'{type(e).__name__}: {e}'))
+
+
+def _cache_key(plan: SecurePlan, settings: SecureSettings, batch: int) -> str:
+    public = {k: v for k, v in settings.to_dict().items() if k not in ('timeout_s', 'truncation_retries')}
+    data = json.dumps(dict(version=CACHE_VERSION, plan=plan.to_dict(), settings=public, batch=batch), sort_keys=True)
+    return hashlib.sha256(data.encode()).hexdigest()[:20]
+
+
+def record_requests(plan: SecurePlan, settings: SecureSettings, batch: int,
+                    cache_dir: Optional[Path] = None) -> List[Request]:
+    """The dealer requests one inference of ``plan`` at ``batch`` images makes, in order (cached on disk)."""
+    path = Path(cache_dir or default_cache_dir()) / f'{_cache_key(plan, settings, batch)}.json'
+    if path.is_file():
+        return [(f, d, tuple(tuple(a) if isinstance(a, list) else a for a in args), kw)
+                for f, d, args, kw in json.loads(path.read_text())]
+    ctx = multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_record, daemon=True, args=(
+            rank, plan.to_dict(), settings.to_dict(), batch, f'file://{tmp}/rendezvous', results, kind_modules()))
+            for rank in (0, 1)]
+        for proc in procs:
+            proc.start()
+        try:
+            status, value = results.get(timeout=settings.timeout_s)
+        finally:
+            for proc in procs:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.terminate()
+    if status != 'ok':
+        raise RuntimeError(f'recording the dealer requests of the plan failed: {value}')
+    requests = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.part')
+    tmp.write_text(json.dumps(requests))
+    tmp.replace(path)
+    return requests
+
+
+def _chunks(requests: List[Request]) -> List[List[Request]]:
+    chunks: List[List[Request]] = [[]]
+    size = 0
+    for request in requests:
+        numel = _result_shape(request[0], request[2], request[3]).numel()
+        if chunks[-1] and (size + numel) * 8 > CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(request)
+        size += numel
+    return chunks
+
+
+def prefetch(client: Any, requests: List[Request]) -> None:
+    """Serve ``requests`` from the dealer's batched answers: fetch the first batch now (the offline phase) and
+    each next one when the previous is used up. ``client`` is CrypTen's TTP client of the owner; a request
+    that is not the next recorded one (it never should be) goes to the dealer on its own."""
+    live = client.ttp_request
+    pending: Deque[List[Request]] = deque(_chunks(requests))
+    ready: Deque[Tuple[Request, torch.Tensor]] = deque()
+
+    def fetch() -> None:
+        chunk = pending.popleft()
+        flat = live('batch', None, chunk)
+        offset = 0
+        for request in chunk:
+            shape = _result_shape(request[0], request[2], request[3])
+            ready.append((request, flat[offset:offset + shape.numel()].reshape(shape)))
+            offset += shape.numel()
+
+    def served(function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not ready and pending:
+            fetch()
+        asked = (function, None if device is None else str(device), tuple(args), kwargs)
+        if ready and _same(ready[0][0], asked):
+            return ready.popleft()[1]
+        ready.clear()  # off the recorded path: the dealer's order no longer matches the batches
+        pending.clear()
+        return live(function, device, *args, **kwargs)
+
+    if pending and pending[0]:
+        fetch()
+    client.ttp_request = served
+
+
+def _same(recorded: Request, asked: Request) -> bool:
+    def norm(value: Any) -> Any:
+        if isinstance(value, (list, tuple, torch.Size)):
+            return [norm(v) for v in value]
+        return value
+    return norm(recorded) == norm(asked)

@@ -1,0 +1,114 @@
+"""How often two-party truncation fails, measured on real images.
+
+After each fixed-point multiplication CrypTen divides the product by the scale ``2^f``, and with two parties
+each divides its own share (local, probabilistic truncation). That is correct to the last bit unless the two
+shares wrap around the 64-bit ring together, which for a ring value ``x`` (the product, ``2^2f`` times the
+real value) happens with probability ``|x| / 2^64`` over the parties' random shares; the decoded result is
+then off by about ``2^(64 - 2f)`` (``2^32`` with 16 fractional bits): one garbage logit.
+
+:func:`truncation_failures` runs the secure computation of a plan once in a single process (CrypTen with one
+party: the same operators on the same values, each share being the value itself) and sums ``|x| / 2^64`` over
+every element of every truncation: the expected number of failures per image, per operator and in total.
+"""
+import multiprocessing
+import os
+import tempfile
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..cost.profile import CostMeter
+from ..layers.attn_kinds import import_kind_modules, kind_modules
+from .crypten_compat import import_crypten
+from .plan import SecurePlan, build_secure_plan, check_images
+from .secure_vit import SecureViT, patchify
+from .settings import SecureSettings
+
+__all__ = ['truncation_failures']
+
+_RING = 2.0 ** 64
+
+
+class _Tally(CostMeter):
+    """A cost meter that also charges each truncation's failure probability to the operator running it."""
+
+    def __init__(self, communicator: Any) -> None:
+        super().__init__(communicator)
+        self.where = ('setup', 'share')
+        self.expected: Dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def section(self, layer: str, op: str) -> Iterator[None]:
+        outer, self.where = self.where, (layer, op)
+        try:
+            with super().section(layer, op):
+                yield
+        finally:
+            self.where = outer
+
+
+def _measure(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+             settings: Dict[str, Any], rendezvous: str, results: Any, modules: Tuple[str, ...]) -> None:
+    torch.set_num_threads(1)
+    try:
+        import_kind_modules(modules)
+        os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='1', RANK='0', DISTRIBUTED_BACKEND='gloo')
+        crypten = import_crypten()
+        settings_ = SecureSettings.from_dict(settings)
+        settings_.apply(crypten)
+        crypten.cfg.mpc.provider = 'TFP'  # one party: no dealer, the shares are the values
+        crypten.init()
+        from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+        meter = _Tally(crypten.communicator.get())
+        divide = ArithmeticSharedTensor.div_
+
+        def tallied(self: Any, y: Any) -> Any:
+            if isinstance(y, int) or (torch.is_tensor(y) and not y.is_floating_point()):
+                meter.expected[meter.where[1]] += float(self.share.double().abs().sum()) / _RING
+            return divide(self, y)
+
+        ArithmeticSharedTensor.div_ = tallied
+        program = SecureViT(SecurePlan.from_dict(plan), settings_, meter, state_dict)
+        with meter.section('input', 'share'):
+            patches = crypten.cryptensor(patchify(images, plan['patch_size']), src=0)
+        meter.expected.clear()  # sharing the weights and images is not part of an inference
+        program.forward(patches)
+        results.put(('ok', dict(meter.expected)))
+    except BaseException as e:  # report to the parent, which raises
+        results.put(('error', f'{type(e).__name__}: {e}'))
+
+
+def truncation_failures(model: nn.Module, images: torch.Tensor, settings: Optional[SecureSettings] = None,
+                        calibration_images: Optional[torch.Tensor] = None,
+                        timeout_s: float = 600.0) -> Dict[str, Any]:
+    """The expected number of truncation failures per image of ``model``'s secure inference on ``images``.
+
+    Returns:
+        ``per_image`` (the expected failures of one image, averaged over ``images``), ``by_op`` (the same per
+        operator kind, largest first) and ``images``. With independent failures, ``per_image`` is also about the
+        probability that an image gets a garbage logit.
+    """
+    settings = settings or SecureSettings()
+    plan = build_secure_plan(model, settings, calibration_images)
+    images = check_images(plan, images).detach().cpu().float()
+    ctx = multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = ctx.Process(target=_measure, daemon=True, args=(
+            plan.to_dict(), plan.owner_weights(model), images, settings.to_dict(), f'file://{tmp}/rendezvous', results,
+            kind_modules()))
+        proc.start()
+        try:
+            status, value = results.get(timeout=timeout_s)
+        finally:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
+    if status != 'ok':
+        raise RuntimeError(f'the truncation measurement failed: {value}')
+    batch = images.shape[0]
+    by_op = {op: p / batch for op, p in sorted(value.items(), key=lambda kv: -kv[1])}
+    return dict(per_image=sum(by_op.values()), by_op=by_op, images=batch)

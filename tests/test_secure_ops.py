@@ -229,3 +229,15 @@ def test_truncation_failures_are_measured_per_image_and_operator():
     with torch.no_grad():
         model.blocks[0].mlp.fc1.weight.mul_(8)
     assert truncation_failures(model, images)['by_op']['linear'] > 2 * measured['by_op']['linear']
+
+
+def test_a_failed_truncation_puts_the_logits_beyond_the_plans_bound():
+    """Failures put where they fall (by magnitude) in a published checkpoint: each leaves the logits as they were
+    or puts them far beyond the public bound, where secure_predict catches them."""
+    from timm_mpc.secure.truncation import truncation_failures
+    model = timm_mpc.create_mpc_model(
+        'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_softmax/model.safetensors').eval()
+    images, _ = timm_mpc.data.example_images()
+    measured = truncation_failures(model, images[:1], injections=3)
+    assert measured['caught'] + measured['harmless'] == 3 and measured['caught'] >= 1
+    assert min(c for c in measured['injected'] if c > 0.05) > 1e6 > measured['logit_bound']

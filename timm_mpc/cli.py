@@ -209,6 +209,9 @@ def _party(args: argparse.Namespace) -> int:
     profile = result.profile.to_dict(_networks(args))
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
+    if result.implausible:
+        print(f'client: images {result.implausible} got logits beyond the plan\'s bound ({result.plan.logit_bound:g}): '
+              f'a failed truncation (about one image in a thousand); run them again', file=sys.stderr)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(profile=profile, logits=result.logits.tolist()), f, indent=1)

@@ -59,7 +59,7 @@ def _summary(runs):
         entries = [run['results'][name] for run in runs]
         out[name] = dict(
             rounds=entries[0]['rounds'], bytes=entries[0]['bytes'], dealer=entries[0]['dealer'],
-            heads=entries[0]['heads'], runs=len(entries),
+            heads=entries[0]['heads'], runs=len(entries), by_op=entries[0]['profile']['by_op'],
             **{f'{key}_median': statistics.median(e[key] for e in entries) for key in ('wall_s', 'compute_s')},
             **{f'{key}_min': min(e[key] for e in entries) for key in ('wall_s', 'compute_s')},
             latency_median={n: statistics.median(e['latency_s'][n] for e in entries) for n in ('lan', 'wan')},

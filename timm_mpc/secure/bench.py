@@ -124,8 +124,10 @@ def format_profile(profile: Dict[str, Any], network: str) -> str:
                  f'{network.upper()} latency {profile["latency_s"][network]:.3f} s (wall time {profile["wall_s"]:.3f} s)')
     dealer = profile['dealer']
     if dealer['requests']:
+        recorded = f'; {dealer["record_s"]:.1f} s recording the requests' if dealer.get('record_s') else ''
         lines.append(f'{"dealer":14s} {dealer["requests"]:7d} {dealer["bytes"] / 1e6:9.2f} {dealer["time_s"]:8.3f}   '
-                     f'triple requests by the owner (offline phase: not in the rows, rounds or latency above)')
+                     f'requests to the dealer by the owner (offline phase: not in the rows, rounds or latency '
+                     f'above{recorded})')
     return '\n'.join(lines)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import queue
 import tempfile
 from collections import deque
 from pathlib import Path
@@ -33,6 +34,7 @@ __all__ = ['record_requests', 'prefetch', 'default_cache_dir']
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
 CACHE_VERSION = 2
 CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
+RECORD_S_PER_IMAGE = 10.0  # the recording's time bound grows with the batch, beyond the settings' timeout
 
 
 def default_cache_dir() -> Path:
@@ -118,8 +120,11 @@ def record_requests(plan: SecurePlan, settings: SecureSettings, batch: int,
             for rank in (0, 1)]
         for proc in procs:
             proc.start()
+        limit = settings.timeout_s + RECORD_S_PER_IMAGE * batch  # a local computation as long as an inference
         try:
-            status, value = results.get(timeout=settings.timeout_s)
+            status, value = results.get(timeout=limit)
+        except queue.Empty:
+            status, value = 'error', f'no answer within {limit:.0f} s'
         finally:
             for proc in procs:
                 proc.join(timeout=5)

@@ -14,6 +14,7 @@ also put failures in, where they fall, to show what one does to the logits: almo
 """
 import multiprocessing
 import os
+import queue
 import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
@@ -135,6 +136,8 @@ def truncation_failures(model: nn.Module, images: torch.Tensor, settings: Option
         proc.start()
         try:
             status, value = results.get(timeout=timeout_s)
+        except queue.Empty:
+            status, value = 'error', f'no answer within {timeout_s:.0f} s'
         finally:
             proc.join(timeout=5)
             if proc.is_alive():

@@ -1,5 +1,6 @@
 """Small helpers shared across the package."""
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Union
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights']
+__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root']
 
 
 @contextmanager
@@ -48,3 +49,8 @@ def save_weights(state: Dict[str, torch.Tensor], path: Union[str, Path]) -> None
     tmp = path.with_suffix('.part')
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
     tmp.replace(path)
+
+
+def cache_root() -> Path:
+    """Where timm-mpc caches what it measured or recorded: ``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``."""
+    return Path(os.environ.get('TIMM_MPC_CACHE') or Path.home() / '.cache' / 'timm_mpc')

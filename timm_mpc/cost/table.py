@@ -3,7 +3,6 @@ each activation costs in one layer of a model. The MPC-aware search reads its pe
 import hashlib
 import math
 import json
-import os
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
@@ -15,6 +14,7 @@ from torch import nn
 from ..data import calibration_examples
 from ..layers.activations import ACTIVATIONS
 from ..layers.attn_kinds import list_attn_kinds
+from ..utils import cache_root
 
 if TYPE_CHECKING:
     from ..secure.settings import SecureSettings
@@ -27,8 +27,7 @@ TABLE_VERSION = 4  # 4: every registered kind, and the activations, from their t
 
 def default_cache_dir() -> Path:
     """``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``, plus ``cost_tables``."""
-    root = os.environ.get('TIMM_MPC_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'timm_mpc')
-    return Path(root) / 'cost_tables'
+    return cache_root() / 'cost_tables'
 
 
 def _probe_pattern(num_heads: int) -> List[List[str]]:

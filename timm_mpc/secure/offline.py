@@ -13,18 +13,15 @@ What each party learns does not change: the dealer sees the same request sizes, 
 """
 import hashlib
 import json
-import multiprocessing
-import os
-import queue
-import tempfile
 from collections import deque
 from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import torch
 
-from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .crypten_compat import import_crypten
+from ..cost.profile import CostMeter
+from ..utils import cache_root
+from .local_run import init_local, run_local
 from .plan import SecurePlan
 from .secure_vit import SecureViT, patchify
 from .settings import SecureSettings
@@ -39,8 +36,7 @@ RECORD_S_PER_IMAGE = 10.0  # the recording's time bound grows with the batch, be
 
 def default_cache_dir() -> Path:
     """``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``, plus ``offline``."""
-    root = os.environ.get('TIMM_MPC_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'timm_mpc')
-    return Path(root) / 'offline'
+    return cache_root() / 'offline'
 
 
 def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
@@ -66,27 +62,19 @@ def _recording(method: Any, function: str, requests: List[Request]) -> Any:
     return recorded
 
 
-def _record(rank: int, plan: Dict[str, Any], settings: Dict[str, Any], batch: int, rendezvous: str,
-            results: Any, modules: Tuple[str, ...]) -> None:
+def _record(rank: int, world_size: int, rendezvous: str, results: Any, modules: Tuple[str, ...],
+            plan: Dict[str, Any], settings: Dict[str, Any], batch: int) -> None:
     """One of two processes that run an inference on zeros (the owner-as-dealer provider: no third process),
     the first noting each request its provider gets, in order: the same sequence as with the real dealer,
     since no step of CrypTen's algorithms depends on the data."""
-    torch.set_num_threads(1)
     try:
-        import_kind_modules(modules)
-        os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
-        crypten = import_crypten()
-        settings_ = SecureSettings.from_dict(settings)
-        settings_.apply(crypten)
-        crypten.cfg.mpc.provider = 'TFP'
-        crypten.init()
+        crypten, settings_ = init_local(rank, world_size, rendezvous, settings, modules)
         from crypten.mpc.provider.tfp_provider import TrustedFirstParty
         requests: List[Request] = []
         if rank == 0:
             for method, function in _PROVIDER_TO_DEALER.items():
                 setattr(TrustedFirstParty, method, _recording(getattr(TrustedFirstParty, method), function, requests))
         plan_ = SecurePlan.from_dict(plan)
-        from ..cost.profile import CostMeter
         program = SecureViT(plan_, settings_, CostMeter(crypten.communicator.get()), None)
         c, h, w = plan_.input_size
         patches = crypten.cryptensor(patchify(torch.zeros(batch, c, h, w), plan_.patch_size), src=1)
@@ -112,27 +100,9 @@ def record_requests(plan: SecurePlan, settings: SecureSettings, batch: int,
     if path.is_file():
         return [(f, d, tuple(tuple(a) if isinstance(a, list) else a for a in args), kw)
                 for f, d, args, kw in json.loads(path.read_text())]
-    ctx = multiprocessing.get_context('spawn')
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_record, daemon=True, args=(
-            rank, plan.to_dict(), settings.to_dict(), batch, f'file://{tmp}/rendezvous', results, kind_modules()))
-            for rank in (0, 1)]
-        for proc in procs:
-            proc.start()
-        limit = settings.timeout_s + RECORD_S_PER_IMAGE * batch  # a local computation as long as an inference
-        try:
-            status, value = results.get(timeout=limit)
-        except queue.Empty:
-            status, value = 'error', f'no answer within {limit:.0f} s'
-        finally:
-            for proc in procs:
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.terminate()
-    if status != 'ok':
-        raise RuntimeError(f'recording the dealer requests of the plan failed: {value}')
-    requests = value
+    requests = run_local(_record, [(plan.to_dict(), settings.to_dict(), batch)] * 2,
+                         settings.timeout_s + RECORD_S_PER_IMAGE * batch,  # a local computation as long as an inference
+                         'recording the dealer requests of the plan')
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.part')
     tmp.write_text(json.dumps(requests))

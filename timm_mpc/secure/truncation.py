@@ -12,10 +12,6 @@ every element of every truncation: the expected number of failures per image, pe
 also put failures in, where they fall, to show what one does to the logits: almost always a logit off by about
 ``2^32``, which the plan's public logit bound catches (:meth:`SecurePlan.implausible`).
 """
-import multiprocessing
-import os
-import queue
-import tempfile
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -24,8 +20,7 @@ import torch
 from torch import nn
 
 from ..cost.profile import CostMeter
-from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .crypten_compat import import_crypten
+from .local_run import init_local, run_local
 from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT, patchify
 from .settings import SecureSettings
@@ -53,18 +48,11 @@ class _Tally(CostMeter):
             self.where = outer
 
 
-def _measure(plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
-             settings: Dict[str, Any], rendezvous: str, results: Any, modules: Tuple[str, ...],
-             injections: int) -> None:
-    torch.set_num_threads(1)
+def _measure(rank: int, world_size: int, rendezvous: str, results: Any, modules: Tuple[str, ...],
+             plan: Dict[str, Any], state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+             settings: Dict[str, Any], injections: int) -> None:
     try:
-        import_kind_modules(modules)
-        os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='1', RANK='0', DISTRIBUTED_BACKEND='gloo')
-        crypten = import_crypten()
-        settings_ = SecureSettings.from_dict(settings)
-        settings_.apply(crypten)
-        crypten.cfg.mpc.provider = 'TFP'  # one party: no dealer, the shares are the values
-        crypten.init()
+        crypten, settings_ = init_local(rank, world_size, rendezvous, settings, modules)  # one party: shares = values
         from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
         meter = _Tally(crypten.communicator.get())
         divide = ArithmeticSharedTensor.div_
@@ -127,23 +115,8 @@ def truncation_failures(model: nn.Module, images: torch.Tensor, settings: Option
     settings = settings or SecureSettings()
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images).detach().cpu().float()
-    ctx = multiprocessing.get_context('spawn')
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = ctx.Process(target=_measure, daemon=True, args=(
-            plan.to_dict(), plan.owner_weights(model), images, settings.to_dict(), f'file://{tmp}/rendezvous', results,
-            kind_modules(), injections))
-        proc.start()
-        try:
-            status, value = results.get(timeout=timeout_s)
-        except queue.Empty:
-            status, value = 'error', f'no answer within {timeout_s:.0f} s'
-        finally:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-    if status != 'ok':
-        raise RuntimeError(f'the truncation measurement failed: {value}')
+    value = run_local(_measure, [(plan.to_dict(), plan.owner_weights(model), images, settings.to_dict(), injections)],
+                      timeout_s, 'the truncation measurement')
     batch = images.shape[0]
     by_op = {op: p / batch for op, p in sorted(value['expected'].items(), key=lambda kv: -kv[1])}
     out: Dict[str, Any] = dict(per_image=sum(by_op.values()), by_op=by_op, images=batch)

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset, Subset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.folder import default_loader
 
+from ..utils import cache_root
+
 __all__ = ['DATASETS', 'DatasetMissingError', 'FashionMNISTPadded', 'TinyImageNet', 'build_dataset', 'build_loader']
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -96,7 +98,7 @@ class TinyImageNet(Dataset):
 
 def _fashion_mnist_root(data_dir: Optional[str], download: bool) -> str:
     """A torchvision Fashion-MNIST root, filled from the Debian package's files when they are present."""
-    root = Path(data_dir or Path(os.environ.get('TIMM_MPC_CACHE', Path.home() / '.cache' / 'timm_mpc')) / 'datasets')
+    root = Path(data_dir or cache_root() / 'datasets')
     raw = root / 'FashionMNIST' / 'raw'
     names = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')
     if not all((raw / n).is_file() for n in names):

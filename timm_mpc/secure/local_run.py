@@ -1,0 +1,61 @@
+"""CrypTen computations the owner runs on its own, in processes of its own, with no dealer and no other party:
+recording the dealer requests of an inference (:mod:`.offline`) and measuring truncation failures
+(:mod:`.truncation`)."""
+import multiprocessing
+import os
+import queue
+import tempfile
+from typing import Any, Callable, Sequence, Tuple
+
+import torch
+
+from ..layers.attn_kinds import import_kind_modules, kind_modules
+from .crypten_compat import import_crypten
+from .settings import SecureSettings
+
+__all__ = ['init_local', 'run_local']
+
+
+def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
+               modules: Sequence[str]) -> Tuple[Any, SecureSettings]:
+    """In a process of :func:`run_local`: CrypTen initialized as party ``rank`` of ``world_size`` with the
+    settings, the owner-as-dealer provider (no third process: these runs compute nothing secret), and the
+    parent's attention kinds."""
+    torch.set_num_threads(1)
+    import_kind_modules(modules)
+    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE=str(world_size), RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
+    crypten = import_crypten()
+    settings_ = SecureSettings.from_dict(settings)
+    settings_.apply(crypten)
+    crypten.cfg.mpc.provider = 'TFP'
+    crypten.init()
+    return crypten, settings_
+
+
+def run_local(target: Callable[..., None], args: Sequence[tuple], timeout_s: float, what: str) -> Any:
+    """Run ``target(rank, world_size, rendezvous, results, modules, *args[rank])`` in one spawned process per
+    entry of ``args`` and return the value the first ``('ok', value)`` put on ``results``, within ``timeout_s``.
+
+    Raises:
+        RuntimeError: naming ``what``, when a process reports an error or none answers in time.
+    """
+    ctx = multiprocessing.get_context('spawn')
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=target, daemon=True, args=(
+            rank, len(args), f'file://{tmp}/rendezvous', results, kind_modules(), *extra))
+            for rank, extra in enumerate(args)]
+        for proc in procs:
+            proc.start()
+        try:
+            status, value = results.get(timeout=timeout_s)
+        except queue.Empty:
+            status, value = 'error', f'no answer within {timeout_s:.0f} s'
+        finally:
+            for proc in procs:
+                proc.join(timeout=5)
+                if proc.is_alive():
+                    proc.terminate()
+    if status != 'ok':
+        raise RuntimeError(f'{what} failed: {value}')
+    return value

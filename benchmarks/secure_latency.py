@@ -2,11 +2,14 @@
 
 Part 1 (targets): batch 1, the all-Softmax + exact-GeLU baseline against all-ReLU-Softmax, all-Scaling, the
 mu = 0.5 mix, all-2Quad and MPCViT+ (mu = 0.5, every GeLU token linearized), with the new engine (the dealer's
-triples fetched in an offline phase before the images are shared) and the old one (a triple per round trip),
+triples fetched in an offline phase before the images are shared, Beaver products with two local products, a
+cubic first guess for LayerNorm's inverse square root) and the old one (a triple per round trip, CrypTen's
+Beaver protocol and inverse square root),
 each run --repeats times, the engines and within them the baseline and the models alternated; medians and
 minima (the machine is shared and noisy). Part 2: throughput of the new engine at batch 1, 8 and 64. Part 3:
 two-party truncation failures expected per image. Part 4: what each secure setting adds, from CrypTen's
-defaults. Every run has a dealer process outside both parties (the default) but the owner-as-dealer row of
+defaults. Part 5: one party's local product of 64-bit shares for the model's shapes, as the engine computes it
+(an int64 matmul) and through float64 BLAS (a limb product, exact, and the float64 product it multiplies). Every run has a dealer process outside both parties (the default) but the owner-as-dealer row of
 part 4; the dealer's traffic and time are reported apart and are not in the rounds, MB or latency.
 
     python benchmarks/secure_latency.py --json benchmarks/results/secure_latency.json \
@@ -35,6 +38,69 @@ from timm_mpc.secure.truncation import truncation_failures
 
 TARGETS = {'mu50': 1.9, 'scaling': 2.5, 'mu50_plus': 3.0}  # LAN latency savings over the baseline (issue 11)
 WALL_TARGET_S = 3.2  # mu = 0.5, batch 1: a third of the 9.5 s the old engine took
+
+
+def signed_limbs(t, bits=(22, 21)):
+    """``t`` (int64) as balanced limbs ``l0 + l1·2^22 + l2·2^43 ≡ t (mod 2^64)``, each within ±2^21, as float64."""
+    limbs = []
+    for width in bits:
+        half = 1 << (width - 1)
+        low = ((t + half) & ((1 << width) - 1)) - half
+        limbs.append(low.double())
+        t = (t - low) >> width  # exact: t - low is a multiple of 2^width (modulo 2^64)
+    return limbs + [t.double()]
+
+
+def limb_matmul(x, y):
+    """``x @ y`` modulo 2^64 for int64 ``x`` (m, k) and ``y`` (k, n), through float64 BLAS.
+
+    Each operand splits into three balanced limbs at bits 0, 22 and 43 (within ±2^21), so a limb product is
+    below 2^42 and a sum of k ≤ 2048 of them below 2^53: exact in float64. The six limb products whose weight
+    is below 2^64 (three BLAS calls) are recombined in int64, which wraps modulo 2^64.
+    """
+    if x.size(-1) > 2048:  # beyond, a float64 sum may round: add exact partial products
+        return sum(limb_matmul(x[..., i:i + 2048], y[i:i + 2048]) for i in range(0, x.size(-1), 2048))
+    x0, x1, x2 = signed_limbs(x)
+    y0, y1, y2 = signed_limbs(y)
+    n = y.size(-1)
+    p0 = (x0 @ torch.cat([y0, y1, y2], -1)).long()
+    p1 = (x1 @ torch.cat([y0, y1], -1)).long()
+    p2 = (x2 @ y0).long()
+    return (p0[..., :n] + (p0[..., n:2 * n] + p1[..., :n]) * (1 << 22) + (p0[..., 2 * n:] + p2) * (1 << 43)
+            + p1[..., n:] * (1 << 44))
+
+
+def local_products(model, batches=(1, 64), repeats=5):
+    """One party's local product of 64-bit shares for each linear layer shape of ``model`` (tokens × batch rows):
+    the int64 matmul the engine runs, the limb product through float64 BLAS, and one float64 product of the
+    same shape; the fastest of ``repeats``, in one thread (each party runs in one process of its own)."""
+    import time
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    shapes = sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def fastest(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e3
+    rows = []
+    try:
+        for batch in batches:
+            for k, n in shapes:
+                rows_x = tokens * batch if k != model.head.in_features or n != model.num_classes else batch
+                x = torch.randint(-(2 ** 63), 2 ** 63 - 1, (rows_x, k))
+                y = torch.randint(-(2 ** 63), 2 ** 63 - 1, (k, n))
+                xf, yf = x.double(), y.double()
+                rows.append(dict(batch=batch, m=rows_x, k=k, n=n, int64_ms=fastest(lambda: x @ y),
+                                 limb_ms=fastest(lambda: limb_matmul(x, y)), float64_ms=fastest(lambda: xf @ yf)))
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 def build(pattern, checkpoint=None, gelu_pattern=None):
@@ -108,7 +174,8 @@ def main() -> None:
     images, labels = example_images()
     one = images[:1]
     tuned = SecureSettings()
-    engines = {'new': tuned, 'old': SecureSettings(offline_phase=False)}  # old: a triple per round trip
+    # old: a triple per round trip, CrypTen's three-product Beaver protocol and exp-based inverse square root
+    engines = {'new': tuned, 'old': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten')}
 
     report = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                                timm=timm.__version__), targets=TARGETS, wall_target_s=WALL_TARGET_S)
@@ -149,8 +216,10 @@ def main() -> None:
             'crypten_defaults': SecureSettings.crypten_defaults(offline_phase=False),
             '+exp_fit_gelu': SecureSettings.crypten_defaults(gelu='exp_fit', offline_phase=False),
             '+range_scaling': SecureSettings.crypten_defaults(gelu='exp_fit', range_scaling=True, offline_phase=False),
-            '+batched_rounds': SecureSettings(offline_phase=False),
-            '+offline_phase (new)': tuned,
+            '+batched_rounds': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten'),
+            '+offline_phase': SecureSettings(fused_beaver=False, inv_sqrt='crypten'),
+            '+fused_beaver': SecureSettings(inv_sqrt='crypten'),
+            '+cubic_inv_sqrt (new)': tuned,
         }
         report['part4'] = {}
         for name, settings in steps.items():
@@ -162,6 +231,13 @@ def main() -> None:
                 continue
             print(name)
             print(format_comparison(report['part4'][name], 'lan'))
+
+    print('part 5: one party\'s local product of 64-bit shares: int64 matmul against the limb product through float64')
+    report['part5'] = local_products(configs['mu50'])
+    for r in report['part5']:
+        print(f'batch {r["batch"]:3d} ({r["m"]}x{r["k"]}) @ ({r["k"]}x{r["n"]}): int64 {r["int64_ms"]:.2f} ms, limbs '
+              f'{r["limb_ms"]:.2f} ms, one float64 product {r["float64_ms"]:.2f} ms')
+    save()
 
     new = report['part1']['new']
     report['targets_met'] = {k: new[k]['ratio_to_baseline']['latency_lan'] >= t for k, t in TARGETS.items()}
@@ -176,7 +252,7 @@ def main() -> None:
 
 def markdown(report) -> str:
     """The README tables: part 1 (new and old engine, medians and minima), part 2 (throughput), part 3
-    (truncation failures), part 4 (settings)."""
+    (truncation failures), part 4 (settings), part 5 (local products)."""
     p1 = report['part1']
     head = ('| config | engine | rounds | MB | wall s (median / min) | compute s (median) | LAN s | WAN s | '
             'LAN saving | WAN saving | dealer MB | top-1 agreement | max logit error |\n'
@@ -217,6 +293,13 @@ def markdown(report) -> str:
                 lines.append(f'| {step} | {name} | {e["rounds"]} | {e["bytes"] / 1e6:.0f} | {e["wall_s"]:.2f} | '
                              f'{e["compute_s"]:.2f} | {e["dealer"]["time_s"]:.2f} | {e["latency_s"]["lan"]:.2f} | '
                              f'{e["ratio_to_baseline"]["latency_lan"]:.2f}x | {e["accuracy"]["max_abs_error"]:.2g} |')
+    if 'part5' in report:
+        lines += ['', 'Part 5, one party\'s local product of 64-bit shares, one thread, fastest of 5 (the engine runs the '
+                  'int64 matmul):', '', '| batch | shape | int64 ms | limb product ms | one float64 product ms | '
+                  'limbs / int64 |', '|---|---|---|---|---|---|']
+        for r in report['part5']:
+            lines.append(f'| {r["batch"]} | ({r["m"]}×{r["k"]}) @ ({r["k"]}×{r["n"]}) | {r["int64_ms"]:.2f} | '
+                         f'{r["limb_ms"]:.2f} | {r["float64_ms"]:.2f} | {r["limb_ms"] / r["int64_ms"]:.1f}x |')
     return '\n'.join(lines)
 
 

@@ -88,6 +88,28 @@ def test_newton_domain_tables_hold(kind, table):
         assert _emulate_newton(kind, x, iters).max() <= 2.5e-3, (kind, iters)
 
 
+def _fixed(v):  # a product truncated to 16 fractional bits, as a secure multiplication leaves it
+    return np.floor(v * 2 ** 16) / 2 ** 16
+
+
+def test_cubic_inv_sqrt_domains_hold_in_fixed_point_and_end_where_they_say():
+    """The cubic first guess and two-round Newton iterations, emulated with every product truncated: accurate to
+    0.2% inside each table range, and no longer just below it (the ranges are as wide as they can be)."""
+    def emulate(x, iters):
+        c3, c2, c1, c0 = ops.INV_SQRT_CUBIC[iters][2]
+        x2 = _fixed(x * x)
+        y = _fixed(c3 * _fixed(x * x2)) + _fixed(c2 * x2) + _fixed(c1 * x) + c0
+        for _ in range(iters):
+            y = _fixed(1.5 * y) - _fixed(0.5 * _fixed(_fixed(x * y) * _fixed(y * y)))
+        return np.abs(y * np.sqrt(x) - 1)
+    for iters, (lo, hi, _) in ops.INV_SQRT_CUBIC.items():
+        assert emulate(_fixed(np.logspace(math.log10(lo), math.log10(hi), 500)), iters).max() <= 2.5e-3, iters
+        assert emulate(np.array([lo / 1.5]), iters)[0] > 2e-3, iters
+    # for a range CrypTen's guess covers with 3 iterations, the cubic needs 2 rounds fewer than CrypTen's 8 + 3·3
+    domain = ops.inv_sqrt_domain('cubic')
+    assert ops.newton_schedule(0.1, 5.0, domain, 2)[1] * 2 + 2 < 8 + 3 * 3 - 2
+
+
 def test_newton_schedule_covers_the_range_with_fewest_iterations():
     scale, iters = ops.newton_schedule(0.0005, 0.5, ops.INV_SQRT_DOMAIN, 3)
     lo, hi = ops.INV_SQRT_DOMAIN[iters]
@@ -95,6 +117,28 @@ def test_newton_schedule_covers_the_range_with_fewest_iterations():
     lo_prev, hi_prev = ops.INV_SQRT_DOMAIN[iters - 1]
     assert not all(lo_prev <= v / s and v / s <= hi_prev for s in (4.0 ** k for k in range(-10, 10)) for v in (0.0005, 0.5))
     assert ops.newton_schedule(1.0, 65.0, ops.RECIPROCAL_DOMAIN, 4)[1] < 10  # softmax sums need fewer than CrypTen's 10
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_beaver_products_are_exact_in_the_ring(crypten, fused):
+    """The two-product Beaver protocol (and CrypTen's three) give x·y and x@y exactly modulo 2^64 on random
+    64-bit ring elements, the extreme values included (one process holds every share)."""
+    import crypten.mpc.primitives.beaver as beaver
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from timm_mpc.secure.crypten_compat import use_fused_beaver
+    torch.manual_seed(0)
+    extremes = torch.tensor([2 ** 63 - 1, -(2 ** 63), -1, 0, 1])
+    x = torch.randint(-(2 ** 63), 2 ** 63 - 1, (65, 192))
+    y = torch.randint(-(2 ** 63), 2 ** 63 - 1, (192, 64))
+    x[0, :5], y[:5, 0] = extremes, extremes
+    use_fused_beaver(fused)
+    try:
+        shared = [ArithmeticSharedTensor.from_shares(t, precision=0) for t in (x, y)]
+        assert torch.equal(beaver.matmul(*shared).share, x @ y)
+        assert torch.equal(beaver.mul(shared[0], ArithmeticSharedTensor.from_shares(x.flip(0), precision=0)).share,
+                           x * x.flip(0))
+    finally:
+        use_fused_beaver(True)
 
 
 def test_secure_gelu_is_accurate_beyond_taylor_range(crypten):
@@ -121,12 +165,12 @@ def test_secure_layer_norm_over_small_and_large_variances(crypten, spread):
     x = torch.randn(2, 5, 64) * spread + 3.0
     w, b = torch.rand(64) + 0.5, torch.randn(64) * 0.1
     var = x.var(-1, unbiased=False)
-    scale, iters = ops.newton_schedule(float(var.min()), float(var.max()), ops.INV_SQRT_DOMAIN, 3)
-    for batch in (True, False):
-        s = SecureSettings(batch_independent=batch)
+    for method, batch in (('cubic', True), ('cubic', False), ('crypten', True)):
+        s = SecureSettings(batch_independent=batch, inv_sqrt=method)
+        scale, iters = ops.newton_schedule(float(var.min()), float(var.max()), ops.inv_sqrt_domain(method), 2)
         got = ops.layer_norm(crypten.cryptensor(x), crypten.cryptensor(w), crypten.cryptensor(b), 1e-5, s, scale,
                              iters).get_plain_text()
-        assert (got - F.layer_norm(x, (64,), w, b, 1e-5)).abs().max() < 2e-2
+        assert (got - F.layer_norm(x, (64,), w, b, 1e-5)).abs().max() < 2e-2, method
 
 
 def test_secure_attention_kinds(crypten):

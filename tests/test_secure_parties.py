@@ -1,6 +1,5 @@
 """Two real parties (separate processes over torch.distributed on loopback). Small models keep it fast."""
 import json
-import os
 import subprocess
 import sys
 import time

@@ -14,6 +14,10 @@
    ``os.urandom``.
 3. The dealer answers a list of requests at once (``TTPServer.batch``), in order, exactly as it would one by one:
    the owner's offline phase (:mod:`timm_mpc.secure.offline`).
+4. Beaver products with two local products per party instead of three (:func:`use_fused_beaver`), and the
+   client's triple sizes from shapes: CrypTen's TTP provider multiplies the client's random ``a`` and ``b``
+   in full only to learn the size of ``c``. On a CPU every local product of 64-bit shares is an int64 matmul,
+   the largest part of a linear layer's time.
 
 Nothing installed is edited: CrypTen's functions are replaced in its loaded modules.
 """
@@ -28,7 +32,8 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ['import_crypten', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor']
+__all__ = ['import_crypten', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
+           'use_fused_beaver']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -110,7 +115,7 @@ def _dealer_seeds(self: Any) -> None:
 def _use_cryptographic_randomness() -> None:
     """Replace CrypTen's random ring elements and the dealer's seeds (see the module's docstring); idempotent."""
     import crypten.common.rng as rng
-    from crypten.mpc.provider.ttp_provider import TTPServer
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPServer
     replacements = {'generate_random_ring_element': random_ring_element,
                     'generate_kbit_random_tensor': kbit_random_tensor}
     originals = {name: getattr(rng, name) for name in replacements}
@@ -121,6 +126,7 @@ def _use_cryptographic_randomness() -> None:
                     setattr(module, name, replacements[name])
     TTPServer._setup_generators = _dealer_seeds
     TTPServer.batch = _dealer_batch
+    TrustedThirdParty.generate_additive_triple = _additive_triple
 
 
 def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:
@@ -132,6 +138,58 @@ def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:
         self.device = device
         results.append(getattr(self, function)(*args, **kwargs).reshape(-1))
     return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
+
+
+def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = None, *args: Any, **kwargs: Any) -> Any:
+    """CrypTen's ``TrustedThirdParty.generate_additive_triple`` with the size of ``c`` found on meta tensors: the same
+    draws in the same order, without the client's full product of its ``a`` and ``b``."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient
+    from crypten import communicator as comm
+    generator = TTPClient.get().get_generator(device=device)
+    a = random_ring_element(size0, generator=generator, device=device)
+    b = random_ring_element(size1, generator=generator, device=device)
+    if comm.get().get_rank() == 0:
+        c = TTPClient.get().ttp_request('additive', device, size0, size1, op, *args, **kwargs)
+    else:
+        meta0, meta1 = torch.empty(size0, device='meta'), torch.empty(size1, device='meta')
+        c = random_ring_element(getattr(torch, op)(meta0, meta1, *args, **kwargs).size(), generator=generator,
+                                device=device)
+    return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+
+
+def _fused_beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+    """CrypTen's Beaver protocol with two local products: with ``ε = x - a`` and ``δ = y - b`` opened, a party's
+    share of ``x·y`` is ``c + ε·(b + δ) + a·δ`` for party 0 and ``c + ε·b + a·δ`` for the others, the same ring
+    elements as CrypTen's ``c + ε·b + a·δ (+ ε·δ)`` with one product fewer."""
+    import crypten
+    from crypten import communicator as comm
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.primitives.beaver import IgnoreEncodings
+    if crypten.cfg.mpc.active_security:  # CrypTen's triple check is part of its own protocol
+        return _CRYPTEN_BEAVER['__beaver_protocol'](op, x, y, *args, **kwargs)
+    if x.device != y.device:
+        raise ValueError(f'x lives on device {x.device} but y on device {y.device}')
+    a, b, c = crypten.mpc.get_default_provider().generate_additive_triple(x.size(), y.size(), op, device=x.device,
+                                                                          *args, **kwargs)
+    with IgnoreEncodings([a, b, x, y]):
+        epsilon, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
+    product = getattr(torch, op)
+    b_share = b._tensor + delta if comm.get().get_rank() == 0 else b._tensor
+    c._tensor += product(epsilon, b_share, *args, **kwargs)
+    c._tensor += product(a._tensor, delta, *args, **kwargs)
+    return c
+
+
+_CRYPTEN_BEAVER: Dict[str, Any] = {}
+
+
+def use_fused_beaver(on: bool) -> None:
+    """Run Beaver products with two local products (:func:`_fused_beaver`) or CrypTen's own three."""
+    import crypten.mpc.primitives.beaver as beaver
+    name = '__beaver_protocol'  # a module-level function: CrypTen's mul, matmul and convolutions look it up by name
+    _CRYPTEN_BEAVER.setdefault(name, getattr(beaver, name))
+    setattr(beaver, name, _fused_beaver if on else _CRYPTEN_BEAVER[name])
 
 
 def set_process_group_timeout(seconds: float) -> None:

@@ -202,6 +202,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         meter = CostMeter(comm, dealer)
         program = SecureViT(plan, settings, meter, state_dict)
         patches = program.share_images(images, answer['batch'])
+        # the online phase starts when both parties are ready: the client does not time the owner's offline phase
+        _exchange_json(crypten, 'online', OWNER)
         with meter.inference():
             logits = program.forward(patches)
             with meter.section('head', 'reveal'):

@@ -385,7 +385,7 @@ def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],
     out = {}
     for name in plan.layer_norm_names():
         r = ranges.get(name, {})
-        out[name] = _schedule(r.get('min'), r.get('max'), ops.INV_SQRT_DOMAIN, settings.sqrt_nr_iters,
+        out[name] = _schedule(r.get('min'), r.get('max'), ops.inv_sqrt_domain(settings.inv_sqrt), settings.sqrt_nr_iters,
                               settings, settings.range_margin)
     for name, kind in plan.reciprocal_names():
         calibrated = ranges.get(name)

@@ -3,7 +3,7 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict
 
-__all__ = ['SecureSettings', 'PROVIDERS', 'GELU_METHODS', 'InsecureSettingWarning', 'INSECURE_PROVIDER']
+__all__ = ['SecureSettings', 'PROVIDERS', 'GELU_METHODS', 'INV_SQRT_METHODS', 'InsecureSettingWarning', 'INSECURE_PROVIDER']
 
 INSECURE_PROVIDER = 'TFP_INSECURE'
 PROVIDERS = ('TTP', INSECURE_PROVIDER)
@@ -21,6 +21,10 @@ warnings.simplefilter('always', InsecureSettingWarning)  # on every run, not onc
 GELU_METHODS = ('exp_fit', 'erf')
 """Secure exact-GeLU algorithms: ``exp_fit`` (ReLU minus a fitted Gaussian tail) or CrypTen's Taylor ``erf``."""
 
+INV_SQRT_METHODS = ('cubic', 'crypten')
+"""First guess of LayerNorm's inverse square root: a fitted cubic (2 rounds, and Newton iterations of 2 rounds) or
+CrypTen's exp-based one (8 rounds, and iterations of 3)."""
+
 
 @dataclass
 class SecureSettings:
@@ -35,6 +39,7 @@ class SecureSettings:
         reciprocal_nr_iters: Newton iterations of the reciprocal (CrypTen default 10).
         sqrt_nr_iters: Newton iterations of the inverse square root in LayerNorm (CrypTen default 3).
         max_method: CrypTen's algorithm for the Softmax row maximum.
+        inv_sqrt: LayerNorm's inverse square root, one of :data:`INV_SQRT_METHODS`.
         gelu: Secure exact-GeLU algorithm, one of :data:`GELU_METHODS`.
         gelu_exp_iterations: Squarings of the exp inside ``exp_fit`` GeLU.
         erf_iterations: Taylor terms of ``erf`` GeLU (CrypTen default 8).
@@ -48,6 +53,8 @@ class SecureSettings:
         timeout_s: Bound on any wait for the other party (rendezvous included), in seconds.
         offline_phase: The owner fetches the dealer's triples for a whole inference before the images are
             shared, in a few large batches, instead of one round trip per triple during it.
+        fused_beaver: Beaver products with two local products per party instead of CrypTen's three (the same
+            shares; see :func:`timm_mpc.secure.crypten_compat.use_fused_beaver`).
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
             public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.truncation`).
     """
@@ -56,6 +63,7 @@ class SecureSettings:
     reciprocal_nr_iters: int = 10
     sqrt_nr_iters: int = 3
     max_method: str = 'log_reduction'
+    inv_sqrt: str = 'cubic'
     gelu: str = 'exp_fit'
     gelu_exp_iterations: int = 8
     erf_iterations: int = 8
@@ -65,6 +73,7 @@ class SecureSettings:
     provider: str = 'TTP'
     timeout_s: float = 120.0
     offline_phase: bool = True
+    fused_beaver: bool = True
     truncation_retries: int = 2
 
     def __post_init__(self) -> None:
@@ -76,6 +85,8 @@ class SecureSettings:
             raise ValueError(f'unknown provider {self.provider!r}; accepted: {list(PROVIDERS)}')
         if not self.range_margin >= 1:
             raise ValueError(f'range_margin must be at least 1, got {self.range_margin}')
+        if self.inv_sqrt not in INV_SQRT_METHODS:
+            raise ValueError(f'unknown inv_sqrt method {self.inv_sqrt!r}; accepted: {list(INV_SQRT_METHODS)}')
         if self.gelu not in GELU_METHODS:
             raise ValueError(f'unknown gelu method {self.gelu!r}; accepted: {list(GELU_METHODS)}')
         if not (isinstance(self.truncation_retries, int) and 0 <= self.truncation_retries <= 10):
@@ -98,7 +109,8 @@ class SecureSettings:
     @classmethod
     def crypten_defaults(cls, **overrides: Any) -> 'SecureSettings':
         """CrypTen's default approximations (erf GeLU, no merged rounds)."""
-        return cls(**{**dict(gelu='erf', range_scaling=False, batch_independent=False), **overrides})
+        return cls(**{**dict(gelu='erf', inv_sqrt='crypten', range_scaling=False, batch_independent=False,
+                               fused_beaver=False), **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -122,3 +134,5 @@ class SecureSettings:
         cfg.functions.erf_iterations = self.erf_iterations
         cfg.mpc.provider = 'TTP' if self.secure else 'TFP'
         cfg.communicator.verbose = True  # count rounds and bytes
+        from .crypten_compat import use_fused_beaver
+        use_fused_beaver(self.fused_beaver)

@@ -293,3 +293,18 @@ def test_corrupt_weights_in_a_folder_are_refused(tmp_path):
     (folder / 'model.safetensors').write_bytes(data[:len(data) // 2])
     with pytest.raises(PretrainedWeightsError, match='corrupt or truncated'):
         timm.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_republishing_a_folder_with_new_figures_keeps_its_training_record(tmp_path):
+    """Re-measured figures (--results, without the training run at hand) replace the measured sections only."""
+    folder = SHIPPED / 'mpcvit_tiny.fmnist_plus_mu50_kd'
+    kept = json.loads((folder / 'results.json').read_text())
+    secure = {**kept['secure'], 'images': 1000, 'agreement': 100.0, 'max_abs_error': 0.01}
+    remeasured = tmp_path / 'eval.json'
+    remeasured.write_text(json.dumps({'plain': kept['plain'], 'secure': secure, 'machine': kept['machine']}))
+    out = tmp_path / 'again'
+    assert main(['publish', str(folder), '--repo', f'timm-mpc/{folder.name}', '--dry-run', str(out),
+                 '--results', str(remeasured)]) == 0
+    results = json.loads((out / 'results.json').read_text())
+    assert results['training'] == kept['training'] and results['secure'] == secure
+    assert '1000' in (out / 'README.md').read_text().replace(',', '')

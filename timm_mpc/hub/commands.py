@@ -51,10 +51,11 @@ def _publish(args: argparse.Namespace) -> int:
     from .publish import publish
     results: Dict[str, Any] = {}  # the small files first: a malformed one stops before the model loads
     kept = Path(args.source) / 'results.json'
-    results_file = args.results or (str(kept) if kept.is_file() else None)  # a published folder keeps its figures
-    if results_file:
-        measured = read_json(results_file, 'results file')
-        results.update({k: measured[k] for k in ('plain', 'secure', 'machine', 'training') if k in measured})
+    # a published folder keeps its figures; --results replaces those it measured again (a training record stays)
+    for results_file in (str(kept) if kept.is_file() else None, args.results):
+        if results_file:
+            measured = read_json(results_file, 'results file')
+            results.update({k: measured[k] for k in ('plain', 'secure', 'machine', 'training') if k in measured})
     if args.run:
         results['training'] = training_summary(read_json(args.run, '--run file'), args.run)
     model = _load_source(args).eval()

@@ -53,6 +53,23 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
     assert [(r.layer, r.op) for r in result.profile.setup] == [('weights', 'share')]
 
 
+def test_images_in_batches_run_in_one_session_and_match_one_run(capsys):
+    """batch_size: one session of the parties (weights shared once) runs 5 images as batches of 2, 2 and 1."""
+    model = _small_mpcvit(attn_pattern=MIXED)
+    images = _images(5)
+    batched = secure_predict(model, images, batch_size=2, return_result=True)
+    with torch.no_grad():
+        plain = model(images)
+    assert batched.logits.shape == (5, model.num_classes)
+    assert torch.equal(batched.logits.argmax(-1), plain.argmax(-1)) and (batched.logits - plain).abs().max() < 2e-2
+    single = secure_predict(model, images[:2], return_result=True)  # the profile is the first batch's
+    assert batched.profile.rounds == single.profile.rounds and batched.profile.bytes == single.profile.bytes
+    assert [(r.layer, r.op) for r in batched.profile.setup] == [('weights', 'share')]
+    assert '5/5' in capsys.readouterr().err  # a progress bar over the images
+    with pytest.raises(ValueError, match='batch_size must be a whole number of images, at least 1'):
+        secure_predict(model, images, batch_size=0)
+
+
 def test_converted_timm_vit_with_registers_qk_norm_and_layerscale():
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3,
@@ -109,14 +126,14 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     common = ['--rendezvous', rendezvous, '--timeout', '20']
     owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common)
     dealer = _start('--rank', '2', *common)
-    client = subprocess.run(_party_cmd('--rank', '1', '--batch', '1', '--json', str(tmp_path / 'client.json'), *common),
-                            capture_output=True, text=True, timeout=240)
+    client = subprocess.run(_party_cmd('--rank', '1', '--batch', '2', '--batch-size', '1', '--json',
+                                       str(tmp_path / 'client.json'), *common), capture_output=True, text=True, timeout=240)
     owner_out, dealer_out = owner.communicate(timeout=60)[0], dealer.communicate(timeout=60)[0]
     assert client.returncode == 0, client.stdout + client.stderr
     assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out, owner_out
     assert 'holds no logit' in owner_out and 'dealer: done' in dealer_out and dealer.returncode == 0
     report = json.loads((tmp_path / 'client.json').read_text())
-    assert len(report['logits']) == 1 and report['profile']['rounds'] > 100
+    assert len(report['logits']) == 2 and report['profile']['rounds'] > 100  # two batches of one, one session
     assert report['profile']['dealer']['requests'] >= 1 and report['profile']['dealer']['bytes'] > 0  # offline phase
 
     # the owner dies mid-protocol: the client must stop with a clear error, not hang

@@ -131,7 +131,7 @@ def _predict(args: argparse.Namespace) -> int:
     print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
           f'processes, triples from {dealer} (CrypTen, {args.provider})')
     result = secure_predict(model, images, settings=settings, calibration_images=_calibration(args),
-                            clamp_images=args.clamp_images, return_result=True)
+                            clamp_images=args.clamp_images, return_result=True, batch_size=args.batch_size)
     with torch.no_grad():
         plain = model(check_images(result.plan, images, clamp=args.clamp_images))
     profile = result.profile.to_dict(_networks(args))
@@ -205,7 +205,7 @@ def _party(args: argparse.Namespace) -> int:
         return 0
     images = _load_images(args.images, args.batch)
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
-    result = run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images)
+    result = run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images, batch_size=args.batch_size)
     profile = result.profile.to_dict(_networks(args))
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
@@ -245,6 +245,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f'expected a whole number of at least 1, got {value}')
     return value
+
+
+def _add_batch_size_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--batch-size', type=_positive_int, default=None,
+                   help='client: run the images this many at a time in one session (the weights are shared once); '
+                        'default: all at once')
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
@@ -290,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser('predict', help='two-party secure prediction on local processes, with its costs')
     _add_model_args(predict, required=False)
     _add_secure_args(predict)
+    _add_batch_size_arg(predict)
     predict.set_defaults(func=_predict, batch=4)
 
     bench = sub.add_parser('bench', help='secure cost against the all-Softmax, exact-GeLU baseline')
@@ -306,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
     _add_model_args(party, option=True)
     _add_secure_args(party)
+    _add_batch_size_arg(party)
     party.set_defaults(func=_party)
 
     add_training_commands(sub)

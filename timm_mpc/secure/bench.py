@@ -95,12 +95,10 @@ def secure_accuracy(
 ) -> Dict[str, Any]:
     """Top-1 accuracy (%) under two-party MPC and in plain text on the same images, and how far they agree.
 
-    The images go through :func:`secure_predict` ``batch`` at a time (each batch a full protocol run), with
-    the owner calibrating on ``calibration_images`` (default: the shipped examples).
+    The images go through one :func:`secure_predict` session ``batch`` at a time, with the owner calibrating on
+    ``calibration_images`` (default: the shipped examples).
     """
-    secure = torch.cat([secure_predict(model, images[i:i + batch], settings=settings,
-                                       calibration_images=calibration_images)
-                        for i in tqdm(range(0, images.shape[0], batch), desc='secure accuracy', unit='batch')])
+    secure = secure_predict(model, images, settings=settings, calibration_images=calibration_images, batch_size=batch)
     with inference_pass(model):
         plain = model(images)
     agree = compare_logits(secure, plain)

@@ -9,10 +9,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .party import PartyResult, run_client, run_dealer, run_owner
+from .party import PartyResult, batch_sizes, run_client, run_dealer, run_owner
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
@@ -58,7 +59,8 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
             result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, on_timeout=report_timeout,
                                requests=payload['requests'])
         elif role == 'client':
-            result = run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout)
+            result = run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
+                                batch_size=payload['batch_size'], on_batch=lambda n: results.put((role, 'batch', n)))
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
@@ -71,14 +73,18 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
 
 
 def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
-                      settings: SecureSettings) -> PartyResult:
-    """Start owner, client and dealer (unless the owner deals) as processes; return the client's result or raise."""
+                      settings: SecureSettings, batch_size: Optional[int] = None) -> PartyResult:
+    """Start owner, client and dealer (unless the owner deals) as processes; return the client's result or raise.
+    The images run ``batch_size`` at a time in one session, with a progress bar when there are several batches."""
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     # the owner's process is a daemon and cannot start the recording process itself: record here
-    requests = record_requests(plan, settings, images.shape[0]) if settings.secure and settings.offline_phase else None
-    payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests), 'client': dict(images=images)}
+    sizes = set(batch_sizes(images.shape[0], batch_size))
+    requests = ({size: record_requests(plan, settings, size) for size in sizes}
+                if settings.secure and settings.offline_phase else None)
+    payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
+                'client': dict(images=images, batch_size=batch_size)}
     roles = ['owner', 'client'] + (['dealer'] if settings.secure else [])
     procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
         role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, kind_modules())) for role in roles}
@@ -87,10 +93,15 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     outcomes: Dict[str, Any] = {}
     errors: List[str] = []
     deadline: Optional[float] = None
+    progress = tqdm(total=images.shape[0], desc='secure inference', unit='image', disable=len(sizes) == 1 and
+                    batch_size in (None, images.shape[0]))
     try:
         while len(outcomes) < len(roles):
             try:
                 role, status, value = results.get(timeout=0.5)
+                if status == 'batch':
+                    progress.update(value)
+                    continue
                 outcomes[role] = value
                 if status == 'error':
                     errors.append(f'party {role} failed: {value.strip()}')
@@ -108,6 +119,7 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
                 errors.append(f'parties {missing} still running {settings.timeout_s:.0f} s after the failure; stopped')
                 break
     finally:
+        progress.close()
         for p in procs.values():
             p.join(timeout=5)
             if p.is_alive():
@@ -125,6 +137,7 @@ def secure_predict(
         calibration_images: Optional[torch.Tensor] = None,
         clamp_images: bool = False,
         return_result: bool = False,
+        batch_size: Optional[int] = None,
 ) -> Any:
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
@@ -148,6 +161,9 @@ def secure_predict(
         calibration_images: The owner's images for the plain-text range pass.
         clamp_images: Clamp image values outside the input bounds to them instead of refusing the images.
         return_result: Return a :class:`SecureResult` (logits, cost profile, plan) instead of the logits.
+        batch_size: Run the images this many at a time, one batch after another in one session of the parties
+            (processes, weights and calibration once; a progress bar); default: all at once. The cost profile is
+            the first batch's.
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
@@ -156,15 +172,17 @@ def secure_predict(
         SecureInferenceError: a party failed (the message says which and why).
     """
     settings = settings or SecureSettings()
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()
     state_dict = plan.owner_weights(model)
-    result = run_local_parties(plan, state_dict, images, settings)
+    result = run_local_parties(plan, state_dict, images, settings, batch_size)
     logits, redo, retries = torch.from_numpy(result.logits), result.implausible, 0
     while redo and retries < settings.truncation_retries:  # a failed truncation: fresh randomness, fresh odds
         retries += 1
-        again = run_local_parties(plan, state_dict, images[redo], settings)
+        again = run_local_parties(plan, state_dict, images[redo], settings, batch_size)
         logits[redo] = torch.from_numpy(again.logits)
         redo = [redo[i] for i in again.implausible]
     if redo:

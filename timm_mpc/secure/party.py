@@ -149,9 +149,15 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
     return tally
 
 
-def _client_verdict(data: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[str, Any], Optional[SecurePlan],
-                                                                         Optional[torch.Tensor]]:
-    """The client's answer to the owner's plan (accepted with the batch size, or refused with a reason that says
+def batch_sizes(count: int, batch_size: Optional[int]) -> List[int]:
+    """The sizes of the batches ``count`` images run in, ``batch_size`` at most each (all at once if None)."""
+    size = batch_size or count
+    return [min(size, count - start) for start in range(0, count, size)]
+
+
+def _client_verdict(data: Any, images: torch.Tensor, clamp: bool,
+                    batch_size: Optional[int]) -> Tuple[Dict[str, Any], Optional[SecurePlan], Optional[torch.Tensor]]:
+    """The client's answer to the owner's plan (accepted with the batch sizes, or refused with a reason that says
     nothing of the images' values or shape), the plan read back, and the images to share."""
     try:
         plan = SecurePlan.from_dict(data)
@@ -162,13 +168,14 @@ def _client_verdict(data: Any, images: torch.Tensor, clamp: bool) -> Tuple[Dict[
     except ValueError as e:  # the details stay with the client: they describe its images
         return dict(accepted=False, reason='the client\'s images do not fit the plan (input size or input bounds)',
                     detail=str(e)), plan, None
-    return dict(accepted=True, batch=int(images.shape[0])), plan, images
+    return dict(accepted=True, batches=batch_sizes(int(images.shape[0]), batch_size)), plan, images
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
-         requests: Optional[List[Any]] = None) -> PartyResult:
+         requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
+         on_batch: Optional[Callable[[int], None]] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
@@ -184,7 +191,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         sent = _exchange_json(crypten, plan.to_dict() if rank == OWNER else None, OWNER)
         verdict = None
         if rank == CLIENT:
-            verdict, plan, images = _client_verdict(sent, images, clamp)
+            verdict, plan, images = _client_verdict(sent, images, clamp, batch_size)
         answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'},
                                 CLIENT)
         if not answer['accepted']:
@@ -193,30 +200,39 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                                  f'{verdict.get("detail", verdict["reason"])}')
             raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
-        if dealer is not None and settings.offline_phase:  # the owner fetches the triples before the images
+        batches = [int(b) for b in answer['batches']]
+        offline = dealer is not None and settings.offline_phase
+        if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
             t0 = time.perf_counter()
-            requests = requests if requests is not None else record_requests(plan, settings, answer['batch'])
+            requests = {**(requests or {})}
+            for size in sorted(set(batches) - set(requests)):
+                requests[size] = record_requests(plan, settings, size)
             dealer['record_s'] = time.perf_counter() - t0
             from crypten.mpc.provider.ttp_provider import TTPClient
-            prefetch(TTPClient.get(), requests)
-        meter = CostMeter(comm, dealer)
-        program = SecureViT(plan, settings, meter, state_dict)
-        patches = program.share_images(images, answer['batch'])
-        # the online phase starts when both parties are ready: the client does not time the owner's offline phase
-        _exchange_json(crypten, 'online', OWNER)
-        with meter.inference():
-            logits = program.forward(patches)
-            with meter.section('head', 'reveal'):
-                plain = reveal_to(logits, CLIENT, comm)
-        profile = meter.profile
-        # each party counted only what it sent: add the other party's bytes; the owner tells the dealer's cost
-        mine = dict(rows=[r.bytes for r in profile.rows], setup=[r.bytes for r in profile.setup], dealer=dealer,
-                    dealer_s=[r.dealer_s for r in profile.rows] if dealer else None)
-        owner_part = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
-        client_part = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
-        other = client_part if rank == OWNER else owner_part
-        profile = CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'],
-                                            owner_part['dealer_s'])
+            ttp, live = TTPClient.get(), TTPClient.get().ttp_request
+        # the weights are shared once; then the batches run one after another in this session
+        program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict)
+        logits, profile, start = [], None, 0
+        for index, size in enumerate(batches):
+            if offline:  # this batch's triples, fetched before its images are shared
+                ttp.ttp_request = live
+                prefetch(ttp, requests[size])
+            if index:  # the cost profile is the first batch's; the others are only timed by their progress
+                program.meter = CostMeter(comm)
+            meter = program.meter
+            patches = program.share_images(None if images is None else images[start:start + size], size)
+            # the online phase starts when both parties are ready: the client does not time the owner's offline phase
+            _exchange_json(crypten, 'online', OWNER)
+            with meter.inference():
+                shared = program.forward(patches)
+                with meter.section('head', 'reveal'):
+                    logits.append(reveal_to(shared, CLIENT, comm))
+            start += size
+            if index == 0:
+                profile = _merged_profile(crypten, rank, meter.profile, dealer)
+            if on_batch is not None:
+                on_batch(size)
+        plain = None if rank == OWNER else torch.cat(logits)
         return PartyResult(rank, plain, profile, plan, [] if plain is None else plan.implausible(plain))
     except RuntimeError as e:
         if isinstance(e, PeerError):
@@ -232,15 +248,28 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             pass
 
 
+def _merged_profile(crypten: Any, rank: int, profile: CostProfile, dealer: Optional[Dict[str, float]]) -> CostProfile:
+    """Each party counted only what it sent: add the other party's bytes; the owner tells the dealer's cost."""
+    mine = dict(rows=[r.bytes for r in profile.rows], setup=[r.bytes for r in profile.setup], dealer=dealer,
+                dealer_s=[r.dealer_s for r in profile.rows] if dealer else None)
+    owner_part = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
+    client_part = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
+    other = client_part if rank == OWNER else owner_part
+    return CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'],
+                                     owner_part['dealer_s'])
+
+
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
               settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
-              on_timeout: Optional[Callable[[str], None]] = None, requests: Optional[List[Any]] = None) -> PartyResult:
-    """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs.
+              on_timeout: Optional[Callable[[str], None]] = None,
+              requests: Optional[Dict[int, List[Any]]] = None) -> PartyResult:
+    """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs (and the
+    sizes of the client's batches).
 
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
-    line on stderr); the process then exits with code 2. ``requests``: the dealer requests of one inference
-    at the client's batch size (:func:`timm_mpc.secure.offline.record_requests`), recorded here once the batch
-    is known if not given.
+    line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
+    inference at that size (:func:`timm_mpc.secure.offline.record_requests`); sizes the client asks for that are
+    missing are recorded here once they are known.
     """
     plan.check()
     settings.warn_if_insecure()
@@ -250,17 +279,22 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
-               on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+               on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
+               on_batch: Optional[Callable[[int], None]] = None) -> PartyResult:
     """Run party 1, the client: contributes the images and alone receives the logits.
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
     owner's plan (shape, public input bounds) before anything is shared; with ``clamp`` values outside the
-    bounds are clamped to them instead of refused.
+    bounds are clamped to them instead of refused. With ``batch_size`` they run that many at a time, one batch
+    after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each.
+    The cost profile is the first batch's.
     """
     check_image_tensor(images)
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
     settings.warn_if_insecure()
     return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
-                on_timeout=on_timeout)
+                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:

@@ -200,7 +200,10 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                                  f'{verdict.get("detail", verdict["reason"])}')
             raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
 
-        batches = [int(b) for b in answer['batches']]
+        batches = answer.get('batches')
+        if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
+            raise PeerError(f'the client\'s answer names no batch sizes (a list of whole numbers of at least 1): '
+                            f'{str(batches)[:80]}')
         offline = dealer is not None and settings.offline_phase
         if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
             t0 = time.perf_counter()

@@ -21,16 +21,16 @@ def row(name: str, results: dict) -> str:
     model, base = secure['cost']['model'], secure['cost']['baseline']
     saving = '(baseline)' if set(heads) == {BASELINE_KIND} else f'{model["ratio_to_baseline"]["latency_lan"]:.2f}x'
     return (f'| `{name}` | {pattern} | {results["plain"]["top1"]:.2f} | {secure["top1"]:.2f} '
-            f'({secure["agreement"]:.0f}%, {secure["max_abs_error"]:.2g}) | {model["rounds"]} | '
+            f'({secure["agreement"]:.0f}%, {secure["max_abs_error"]:.2g}) | {secure["images"]} | {model["rounds"]} | '
             f'{model["bytes"] / 1e6:.0f} | {model["dealer"]["bytes"] / 1e6:.0f} | {model["latency_s"]["lan"]:.2f} | '
             f'{base["latency_s"]["lan"]:.2f} | {saving} |')
 
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else 'checkpoints/timm-mpc')
-    print('| tag | heads RS/SC/SM | top-1 (%) | under MPC (%, agreement, max logit error) | rounds | MB | dealer MB | '
-          'LAN (s) | all-Softmax LAN (s) | saving |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+    print('| tag | heads RS/SC/SM | top-1 (%) | under MPC (%, agreement, max logit error) | images under MPC | rounds | '
+          'MB | dealer MB | LAN (s) | all-Softmax LAN (s) | saving |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for tag in ORDER:
         name = f'mpcvit_tiny.{tag}'
         print(row(name, json.loads((root / name / 'results.json').read_text())))

@@ -80,8 +80,8 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     results = ctx.Queue()
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     # the owner's process is a daemon and cannot start the recording process itself: record here
-    sizes = set(batch_sizes(images.shape[0], batch_size))
-    requests = ({size: record_requests(plan, settings, size) for size in sizes}
+    batches = batch_sizes(images.shape[0], batch_size)
+    requests = ({size: record_requests(plan, settings, size) for size in set(batches)}
                 if settings.secure and settings.offline_phase else None)
     payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
                 'client': dict(images=images, batch_size=batch_size)}
@@ -93,8 +93,7 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     outcomes: Dict[str, Any] = {}
     errors: List[str] = []
     deadline: Optional[float] = None
-    progress = tqdm(total=images.shape[0], desc='secure inference', unit='image', disable=len(sizes) == 1 and
-                    batch_size in (None, images.shape[0]))
+    progress = tqdm(total=images.shape[0], desc='secure inference', unit='image', disable=len(batches) == 1)
     try:
         while len(outcomes) < len(roles):
             try:

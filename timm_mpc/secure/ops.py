@@ -9,8 +9,8 @@ from typing import Any, Dict, Optional, Tuple
 from .settings import SecureSettings
 
 __all__ = [
-    'linear', 'layer_norm', 'inv_sqrt', 'inv_sqrt_domain', 'INV_SQRT_CUBIC', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'newton_schedule',
-    'gelu_exp_iterations', 'gelu_bound', 'INV_SQRT_DOMAIN', 'RECIPROCAL_DOMAIN',
+    'linear', 'layer_norm', 'inv_sqrt', 'inv_sqrt_domain', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu',
+    'newton_schedule', 'gelu_exp_iterations', 'gelu_bound', 'INV_SQRT_DOMAIN', 'INV_SQRT_CUBIC', 'RECIPROCAL_DOMAIN',
     'GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS',
 ]
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 __all__ = ['import_crypten', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
-           'use_fused_beaver']
+           'use_fused_beaver', 'product_shape']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -140,6 +140,11 @@ def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:
     return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
 
 
+def product_shape(size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> torch.Size:
+    """The shape of ``torch.<op>`` of operands of these sizes (``mul``, ``matmul``, convolutions), from meta tensors."""
+    return getattr(torch, op)(torch.empty(size0, device='meta'), torch.empty(size1, device='meta'), *args, **kwargs).shape
+
+
 def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = None, *args: Any, **kwargs: Any) -> Any:
     """CrypTen's ``TrustedThirdParty.generate_additive_triple`` with the size of ``c`` found on meta tensors: the same
     draws in the same order, without the client's full product of its ``a`` and ``b``."""
@@ -152,9 +157,7 @@ def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = N
     if comm.get().get_rank() == 0:
         c = TTPClient.get().ttp_request('additive', device, size0, size1, op, *args, **kwargs)
     else:
-        meta0, meta1 = torch.empty(size0, device='meta'), torch.empty(size1, device='meta')
-        c = random_ring_element(getattr(torch, op)(meta0, meta1, *args, **kwargs).size(), generator=generator,
-                                device=device)
+        c = random_ring_element(product_shape(size0, size1, op, *args, **kwargs), generator=generator, device=device)
     return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .party import PartyResult, batch_sizes, run_client, run_dealer, run_owner
+from .party import PartyResult, batch_sizes, check_batch_size, run_client, run_dealer, run_owner
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
@@ -171,8 +171,7 @@ def secure_predict(
         SecureInferenceError: a party failed (the message says which and why).
     """
     settings = settings or SecureSettings()
-    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
+    check_batch_size(batch_size)
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()

@@ -21,6 +21,7 @@ import torch
 
 from ..cost.profile import CostMeter
 from ..utils import cache_root
+from .crypten_compat import product_shape
 from .local_run import init_local, run_local
 from .plan import SecurePlan
 from .secure_vit import SecureViT, patchify
@@ -41,9 +42,7 @@ def default_cache_dir() -> Path:
 
 def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
     if function == 'additive':
-        size0, size1, op, *rest = args
-        a, b = torch.empty(size0, device='meta'), torch.empty(size1, device='meta')
-        return getattr(torch, op)(a, b, *rest, **kwargs).shape
+        return product_shape(*args, **kwargs)
     if function == 'binary':
         return torch.broadcast_shapes(torch.Size(args[0]), torch.Size(args[1]))
     return torch.Size(args[0])  # square, wraps, B2A: the size asked for

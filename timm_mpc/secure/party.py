@@ -149,6 +149,11 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
     return tally
 
 
+def check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
+
+
 def batch_sizes(count: int, batch_size: Optional[int]) -> List[int]:
     """The sizes of the batches ``count`` images run in, ``batch_size`` at most each (all at once if None)."""
     size = batch_size or count
@@ -293,8 +298,7 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     The cost profile is the first batch's.
     """
     check_image_tensor(images)
-    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
+    check_batch_size(batch_size)
     settings.warn_if_insecure()
     return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
                 on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch)

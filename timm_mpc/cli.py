@@ -80,7 +80,8 @@ def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
 def _settings(args: argparse.Namespace) -> Any:
     from .secure.settings import SecureSettings
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
-    return base(provider=args.provider, timeout_s=args.timeout)  # an insecure provider warns when it runs
+    # an insecure provider or protocol warns when it runs
+    return base(provider=args.provider, timeout_s=args.timeout, engine=args.engine, protocol=args.protocol)
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
@@ -127,9 +128,8 @@ def _predict(args: argparse.Namespace) -> int:
     settings = _settings(args)
     images = _load_images(args.images, args.batch)
     model = resolve_model(args)
-    dealer = 'a dealer process' if settings.secure else 'the owner as dealer (insecure)'
     print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
-          f'processes, triples from {dealer} (CrypTen, {args.provider})')
+          f'processes, {_protocol_line(settings)}')
     result = secure_predict(model, images, settings=settings, calibration_images=_calibration(args),
                             clamp_images=args.clamp_images, return_result=True, batch_size=args.batch_size)
     with torch.no_grad():
@@ -144,6 +144,15 @@ def _predict(args: argparse.Namespace) -> int:
         with open(args.json, 'w') as f:
             json.dump(dict(profile=profile, accuracy=acc, logits=result.logits.tolist()), f, indent=1)
     return 0
+
+
+def _protocol_line(settings: Any) -> str:
+    """How the run makes its multiplication triples, in words."""
+    if settings.engine == 'crypten':
+        dealer = 'a dealer process' if settings.secure else 'the owner as dealer (insecure)'
+        return f'triples from {dealer} (CrypTen, {settings.provider})'
+    how = 'no dealer' if settings.secure else 'the owner as dealer (insecure)'
+    return f'SPU {settings.protocol.upper()} ({how})'
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -177,13 +186,25 @@ def _calibration(args: argparse.Namespace) -> Optional[torch.Tensor]:
 
 def _party(args: argparse.Namespace) -> int:
     from .secure.bench import format_profile
-    from .secure.party import run_client, run_dealer, run_owner
+    from .secure.party import run_dealer
     from .secure.plan import build_secure_plan
+
+    import importlib
+    from .secure.engines import get_engine
 
     settings = _settings(args)
     if not settings.secure:
-        raise ValueError(f'timm-mpc party runs real parties, so it refuses --provider {settings.provider} (the owner '
-                         f'would deal its own triples and could open the client\'s data); use TTP with a dealer (rank 2)')
+        flags = f'--provider {settings.provider}' if settings.engine == 'crypten' else \
+            f'--engine {settings.engine} --protocol {settings.protocol}'
+        raise ValueError(f'timm-mpc party runs real parties, so it refuses {flags} (the owner would deal its own triples and could open the client\'s data); use CrypTen with '
+                         f'--provider TTP and a dealer (rank 2), or --engine spu --protocol cheetah')
+    get_engine(settings.engine).check_installed()
+    engine = importlib.import_module(get_engine(settings.engine).module)
+    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
+    if args.client_address and settings.engine != 'spu':
+        raise ValueError('--client-address is for --engine spu (CrypTen parties meet at the rendezvous only)')
+    if args.rank == 2 and not settings.dealer:
+        raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
         print(f'dealer: serving multiplication triples at {args.rendezvous}', flush=True)
         run_dealer(args.rendezvous, settings)
@@ -196,16 +217,18 @@ def _party(args: argparse.Namespace) -> int:
         model = resolve_model(args)
         plan = build_secure_plan(model, settings, calibration)
         state = plan.owner_weights(model)
-        print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client and the dealer at '
-              f'{args.rendezvous}', flush=True)
-        result = run_owner(args.rendezvous, plan, state, settings, log=_log)
+        print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client'
+              f'{" and the dealer" if settings.dealer else ""} at {args.rendezvous} ({_protocol_line(settings)})',
+              flush=True)
+        result = engine.run_owner(args.rendezvous, plan, state, settings, log=_log, **extra)
         print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
               f'{result.profile.wall_s:.2f} s; the owner sent its share of the logits to the client and holds no '
               f'logit itself')
         return 0
     images = _load_images(args.images, args.batch)
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
-    result = run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images, batch_size=args.batch_size)
+    result = engine.run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images,
+                               batch_size=args.batch_size, **extra)
     profile = result.profile.to_dict(_networks(args))
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
@@ -254,6 +277,7 @@ def _add_batch_size_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
+    from .secure.engines import DEFAULT_ENGINE, ENGINES
     from .secure.settings import PROVIDERS
     p.add_argument('--batch', type=_positive_int, default=None,
                    help='number of images (default: all given; 4 for predict)')
@@ -268,6 +292,11 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
                    help='multiplication triples from a dealer process that is neither party (TTP, default), or '
                         'from the model owner itself (TFP_INSECURE: the owner can open the client\'s data; '
                         'cost measurements only)')
+    p.add_argument('--engine', choices=list(ENGINES), default=DEFAULT_ENGINE,
+                   help='MPC engine: crypten (default) or spu (SecretFlow\'s, the paper\'s; pip install -e ".[spu]")')
+    p.add_argument('--protocol', default=None,
+                   help='the engine\'s protocol: for spu cheetah (default; no dealer) or semi2k (the owner deals: cost '
+                        'only); crypten has one')
     p.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the other party')
     p.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
     p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
@@ -311,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                             'neither party\'s)')
     party.add_argument('--world-size', type=int, choices=[2], default=2, help='number of parties (two)')
     party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
+    party.add_argument('--client-address', default=None,
+                       help='--engine spu: HOST:PORT where the client (rank 1) listens (default: the rendezvous host, '
+                            'the next port)')
     _add_model_args(party, option=True)
     _add_secure_args(party)
     _add_batch_size_arg(party)
@@ -326,7 +358,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # how a measurement was made, for its record
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
         print(f'timm-mpc {args.command}: error: {e}', file=sys.stderr)
         return 2
 

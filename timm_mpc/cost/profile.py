@@ -128,8 +128,8 @@ class CostMeter:
         waited0 = self.dealer['time_s'] if self.dealer else 0.0
         t0 = time.perf_counter()
         yield
+        rounds1, bytes1 = self._stats()  # first: an engine that runs a section's program when asked (SPU) runs it here
         elapsed = time.perf_counter() - t0
-        rounds1, bytes1 = self._stats()
         waited = (self.dealer['time_s'] if self.dealer else 0.0) - waited0
         row = CostRow(layer, op, rounds1 - rounds0, bytes1 - bytes0, elapsed, waited)  # wall time until merged
         (self.profile.setup if self._setup else self.profile.rows).append(row)

@@ -1,9 +1,11 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
+import importlib
 import queue as queue_lib
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -13,12 +15,13 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .party import PartyResult, batch_sizes, check_batch_size, run_client, run_dealer, run_owner
+from .engines import get_engine
+from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
 
-__all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port']
+__all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
 
 
 class SecureInferenceError(RuntimeError):
@@ -43,6 +46,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> List[int]:
+    """The first of ``count`` consecutive loopback ports that nothing listens on now, and the others."""
+    for _ in range(100):
+        first = free_port()
+        if first + count > 65535:
+            continue
+        try:
+            with ExitStack() as stack:
+                for port in range(first, first + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(('127.0.0.1', port))
+            return list(range(first, first + count))
+        except OSError:
+            continue
+    raise OSError(f'found no {count} consecutive free ports on loopback')
+
+
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
                    kind_modules: Tuple[str, ...] = ()) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
@@ -55,12 +75,14 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
 
     try:
         settings_ = SecureSettings.from_dict(settings)
+        engine = importlib.import_module(get_engine(settings_.engine).module)
         if role == 'owner':
-            result = run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, on_timeout=report_timeout,
-                               requests=payload['requests'])
+            result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_,
+                                      on_timeout=report_timeout, requests=payload['requests'])
         elif role == 'client':
-            result = run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
-                                batch_size=payload['batch_size'], on_batch=lambda n: results.put((role, 'batch', n)))
+            result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
+                                       batch_size=payload['batch_size'],
+                                       on_batch=lambda n: results.put((role, 'batch', n)))
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
@@ -74,18 +96,19 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
 
 def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
                       settings: SecureSettings, batch_size: Optional[int] = None) -> PartyResult:
-    """Start owner, client and dealer (unless the owner deals) as processes; return the client's result or raise.
+    """Start owner, client and, where the engine needs one, the dealer as processes on loopback; return the client's
+    result or raise.
     The images run ``batch_size`` at a time in one session, with a progress bar when there are several batches."""
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
-    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
     # the owner's process is a daemon and cannot start the recording process itself: record here
     batches = batch_sizes(images.shape[0], batch_size)
     requests = ({size: record_requests(plan, settings, size) for size in set(batches)}
-                if settings.secure and settings.offline_phase else None)
+                if settings.dealer and settings.offline_phase else None)
     payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
                 'client': dict(images=images, batch_size=batch_size)}
-    roles = ['owner', 'client'] + (['dealer'] if settings.secure else [])
+    roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
     procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
         role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, kind_modules())) for role in roles}
     for p in procs.values():
@@ -137,12 +160,15 @@ def secure_predict(
         clamp_images: bool = False,
         return_result: bool = False,
         batch_size: Optional[int] = None,
+        engine: Optional[str] = None,
+        protocol: Optional[str] = None,
 ) -> Any:
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
-    Party 0 (the owner) gets the weights, party 1 (the client) the images, and a third process deals the
-    multiplication triples (``provider='TTP'``); they run CrypTen over torch.distributed on loopback, and only
-    the client learns the logits, which are returned. Before any process starts, the model is checked
+    Party 0 (the owner) gets the weights, party 1 (the client) the images. With CrypTen (the default engine) a
+    third process deals the multiplication triples (``provider='TTP'``) and they talk over torch.distributed on
+    loopback; with SPU (``engine='spu'``) the two parties run CHEETAH (no dealer) or, for cost only, SEMI2K over
+    SPU's link. Only the client learns the logits, which are returned. Before any process starts, the model is checked
     (unsupported modules are named), a plain-text calibration pass on the owner's ``calibration_images``
     (default: the shipped Fashion-MNIST examples at the model's input size) sets the approximations' public
     schedules and refuses values that would overflow the fixed-point encoding, and the images are checked
@@ -163,6 +189,8 @@ def secure_predict(
         batch_size: Run the images this many at a time, one batch after another in one session of the parties
             (processes, weights and calibration once; a progress bar); default: all at once. The cost profile is
             the first batch's.
+        engine: The MPC engine (:data:`~timm_mpc.secure.engines.ENGINES`); default: ``settings.engine``.
+        protocol: The engine's protocol; default: ``settings.protocol`` (or the engine's default).
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
@@ -171,7 +199,11 @@ def secure_predict(
         SecureInferenceError: a party failed (the message says which and why).
     """
     settings = settings or SecureSettings()
+    if engine is not None or protocol is not None:
+        settings = replace(settings, engine=engine or settings.engine,
+                           protocol=protocol or (settings.protocol if engine in (None, settings.engine) else None))
     check_batch_size(batch_size)
+    get_engine(settings.engine).check_installed()
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()

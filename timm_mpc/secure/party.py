@@ -15,6 +15,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -26,7 +27,8 @@ from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER']
+__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER', 'agree', 'batch_sizes',
+           'check_batch_size', 'watchdog']
 
 DEALER = 2
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
@@ -58,7 +60,7 @@ def _report_on_stderr(message: str) -> None:
 
 
 @contextmanager
-def _watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], None]]) -> Iterator[None]:
+def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], None]]) -> Iterator[None]:
     """End this process with ``message`` if the block has not finished after ``seconds``.
 
     torch.distributed's store handshake has no bound of its own against a peer that accepts a connection and
@@ -84,9 +86,9 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings,
     set_process_group_timeout(settings.timeout_s)
     crypten = import_crypten()
     settings.apply(crypten)
-    others = 'the two parties' if rank == DEALER else 'the other party' + (' and the dealer' if settings.secure else '')
+    others = 'the two parties' if rank == DEALER else 'the other party' + (' and the dealer' if settings.dealer else '')
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
-    with _watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
+    with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
         try:
             crypten.init()
         except Exception as e:
@@ -176,6 +178,35 @@ def _client_verdict(data: Any, images: torch.Tensor, clamp: bool,
     return dict(accepted=True, batches=batch_sizes(int(images.shape[0]), batch_size)), plan, images
 
 
+def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettings, plan: Optional[SecurePlan],
+          images: Optional[torch.Tensor], clamp: bool,
+          batch_size: Optional[int]) -> Tuple[SecurePlan, Optional[torch.Tensor], List[int]]:
+    """What the parties agree on before anything secret is shared, over any engine's link (``exchange(obj, src)``
+    sends a JSON value from party ``src`` to the other and returns it on both): the same settings, the owner's plan
+    read back and accepted by the client with its images checked against it, and the client's batch sizes.
+    Returns the plan, the client's checked images (None for the owner) and the batch sizes."""
+    owner_settings = exchange(settings.to_dict() if rank == OWNER else None, OWNER)
+    own = settings.to_dict()
+    differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
+    if differ:
+        raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
+    sent = exchange(plan.to_dict() if rank == OWNER else None, OWNER)
+    verdict = None
+    if rank == CLIENT:
+        verdict, plan, images = _client_verdict(sent, images, clamp, batch_size)
+    answer = exchange(None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'}, CLIENT)
+    if not answer['accepted']:
+        if rank == CLIENT:
+            raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
+                             f'{verdict.get("detail", verdict["reason"])}')
+        raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
+    batches = answer.get('batches')
+    if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
+        raise PeerError(f'the client\'s answer names no batch sizes (a list of whole numbers of at least 1): '
+                        f'{str(batches)[:80]}')
+    return plan, images, batches
+
+
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
@@ -186,29 +217,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
     if log is not None:
         log(f'{ROLES[rank]}: connected to the other party; running the protocol')
     try:
-        dealer = _meter_dealer(comm) if settings.secure and rank == OWNER else None
-        # settings must agree, or the parties would compute different things
-        owner_settings = _exchange_json(crypten, settings.to_dict() if rank == OWNER else None, OWNER)
-        own = settings.to_dict()
-        differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
-        if differ:
-            raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
-        sent = _exchange_json(crypten, plan.to_dict() if rank == OWNER else None, OWNER)
-        verdict = None
-        if rank == CLIENT:
-            verdict, plan, images = _client_verdict(sent, images, clamp, batch_size)
-        answer = _exchange_json(crypten, None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'},
-                                CLIENT)
-        if not answer['accepted']:
-            if rank == CLIENT:
-                raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
-                                 f'{verdict.get("detail", verdict["reason"])}')
-            raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
-
-        batches = answer.get('batches')
-        if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
-            raise PeerError(f'the client\'s answer names no batch sizes (a list of whole numbers of at least 1): '
-                            f'{str(batches)[:80]}')
+        dealer = _meter_dealer(comm) if settings.dealer and rank == OWNER else None
+        plan, images, batches = agree(partial(_exchange_json, crypten), rank, settings, plan, images, clamp, batch_size)
         offline = dealer is not None and settings.offline_phase
         if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
             t0 = time.perf_counter()
@@ -310,8 +320,9 @@ def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[C
     The dealer must be neither party: it knows every triple, so together with either party it would open
     the other party's inputs. It sees only the sizes of the triples it is asked for.
     """
-    if not settings.secure:
-        raise ValueError(f'the dealer (rank 2) serves provider TTP; these settings use {settings.provider}')
+    if not settings.dealer:
+        raise ValueError(f'the dealer (rank 2) serves CrypTen with provider TTP; these settings use '
+                         f'{settings.engine} with provider {settings.provider}')
     crypten = _init(DEALER, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     receive = comm.recv_obj

@@ -1,6 +1,11 @@
-"""`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs."""
+"""`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs.
+
+The same forward runs on every engine: a :class:`Backend` gives it the engine's secret tensors (sharing, concatenation)
+and its operators (:mod:`.ops` for CrypTen, :mod:`.spu_ops` for SPU); everything else is tensor methods that both
+engines' tensors have.
+"""
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -11,7 +16,7 @@ from .crypten_compat import import_crypten
 from .plan import AttentionSpec, BlockSpec, MlpSpec, NormSpec, Schedule, SecurePlan
 from .settings import SecureSettings
 
-__all__ = ['SecureViT', 'patchify']
+__all__ = ['SecureViT', 'Backend', 'CryptenBackend', 'patchify']
 
 OWNER, CLIENT = 0, 1
 
@@ -24,8 +29,35 @@ def patchify(images: torch.Tensor, patch_size: List[int]) -> torch.Tensor:
     return x.reshape(B, (H // ph) * (W // pw), C * ph * pw)
 
 
+class Backend:
+    """What :class:`SecureViT` needs from an engine beyond tensor methods: its operators (``ops``: ``linear``,
+    ``layer_norm``, ``reciprocal``, ``softmax`` and the activations, as in :mod:`.ops`), secret-sharing a
+    party's value, and concatenation."""
+    ops: Any = ops
+
+    def share(self, value: torch.Tensor, src: int) -> Any:
+        """``value`` secret-shared by party ``src`` (the other party passes zeros of the same shape)."""
+        raise NotImplementedError
+
+    def cat(self, tensors: Sequence[Any], dim: int) -> Any:
+        raise NotImplementedError
+
+
+class CryptenBackend(Backend):
+    """CrypTen's secret tensors and timm-mpc's operators on them."""
+
+    def __init__(self) -> None:
+        self.crypten = import_crypten()
+
+    def share(self, value: torch.Tensor, src: int) -> Any:
+        return self.crypten.cryptensor(value, src=src)
+
+    def cat(self, tensors: Sequence[Any], dim: int) -> Any:
+        return self.crypten.cat(list(tensors), dim=dim)
+
+
 class SecureViT:
-    """A ViT plan evaluated under two-party MPC with CrypTen.
+    """A ViT plan evaluated under two-party MPC (CrypTen unless another ``backend`` is given).
 
     The owner (party 0) passes its model's state dict; the client (party 1) passes None and
     contributes only the images. Weights are secret-shared once (setup); each inference shares the
@@ -33,11 +65,12 @@ class SecureViT:
     """
 
     def __init__(self, plan: SecurePlan, settings: SecureSettings, meter: CostMeter,
-                 state_dict: Optional[Dict[str, torch.Tensor]] = None) -> None:
+                 state_dict: Optional[Dict[str, torch.Tensor]] = None, backend: Optional[Backend] = None) -> None:
         self.plan = plan
         self.settings = settings
         self.meter = meter
-        self.crypten = import_crypten()
+        self.backend = backend or CryptenBackend()
+        self.ops = self.backend.ops
         self.weights: Dict[str, Any] = {}
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
@@ -46,7 +79,7 @@ class SecureViT:
                     value = value.t()  # linear weights are used as (in, out)
                 elif name == 'patch_embed.proj.weight':
                     value = value.reshape(shape[0], -1).t()
-                self.weights[name] = self.crypten.cryptensor(value, src=OWNER)
+                self.weights[name] = self.backend.share(value.contiguous(), OWNER)
 
     def w(self, name: str) -> Optional[Any]:
         return self.weights.get(name)
@@ -55,7 +88,7 @@ class SecureViT:
         if spec is None:
             return x
         schedule = self.plan.schedules[name]
-        return ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec.eps, self.settings,
+        return self.ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec.eps, self.settings,
                               schedule.scale, schedule.iters)
 
     def share_images(self, images: Optional[torch.Tensor], batch: int):
@@ -64,12 +97,11 @@ class SecureViT:
         p = self.plan.patch_size
         rows = patchify(images, p) if images is not None else torch.zeros(batch, (h // p[0]) * (w // p[1]), c * p[0] * p[1])
         with self.meter.section('input', 'share'):
-            return self.crypten.cryptensor(rows, src=CLIENT)
+            return self.backend.share(rows, CLIENT)
 
     def forward(self, patches) -> Any:
         """Logits (secret-shared) for secret-shared patch rows."""
-        plan, m = self.plan, self.meter
-        crypten = self.crypten
+        plan, m, ops = self.plan, self.meter, self.ops
         with m.section('patch_embed', 'linear'):
             x = ops.linear(patches, self.w('patch_embed.proj.weight'), self.w('patch_embed.proj.bias'))
         with m.section('embed', 'add'):
@@ -82,9 +114,9 @@ class SecureViT:
             if plan.no_embed_class:
                 if plan.pos_embed:
                     x = x + self.w('pos_embed')
-                x = crypten.cat(prefix + [x], dim=1) if prefix else x
+                x = self.backend.cat(prefix + [x], dim=1) if prefix else x
             else:
-                x = crypten.cat(prefix + [x], dim=1) if prefix else x
+                x = self.backend.cat(prefix + [x], dim=1) if prefix else x
                 if plan.pos_embed:
                     x = x + self.w('pos_embed')
         with m.section('norm_pre', 'layernorm'):
@@ -117,7 +149,7 @@ class SecureViT:
         return x + (h * self.w(f'{name}.ls2.gamma') if spec.ls2 else h)
 
     def _attention(self, x, name: str, spec: AttentionSpec):
-        m, crypten = self.meter, self.crypten
+        m, ops = self.meter, self.ops
         B, N, _ = x.size()
         H, hd = spec.num_heads, spec.head_dim
         layer = name.rsplit('.', 1)[0]
@@ -137,7 +169,7 @@ class SecureViT:
                     N, spec, self.plan.schedules.get(f'{name}.{kind}'))))
             order += heads
         with m.section(layer, 'linear'):
-            out = outputs[0] if len(outputs) == 1 else crypten.cat(outputs, dim=1)
+            out = outputs[0] if len(outputs) == 1 else self.backend.cat(outputs, dim=1)
             if order != list(range(H)):
                 out = out.index_select(1, torch.tensor(order).argsort())
             out = out.transpose(1, 2).reshape(B, N, H * hd)
@@ -147,11 +179,11 @@ class SecureViT:
         """What a kind's secure computation gets: the engine's reciprocal and softmax with this layer's schedule
         for the kind (the plan holds one for every kind with a reciprocal; others get CrypTen's fixed choice)."""
         schedule = schedule or Schedule(scale=1.0, iters=self.settings.reciprocal_nr_iters)
-        return KindContext(num_keys, spec.opts, partial(ops.reciprocal, iters=schedule.iters, scale=schedule.scale),
-                           partial(ops.softmax, iters=schedule.iters, scale=schedule.scale))
+        return KindContext(num_keys, spec.opts, partial(self.ops.reciprocal, iters=schedule.iters, scale=schedule.scale),
+                           partial(self.ops.softmax, iters=schedule.iters, scale=schedule.scale))
 
     def _mlp(self, x, name: str, spec: MlpSpec):
-        m = self.meter
+        m, ops = self.meter, self.ops
         layer = name.rsplit('.', 1)[0]
         with m.section(layer, 'linear'):
             h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
@@ -182,5 +214,5 @@ class SecureViT:
         """``x`` with the token rows in ``index`` replaced by ``values`` (a local reordering of shares)."""
         if not len(others):
             return values
-        merged = self.crypten.cat([values, x.index_select(1, others)], dim=1)
+        merged = self.backend.cat([values, x.index_select(1, others)], dim=1)
         return merged.index_select(1, torch.cat([index, others]).argsort())

@@ -1,7 +1,10 @@
-"""Fixed-point and approximation settings of the secure computation, applied to CrypTen's config."""
+"""The engine, protocol, fixed-point and approximation settings of the secure computation (CrypTen's applied to its
+config)."""
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict
+from typing import Any, Dict, Optional
+
+from .engines import DEFAULT_ENGINE, get_engine
 
 __all__ = ['SecureSettings', 'PROVIDERS', 'GELU_METHODS', 'INV_SQRT_METHODS', 'InsecureSettingWarning', 'INSECURE_PROVIDER']
 
@@ -57,6 +60,10 @@ class SecureSettings:
             shares; see :func:`timm_mpc.secure.crypten_compat.use_fused_beaver`).
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
             public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.truncation`).
+        engine: The MPC engine, a name in :data:`~timm_mpc.secure.engines.ENGINES`. The approximation settings
+            above are CrypTen's; SPU uses its own (exp, reciprocal, inverse square root, erf GeLU) at its default
+            18 fractional bits, with the plan's calibrated LayerNorm scales.
+        protocol: The engine's protocol (None: its default, the first of its ``protocols``).
     """
     precision_bits: int = 16
     exp_iterations: int = 8
@@ -75,8 +82,17 @@ class SecureSettings:
     offline_phase: bool = True
     fused_beaver: bool = True
     truncation_retries: int = 2
+    engine: str = DEFAULT_ENGINE
+    protocol: Optional[str] = None
 
     def __post_init__(self) -> None:
+        engine = get_engine(self.engine)
+        if self.protocol is None:
+            self.protocol = engine.protocols[0]
+        if self.protocol not in engine.protocols:
+            raise ValueError(f'engine {self.engine!r} has no protocol {self.protocol!r}; accepted: {list(engine.protocols)}')
+        if self.engine != 'crypten' and self.provider != 'TTP':
+            raise ValueError(f'provider {self.provider!r} is CrypTen\'s; engine {self.engine!r} chooses by its protocol')
         if self.provider == 'TFP':
             raise ValueError(f"provider 'TFP' makes the model owner the dealer of its own multiplication triples, "
                              f"which lets it open the client's image; use 'TTP' (a dealer process outside both "
@@ -96,15 +112,24 @@ class SecureSettings:
 
     @property
     def secure(self) -> bool:
-        """False for the owner-as-dealer benchmark setting, which gives the owner the client's data."""
-        return self.provider != INSECURE_PROVIDER
+        """False for the owner-as-dealer benchmark settings, which give the owner the client's data."""
+        return self.provider != INSECURE_PROVIDER and self.protocol not in get_engine(self.engine).insecure_protocols
+
+    @property
+    def dealer(self) -> bool:
+        """Whether a dealer process outside both parties deals the multiplication triples."""
+        return self.secure and get_engine(self.engine).dealer
+
+    def describe_insecurity(self) -> str:
+        what = f'provider {INSECURE_PROVIDER}' if self.provider == INSECURE_PROVIDER else \
+            f'{get_engine(self.engine).title} {self.protocol}'
+        return (f'{what}: the model owner deals its own multiplication triples and can open the client\'s image and '
+                f'logits; use it to measure cost only, never on real data')
 
     def warn_if_insecure(self) -> None:
         """Warn (on every run) that the owner-as-dealer setting is not private."""
         if not self.secure:
-            warnings.warn(f'provider {INSECURE_PROVIDER}: the model owner deals its own multiplication triples and '
-                          f'can open the client\'s image and logits; use it to measure cost only, never on real data',
-                          InsecureSettingWarning, stacklevel=3)
+            warnings.warn(self.describe_insecurity(), InsecureSettingWarning, stacklevel=3)
 
     @classmethod
     def crypten_defaults(cls, **overrides: Any) -> 'SecureSettings':

@@ -1,0 +1,132 @@
+"""The SPU engine: the plan's one forward on SPU, two real processes over SPU's link (brpc) on loopback.
+
+CHEETAH (dealer-free) runs a tiny model; SEMI2K (the owner deals: cost only) a small one. SPU's OT setup and
+per-operation programs make even tiny CHEETAH runs take tens of seconds on two cores.
+"""
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import timm
+import torch
+
+from timm_mpc.cli import main
+from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
+from timm_mpc.secure.engines import ENGINES, get_engine
+from timm_mpc.secure.launch import free_port
+from timm_mpc.secure.spu_party import spu_addresses
+
+pytest.importorskip('spu', reason='the SPU engine is an extra: pip install -e ".[spu]" (CI installs it)')
+
+MIXED = [['softmax', 'relu_softmax', 'scaling', '2quad'], ['relu_softmax', 'scaling', 'scaling', 'relu_softmax']]
+
+
+def _model(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model('mpcvit_tiny', **{**dict(depth=2, embed_dim=32, num_heads=4, img_size=16), **kwargs}).eval()
+    with torch.no_grad():  # trained-like magnitudes
+        model.cls_token.normal_(0, 1)
+        model.pos_embed.normal_(0, 0.5)
+    return model
+
+
+def _images(n=2, size=16):
+    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - 0.286) / 0.353
+
+
+def test_semi2k_mixed_heads_and_mpcvit_plus_match_plain_text_with_spu_costs():
+    model = _model(attn_pattern=MIXED, gelu_pattern=[[1, 0] * 8 + [1], 'linear'])
+    images = _images(3)
+    with pytest.warns(InsecureSettingWarning, match='semi2k'):
+        result = secure_predict(model, images, engine='spu', protocol='semi2k', return_result=True, batch_size=2)
+    with torch.no_grad():
+        plain = model(images)
+    assert result.settings.engine == 'spu' and result.settings.protocol == 'semi2k'
+    assert torch.equal(result.logits.argmax(-1), plain.argmax(-1))
+    assert (result.logits - plain).abs().max() < 2e-2
+    ops = result.profile.by('op')  # SPU's own profile, per section of the plan's forward
+    assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu', 'layernorm', 'linear'} <= set(ops)
+    assert all(ops[k]['rounds'] > 0 and ops[k]['bytes'] > 0 for k in ('softmax', 'gelu', 'layernorm', 'linear'))
+    assert ops['softmax']['rounds'] > ops['scaling']['rounds']
+    assert result.profile.rounds == sum(r.rounds for r in result.profile.rows) and result.profile.wall_s > 0
+    # the weights are shared and the programs compiled once, outside the timed inference
+    assert [(r.layer, r.op) for r in result.profile.setup] == [('weights', 'share'), ('program', 'compile')]
+
+
+def test_cheetah_is_dealer_free_and_matches_plain_text():
+    model = _model(depth=1, embed_dim=16, img_size=8, attn_pattern=[['relu_softmax', 'scaling', 'softmax', 'scaling']])
+    images = _images(1, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', InsecureSettingWarning)  # the default SPU protocol is private
+        result = secure_predict(model, images, engine='spu', return_result=True)
+    with torch.no_grad():
+        plain = model(images)
+    assert result.settings.protocol == 'cheetah' and result.settings.secure and not result.settings.dealer
+    assert (result.logits - plain).abs().max() < 2e-2
+    assert result.profile.bytes > 0 and result.profile.dealer['requests'] == 0
+
+
+def test_engine_and_protocol_are_checked_before_anything_starts():
+    assert list(ENGINES) == ['crypten', 'spu'] and get_engine('spu').protocols[0] == 'cheetah'
+    with pytest.raises(ValueError, match="accepted: \\['crypten', 'spu'\\]"):
+        SecureSettings(engine='mpspdz')
+    with pytest.raises(ValueError, match="no protocol 'aby3'; accepted: \\['cheetah', 'semi2k'\\]"):
+        SecureSettings(engine='spu', protocol='aby3')
+    with pytest.raises(ValueError, match='provider'):
+        SecureSettings(engine='spu', provider='TFP_INSECURE')
+    assert not SecureSettings(engine='spu', protocol='semi2k').secure
+    with pytest.raises(ValueError, match='tcp://HOST:PORT'):
+        spu_addresses('127.0.0.1:5000')
+    assert spu_addresses('tcp://10.0.0.1:5000') == ['10.0.0.1:5000', '10.0.0.1:5001']
+    assert spu_addresses('tcp://10.0.0.1:5000', 'client.lan:7000') == ['10.0.0.1:5000', 'client.lan:7000']
+
+
+def _party_cmd(*args):
+    return [sys.executable, '-m', 'timm_mpc', 'party', '--engine', 'spu', *args]
+
+
+def test_party_refuses_semi2k_and_a_dealer_rank():
+    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--protocol', 'semi2k'),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'refuses --engine spu --protocol semi2k' in result.stderr
+    result = subprocess.run(_party_cmd('--rank', '2', '--rendezvous', 'tcp://127.0.0.1:1'),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'has no dealer' in result.stderr
+
+
+def test_a_client_without_its_owner_stops_within_its_timeout():
+    start = time.monotonic()
+    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3'),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and 'could not meet the other party' in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - start < 60
+
+
+def test_two_terminal_spu_parties_and_bench(tmp_path, capsys):
+    """The owner and the client as two `timm-mpc party` processes, as on two hosts; then `timm-mpc bench`."""
+    port = free_port()
+    common = ['--rendezvous', f'tcp://127.0.0.1:{port}', '--client-address', f'127.0.0.1:{free_port()}',
+              '--protocol', 'cheetah', '--timeout', '60']
+    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--model-kwargs',
+                                        '{"depth": 1, "embed_dim": 16, "img_size": 8}', '--pattern', 'scaling',
+                                        *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    images = tmp_path / 'images.pt'
+    torch.save(_images(1, 8), images)
+    client = subprocess.run(_party_cmd('--rank', '1', '--images', str(images), *common),
+                            capture_output=True, text=True, timeout=300)
+    out, err = owner.communicate(timeout=60)
+    assert owner.returncode == 0 and client.returncode == 0, err[-2000:] + client.stderr[-2000:]
+    assert 'predicted classes' in client.stdout and 'holds no logit' in out
+
+    report = tmp_path / 'bench.json'
+    with pytest.warns(InsecureSettingWarning):
+        assert main(['bench', 'mpcvit_tiny', '--engine', 'spu', '--protocol', 'semi2k', '--pattern', 'mu50',
+                     '--model-kwargs', '{"depth": 1, "embed_dim": 32}', '--batch', '1', '--check',
+                     '--json', str(report)]) == 0
+    import json
+    results = json.loads(report.read_text())['results']
+    assert results['model']['accuracy']['top1_agreement'] == 1.0
+    assert results['model']['ratio_to_baseline']['bytes'] > 1 and results['baseline']['heads'] == {'softmax': 4}
+    assert {row['layer'] for row in results['model']['profile']['rows']} >= {'patch_embed', 'blocks.0', 'head'}

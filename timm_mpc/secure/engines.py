@@ -1,0 +1,66 @@
+"""The table of MPC engines that run a secure plan: one :class:`Engine` record each.
+
+Adding an engine is one record and one module with ``run_owner(rendezvous, plan, state_dict, settings, ...)`` and
+``run_client(rendezvous, images, settings, ...)`` (the signatures of :mod:`.party`): ``secure_predict``, the CLI and
+the benchmarks choose it by name. Its tensors need the methods the plan's forward uses (see
+:class:`~timm_mpc.secure.secure_vit.Backend`).
+
+| engine  | protocols        | multiplication triples / correlations                               |
+|---------|------------------|----------------------------------------------------------------------|
+| crypten | beaver           | a dealer process that is neither party (``provider='TTP'``)          |
+| spu     | cheetah, semi2k  | cheetah: OT and HE between the two parties (no dealer); semi2k: the  |
+|         |                  | owner deals (SPU 0.9.5 ships no third-party dealer): cost only       |
+"""
+import importlib.util
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+__all__ = ['Engine', 'ENGINES', 'get_engine', 'DEFAULT_ENGINE']
+
+DEFAULT_ENGINE = 'crypten'
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One MPC engine.
+
+    Attributes:
+        name: What ``engine=`` and ``--engine`` take.
+        title: Its name in tables.
+        module: The module with its ``run_owner`` and ``run_client``.
+        protocols: Its protocols, the default (and recommended) first.
+        insecure_protocols: Protocols in which one party deals the other's correlations, so it can open the other's
+            data: they measure cost only (runs warn, ``timm-mpc party`` refuses them).
+        dealer: Whether the secure protocol needs a dealer process besides the two parties.
+        requires: The module it imports and how to install it: ``(module, install line)``.
+    """
+    name: str
+    title: str
+    module: str
+    protocols: Tuple[str, ...]
+    insecure_protocols: Tuple[str, ...] = ()
+    dealer: bool = False
+    requires: Tuple[str, str] = ()
+
+    def check_installed(self) -> None:
+        """Raise ImportError, saying how to install it, when the engine's package is missing."""
+        if self.requires and importlib.util.find_spec(self.requires[0]) is None:
+            raise ImportError(f'the {self.title} engine needs the {self.requires[0]!r} package: {self.requires[1]}')
+
+
+ENGINES: Dict[str, Engine] = {e.name: e for e in (
+    Engine('crypten', 'CrypTen', 'timm_mpc.secure.party', ('beaver',), dealer=True),
+    Engine('spu', 'SPU', 'timm_mpc.secure.spu_party', ('cheetah', 'semi2k'), insecure_protocols=('semi2k',),
+           requires=('spu', 'pip install -e ".[spu]" (spu 0.9.5, jax 0.4.34)')),
+)}
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called ``name``.
+
+    Raises:
+        ValueError: no such engine.
+    """
+    if name not in ENGINES:
+        raise ValueError(f'unknown MPC engine {name!r}; accepted: {list(ENGINES)}')
+    return ENGINES[name]

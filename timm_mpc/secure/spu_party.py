@@ -1,0 +1,162 @@
+"""One party of the two-party protocol on SPU (the paper's engine): the model owner (rank 0) or the client (rank 1).
+
+The same roles as with CrypTen (:mod:`.party`): the owner secret-shares the weights and sends the public plan, the
+client checks its images against the plan before sharing them, both run the plan's forward on SPU, and the owner
+sends its share of the logits to the client alone. There is no dealer: with CHEETAH (the default) the parties make
+their correlations between themselves with oblivious transfer and homomorphic encryption; with SEMI2K, SPU 0.9.5
+makes the owner deal them (its trusted first party), which lets the owner open the client's data, so SEMI2K runs
+measure cost only and warn. The parties talk over SPU's link (brpc): each listens on an address of its own, the
+owner on the rendezvous ``tcp://HOST:PORT``, the client on ``client_address`` (default: the same host, the next
+port). Every wait is bounded by the settings' timeout (meeting the other party included).
+"""
+import json
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, List, Optional
+
+import numpy as np
+import torch
+
+from ..cost.profile import CostMeter, CostRow
+from .party import PartyResult, PeerError, watchdog, agree, check_batch_size
+from .plan import SecurePlan, check_image_tensor
+from .secure_vit import CLIENT, OWNER, Backend, SecureViT
+from .settings import SecureSettings
+from .spu_runtime import SpuSession
+from . import spu_ops
+
+__all__ = ['run_owner', 'run_client', 'spu_addresses', 'SpuBackend']
+
+
+class SpuBackend(Backend):
+    """SPU's secret tensors (:class:`~timm_mpc.secure.spu_runtime.SpuTensor`) and :mod:`.spu_ops`."""
+    ops = spu_ops
+
+    def __init__(self, session: SpuSession) -> None:
+        self.session = session
+
+    def share(self, value: torch.Tensor, src: int) -> Any:
+        return self.session.share(value.numpy() if self.session.rank == src else None, value.shape, src)
+
+    def cat(self, tensors: Any, dim: int) -> Any:
+        import jax.numpy as jnp
+        return self.session.run(('cat', dim, len(tensors)), lambda *xs: jnp.concatenate(xs, axis=dim), tensors)[0]
+
+
+def spu_addresses(rendezvous: str, client_address: Optional[str] = None) -> List[str]:
+    """``[owner, client]`` listening addresses from the rendezvous ``tcp://HOST:PORT`` (the owner's) and the client's
+    ``HOST:PORT`` (default: the owner's host, the next port)."""
+    if not rendezvous.startswith('tcp://') or ':' not in rendezvous[6:]:
+        raise ValueError(f'the SPU engine needs a rendezvous tcp://HOST:PORT (where the owner listens), got {rendezvous!r}')
+    host, port = rendezvous[6:].rsplit(':', 1)
+    if not port.isdigit() or not 0 < int(port) < 65535:
+        raise ValueError(f'the rendezvous port must be a number from 1 to 65534, got {port!r}')
+    client = client_address or f'{host}:{int(port) + 1}'
+    if ':' not in client or not client.rsplit(':', 1)[1].isdigit():
+        raise ValueError(f'the client address must be HOST:PORT, got {client!r}')
+    return [f'{host}:{port}', client]
+
+
+def _message(e: BaseException) -> str:
+    """The line of an SPU (yacl) error that says what went wrong, without its stack trace."""
+    lines = [line.strip() for line in str(e).splitlines()
+             if line.strip() and not line.lstrip().startswith(('#', 'what:', 'Stacktrace', 'stacktrace'))]
+    return lines[0] if lines else type(e).__name__
+
+
+def _exchange(session: SpuSession, obj: Any, src: int) -> Any:
+    """Send a JSON value from ``src`` to the other party (JSON, never pickle)."""
+    if session.rank == src:
+        session.send(json.dumps(obj).encode())
+        return obj
+    return json.loads(session.recv().decode())
+
+
+def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
+         state_dict: Optional[dict], images: Optional[torch.Tensor], clamp: bool = False,
+         log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
+         on_batch: Optional[Callable[[int], None]] = None, client_address: Optional[str] = None,
+         on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+    addresses = spu_addresses(rendezvous, client_address)
+    log_dir = tempfile.mkdtemp(prefix='timm-mpc-spu-')
+    session = None
+    try:
+        message = f'could not meet the other party at {addresses[1 - rank]} within {settings.timeout_s:.0f} s'
+        # brpc's connection retries have no overall bound of their own: the watchdog gives them one
+        with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
+            try:
+                session = SpuSession(rank, addresses, settings.protocol, settings.timeout_s, log_dir)
+            except RuntimeError as e:
+                raise PeerError(f'{message} ({_message(e)})') from e
+        if log is not None:
+            log(f'{"owner" if rank == OWNER else "client"}: connected to the other party over SPU ({settings.protocol})')
+        exchange = lambda obj, src: _exchange(session, obj, src)  # noqa: E731
+        plan, images, batches = agree(exchange, rank, settings, plan, images, clamp, batch_size)
+        program = SecureViT(plan, settings, CostMeter(session), state_dict, SpuBackend(session))
+        logits, profile, start, compiled = [], None, 0, set()
+        for index, size in enumerate(batches):
+            if index:  # the cost profile is the first batch's
+                program.meter = CostMeter(session)
+            meter = program.meter
+            if size not in compiled:  # SPU's programs for this batch size, compiled before the batch is timed
+                t0 = time.perf_counter()
+                program.meter = CostMeter(session)  # a pass without traffic: no cost rows
+                with session.compile_only():
+                    program.forward(program.share_images(None, size))
+                program.meter = meter
+                if log is not None:
+                    log(f'compiled {session.compiled} SPU programs')
+                meter.profile.setup.append(CostRow('program', 'compile', 0, 0.0, time.perf_counter() - t0))
+                compiled.add(size)
+            patches = program.share_images(None if images is None else images[start:start + size], size)
+            exchange('online', OWNER)
+            with meter.inference():
+                shared = program.forward(patches)
+                with meter.section('head', 'reveal'):
+                    logits.append(session.reveal_to(shared, CLIENT))
+            start += size
+            if log is not None:
+                log(f'{session.compiled} SPU programs after batch {index}')
+            if index == 0:
+                profile = meter.profile  # SPU logs both directions' bytes: nothing to merge
+            if on_batch is not None:
+                on_batch(size)
+        plain = None if rank == OWNER else torch.from_numpy(np.concatenate(logits)).float()
+        return PartyResult(rank, plain, profile, plan, [] if plain is None else plan.implausible(plain))
+    except RuntimeError as e:
+        if isinstance(e, PeerError):
+            raise
+        message = _message(e)
+        if any(s in message.lower() for s in ('timeout', 'connect', 'closed', 'reset by peer', 'broken pipe', 'eof')):
+            raise PeerError(f'lost the other party during the protocol ({message})') from e
+        raise RuntimeError(f'SPU failed: {message}') from e
+    finally:
+        if session is not None:
+            session.close()
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: SecureSettings,
+              log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
+              client_address: Optional[str] = None, **_: Any) -> PartyResult:
+    """Run party 0, the model owner, on SPU: contributes the weights and the plan, learns nothing but the costs (and
+    the sizes of the client's batches). ``on_timeout`` reports why the process ends when the other party is not met
+    in time (default: a line on stderr); the process then exits with code 2."""
+    plan.check()
+    settings.warn_if_insecure()
+    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, client_address=client_address,
+                on_timeout=on_timeout)
+
+
+def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
+               log: Optional[Callable[[str], None]] = None, clamp: bool = False,
+               on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
+               on_batch: Optional[Callable[[int], None]] = None, client_address: Optional[str] = None) -> PartyResult:
+    """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
+    :func:`timm_mpc.secure.party.run_client`)."""
+    check_image_tensor(images)
+    check_batch_size(batch_size)
+    settings.warn_if_insecure()
+    return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
+                batch_size=batch_size, on_batch=on_batch, client_address=client_address, on_timeout=on_timeout)

@@ -1,0 +1,381 @@
+"""SPU's runtime for one party: the link to the other party, secret values as :class:`SpuTensor`, and SPU's own
+profile of what each program sent.
+
+A :class:`SpuTensor` is a secret value of this party's SPU runtime; its methods are the tensor methods
+:class:`~timm_mpc.secure.secure_vit.SecureViT` and the attention kinds use (``matmul``, ``mul``, ``relu``, ``sum``,
+``reshape``...). A method does not run at once: it records a JAX function of its inputs (public constants inside).
+When the cost meter closes a section of the plan's forward (it reads :meth:`SpuSession.get_communication_stats`),
+the session traces everything recorded since into one JAX function of the secret values it starts from, SPU
+compiles it (once per structure and shapes: every block after the first reuses the first's programs) and both
+parties run it. So the plan's one forward drives SPU as it drives CrypTen, each section is one SPU program, and
+its traffic is what SPU's profiler logged for that program.
+
+SPU and JAX are imported when a session starts (``pip install -e ".[spu]"``).
+"""
+import os
+import re
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'SPU_PROTOCOLS', 'SPU_FRACTION_BITS']
+
+SPU_PROTOCOLS = ('cheetah', 'semi2k')
+SPU_FRACTION_BITS = 18  # SPU's default for its 64-bit ring
+
+_LINK_DETAILS = re.compile(r'Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+)')
+
+
+def import_spu() -> Tuple[Any, Any, Any, Any]:
+    """``(libspu, spu.api, spu.utils.frontend, jax.numpy)``, or an ImportError that says how to install them."""
+    try:
+        import jax
+        import jax.numpy as jnp
+        import spu.api as spu_api
+        import spu.libspu as libspu
+        from spu.utils import frontend
+    except ImportError as e:
+        raise ImportError(f'the SPU engine needs spu 0.9.5 and jax: pip install -e ".[spu]" ({e})') from e
+    jax.config.update('jax_platforms', 'cpu')
+    return libspu, spu_api, frontend, jnp
+
+
+class SpuSession:
+    """One party's SPU runtime and link.
+
+    Args:
+        rank: 0 for the model owner, 1 for the client.
+        addresses: ``HOST:PORT`` where each party listens (owner first).
+        protocol: One of :data:`SPU_PROTOCOLS`.
+        timeout_s: Bound on meeting the other party and on every wait for a message.
+        log_dir: Where SPU writes this party's log, from which each run's traffic is read.
+    """
+
+    def __init__(self, rank: int, addresses: Sequence[str], protocol: str, timeout_s: float, log_dir: str) -> None:
+        libspu, spu_api, self.frontend, self.jnp = import_spu()
+        self.libspu = libspu
+        self.rank = rank
+        log = libspu.logging.LogOptions()
+        log.enable_console_logger = False
+        log.system_log_path = os.path.join(log_dir, f'spu_party{rank}.log')
+        libspu.logging.setup_logging(log)
+        self._log = open(log.system_log_path, 'a+')
+        self._log.seek(0, os.SEEK_END)
+        desc = libspu.link.Desc()
+        desc.recv_timeout_ms = int(timeout_s * 1000)
+        desc.http_timeout_ms = int(timeout_s * 1000)
+        desc.connect_retry_interval_ms = 500
+        desc.connect_retry_times = max(int(timeout_s * 2), 1)
+        for index, address in enumerate(addresses):
+            desc.add_party(f'party{index}', address)
+        self.link = libspu.link.create_brpc(desc, rank)
+        config = libspu.RuntimeConfig(protocol=getattr(libspu.ProtocolKind, protocol.upper()),
+                                      field=libspu.FieldType.FM64, fxp_fraction_bits=SPU_FRACTION_BITS)
+        config.enable_pphlo_profile = True  # SPU logs each run's traffic: the cost meter reads it
+        if protocol == 'semi2k':
+            config.beaver_type = libspu.RuntimeConfig.BeaverType.TrustedFirstParty
+        self.config = config
+        self.runtime = spu_api.Runtime(self.link, config)
+        self.io = spu_api.Io(2, config)
+        self._programs: Dict[Tuple, bytes] = {}
+        self._shapes: Dict[Tuple, List[Tuple[int, ...]]] = {}
+        self._pending: List[weakref.ref] = []
+        self.compiled = 0  # programs compiled so far
+        self._names = 0
+        self._compile_only = False
+        self.rounds = 0
+        self.bytes = 0.0
+
+    @contextmanager
+    def compile_only(self) -> Iterator[None]:
+        """Inside, operations are compiled but not run, and nothing is shared: a pass of the forward here compiles
+        every program of an inference beforehand, with no traffic, so inferences time the protocol only."""
+        self._compile_only = True
+        try:
+            yield
+        finally:
+            self._compile_only = False
+
+    # --- messages and shares between the parties
+    def send(self, data: bytes) -> None:
+        self.link.send(1 - self.rank, data)
+
+    def recv(self) -> bytes:
+        return self.link.recv(1 - self.rank)
+
+    def _send_share(self, share: Any) -> None:
+        self.send(share.meta)
+        self.send(str(len(share.share_chunks)).encode())
+        for chunk in share.share_chunks:
+            self.send(chunk)
+
+    def _recv_share(self) -> Any:
+        share = self.libspu.Share()
+        share.meta = self.recv()
+        share.share_chunks = [self.recv() for _ in range(int(self.recv()))]
+        return share
+
+    def _name(self) -> str:
+        self._names += 1
+        return f'v{self._names}'
+
+    def share(self, value: Optional[np.ndarray], shape: Sequence[int], src: int) -> 'SpuTensor':
+        """Party ``src`` secret-shares ``value`` (float32): it keeps one share and sends the other."""
+        name = self._name()
+        if self._compile_only:
+            return SpuTensor(self, name, tuple(int(s) for s in shape))
+        if self.rank == src:
+            shares = self.io.make_shares(np.ascontiguousarray(value, dtype=np.float32),
+                                         self.libspu.Visibility.VIS_SECRET)
+            self.runtime.set_var(name, shares[self.rank])
+            self._send_share(shares[1 - self.rank])
+        else:
+            self.runtime.set_var(name, self._recv_share())
+        return SpuTensor(self, name, tuple(int(s) for s in shape))
+
+    def reveal_to(self, x: 'SpuTensor', dst: int) -> Optional[np.ndarray]:
+        """Open ``x`` to party ``dst`` only: the other party sends its share."""
+        self.flush()
+        share = self.runtime.get_var(x.name)
+        if self.rank != dst:
+            self._send_share(share)
+            return None
+        return np.asarray(self.io.reconstruct([share, self._recv_share()] if self.rank == 0
+                                              else [self._recv_share(), share]))
+
+    # --- recording and running programs
+    def run(self, key: Tuple, fn: Callable[..., Any], inputs: Sequence['SpuTensor']) -> List['SpuTensor']:
+        """Record ``fn(*inputs)``: a JAX function of the inputs' values, with the public constants inside, all named
+        by ``key``. Returns its outputs as secret values, computed at the next :meth:`flush`."""
+        inputs = tuple(inputs)
+        shape_key = (key, tuple(x.shape for x in inputs))
+        if shape_key not in self._shapes:
+            import jax
+            specs = [jax.ShapeDtypeStruct(x.shape, np.float32) for x in inputs]
+            out = jax.eval_shape(lambda *a: _as_tuple(fn(*a)), *specs)
+            self._shapes[shape_key] = [tuple(int(d) for d in o.shape) for o in out]
+        call = _Call(shape_key, fn, inputs)
+        outs = [SpuTensor(self, None, shape, (call, i)) for i, shape in enumerate(self._shapes[shape_key])]
+        self._pending.extend(weakref.ref(o) for o in outs)
+        return outs
+
+    def flush(self) -> None:
+        """Compile (cached) and run, as one SPU program, everything recorded since the last flush that is still
+        referenced; those values become secret values of the runtime."""
+        outputs = [o for o in (ref() for ref in self._pending) if o is not None and o.name is None]
+        self._pending = []
+        if not outputs:
+            return
+        leaf_index: Dict[int, int] = {}
+        inputs: List[SpuTensor] = []
+        calls: Dict[int, int] = {}
+        order: List[_Call] = []
+        structure: List[Tuple] = []
+
+        def leaf(x: SpuTensor) -> int:
+            if id(x) not in leaf_index:
+                leaf_index[id(x)] = len(inputs)
+                inputs.append(x)
+            return leaf_index[id(x)]
+
+        def visit(call: _Call) -> int:
+            if id(call) not in calls:
+                refs = tuple(('leaf', leaf(x)) if x.name is not None else ('call', visit(x.pending[0]), x.pending[1])
+                             for x in call.inputs)
+                calls[id(call)] = len(order)
+                order.append(call)
+                structure.append((call.key, refs))
+            return calls[id(call)]
+
+        out_refs = tuple((visit(o.pending[0]), o.pending[1]) for o in outputs)
+        key = (tuple(structure), tuple(x.shape for x in inputs), out_refs)
+        if key not in self._programs:
+            def program(*values: Any) -> Tuple:
+                results: List[Tuple] = []
+                for call, (_, refs) in zip(order, structure):
+                    args = [values[r[1]] if r[0] == 'leaf' else results[r[1]][r[2]] for r in refs]
+                    results.append(_as_tuple(call.fn(*args)))
+                return tuple(results[c][i] for c, i in out_refs)
+            examples = [np.zeros(x.shape, np.float32) for x in inputs]
+            executable, _ = self.frontend.compile(
+                self.frontend.Kind.JAX, program, examples, {}, [f'in{i}' for i in range(len(inputs))],
+                [self.libspu.Visibility.VIS_SECRET] * len(inputs), lambda flat: [f'out{i}' for i in range(len(flat))])
+            self._programs[key] = executable.code
+            self.compiled += 1
+        for o in outputs:
+            o.name, o.pending = self._name(), None
+        if not self._compile_only:
+            self.runtime.run(self.libspu.Executable(name='section', input_names=[x.name for x in inputs],
+                                                    output_names=[o.name for o in outputs], code=self._programs[key]))
+            self._read_traffic()
+
+    def _read_traffic(self) -> None:
+        """Add the traffic SPU logged for the runs since the last call (send and received bytes: both
+        parties' traffic; send actions: this party's rounds)."""
+        self._log.flush()
+        for line in self._log.read().splitlines():
+            found = _LINK_DETAILS.search(line)
+            if found:
+                self.bytes += int(found.group(1)) + int(found.group(2))
+                self.rounds += int(found.group(3))
+
+    def get_communication_stats(self) -> Dict[str, float]:
+        """Rounds this party sent and bytes both parties sent, so far: the counters :class:`CostMeter` reads when a
+        section opens and closes, after running what was recorded before (so each section is one program)."""
+        self.flush()
+        return dict(rounds=self.rounds, bytes=self.bytes)
+
+    def delete(self, name: str) -> None:
+        if self._compile_only:
+            return
+        try:
+            self.runtime.del_var(name)
+        except Exception:  # the runtime may be gone at interpreter exit
+            pass
+
+    def close(self) -> None:
+        try:
+            self.link.stop_link()
+        finally:
+            self._log.close()
+
+
+def _static(value: Any) -> Any:
+    """A hashable, printable form of a public constant for a program's key."""
+    if isinstance(value, torch.Tensor):
+        return ('tensor', tuple(value.shape), tuple(value.flatten().tolist()))
+    if isinstance(value, slice):
+        return ('slice', value.start, value.stop, value.step)
+    if isinstance(value, tuple):
+        return tuple(_static(v) for v in value)
+    return value
+
+
+def _normalize_key(key: Any) -> Any:
+    return key if isinstance(key, tuple) else (key,)
+
+
+class _Call:
+    """A recorded JAX function and the secret values it takes."""
+    __slots__ = ('key', 'fn', 'inputs')
+
+    def __init__(self, key: Tuple, fn: Callable[..., Any], inputs: Tuple['SpuTensor', ...]) -> None:
+        self.key, self.fn, self.inputs = key, fn, inputs
+
+
+def _as_tuple(out: Any) -> Tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+class SpuTensor:
+    """A secret value of a party's SPU runtime (``name``) or one still to compute (``pending``: a recorded call and
+    which of its outputs), with the tensor methods of a CrypTen tensor that the plan's forward uses. Public operands
+    (Python numbers, torch tensors) are compiled in as constants."""
+
+    def __init__(self, session: SpuSession, name: Optional[str], shape: Tuple[int, ...],
+                 pending: Optional[Tuple[_Call, int]] = None) -> None:
+        self.session = session
+        self.name = name
+        self.shape = shape
+        self.pending = pending
+
+    def __del__(self) -> None:
+        if self.name is not None:
+            self.session.delete(self.name)
+
+    def __repr__(self) -> str:
+        return f'SpuTensor({self.name}, shape={self.shape})'
+
+    # --- shape
+    def size(self, dim: Optional[int] = None) -> Any:
+        return torch.Size(self.shape) if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def _apply(self, key: Tuple, fn: Callable[..., Any], *others: 'SpuTensor') -> Any:
+        outs = self.session.run(key, fn, (self, *others))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def reshape(self, *shape: Any) -> 'SpuTensor':
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        return self._apply(('reshape', shape), lambda x: x.reshape(shape))
+
+    view = reshape
+
+    def permute(self, *dims: int) -> 'SpuTensor':
+        return self._apply(('permute', dims), lambda x: x.transpose(dims))
+
+    def transpose(self, a: int, b: int) -> 'SpuTensor':
+        return self._apply(('transpose', a, b), lambda x: self.session.jnp.swapaxes(x, a, b))
+
+    def unbind(self, dim: int = 0) -> Tuple['SpuTensor', ...]:
+        jnp = self.session.jnp
+        n = self.shape[dim]
+        out = self._apply(('unbind', dim), lambda x: tuple(jnp.take(x, i, axis=dim) for i in range(n)))
+        return out if isinstance(out, tuple) else (out,)
+
+    def index_select(self, dim: int, index: torch.Tensor) -> 'SpuTensor':
+        idx = np.asarray(index.tolist(), dtype=np.int64)
+        return self._apply(('index_select', dim, _static(index)), lambda x: self.session.jnp.take(x, idx, axis=dim))
+
+    def expand(self, *sizes: int) -> 'SpuTensor':
+        shape = tuple(s if s != -1 else self.shape[i - (len(sizes) - len(self.shape))] for i, s in enumerate(sizes))
+        return self._apply(('expand', shape), lambda x: self.session.jnp.broadcast_to(x, shape))
+
+    def __getitem__(self, key: Any) -> 'SpuTensor':
+        return self._apply(('getitem', _static(_normalize_key(key))), lambda x: x[key])
+
+    # --- arithmetic
+    def _binary(self, op: str, other: Any, fn: Callable[[Any, Any], Any]) -> 'SpuTensor':
+        if isinstance(other, SpuTensor):
+            return self._apply((op,), fn, other)
+        const = np.asarray(other.detach().numpy() if isinstance(other, torch.Tensor) else other, dtype=np.float32)
+        return self._apply((op, _static(other)), lambda x: fn(x, const))
+
+    def add(self, other: Any) -> 'SpuTensor':
+        return self._binary('add', other, lambda a, b: a + b)
+
+    def sub(self, other: Any) -> 'SpuTensor':
+        return self._binary('sub', other, lambda a, b: a - b)
+
+    def mul(self, other: Any) -> 'SpuTensor':
+        return self._binary('mul', other, lambda a, b: a * b)
+
+    def matmul(self, other: Any) -> 'SpuTensor':
+        return self._binary('matmul', other, lambda a, b: a @ b)
+
+    __add__ = __radd__ = add
+    __sub__ = sub
+    __mul__ = __rmul__ = mul
+    __matmul__ = matmul
+
+    def __rsub__(self, other: Any) -> 'SpuTensor':
+        return self._binary('rsub', other, lambda a, b: b - a)
+
+    def __neg__(self) -> 'SpuTensor':
+        return self._apply(('neg',), lambda x: -x)
+
+    def square(self) -> 'SpuTensor':
+        return self._apply(('square',), lambda x: x * x)
+
+    def relu(self) -> 'SpuTensor':
+        return self._apply(('relu',), lambda x: self.session.jnp.maximum(x, 0))
+
+    def exp(self) -> 'SpuTensor':
+        return self._apply(('exp',), lambda x: self.session.jnp.exp(x))
+
+    def reciprocal(self) -> 'SpuTensor':
+        return self._apply(('reciprocal',), lambda x: 1 / x)
+
+    def sum(self, dim: Optional[int] = None, keepdim: bool = False) -> 'SpuTensor':
+        return self._apply(('sum', dim, keepdim), lambda x: x.sum(axis=dim, keepdims=keepdim))
+
+    def mean(self, dim: Optional[int] = None, keepdim: bool = False) -> 'SpuTensor':
+        return self._apply(('mean', dim, keepdim), lambda x: x.mean(axis=dim, keepdims=keepdim))
+
+    def max(self, dim: int, keepdim: bool = False) -> Tuple['SpuTensor', None]:
+        return self._apply(('max', dim, keepdim), lambda x: x.max(axis=dim, keepdims=keepdim)), None

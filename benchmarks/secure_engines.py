@@ -62,7 +62,8 @@ def measure(models, images, calibration, engines, count, cheetah_count, batch, s
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', InsecureSettingWarning)  # SEMI2K: cost only, said in the table
                 cost = secure_predict(model, images[:1], SecureSettings(**how), calibration, return_result=True)
-                logits = secure_predict(model, images[:n], SecureSettings(**how), calibration, batch_size=batch)
+                logits = cost.logits if n == 1 else secure_predict(model, images[:n], SecureSettings(**how), calibration,
+                                                                   batch_size=batch)
             with torch.no_grad():
                 plain = model(images[:n])
             profile = cost.profile.to_dict()
@@ -130,7 +131,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default='checkpoints/timm-mpc/mpcvit_tiny.fmnist_mu50_kd/model.safetensors')
     parser.add_argument('--images', type=int, default=64, help='test images for the agreement (CrypTen, SEMI2K)')
-    parser.add_argument('--cheetah-images', type=int, default=2, help='test images for CHEETAH\'s agreement')
+    parser.add_argument('--cheetah-images', type=int, default=1, help='test images for CHEETAH\'s agreement')
     parser.add_argument('--batch', type=int, default=16, help='images per batch in the agreement runs')
     parser.add_argument('--engines', nargs='*', default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument('--json', default='secure_engines.json')

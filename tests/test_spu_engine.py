@@ -130,3 +130,89 @@ def test_two_terminal_spu_parties_and_bench(tmp_path, capsys):
     assert results['model']['accuracy']['top1_agreement'] == 1.0
     assert results['model']['ratio_to_baseline']['bytes'] > 1 and results['baseline']['heads'] == {'softmax': 4}
     assert {row['layer'] for row in results['model']['profile']['rows']} >= {'patch_embed', 'blocks.0', 'head'}
+
+
+def _ring(share, numel):
+    """A share's ring elements: the last ``8·numel`` bytes of its chunks (their content), as int64."""
+    import numpy as np
+    raw = b''.join(share.share_chunks)[-8 * numel:]
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.int64).copy())
+
+
+def _decode(ring):
+    from timm_mpc.secure.spu_runtime import SPU_FRACTION_BITS
+    return ring.double() / 2 ** SPU_FRACTION_BITS
+
+
+def _corr(x, y):
+    x, y = x.flatten().double(), y.flatten().double()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x @ y).abs() / (x.norm() * y.norm() + 1e-12))
+
+
+def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
+    """An attacker's test: both parties run (as threads, over SPU's real link on loopback) and every share each
+    receives or keeps is recorded. The owner's share of the image decodes to noise, while adding the client's kept
+    share recovers the image exactly (the decoding is right; the owner's share alone says nothing), and the owner
+    receives nothing after it: the logits go to the client alone. SPU's own protocol messages inside its C++
+    runtime are not in this record."""
+    import threading
+    from timm_mpc.secure import build_secure_plan
+    from timm_mpc.secure import spu_party
+    from timm_mpc.secure.secure_vit import patchify
+    from timm_mpc.secure.spu_runtime import SpuSession
+    received, kept = [], []
+    recv_share, make = SpuSession._recv_share, SpuSession.share
+
+    def spied_recv(self):
+        share = recv_share(self)
+        received.append((self.rank, share))
+        return share
+
+    def spied_share(self, value, shape, src):
+        tensor = make(self, value, shape, src)
+        if not self._compile_only:  # (the compile pass shares nothing)
+            kept.append((self.rank, src, self.runtime.get_var(tensor.name)))
+        return tensor
+    monkeypatch.setattr(SpuSession, '_recv_share', spied_recv)
+    monkeypatch.setattr(SpuSession, 'share', spied_share)
+    model = _model(depth=1, embed_dim=16, img_size=8, attn_pattern='scaling')
+    images = _images(1, 8)
+    settings = SecureSettings(engine='spu', protocol='cheetah', timeout_s=60)
+    plan = build_secure_plan(model, settings)
+    rendezvous, client_address = f'tcp://127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}'
+    owner = threading.Thread(target=spu_party.run_owner, args=(rendezvous, plan, plan.owner_weights(model), settings),
+                             kwargs=dict(client_address=client_address))
+    owner.start()
+    result = spu_party.run_client(rendezvous, images, settings, client_address=client_address)
+    owner.join(timeout=120)
+    with torch.no_grad():
+        assert (result.logits - model(images)).abs().max() < 2e-2
+    patches = patchify(images, plan.patch_size)
+    owner_got = [share for rank, share in received if rank == 0]
+    client_got = [share for rank, share in received if rank == 1]
+    assert len(owner_got) == 1  # the image share, and nothing after it
+    assert len(client_got) == len(plan.params) + 1  # a share of each weight, then the owner's share of the logits
+    owner_share = _ring(owner_got[0], patches.numel())
+    client_share = [_ring(share, patches.numel()) for rank, src, share in kept if rank == 1 and src == 1][0]
+    assert _corr(_decode(owner_share), patches) < 0.2
+    assert torch.allclose(_decode(owner_share + client_share).float(), patches.flatten(), atol=1e-4)
+
+
+def test_a_killed_owner_ends_the_client_with_a_clear_error_within_its_timeout():
+    common = ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--client-address', f'127.0.0.1:{free_port()}',
+              '--timeout', '10']
+    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'softmax', *common),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = subprocess.Popen(_party_cmd('--rank', '1', '--batch', '8', *common), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    for line in owner.stdout:
+        if 'connected to the other party' in line:
+            break
+    time.sleep(3)
+    owner.kill()
+    killed_at = time.monotonic()
+    _, err = client.communicate(timeout=120)
+    assert client.returncode == 2
+    assert 'timm-mpc party: error:' in err and 'lost the other party' in err, err[-2000:]
+    assert time.monotonic() - killed_at < 2 * 10 + 15

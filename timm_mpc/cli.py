@@ -37,6 +37,16 @@ def _info(args: argparse.Namespace) -> int:
     print(f'  {"family":15s} {"models":32s} {"converts":9s} runs securely')
     for row in support_table():
         print(f'  {row["family"]:15s} {row["models"]:32s} {row["converts"]:9s} {row["secure"]}')
+    from .secure.engines import ENGINES
+    print('MPC engines (--engine), protocols (--protocol, default first):')
+    for engine in ENGINES.values():
+        try:
+            engine.check_installed()
+            installed = 'installed'
+        except ImportError:
+            installed = f'not installed: {engine.requires[1]}'
+        insecure = f'; {", ".join(engine.insecure_protocols)}: the owner deals, cost only' if engine.insecure_protocols else ''
+        print(f'  {engine.name:14s} {", ".join(engine.protocols)}{insecure} ({installed})')
     return 0
 
 
@@ -360,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
         print(f'timm-mpc {args.command}: error: {e}', file=sys.stderr)
+        if 'timm_mpc.secure.spu_runtime' in sys.modules:  # a failed SPU link cannot be torn down: exit now
+            sys.modules['timm_mpc.secure.spu_runtime'].exit_if_links_abandoned(2)
         return 2
 
 

@@ -2,6 +2,7 @@
 import importlib
 import queue as queue_lib
 import socket
+import sys
 import time
 import traceback
 from contextlib import ExitStack
@@ -91,6 +92,10 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         results.put((role, 'ok', result))
     except BaseException as e:  # report every failure to the parent, then exit non-zero
         results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
+        if 'timm_mpc.secure.spu_runtime' in sys.modules:  # a failed SPU link cannot be torn down: exit now
+            results.close()
+            results.join_thread()
+            sys.modules['timm_mpc.secure.spu_runtime'].exit_if_links_abandoned(1)
         raise SystemExit(1)
 
 

@@ -56,8 +56,8 @@ def softmax(scores, iters: int = 0, scale: float = 1.0):
 
 
 def gelu(x, settings: Optional[SecureSettings] = None, exp_iterations: Optional[int] = None):
-    """Exact GeLU: ``exp_fit`` (default; ReLU minus the fitted Gaussian tail of :func:`.ops.gelu`, with SPU's exp:
-    about 230 B and 33 rounds per element in SEMI2K) or SPU's ``erf`` (about 1,950 B and 181 rounds)."""
+    """Exact GeLU: ``exp_fit`` (default; ReLU minus the fitted Gaussian tail of :func:`.ops.gelu`, with SPU's exp)
+    or SPU's ``erf`` (far more rounds and bytes)."""
     import jax
     if settings is not None and settings.gelu == 'erf':
         return _run(('gelu', 'erf'), lambda a: jax.nn.gelu(a, approximate=False), x)

@@ -11,6 +11,7 @@ port). Every wait is bounded by the settings' timeout (meeting the other party i
 """
 import json
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable, List, Optional
@@ -133,7 +134,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         raise RuntimeError(f'SPU failed: {message}') from e
     finally:
         if session is not None:
-            session.close()
+            session.close(peer_alive=sys.exc_info()[0] is None)
         shutil.rmtree(log_dir, ignore_errors=True)
 
 

@@ -14,6 +14,7 @@ SPU and JAX are imported when a session starts (``pip install -e ".[spu]"``).
 """
 import os
 import re
+import sys
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -21,11 +22,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-__all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'SPU_PROTOCOLS', 'SPU_FRACTION_BITS']
+__all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'SPU_PROTOCOLS', 'SPU_FRACTION_BITS']
 
 SPU_PROTOCOLS = ('cheetah', 'semi2k')
 SPU_FRACTION_BITS = 18  # SPU's default for its 64-bit ring
 
+_abandoned = 0  # links left open after a failure (see SpuSession.close)
 _LINK_DETAILS = re.compile(r'Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+)')
 
 
@@ -236,9 +238,16 @@ class SpuSession:
         except Exception:  # the runtime may be gone at interpreter exit
             pass
 
-    def close(self) -> None:
+    def close(self, peer_alive: bool = True) -> None:
+        """Release the link and the log. After a failure (``peer_alive=False``) the link is left open: SPU 0.9.5
+        crashes stopping or freeing a link whose peer is gone, even in the interpreter's teardown, so a process that
+        ends after it must end through :func:`exit_now`."""
+        global _abandoned
         try:
-            self.link.stop_link()
+            if peer_alive:
+                self.link.stop_link()
+            else:
+                _abandoned += 1
         finally:
             self._log.close()
 
@@ -256,6 +265,15 @@ def _static(value: Any) -> Any:
 
 def _normalize_key(key: Any) -> Any:
     return key if isinstance(key, tuple) else (key,)
+
+
+def exit_if_links_abandoned(code: int) -> None:
+    """End the process now with ``code`` (output flushed, no teardown) if a failed SPU session left its link open:
+    tearing it down would crash the process after its error was reported."""
+    if _abandoned:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 class _Call:

@@ -6,7 +6,7 @@
 # model. Then render each card from those
 # figures into the folder (README.md, results.json) and hub_cards/.
 # Usage: bash benchmarks/hub_checkpoints.sh [RUNS_DIR [RUN]]   (RUNS_DIR default runs/fmnist, as written by
-# fmnist_runs.sh; RUN, e.g. mu50_kd, does that one only)
+# fmnist_runs.sh; RUN, e.g. mu50_kd, does that one only; SECURE_IMAGES=N measures N images under MPC, default 1000)
 set -euo pipefail
 RUNS=${1:-runs/fmnist}
 ONLY=${2:-}
@@ -23,7 +23,7 @@ for PAIR in mu70_kd:fmnist_mu70_kd mu50_kd:fmnist_mu50_kd mu30_kd:fmnist_mu30_kd
     timm-mpc publish "$RUNS/$RUN/model.safetensors" --repo "timm-mpc/$NAME" --dry-run "$DIR"
   fi
   timm-mpc seed-cache "$DIR"
-  timm-mpc eval --model "$NAME" --secure-images 1000 --secure-batch 16 --json "$TMP/$NAME.json"
+  timm-mpc eval --model "$NAME" --secure-images "${SECURE_IMAGES:-1000}" --secure-batch 16 --json "$TMP/$NAME.json"
   # without the training run here, the folder's own training record is kept
   RUN_ARGS=() && [ -f "$RUNS/$RUN/run.json" ] && RUN_ARGS=(--run "$RUNS/$RUN/run.json")
   timm-mpc publish "$DIR" --repo "timm-mpc/$NAME" --dry-run "$DIR" --results "$TMP/$NAME.json" "${RUN_ARGS[@]}"

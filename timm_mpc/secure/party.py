@@ -28,7 +28,7 @@ from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
 __all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER', 'agree', 'batch_sizes',
-           'check_batch_size', 'watchdog']
+           'check_batch_size', 'client_inputs', 'watchdog']
 
 DEALER = 2
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
@@ -154,6 +154,15 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
 def check_batch_size(batch_size: Optional[int]) -> None:
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
+
+
+def client_inputs(images: torch.Tensor, settings: SecureSettings, batch_size: Optional[int]) -> torch.Tensor:
+    """The client's checks before it connects, on any engine: a finite float ``(B, C, H, W)`` tensor, a valid
+    batch size, and a warning if the settings are not private. Returns the images as float32, detached."""
+    check_image_tensor(images)
+    check_batch_size(batch_size)
+    settings.warn_if_insecure()
+    return images.detach().float()
 
 
 def batch_sizes(count: int, batch_size: Optional[int]) -> List[int]:
@@ -307,10 +316,8 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each.
     The cost profile is the first batch's.
     """
-    check_image_tensor(images)
-    check_batch_size(batch_size)
-    settings.warn_if_insecure()
-    return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
+    images = client_inputs(images, settings, batch_size)
+    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log,
                 on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch)
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..cost.profile import CostMeter, CostRow
-from .party import PartyResult, PeerError, watchdog, agree, check_batch_size
-from .plan import SecurePlan, check_image_tensor
+from .party import PartyResult, PeerError, agree, client_inputs, watchdog
+from .plan import SecurePlan
 from .secure_vit import CLIENT, OWNER, Backend, SecureViT
 from .settings import SecureSettings
 from .spu_runtime import SpuSession
@@ -156,8 +156,6 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                on_batch: Optional[Callable[[int], None]] = None, client_address: Optional[str] = None) -> PartyResult:
     """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
     :func:`timm_mpc.secure.party.run_client`)."""
-    check_image_tensor(images)
-    check_batch_size(batch_size)
-    settings.warn_if_insecure()
-    return _run(CLIENT, rendezvous, settings, None, None, images.detach().float(), clamp=clamp, log=log,
-                batch_size=batch_size, on_batch=on_batch, client_address=client_address, on_timeout=on_timeout)
+    images = client_inputs(images, settings, batch_size)
+    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
+                on_batch=on_batch, client_address=client_address, on_timeout=on_timeout)

@@ -196,23 +196,21 @@ def _calibration(args: argparse.Namespace) -> Optional[torch.Tensor]:
 
 def _party(args: argparse.Namespace) -> int:
     from .secure.bench import format_profile
+    from .secure.engines import get_engine
     from .secure.party import run_dealer
     from .secure.plan import build_secure_plan
-
-    import importlib
-    from .secure.engines import get_engine
 
     settings = _settings(args)
     if not settings.secure:
         flags = f'--provider {settings.provider}' if settings.engine == 'crypten' else \
             f'--engine {settings.engine} --protocol {settings.protocol}'
-        raise ValueError(f'timm-mpc party runs real parties, so it refuses {flags} (the owner would deal its own triples and could open the client\'s data); use CrypTen with '
-                         f'--provider TTP and a dealer (rank 2), or --engine spu --protocol cheetah')
-    get_engine(settings.engine).check_installed()
-    engine = importlib.import_module(get_engine(settings.engine).module)
-    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
+        raise ValueError(f'timm-mpc party runs real parties, so it refuses {flags} (the owner would deal its own '
+                         f'triples and could open the client\'s data); use CrypTen with --provider TTP and a dealer '
+                         f'(rank 2), or --engine spu --protocol cheetah')
     if args.client_address and settings.engine != 'spu':
         raise ValueError('--client-address is for --engine spu (CrypTen parties meet at the rendezvous only)')
+    engine = get_engine(settings.engine).load()
+    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
     if args.rank == 2 and not settings.dealer:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
@@ -370,8 +368,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
         print(f'timm-mpc {args.command}: error: {e}', file=sys.stderr)
-        if 'timm_mpc.secure.spu_runtime' in sys.modules:  # a failed SPU link cannot be torn down: exit now
-            sys.modules['timm_mpc.secure.spu_runtime'].exit_if_links_abandoned(2)
+        from .secure.engines import exit_after_failure
+        exit_after_failure(2)
         return 2
 
 

@@ -11,11 +11,14 @@ the benchmarks choose it by name. Its tensors need the methods the plan's forwar
 | spu     | cheetah, semi2k  | cheetah: OT and HE between the two parties (no dealer); semi2k: the  |
 |         |                  | owner deals (SPU 0.9.5 ships no third-party dealer): cost only       |
 """
+import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Dict, Tuple
 
-__all__ = ['Engine', 'ENGINES', 'get_engine', 'DEFAULT_ENGINE']
+__all__ = ['Engine', 'ENGINES', 'get_engine', 'exit_after_failure', 'DEFAULT_ENGINE']
 
 DEFAULT_ENGINE = 'crypten'
 
@@ -47,12 +50,27 @@ class Engine:
         if self.requires and importlib.util.find_spec(self.requires[0]) is None:
             raise ImportError(f'the {self.title} engine needs the {self.requires[0]!r} package: {self.requires[1]}')
 
+    def load(self) -> ModuleType:
+        """The module with the engine's ``run_owner`` and ``run_client`` (ImportError naming the install line when
+        the engine's package is missing)."""
+        self.check_installed()
+        return importlib.import_module(self.module)
+
 
 ENGINES: Dict[str, Engine] = {e.name: e for e in (
     Engine('crypten', 'CrypTen', 'timm_mpc.secure.party', ('beaver',), dealer=True),
     Engine('spu', 'SPU', 'timm_mpc.secure.spu_party', ('cheetah', 'semi2k'), insecure_protocols=('semi2k',),
            requires=('spu', 'pip install -e ".[spu]" (spu 0.9.5, jax 0.4.34)')),
 )}
+
+
+def exit_after_failure(code: int) -> None:
+    """End the process now, with ``code``, if a loaded engine left state that tearing the process down would crash
+    on (an engine module's ``exit_if_links_abandoned``: SPU 0.9.5's links to a dead peer)."""
+    for engine in ENGINES.values():
+        hook = getattr(sys.modules.get(engine.module), 'exit_if_links_abandoned', None)
+        if hook is not None:
+            hook(code)
 
 
 def get_engine(name: str) -> Engine:

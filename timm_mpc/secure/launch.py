@@ -1,8 +1,6 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
-import importlib
 import queue as queue_lib
 import socket
-import sys
 import time
 import traceback
 from contextlib import ExitStack
@@ -16,7 +14,7 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .engines import get_engine
+from .engines import exit_after_failure, get_engine
 from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
@@ -76,7 +74,7 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
 
     try:
         settings_ = SecureSettings.from_dict(settings)
-        engine = importlib.import_module(get_engine(settings_.engine).module)
+        engine = get_engine(settings_.engine).load()
         if role == 'owner':
             result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_,
                                       on_timeout=report_timeout, requests=payload['requests'])
@@ -92,10 +90,9 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         results.put((role, 'ok', result))
     except BaseException as e:  # report every failure to the parent, then exit non-zero
         results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
-        if 'timm_mpc.secure.spu_runtime' in sys.modules:  # a failed SPU link cannot be torn down: exit now
-            results.close()
-            results.join_thread()
-            sys.modules['timm_mpc.secure.spu_runtime'].exit_if_links_abandoned(1)
+        results.close()  # the report reaches the parent before an engine that cannot be torn down ends the process
+        results.join_thread()
+        exit_after_failure(1)
         raise SystemExit(1)
 
 

@@ -28,7 +28,7 @@ from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
 __all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER', 'agree', 'batch_sizes',
-           'check_batch_size', 'client_inputs', 'watchdog']
+           'check_batch_size', 'client_inputs', 'lost_peer', 'watchdog']
 
 DEALER = 2
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
@@ -151,6 +151,12 @@ def _meter_dealer(comm: Any) -> Dict[str, float]:
     return tally
 
 
+def lost_peer(message: str) -> bool:
+    """Whether an engine's error message says that the other party is gone or stopped answering."""
+    return any(s in message.lower() for s in ('connect', 'timed out', 'timeout', 'closed', 'reset by peer',
+                                              'broken pipe', 'eof'))
+
+
 def check_batch_size(batch_size: Optional[int]) -> None:
     if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
@@ -265,7 +271,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         if isinstance(e, PeerError):
             raise
         message = str(e)
-        if any(s in message.lower() for s in ('connection', 'timed out', 'timeout', 'closed', 'reset by peer', 'broken pipe')):
+        if lost_peer(message):
             raise PeerError(f'lost the other party during the protocol ({type(e).__name__}: {_first_line(e)})') from e
         raise
     finally:

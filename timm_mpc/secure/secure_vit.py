@@ -89,7 +89,7 @@ class SecureViT:
             return x
         schedule = self.plan.schedules[name]
         return self.ops.layer_norm(x, self.w(f'{name}.weight'), self.w(f'{name}.bias'), spec.eps, self.settings,
-                              schedule.scale, schedule.iters)
+                                   schedule.scale, schedule.iters)
 
     def share_images(self, images: Optional[torch.Tensor], batch: int):
         """Secret-share the client's images as patch rows (the owner passes None and the batch size)."""

@@ -91,7 +91,7 @@ class SecureSettings:
             self.protocol = engine.protocols[0]
         if self.protocol not in engine.protocols:
             raise ValueError(f'engine {self.engine!r} has no protocol {self.protocol!r}; accepted: {list(engine.protocols)}')
-        if self.engine != 'crypten' and self.provider != 'TTP':
+        if not engine.dealer and self.provider != 'TTP':
             raise ValueError(f'provider {self.provider!r} is CrypTen\'s; engine {self.engine!r} chooses by its protocol')
         if self.provider == 'TFP':
             raise ValueError(f"provider 'TFP' makes the model owner the dealer of its own multiplication triples, "

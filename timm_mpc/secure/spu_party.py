@@ -14,20 +14,22 @@ import shutil
 import sys
 import tempfile
 import time
+from functools import partial
 from typing import Any, Callable, List, Optional
 
 import numpy as np
 import torch
 
 from ..cost.profile import CostMeter, CostRow
-from .party import PartyResult, PeerError, agree, client_inputs, watchdog
+from .party import PartyResult, PeerError, agree, client_inputs, lost_peer, watchdog
 from .plan import SecurePlan
 from .secure_vit import CLIENT, OWNER, Backend, SecureViT
 from .settings import SecureSettings
-from .spu_runtime import SpuSession
+from .spu_runtime import SpuSession, exit_if_links_abandoned
 from . import spu_ops
 
-__all__ = ['run_owner', 'run_client', 'spu_addresses', 'SpuBackend']
+# exit_if_links_abandoned: the hook engines.exit_after_failure calls after a failure
+__all__ = ['run_owner', 'run_client', 'spu_addresses', 'SpuBackend', 'exit_if_links_abandoned']
 
 
 class SpuBackend(Backend):
@@ -41,7 +43,7 @@ class SpuBackend(Backend):
         return self.session.share(value.numpy() if self.session.rank == src else None, value.shape, src)
 
     def cat(self, tensors: Any, dim: int) -> Any:
-        import jax.numpy as jnp
+        jnp = self.session.jnp
         return self.session.run(('cat', dim, len(tensors)), lambda *xs: jnp.concatenate(xs, axis=dim), tensors)[0]
 
 
@@ -74,6 +76,19 @@ def _exchange(session: SpuSession, obj: Any, src: int) -> Any:
     return json.loads(session.recv().decode())
 
 
+def _compile(program: SecureViT, session: SpuSession, size: int) -> float:
+    """Compile every SPU program of a batch of ``size`` images in a pass of the forward without traffic (and without
+    cost rows); return the seconds it took."""
+    meter, program.meter = program.meter, CostMeter(session)
+    t0 = time.perf_counter()
+    try:
+        with session.compile_only():
+            program.forward(program.share_images(None, size))
+    finally:
+        program.meter = meter
+    return time.perf_counter() - t0
+
+
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[dict], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
@@ -92,7 +107,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                 raise PeerError(f'{message} ({_message(e)})') from e
         if log is not None:
             log(f'{"owner" if rank == OWNER else "client"}: connected to the other party over SPU ({settings.protocol})')
-        exchange = lambda obj, src: _exchange(session, obj, src)  # noqa: E731
+        exchange = partial(_exchange, session)
         plan, images, batches = agree(exchange, rank, settings, plan, images, clamp, batch_size)
         program = SecureViT(plan, settings, CostMeter(session), state_dict, SpuBackend(session))
         logits, profile, start, compiled = [], None, 0, set()
@@ -101,15 +116,10 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                 program.meter = CostMeter(session)
             meter = program.meter
             if size not in compiled:  # SPU's programs for this batch size, compiled before the batch is timed
-                t0 = time.perf_counter()
-                program.meter = CostMeter(session)  # a pass without traffic: no cost rows
-                with session.compile_only():
-                    program.forward(program.share_images(None, size))
-                program.meter = meter
+                meter.profile.setup.append(CostRow('program', 'compile', 0, 0.0, _compile(program, session, size)))
+                compiled.add(size)
                 if log is not None:
                     log(f'compiled {session.compiled} SPU programs')
-                meter.profile.setup.append(CostRow('program', 'compile', 0, 0.0, time.perf_counter() - t0))
-                compiled.add(size)
             patches = program.share_images(None if images is None else images[start:start + size], size)
             exchange('online', OWNER)
             with meter.inference():
@@ -117,8 +127,6 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
                 with meter.section('head', 'reveal'):
                     logits.append(session.reveal_to(shared, CLIENT))
             start += size
-            if log is not None:
-                log(f'{session.compiled} SPU programs after batch {index}')
             if index == 0:
                 profile = meter.profile  # SPU logs both directions' bytes: nothing to merge
             if on_batch is not None:
@@ -129,7 +137,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         if isinstance(e, PeerError):
             raise
         message = _message(e)
-        if any(s in message.lower() for s in ('timeout', 'connect', 'closed', 'reset by peer', 'broken pipe', 'eof')):
+        if lost_peer(message):
             raise PeerError(f'lost the other party during the protocol ({message})') from e
         raise RuntimeError(f'SPU failed: {message}') from e
     finally:

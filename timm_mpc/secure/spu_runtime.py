@@ -217,7 +217,6 @@ class SpuSession:
     def _read_traffic(self) -> None:
         """Add the traffic SPU logged for the runs since the last call (send and received bytes: both
         parties' traffic; send actions: this party's rounds)."""
-        self._log.flush()
         for line in self._log.read().splitlines():
             found = _LINK_DETAILS.search(line)
             if found:
@@ -241,7 +240,7 @@ class SpuSession:
     def close(self, peer_alive: bool = True) -> None:
         """Release the link and the log. After a failure (``peer_alive=False``) the link is left open: SPU 0.9.5
         crashes stopping or freeing a link whose peer is gone, even in the interpreter's teardown, so a process that
-        ends after it must end through :func:`exit_now`."""
+        ends after it must end through :func:`exit_if_links_abandoned`."""
         global _abandoned
         try:
             if peer_alive:
@@ -311,9 +310,6 @@ class SpuTensor:
     def size(self, dim: Optional[int] = None) -> Any:
         return torch.Size(self.shape) if dim is None else self.shape[dim]
 
-    def dim(self) -> int:
-        return len(self.shape)
-
     def _apply(self, key: Tuple, fn: Callable[..., Any], *others: 'SpuTensor') -> Any:
         outs = self.session.run(key, fn, (self, *others))
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -321,8 +317,6 @@ class SpuTensor:
     def reshape(self, *shape: Any) -> 'SpuTensor':
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
         return self._apply(('reshape', shape), lambda x: x.reshape(shape))
-
-    view = reshape
 
     def permute(self, *dims: int) -> 'SpuTensor':
         return self._apply(('permute', dims), lambda x: x.transpose(dims))
@@ -394,6 +388,3 @@ class SpuTensor:
 
     def mean(self, dim: Optional[int] = None, keepdim: bool = False) -> 'SpuTensor':
         return self._apply(('mean', dim, keepdim), lambda x: x.mean(axis=dim, keepdims=keepdim))
-
-    def max(self, dim: int, keepdim: bool = False) -> Tuple['SpuTensor', None]:
-        return self._apply(('max', dim, keepdim), lambda x: x.max(axis=dim, keepdims=keepdim)), None

@@ -216,3 +216,32 @@ def test_a_killed_owner_ends_the_client_with_a_clear_error_within_its_timeout():
     assert client.returncode == 2
     assert 'timm-mpc party: error:' in err and 'lost the other party' in err, err[-2000:]
     assert time.monotonic() - killed_at < 2 * 10 + 15
+
+
+def test_search_cost_table_priced_on_spu_predicts_an_spu_run(tmp_path):
+    """The search's per-kind table measured on SPU SEMI2K prices a whole model as a real SPU run measures it, and
+    differs from CrypTen's (the search and its budgets see the engine they were asked for)."""
+    from timm_mpc.cost import kind_cost_table, model_latency
+    from timm_mpc.training import RunConfig
+
+    settings = RunConfig(engine='spu', protocol='semi2k').cost_settings()
+    shape = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=4, cache_dir=tmp_path)
+    with pytest.warns(InsecureSettingWarning):
+        table = kind_cost_table(settings=settings, **shape)
+    assert table['shape']['settings']['engine'] == 'spu'
+    model = _model(depth=2, attn_pattern=MIXED, gelu_pattern=['gelu', 'linear'])
+    with pytest.warns(InsecureSettingWarning):
+        measured = secure_predict(model, _images(1), settings, return_result=True).profile
+    estimate = model_latency(model, table)
+    assert estimate['rounds'] == pytest.approx(measured.rounds, rel=0.05)
+    assert estimate['bytes'] == pytest.approx(measured.bytes, rel=0.05)
+    crypten = kind_cost_table(**shape)
+    assert crypten['per_head']['softmax']['rounds'] != table['per_head']['softmax']['rounds']
+
+
+def test_search_refuses_an_unknown_engine_or_protocol_before_training(tmp_path, capsys):
+    for flags, expected in ((['--engine', 'mpspdz'], "'mpspdz'"), (['--engine', 'spu', '--protocol', 'aby3'], 'aby3')):
+        assert main(['search', '--output', str(tmp_path / 's'), '--epochs', '1', *flags]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and 'accepted' in err
+    assert not (tmp_path / 's').exists()

@@ -42,6 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from ..cost import model_cost_table
     from ..search.export import export_patterns
     from .engine import train_model
     cfg = _config(args, attn_pattern='search', gelu_pattern='search' if args.search_gelu else None)
@@ -49,7 +50,8 @@ def _search(args: argparse.Namespace) -> int:
         raise ValueError('--search-gelu needs --gelu-keep (the fraction of GeLU tokens to keep when binarizing)')
 
     def finish(model: torch.nn.Module, record: Dict[str, Any], out: Path) -> None:
-        record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep)
+        table = model_cost_table(model, settings=cfg.cost_settings())
+        record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep, table)
         for name, p in record['search']['patterns'].items():
             lat = p['secure_estimate']['latency_s']
             print(f'{name}: {p["head_kinds"]}, estimated {lat["lan"]:.2f} s LAN / {lat["wan"]:.1f} s WAN '
@@ -202,6 +204,9 @@ def _add_run_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument('--no-resume', dest='resume', action='store_false', help='start over even if the folder has a run')
     p.add_argument('--no-latency', dest='estimate_latency', action='store_false',
                    help='skip the secure-latency estimate (it measures a per-kind cost table once, cached)')
+    p.add_argument('--engine', default=d.engine, help='MPC engine whose measured costs price the latency estimates, '
+                   'budgets and cost-weighted penalty: crypten (default) or spu')
+    p.add_argument('--protocol', default=None, help='that engine\'s protocol (default: its first; spu: cheetah)')
     p.add_argument('--teacher', default=None, help='all-Softmax teacher weights: distil with token-level KD')
     p.add_argument('--kd-alpha', type=float, default=d.kd_alpha, help='weight of the token MSE term')
 

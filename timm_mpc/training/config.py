@@ -1,6 +1,9 @@
 """Settings of a training, search or retraining run, with the paper's recipe as defaults."""
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from ..secure.settings import SecureSettings
 
 __all__ = ['RunConfig']
 
@@ -53,6 +56,8 @@ class RunConfig:
     lam_beta: float = 0.0
     cost_weighted: bool = False
     network: str = 'lan'
+    engine: str = 'crypten'
+    protocol: Optional[str] = None
     mu: List[float] = field(default_factory=lambda: [0.5])
     budget_s: List[float] = field(default_factory=list)
     gelu_keep: Optional[float] = None
@@ -67,6 +72,12 @@ class RunConfig:
     seed: int = 0
     resume: bool = True
     estimate_latency: bool = True
+
+    def cost_settings(self) -> 'SecureSettings':
+        """The engine and protocol whose measured costs price the run's latency estimates, budgets and
+        cost-weighted penalty (checked: an unknown engine or protocol raises ValueError)."""
+        from ..secure.settings import SecureSettings
+        return SecureSettings(engine=self.engine, protocol=self.protocol)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -120,7 +120,9 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     searching = SEARCH in summary['head_kinds'] or searches_gelu(model)
     if cfg.estimate_latency and not searching:
         from ..cost import model_cost_table, model_latency
-        summary['secure_estimate'] = model_latency(model, model_cost_table(model))
+        settings = cfg.cost_settings()
+        summary['secure_estimate'] = dict(model_latency(model, model_cost_table(model, settings=settings)),
+                                          engine=f'{settings.engine} {settings.protocol}')
     return summary
 
 
@@ -206,6 +208,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         raise ValueError(f'unknown mode {mode!r}; accepted: train, search, retrain')
     if cfg.dataset not in DATASETS and cfg.dataset != 'folder':
         raise ValueError(f'unknown dataset {cfg.dataset!r}; accepted: {list(DATASETS) + ["folder"]}')
+    cost_settings = cfg.cost_settings()  # an unknown engine or protocol fails here, before the first epoch
     dist_info = init_distributed_device_so(cfg.device)
     device, rank, world = torch.device(dist_info['device']), dist_info['global_rank'], dist_info['world_size']
     primary = rank == 0
@@ -237,7 +240,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         costs = dict(head=None, token=None)
         if cfg.cost_weighted:
             from ..cost import head_costs, model_cost_table
-            costs = head_costs(model_cost_table(model), cfg.network)
+            costs = head_costs(model_cost_table(model, settings=cost_settings), cfg.network)
         penalty = ArchitecturePenalty(model, cfg.lam, cfg.lam_beta, costs['head'], costs['token'])
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)

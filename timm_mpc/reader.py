@@ -46,8 +46,7 @@ class Family:
 
 FAMILIES: List[Family] = [
     Family('ViT', 'vit_*, deit_* (not distilled)', VisionTransformer, Attention, MPCAttention, True),
-    Family('DeiT distilled', 'deit_*_distilled_*', VisionTransformerDistilled, Attention, MPCAttention, False,
-           'two heads and a distillation token'),
+    Family('DeiT distilled', 'deit_*_distilled_*', VisionTransformerDistilled, Attention, MPCAttention, True),
     Family('EVA-02', 'eva02_*, eva_*', Eva, EvaAttention, MPCEvaAttention, False,
            'rotary position embedding, SwiGLU MLP'),
     Family('Swin', 'swin_*', SwinTransformer, WindowAttention, MPCWindowAttention, False,

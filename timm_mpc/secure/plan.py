@@ -9,7 +9,9 @@ never sees a weight or a calibration statistic, only what both must agree on. Th
 - ``version``: :data:`PLAN_VERSION`.
 - ``input_size`` ``[C, H, W]``, ``input_bounds`` (per channel ``[low, high]``: pixels in [0, 1] normalized
   with the model's mean and std), ``patch_size``, ``embed_dim``, ``cls_token``, ``reg_tokens``,
-  ``num_prefix_tokens``, ``pos_embed``, ``no_embed_class``, ``global_pool``, ``num_classes``.
+  ``num_prefix_tokens``, ``pos_embed``, ``no_embed_class``, ``global_pool``, ``num_classes``, ``dist_token``
+  (DeiT distilled: a distillation token after the class token, and logits that average ``head`` on the class
+  token and ``head_dist`` on the distillation token).
 - ``norm_pre``, ``norm``, ``fc_norm``: LayerNorm ``eps`` and whether it has a bias, or None.
 - ``blocks``: per block its style (pre- or post-norm), norms, LayerScale flags, attention (heads, head
   size, score scale, one kind per head, biases, q/k norms, the kinds' constants) and MLP (hidden size,
@@ -51,7 +53,7 @@ __all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'NormSpec', 'S
            'UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'check_image_tensor',
            'check_images', 'normalization', 'PLAN_VERSION']
 
-PLAN_VERSION = 3  # 3: typed plan; kind constants as opts; every layer's schedule required
+PLAN_VERSION = 4  # 4: DeiT's distillation token and head; 3: typed plan, kind constants as opts, every schedule
 
 _BOUND_TOLERANCE = 1e-3  # float round-off of a normalization, in normalized units
 
@@ -137,6 +139,7 @@ class SecurePlan:
     global_pool: str
     num_classes: int
     params: Dict[str, List[int]]
+    dist_token: bool = False
     schedules: Dict[str, Schedule] = field(default_factory=dict)
     logit_bound: float = 0.0
     version: int = PLAN_VERSION
@@ -337,6 +340,12 @@ def build_plan(model: nn.Module) -> SecurePlan:
         _fail('attn_pool', model.attn_pool or model, "global_pool 'token' or 'avg'")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         _fail('head', model.head, 'nn.Linear or nn.Identity')
+    dist_token = getattr(model, 'dist_token', None) is not None
+    if dist_token:  # VisionTransformerDistilled's head reads tokens 0 and 1, with neither fc_norm nor register tokens
+        if model.reg_token is not None or not isinstance(model.fc_norm, nn.Identity):
+            _fail('dist_token', model, 'a distillation token without register tokens or fc_norm')
+        if not isinstance(model.head_dist, type(model.head)):
+            _fail('head_dist', model.head_dist, f'{type(model.head).__name__}, as head')
     params = {name: list(p.shape) for name, p in model.named_parameters() if not is_pattern_key(name)}
     return SecurePlan(
         input_size=[pe.proj.in_channels, *pe.img_size],
@@ -355,6 +364,7 @@ def build_plan(model: nn.Module) -> SecurePlan:
         global_pool=model.global_pool,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         params=params,
+        dist_token=dist_token,
     )
 
 

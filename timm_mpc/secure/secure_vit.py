@@ -109,6 +109,8 @@ class SecureViT:
             prefix = []
             if plan.cls_token:
                 prefix.append(self.w('cls_token').expand(B, -1, -1))
+            if plan.dist_token:
+                prefix.append(self.w('dist_token').expand(B, -1, -1))
             if plan.reg_tokens:
                 prefix.append(self.w('reg_token').expand(B, -1, -1))
             if plan.no_embed_class:
@@ -125,6 +127,8 @@ class SecureViT:
             x = self._block(x, f'blocks.{i}', spec)
         with m.section('norm', 'layernorm'):
             x = self._layer_norm(x, 'norm', plan.norm)
+        if plan.dist_token:
+            return self._distilled_head(x)
         with m.section('head', 'pool'):
             npt = plan.num_prefix_tokens
             x = x[:, 0] if plan.global_pool == 'token' else x[:, npt:].mean(1)
@@ -134,6 +138,17 @@ class SecureViT:
             with m.section('head', 'linear'):
                 x = ops.linear(x, self.w('head.weight'), self.w('head.bias'))
         return x
+
+    def _distilled_head(self, x):
+        """DeiT distilled at inference: the mean of ``head`` on the class token and ``head_dist`` on the
+        distillation token (of the two tokens themselves without a classifier)."""
+        cls, dist = x[:, 0], x[:, 1]
+        if self.plan.num_classes:
+            with self.meter.section('head', 'linear'):
+                cls = self.ops.linear(cls, self.w('head.weight'), self.w('head.bias'))
+                dist = self.ops.linear(dist, self.w('head_dist.weight'), self.w('head_dist.bias'))
+        with self.meter.section('head', 'pool'):
+            return (cls + dist) * 0.5
 
     def _block(self, x, name: str, spec: BlockSpec):
         m = self.meter

@@ -1,8 +1,10 @@
 """Two real parties (separate processes over torch.distributed on loopback). Small models keep it fast."""
 import json
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import timm
@@ -323,3 +325,18 @@ def test_images_with_implausible_logits_run_again(monkeypatch):
     assert calls == [3, 1] and result.retries == 1
     with torch.no_grad():
         assert (result.logits - model(images)).abs().max() < 0.05
+
+
+def test_the_readme_secure_predict_example_runs_as_a_script_without_a_main_guard(tmp_path):
+    """Saved as a file and run, the README's example works as written: the spawned parties do not run the
+    unguarded script again (multiprocessing's bootstrapping error) and do not import it."""
+    readme = (Path(__file__).parents[1] / 'README.md').read_text()
+    blocks = re.findall(r'```python\n(.*?)```', readme, re.S)
+    example = next(b for b in blocks if 'from timm_mpc.secure import secure_predict' in b and 'example_images' in b)
+    assert '__main__' not in example
+    script = tmp_path / 'snippet.py'
+    script.write_text(example + "print('script ran', flush=True)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count('script ran') == 1 and 'tensor(' in done.stdout
+    assert 'bootstrapping' not in done.stderr

@@ -16,6 +16,7 @@ from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
 from .engines import exit_after_failure, get_engine
 from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
+from .local_run import start_processes
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
 from .settings import SecureSettings
@@ -111,10 +112,10 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
                 'client': dict(images=images, batch_size=batch_size)}
     roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
+    modules = kind_modules()
     procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
-        role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, kind_modules())) for role in roles}
-    for p in procs.values():
-        p.start()
+        role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules)) for role in roles}
+    start_processes(list(procs.values()), modules)
     outcomes: Dict[str, Any] = {}
     errors: List[str] = []
     deadline: Optional[float] = None

@@ -1,11 +1,14 @@
-"""CrypTen computations the owner runs on its own, in processes of its own, with no dealer and no other party:
+"""Local processes: starting them (:func:`start_processes`, for the parties of :func:`~.launch.secure_predict` too),
+and CrypTen computations the owner runs on its own, in processes of its own, with no dealer and no other party:
 recording the dealer requests of an inference (:mod:`.offline`) and measuring truncation failures
 (:mod:`.truncation`)."""
 import multiprocessing
 import os
 import queue
+import sys
 import tempfile
-from typing import Any, Callable, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence, Tuple
 
 import torch
 
@@ -13,7 +16,35 @@ from ..layers.attn_kinds import import_kind_modules, kind_modules
 from .crypten_compat import import_crypten
 from .settings import SecureSettings
 
-__all__ = ['init_local', 'run_local']
+__all__ = ['init_local', 'run_local', 'start_processes']
+
+
+@contextmanager
+def _main_module_hidden(modules: Tuple[str, ...]) -> Iterator[None]:
+    """Processes started here do not import the caller's ``__main__``: they need nothing from it, and re-running a
+    script that calls :func:`secure_predict` unguarded (no ``if __name__ == '__main__':``) would start parties from
+    parties (multiprocessing's bootstrapping error), and import its own imports again in every party. Unless an
+    attention kind was registered there: the parties must know it, so they import it."""
+    main = sys.modules.get('__main__')
+    if main is None or '__main__' in modules:
+        yield
+        return
+    saved = {name: getattr(main, name) for name in ('__file__', '__spec__') if hasattr(main, name)}
+    main.__spec__ = None  # multiprocessing.spawn imports __main__ by its spec's name, else by its __file__
+    main.__dict__.pop('__file__', None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop('__spec__', None)
+        main.__dict__.update(saved)
+
+
+def start_processes(procs: Sequence[Any], modules: Sequence[str]) -> None:
+    """Start spawned processes that import the attention-kind ``modules`` (:func:`kind_modules`) but not the
+    caller's script."""
+    with _main_module_hidden(tuple(modules)):
+        for proc in procs:
+            proc.start()
 
 
 def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
@@ -41,12 +72,12 @@ def run_local(target: Callable[..., None], args: Sequence[tuple], timeout_s: flo
     """
     ctx = multiprocessing.get_context('spawn')
     results = ctx.Queue()
+    modules = kind_modules()
     with tempfile.TemporaryDirectory() as tmp:
         procs = [ctx.Process(target=target, daemon=True, args=(
-            rank, len(args), f'file://{tmp}/rendezvous', results, kind_modules(), *extra))
+            rank, len(args), f'file://{tmp}/rendezvous', results, modules, *extra))
             for rank, extra in enumerate(args)]
-        for proc in procs:
-            proc.start()
+        start_processes(procs, modules)
         try:
             status, value = results.get(timeout=timeout_s)
         except queue.Empty:

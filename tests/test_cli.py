@@ -25,6 +25,30 @@ def test_convert_reports_changes_and_softmax_keeps_outputs(capsys):
     assert 'list of 12 layer patterns' in capsys.readouterr().err
 
 
+def test_convert_writes_weights_that_predict_runs_with_their_pattern(tmp_path, capsys):
+    """convert --output, then the printed predict command on those weights: the pattern travels in the file, and
+    the shipped examples are made the model's input (its size, its mean and std)."""
+    import json
+    import shlex
+    kwargs = json.dumps(dict(img_size=32, patch_size=8, depth=2, num_heads=3, num_classes=10))
+    out = tmp_path / 'vit.safetensors'
+    for bad in (str(tmp_path / 'vit.pt'), str(tmp_path / 'missing' / 'vit.safetensors')):
+        assert main(['convert', 'vit_tiny_patch16_224', '--model-kwargs', kwargs, '--output', bad]) == 2
+        assert 'accepted is a .safetensors file in an existing folder' in capsys.readouterr().err
+    assert main(['convert', 'vit_tiny_patch16_224', '--model-kwargs', kwargs, '--pattern', 'mu50',
+                 '--gelu-pattern', json.dumps(['gelu', 'linear']), '--output', str(out)]) == 0
+    printed = capsys.readouterr().out.split('run it with: ')[1].strip()
+    assert out.exists() and printed.startswith('timm-mpc predict vit_tiny_patch16_224 --checkpoint')
+    argv = shlex.split(printed)[1:] + ['--batch', '2', '--json', str(tmp_path / 'p.json')]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / 'p.json').read_text())
+    assert run['accuracy']['top1_agreement'] == 1.0 and run['accuracy']['max_abs_error'] < 2e-2
+    import timm_mpc
+    loaded = timm_mpc.create_mpc_model('vit_tiny_patch16_224', checkpoint=str(out), gelu_pattern=['gelu', 'linear'],
+                                       **json.loads(kwargs))
+    assert timm_mpc.count_head_kinds(loaded) == {'relu_softmax': 3, 'scaling': 3}
+
+
 def test_unsupported_model_is_an_error_not_a_traceback(capsys):
     assert main(['convert', 'resnet18']) == 2
     err = capsys.readouterr().err

@@ -1,23 +1,27 @@
 """The ``timm-mpc`` command line."""
 import argparse
 import json
+import shlex
 import sys
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import timm
 import torch
+from timm.models._input import get_model_input_config
 
 from . import __version__
 from .convert import convert_to_mpc
-from .data import example_images
+from .data import calibration_examples, example_images
 from .factory import create_mpc_model
 from .hub.commands import add_hub_commands
 from .layers.attn_kinds import list_attn_kinds
 from .layers.register import ACT_LAYER_NAMES, attn_layer_names
-from .pattern import count_head_kinds, parse_attn_pattern
+from .layers.pattern_state import checkpoint_state
+from .pattern import count_head_kinds, parse_attn_pattern, parse_gelu_pattern
 from .reader import read_model, support_table
 from .training.commands import add_training_commands
-from .utils import parse_json
+from .utils import parse_json, save_weights
 
 __all__ = ['main']
 
@@ -51,31 +55,50 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    output = None
+    if args.output:  # checked before anything is built, so nothing is half-done on a bad path
+        output = Path(args.output)
+        if output.suffix != '.safetensors' or not output.parent.is_dir():
+            raise ValueError(f'--output {args.output}: accepted is a .safetensors file in an existing folder')
+    kwargs = _model_kwargs(args)
+    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
     pattern = parse_attn_pattern(args.pattern, model)
     for _, module in read_model(model).attention:  # compare against timm's explicit (unfused) attention
         if hasattr(module, 'fused_attn'):
             module.fused_attn = False
-    size = model.pretrained_cfg['input_size']
+    size = get_model_input_config(model)['input_size']
     images = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = model(images)
-    model, report = convert_to_mpc(model, pattern, act_layer=args.act_layer, return_report=True)
+    model, report = convert_to_mpc(model, pattern, act_layer=args.act_layer, gelu_pattern=parse_gelu_pattern(
+        args.gelu_pattern), return_report=True)
     with torch.no_grad():
         after = model(images)
     print(report)
     agree = (before.argmax(-1) == after.argmax(-1)).float().mean().item()
     print(f'{args.model}: max |logit change| {(after - before).abs().max().item():.3g}, '
           f'top-1 agreement {agree:.0%} on {args.batch} random images')
+    if output is not None:
+        save_weights(checkpoint_state(model), output)
+        again = [a for a in (f'--model-kwargs {shlex.quote(args.model_kwargs)}' if args.model_kwargs else '',
+                             f'--act-layer {args.act_layer}' if args.act_layer else '',
+                             f'--gelu-pattern {shlex.quote(args.gelu_pattern)}' if args.gelu_pattern else '') if a]
+        print(f'wrote {output} (the converted model\'s weights and head pattern); run it with: timm-mpc predict '
+              f'{args.model} --checkpoint {output} {" ".join(again)}'.rstrip())
     return 0
+
+
+def _model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f'--model-kwargs must be a JSON object of keyword arguments, got {args.model_kwargs!r}')
+    return kwargs
 
 
 def resolve_model(args: argparse.Namespace) -> torch.nn.Module:
     """The model a command names (see :func:`timm_mpc.factory.create_mpc_model`), in eval mode: random weights
     with the ``--pattern`` (default mu50) unless ``--checkpoint`` or ``--pretrained`` gives weights with theirs."""
-    kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
-    if not isinstance(kwargs, dict):
-        raise ValueError(f'--model-kwargs must be a JSON object of keyword arguments, got {args.model_kwargs!r}')
+    kwargs = _model_kwargs(args)
     weights = args.pretrained or args.checkpoint
     try:
         model = create_mpc_model(args.model, pretrained=args.pretrained and not args.checkpoint,
@@ -105,9 +128,11 @@ def _networks(args: argparse.Namespace) -> Dict[str, Any]:
     return nets
 
 
-def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '--images') -> torch.Tensor:
+def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '--images',
+                 model: Optional[torch.nn.Module] = None) -> torch.Tensor:
     """Images from a ``.pt`` file (a tensor, or a dict with an ``images`` tensor), or the shipped Fashion-MNIST
-    examples; the first ``batch`` of them. Checked as a finite float ``(B, C, H, W)`` tensor."""
+    examples (as ``model``'s input: its size and normalization); the first ``batch`` of them. Checked as a finite
+    float ``(B, C, H, W)`` tensor."""
     from .secure.plan import check_image_tensor
     if path:
         try:
@@ -123,6 +148,10 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
             found = f'a dict with keys {sorted(map(str, images))}' if isinstance(images, dict) else type(images).__name__
             raise ValueError(f'{what} {path} holds {found}; accepted: a (B, C, H, W) float tensor, or a dict with '
                              f'one under "images"')
+    elif model is not None:
+        from .secure.plan import normalization
+        size = get_model_input_config(model)['input_size']
+        images = calibration_examples(size, *normalization(model, size[0]))
     else:
         images, _ = example_images()
     check_image_tensor(images, f'{what} {path or "(the shipped examples)"}')
@@ -136,8 +165,8 @@ def _predict(args: argparse.Namespace) -> int:
     from .secure.plan import check_images
 
     settings = _settings(args)
-    images = _load_images(args.images, args.batch)
     model = resolve_model(args)
+    images = _load_images(args.images, args.batch, model=model)
     print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
           f'processes, {_protocol_line(settings)}')
     result = secure_predict(model, images, settings=settings, calibration_images=_calibration(args),
@@ -169,8 +198,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .secure.bench import baseline_of, format_comparison, format_profile, run_bench, write_json
 
     settings = _settings(args)
-    images = _load_images(args.images, args.batch)
     model = resolve_model(args)
+    images = _load_images(args.images, args.batch, model=model)
     configs = {'baseline': baseline_of(model), 'model': model}
     report = run_bench(configs, images, settings, _networks(args), check=args.check,
                        calibration_images=_calibration(args), clamp_images=args.clamp_images)
@@ -326,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument('--pattern', default='softmax',
                          help=f'one of {", ".join(k.name for k in list_attn_kinds())}, search, or a JSON list of layer patterns')
     convert.add_argument('--act-layer', default=None, help='new MLP activation, e.g. quad_gelu or relu')
+    convert.add_argument('--gelu-pattern', default=None, help='MPCViT+ GeLU pattern: gelu, linear, or a JSON list')
+    convert.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model')
+    convert.add_argument('--output', default=None,
+                         help='write the converted weights (with the head pattern) to this .safetensors file, for '
+                              'predict/bench/party --checkpoint')
     convert.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights first')
     convert.add_argument('--batch', type=int, default=2, help='random images to compare outputs on')
     convert.set_defaults(func=_convert)

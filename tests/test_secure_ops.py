@@ -35,6 +35,21 @@ def test_crypten_imports_with_the_onnx_stand_in():
     assert stand_in.registry is None or hasattr(stand_in, 'registry')
 
 
+def test_a_plain_import_crypten_after_timm_mpc_gets_timm_mpcs_crypten():
+    """In a fresh process: `import crypten` alone fails on this PyTorch (CrypTen's ONNX import); after
+    `import timm_mpc` it works, with the cryptographic randomness in place."""
+    import subprocess
+    import sys
+    code = ('import timm_mpc, crypten; from crypten.common import rng; '
+            'from timm_mpc.secure.crypten_compat import random_ring_element as r; '
+            'assert rng.generate_random_ring_element is r; crypten.init(); '
+            'print(crypten.cryptensor([1.5, 2.0]).mul(2).get_plain_text().tolist())')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == '[3.0, 4.0]', done.stderr[-1500:]
+    alone = subprocess.run([sys.executable, '-c', 'import crypten'], capture_output=True, text=True, timeout=120)
+    assert alone.returncode != 0 and 'torch.onnx._internal.registration' in alone.stderr
+
+
 def test_crypten_draws_its_randomness_from_a_keyed_cryptographic_stream(crypten):
     """CrypTen's masks, zero shares and triples come from torch's Mersenne Twister, which uses only 32 bits of
     its seed and whose state follows from its outputs; timm-mpc replaces them by SHAKE-128 streams keyed by the

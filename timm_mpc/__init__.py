@@ -16,10 +16,12 @@ from .models import MPCViT, MPCViTBlock, PretrainedWeightsError, checkpoint_filt
 from .pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern, set_attn_pattern, set_gelu_pattern
 from .reader import FAMILIES, read_model, support_table
 from .search import binarize_budget, binarize_gelu, binarize_mu
+from .secure.crypten_compat import install_import_hook
 from .training import RunConfig, TokenDistillationLoss, train_model
 from .version import __version__
 
 register_timm_layers()
+install_import_hook()  # a plain `import crypten` gets timm-mpc's CrypTen (see timm_mpc.secure.crypten_compat)
 
 __all__ = [
     '__version__', 'convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION', 'create_mpc_model',

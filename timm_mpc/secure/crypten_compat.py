@@ -23,6 +23,8 @@ Nothing installed is edited: CrypTen's functions are replaced in its loaded modu
 """
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -32,7 +34,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ['import_crypten', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
+__all__ = ['import_crypten', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
            'use_fused_beaver', 'product_shape']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
@@ -46,16 +48,52 @@ def _real_module_exists(name: str) -> bool:
 
 
 def import_crypten() -> Any:
-    """Import and return ``crypten``, first adding the ONNX stand-in if this PyTorch lacks the module."""
+    """Import and return ``crypten`` with the changes above (a plain ``import crypten`` after ``import timm_mpc``
+    gets the same: :func:`install_import_hook`)."""
+    install_import_hook()
+    return importlib.import_module('crypten')
+
+
+class _CryptenLoader(importlib.abc.Loader):
+    """CrypTen's own loader, then the changes above, on the module it loaded."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        if _ONNX_REGISTRATION not in sys.modules and not _real_module_exists(_ONNX_REGISTRATION):
+            stand_in = types.ModuleType(_ONNX_REGISTRATION, 'timm-mpc stand-in: CrypTen\'s ONNX converter is not used')
+            stand_in.registry = None
+            sys.modules[_ONNX_REGISTRATION] = stand_in
+        self.loader.exec_module(module)
+        _use_cryptographic_randomness()
+
+    def __getattr__(self, name: str) -> Any:  # resources and the rest: the real loader's
+        return getattr(self.loader, name)
+
+
+class _CryptenFinder(importlib.abc.MetaPathFinder):
+    """Finds ``crypten`` where the other finders do and loads it with :class:`_CryptenLoader`."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != 'crypten':
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CryptenLoader(spec.loader)
+        return spec
+
+
+def install_import_hook() -> None:
+    """Make every later ``import crypten`` in this process load it with the changes above; idempotent. A CrypTen
+    imported before (without them) is patched now."""
+    if not any(isinstance(f, _CryptenFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CryptenFinder())
     if 'crypten' in sys.modules:
-        return sys.modules['crypten']
-    if _ONNX_REGISTRATION not in sys.modules and not _real_module_exists(_ONNX_REGISTRATION):
-        stand_in = types.ModuleType(_ONNX_REGISTRATION, 'timm-mpc stand-in: CrypTen\'s ONNX converter is not used')
-        stand_in.registry = None
-        sys.modules[_ONNX_REGISTRATION] = stand_in
-    crypten = importlib.import_module('crypten')
-    _use_cryptographic_randomness()
-    return crypten
+        _use_cryptographic_randomness()
 
 
 _DOMAIN = b'timm-mpc crypten ring elements v1'

@@ -223,6 +223,12 @@ def _calibration(args: argparse.Namespace) -> Optional[torch.Tensor]:
     return _load_images(args.calibration_images, what='--calibration-images')
 
 
+def _on_loopback(rendezvous: str) -> bool:
+    """The parties meet on this machine: they share its cores."""
+    host = rendezvous.split('://', 1)[-1].rsplit(':', 1)[0]
+    return host in ('localhost', '::1', '[::1]') or host.startswith('127.')
+
+
 def _party(args: argparse.Namespace) -> int:
     from .secure.bench import format_profile
     from .secure.engines import get_engine
@@ -240,6 +246,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError('--client-address is for --engine spu (CrypTen parties meet at the rendezvous only)')
     engine = get_engine(settings.engine).load()
     extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
+    torch.set_num_threads(args.threads or (1 if _on_loopback(args.rendezvous) else torch.get_num_threads()))
     if args.rank == 2 and not settings.dealer:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
@@ -382,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                             'neither party\'s)')
     party.add_argument('--world-size', type=int, choices=[2], default=2, help='number of parties (two)')
     party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
+    party.add_argument('--threads', type=_positive_int, default=None,
+                       help='torch threads of this party (default: 1 when the rendezvous is on loopback, as the '
+                            'parties then share the cores, as in predict; else all of them)')
     party.add_argument('--client-address', default=None,
                        help='--engine spu: HOST:PORT where the client (rank 1) listens (default: the rendezvous host, '
                             'the next port)')

@@ -67,7 +67,8 @@ def test_images_in_batches_run_in_one_session_and_match_one_run(capsys):
     single = secure_predict(model, images[:2], return_result=True)  # the profile is the first batch's
     assert batched.profile.rounds == single.profile.rounds and batched.profile.bytes == single.profile.bytes
     assert [(r.layer, r.op) for r in batched.profile.setup] == [('weights', 'share')]
-    assert '5/5' in capsys.readouterr().err  # a progress bar over the images
+    bar = capsys.readouterr().err  # a progress bar over the layers of every batch, and the images done
+    assert '9/9' in bar and 'images 5/5' in bar
     with pytest.raises(ValueError, match='batch_size must be a whole number of images, at least 1'):
         secure_predict(model, images, batch_size=0)
 

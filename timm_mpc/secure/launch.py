@@ -19,6 +19,7 @@ from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
 from .local_run import start_processes
 from .offline import record_requests
 from .plan import SecurePlan, build_secure_plan, check_images
+from .secure_vit import SecureViT
 from .settings import SecureSettings
 
 __all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
@@ -82,7 +83,8 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         elif role == 'client':
             result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
-                                       on_batch=lambda n: results.put((role, 'batch', n)))
+                                       on_batch=lambda n: results.put((role, 'batch', n)),
+                                       on_layer=lambda: results.put((role, 'layer', 1)))
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
@@ -101,7 +103,7 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
                       settings: SecureSettings, batch_size: Optional[int] = None) -> PartyResult:
     """Start owner, client and, where the engine needs one, the dealer as processes on loopback; return the client's
     result or raise.
-    The images run ``batch_size`` at a time in one session, with a progress bar when there are several batches."""
+    The images run ``batch_size`` at a time in one session, with a progress bar over the layers of every batch."""
     ctx = mp.get_context('spawn')
     results = ctx.Queue()
     rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
@@ -119,13 +121,20 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     outcomes: Dict[str, Any] = {}
     errors: List[str] = []
     deadline: Optional[float] = None
-    progress = tqdm(total=images.shape[0], desc='secure inference', unit='image', disable=len(batches) == 1)
+    # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
+    progress = tqdm(total=len(batches) * SecureViT.layer_steps(plan), desc='secure inference', unit='layer')
+    progress.set_postfix_str(f'images 0/{images.shape[0]}')
+    done = 0
     try:
         while len(outcomes) < len(roles):
             try:
                 role, status, value = results.get(timeout=0.5)
-                if status == 'batch':
+                if status == 'layer':
                     progress.update(value)
+                    continue
+                if status == 'batch':
+                    done += value
+                    progress.set_postfix_str(f'images {done}/{images.shape[0]}')
                     continue
                 outcomes[role] = value
                 if status == 'error':

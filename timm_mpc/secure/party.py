@@ -226,7 +226,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
          requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
-         on_batch: Optional[Callable[[int], None]] = None) -> PartyResult:
+         on_batch: Optional[Callable[[int], None]] = None,
+         on_layer: Optional[Callable[[], None]] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
@@ -245,6 +246,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             ttp, live = TTPClient.get(), TTPClient.get().ttp_request
         # the weights are shared once; then the batches run one after another in this session
         program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict)
+        program.on_layer = on_layer
         logits, profile, start = [], None, 0
         for index, size in enumerate(batches):
             if offline:  # this batch's triples, fetched before its images are shared
@@ -313,18 +315,20 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
-               on_batch: Optional[Callable[[int], None]] = None) -> PartyResult:
+               on_batch: Optional[Callable[[int], None]] = None,
+               on_layer: Optional[Callable[[], None]] = None) -> PartyResult:
     """Run party 1, the client: contributes the images and alone receives the logits.
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
     owner's plan (shape, public input bounds) before anything is shared; with ``clamp`` values outside the
     bounds are clamped to them instead of refused. With ``batch_size`` they run that many at a time, one batch
-    after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each.
+    after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each, and
+    ``on_layer()`` after each block and the head of each batch (:meth:`SecureViT.layer_steps` per batch).
     The cost profile is the first batch's.
     """
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log,
-                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch)
+                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:

@@ -5,7 +5,7 @@ and its operators (:mod:`.ops` for CrypTen, :mod:`.spu_ops` for SPU); everything
 engines' tensors have.
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -72,6 +72,7 @@ class SecureViT:
         self.backend = backend or CryptenBackend()
         self.ops = self.backend.ops
         self.weights: Dict[str, Any] = {}
+        self.on_layer: Optional[Callable[[], None]] = None  # called as each block (and the head) is done
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
@@ -99,8 +100,22 @@ class SecureViT:
         with self.meter.section('input', 'share'):
             return self.backend.share(rows, CLIENT)
 
+    @staticmethod
+    def layer_steps(plan: SecurePlan) -> int:
+        """The steps :attr:`on_layer` counts in one forward of ``plan``: its blocks and the head."""
+        return len(plan.blocks) + 1
+
+    def _layer_done(self) -> None:
+        if self.on_layer is not None:
+            self.on_layer()
+
     def forward(self, patches) -> Any:
         """Logits (secret-shared) for secret-shared patch rows."""
+        logits = self._forward(patches)
+        self._layer_done()
+        return logits
+
+    def _forward(self, patches) -> Any:
         plan, m, ops = self.plan, self.meter, self.ops
         with m.section('patch_embed', 'linear'):
             x = ops.linear(patches, self.w('patch_embed.proj.weight'), self.w('patch_embed.proj.bias'))
@@ -125,6 +140,7 @@ class SecureViT:
             x = self._layer_norm(x, 'norm_pre', plan.norm_pre)
         for i, spec in enumerate(plan.blocks):
             x = self._block(x, f'blocks.{i}', spec)
+            self._layer_done()
         with m.section('norm', 'layernorm'):
             x = self._layer_norm(x, 'norm', plan.norm)
         if plan.dist_token:

@@ -78,21 +78,23 @@ def _exchange(session: SpuSession, obj: Any, src: int) -> Any:
 
 def _compile(program: SecureViT, session: SpuSession, size: int) -> float:
     """Compile every SPU program of a batch of ``size`` images in a pass of the forward without traffic (and without
-    cost rows); return the seconds it took."""
+    cost rows or progress); return the seconds it took."""
     meter, program.meter = program.meter, CostMeter(session)
+    on_layer, program.on_layer = program.on_layer, None
     t0 = time.perf_counter()
     try:
         with session.compile_only():
             program.forward(program.share_images(None, size))
     finally:
-        program.meter = meter
+        program.meter, program.on_layer = meter, on_layer
     return time.perf_counter() - t0
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
          state_dict: Optional[dict], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
-         on_batch: Optional[Callable[[int], None]] = None, client_address: Optional[str] = None,
+         on_batch: Optional[Callable[[int], None]] = None,
+         on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None,
          on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
     addresses = spu_addresses(rendezvous, client_address)
     log_dir = tempfile.mkdtemp(prefix='timm-mpc-spu-')
@@ -110,6 +112,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         exchange = partial(_exchange, session)
         plan, images, batches = agree(exchange, rank, settings, plan, images, clamp, batch_size)
         program = SecureViT(plan, settings, CostMeter(session), state_dict, SpuBackend(session))
+        program.on_layer = on_layer
         logits, profile, start, compiled = [], None, 0, set()
         for index, size in enumerate(batches):
             if index:  # the cost profile is the first batch's
@@ -161,9 +164,10 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: Sec
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
-               on_batch: Optional[Callable[[int], None]] = None, client_address: Optional[str] = None) -> PartyResult:
+               on_batch: Optional[Callable[[int], None]] = None,
+               on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None) -> PartyResult:
     """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
     :func:`timm_mpc.secure.party.run_client`)."""
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
-                on_batch=on_batch, client_address=client_address, on_timeout=on_timeout)
+                on_batch=on_batch, on_layer=on_layer, client_address=client_address, on_timeout=on_timeout)

@@ -5,18 +5,17 @@ import warnings
 import pytest
 import timm
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import timm_mpc
 from timm_mpc.secure import InsecureSettingWarning, secure_predict
-from timm_mpc.secure.plan import build_plan
+from timm_mpc.secure.plan import build_plan, normalization
 
 TOLERANCE = 2e-2  # largest logit error at 16 (CrypTen) and 18 (SPU) fractional bits, on logits of order one
 
 
-def _images(n, size):
-    """Random pixels in [0, 1], normalized with timm's ImageNet mean and std."""
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+def _images(model, n, size):
+    """Random pixels in [0, 1], normalized with the model's mean and std."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(model, 3))
     return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - mean) / std
 
 
@@ -54,5 +53,41 @@ def test_deit_distilled_both_heads_and_the_distillation_token(engine):
     assert plan.dist_token and plan.num_prefix_tokens == 2 and {'dist_token', 'head_dist.weight'} <= set(plan.params)
     with torch.no_grad():
         model.head_dist.weight.mul_(4)  # the two heads differ: a forward that read one token twice would show
-    result = _agree(model, _images(2, 32), **engine)
+    result = _agree(model, _images(model, 2, 32), **engine)
     assert {'relu', 'gelu', 'scaling', 'relu_softmax', 'softmax', '2quad'} <= set(result.profile.by('op'))
+
+
+def _eva(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model('eva02_tiny_patch14_224', **{**dict(img_size=28, depth=2, num_classes=10), **kwargs})
+    with torch.no_grad():  # non-zero biases and LayerScale, so a forward that dropped one would show
+        for name, p in model.named_parameters():
+            if name.endswith(('q_bias', 'v_bias', 'gamma_1', 'gamma_2')) or name.endswith('proj.bias'):
+                p.normal_(0, 0.5)
+        model.head.weight.normal_(0, 0.5)  # timm scales EVA's head init down: logits near zero would tie
+    return _trained_like(model.eval())
+
+
+@pytest.mark.parametrize('engine', [dict(), dict(engine='spu', protocol='semi2k')], ids=['crypten', 'spu-semi2k'])
+def test_eva02_rope_glu_and_layer_scale(engine):
+    """eva02_tiny's layout: fused qkv with q and v biases, interleaved rotary embedding, GluMlp with SiLU."""
+    model = timm_mpc.convert_to_mpc(_eva(init_values=0.5), [['softmax', 'relu_softmax', 'scaling'], ['scaling'] * 3])
+    plan = build_plan(model)
+    assert plan.rope is not None and plan.blocks[0].attn.qv_bias and plan.blocks[0].mlp.kind == 'glu'
+    assert plan.blocks[0].mlp.act == 'silu' and plan.blocks[0].ls1 == 'gamma_1'
+    result = _agree(model, _images(model, 2, 28), **engine)
+    assert {'rope', 'silu', 'softmax', 'relu_softmax', 'scaling'} <= set(result.profile.by('op'))
+
+
+def test_eva02_base_layout_separate_qkv_swiglu_with_its_norm_and_half_rotation():
+    """eva02_base's layout: separate q/k/v projections, SwiGLU with a LayerNorm on the hidden features, the
+    half rotation, and the scale norm before the projection."""
+    model = _eva(embed_dim=48, num_heads=3, qkv_fused=False, swiglu_mlp=True, scale_mlp=True, use_rot_pos_emb=True,
+                 rope_type='cat', rope_rotate_half=True, scale_attn_inner=True, mlp_ratio=2)
+    timm_mpc.convert_to_mpc(model, [['relu_softmax', 'scaling', 'softmax'], 'relu_softmax'])
+    plan = build_plan(model)
+    spec = plan.blocks[0]
+    assert spec.attn.qkv == 'separate' and spec.attn.rope_half and spec.attn.norm is not None
+    assert spec.mlp.kind == 'swiglu' and spec.mlp.norm is not None
+    assert {'blocks.0.attn.norm', 'blocks.0.mlp.norm'} <= set(plan.layer_norm_names())
+    _agree(model, _images(model, 2, 28))

@@ -47,8 +47,7 @@ class Family:
 FAMILIES: List[Family] = [
     Family('ViT', 'vit_*, deit_* (not distilled)', VisionTransformer, Attention, MPCAttention, True),
     Family('DeiT distilled', 'deit_*_distilled_*', VisionTransformerDistilled, Attention, MPCAttention, True),
-    Family('EVA-02', 'eva02_*, eva_*', Eva, EvaAttention, MPCEvaAttention, False,
-           'rotary position embedding, SwiGLU MLP'),
+    Family('EVA-02', 'eva02_*, eva_*', Eva, EvaAttention, MPCEvaAttention, True),
     Family('Swin', 'swin_*', SwinTransformer, WindowAttention, MPCWindowAttention, False,
            'shifted windows, relative position bias, patch merging'),
 ]

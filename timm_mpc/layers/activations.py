@@ -27,6 +27,7 @@ ACTIVATIONS: Tuple[Tuple[str, Tuple[Type[nn.Module], ...]], ...] = (
     ('gelu', (nn.GELU, GELU)),  # torch's and timm's exact GeLU (approximate='none')
     ('quad_gelu', (QuadGELU,)),
     ('relu', (nn.ReLU,)),
+    ('silu', (nn.SiLU,)),  # EVA-02's SwiGLU gate
     ('identity', (nn.Identity,)),
 )
 """Every MLP activation that calibration, the secure plan and the cost table know, by name. An exact GeLU

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 from .settings import SecureSettings
 
 __all__ = [
-    'linear', 'layer_norm', 'inv_sqrt', 'inv_sqrt_domain', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu',
+    'linear', 'layer_norm', 'inv_sqrt', 'inv_sqrt_domain', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu',
     'newton_schedule', 'gelu_exp_iterations', 'gelu_bound', 'INV_SQRT_DOMAIN', 'INV_SQRT_CUBIC', 'RECIPROCAL_DOMAIN',
     'GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS',
 ]
@@ -166,6 +166,12 @@ def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale:
 
 def relu(x, settings: Optional[SecureSettings] = None):
     return x.relu()
+
+
+def silu(x, settings: Optional[SecureSettings] = None):
+    """SiLU ``x · sigmoid(x)`` (the gate of EVA-02's SwiGLU): CrypTen's sigmoid (a comparison, then the exp of
+    ``-|x|`` and a reciprocal on [1, 2]) and one product."""
+    return x * x.sigmoid()
 
 
 def quad_gelu(x, settings: Optional[SecureSettings] = None):

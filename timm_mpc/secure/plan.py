@@ -13,9 +13,12 @@ never sees a weight or a calibration statistic, only what both must agree on. Th
   (DeiT distilled: a distillation token after the class token, and logits that average ``head`` on the class
   token and ``head_dist`` on the distillation token).
 - ``norm_pre``, ``norm``, ``fc_norm``: LayerNorm ``eps`` and whether it has a bias, or None.
-- ``blocks``: per block its style (pre- or post-norm), norms, LayerScale flags, attention (heads, head
-  size, score scale, one kind per head, biases, q/k norms, the kinds' constants) and MLP (hidden size,
-  activation, MPCViT+ GeLU tokens, biases).
+- ``blocks``: per block its style (pre- or post-norm), norms, LayerScale parameters, attention (heads, head
+  size, score scale, one kind per head, fused or separate q/k/v projections, biases, q/k norms, the inner norm
+  before the projection, the rotary embedding's rotation, the kinds' constants) and MLP (plain, GLU or SwiGLU,
+  hidden size, activation, MPCViT+ GeLU tokens, the inner norm).
+- ``rope``: EVA's rotary position embedding, one row of ``sin`` then ``cos`` per patch token (a function of the
+  public architecture), or None.
 - ``params``: the name and shape of every weight the owner will share (values stay the owner's).
 - ``logit_bound``: a power of 2 above the logits the owner calibrated (at least 2^10); logits beyond it mark a
   failed truncation (see :meth:`SecurePlan.implausible`).
@@ -36,12 +39,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, Mlp, PatchEmbed
+from timm.layers import GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
+from timm.models.eva import EvaBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..layers.activations import ACTIVATIONS, activation_name
 from ..layers.attention import MPCAttention
+from ..layers.eva_attention import MPCEvaAttention
 from ..layers.attn_kinds import SEARCH, PatternError, get_attn_kind
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..layers.pattern_state import is_pattern_key
@@ -49,7 +54,7 @@ from ..reader import FAMILIES, read_model
 from . import ops
 from .settings import SecureSettings
 
-__all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'NormSpec', 'Schedule', 'PlanError',
+__all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'MLP_KINDS', 'NormSpec', 'Schedule', 'PlanError',
            'UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'check_image_tensor',
            'check_images', 'normalization', 'PLAN_VERSION']
 
@@ -88,10 +93,14 @@ class AttentionSpec:
     head_dim: int
     scale: float
     kinds: List[str]
+    qkv: str  # 'fused' (one qkv projection) or 'separate' (q_proj, k_proj, v_proj)
     qkv_bias: bool
+    qv_bias: bool  # EVA's q_bias and v_bias beside a fused qkv without bias (k has none)
     proj_bias: bool
     q_norm: Optional[NormSpec]
     k_norm: Optional[NormSpec]
+    norm: Optional[NormSpec]  # EVA's scale norm before the projection
+    rope_half: Optional[bool]  # the rotary embedding's rotation (half or interleaved); None: no rotary embedding
     opts: Dict[str, float]
 
     def groups(self) -> List[Tuple[str, List[int]]]:
@@ -100,11 +109,19 @@ class AttentionSpec:
         return [(kind, [h for h, k in enumerate(self.kinds) if k == kind]) for kind in sorted(codes, key=codes.get)]
 
 
+MLP_KINDS = ('mlp', 'glu', 'swiglu')
+"""``mlp``: fc1, act, fc2 (timm ``Mlp``); ``glu``: one fc1 whose halves are gated (timm ``GluMlp``); ``swiglu``:
+``act(fc1_g(x)) * fc1_x(x)`` (timm ``SwiGLU``)."""
+
+
 @dataclass
 class MlpSpec:
+    kind: str
     hidden: int
     act: str
     gelu_tokens: Optional[List[int]]
+    gate_last: bool  # glu: which half the activation gates
+    norm: Optional[NormSpec]  # the norm on the hidden features (EVA's scale_mlp)
     fc1_bias: bool
     fc2_bias: bool
 
@@ -116,8 +133,8 @@ class BlockSpec:
     norm2: NormSpec
     attn: AttentionSpec
     mlp: MlpSpec
-    ls1: bool
-    ls2: bool
+    ls1: Optional[str]  # the LayerScale parameter after the attention, within the block ('ls1.gamma', 'gamma_1')
+    ls2: Optional[str]
 
 
 @dataclass
@@ -140,6 +157,7 @@ class SecurePlan:
     num_classes: int
     params: Dict[str, List[int]]
     dist_token: bool = False
+    rope: Optional[List[List[float]]] = None
     schedules: Dict[str, Schedule] = field(default_factory=dict)
     logit_bound: float = 0.0
     version: int = PLAN_VERSION
@@ -157,6 +175,8 @@ class SecurePlan:
             names += [f'blocks.{i}.norm1', f'blocks.{i}.norm2']
             if blk.attn.q_norm is not None:
                 names += [f'blocks.{i}.attn.q_norm', f'blocks.{i}.attn.k_norm']
+            names += [f'blocks.{i}.{part}.norm' for part, spec in (('attn', blk.attn), ('mlp', blk.mlp))
+                      if spec.norm is not None]
         return names
 
     def reciprocal_names(self) -> List[Tuple[str, str]]:
@@ -215,6 +235,17 @@ class SecurePlan:
                 raise PlanError(f'plan blocks.{i}.mlp.act {blk.mlp.act!r}; accepted: {acts}')
             if blk.style not in ('pre', 'post'):
                 raise PlanError(f'plan blocks.{i}.style {blk.style!r}; accepted: pre, post')
+            if blk.mlp.kind not in MLP_KINDS or (blk.mlp.kind != 'mlp' and blk.mlp.gelu_tokens is not None):
+                raise PlanError(f'plan blocks.{i}.mlp.kind {blk.mlp.kind!r}; accepted: {list(MLP_KINDS)} (GeLU tokens '
+                                f'with mlp only)')
+            if blk.attn.qkv not in ('fused', 'separate'):
+                raise PlanError(f'plan blocks.{i}.attn.qkv {blk.attn.qkv!r}; accepted: fused, separate')
+            if self.rope is not None and blk.attn.rope_half is not None and any(
+                    len(row) != 2 * blk.attn.head_dim for row in self.rope):
+                raise PlanError(f'plan rope rows must hold sin and cos of blocks.{i}.attn\'s head size '
+                                f'({2 * blk.attn.head_dim} values)')
+        if self.rope is not None and len(self.rope) != self.tokens - self.num_prefix_tokens:
+            raise PlanError(f'plan rope has {len(self.rope)} rows for {self.tokens - self.num_prefix_tokens} patches')
         if not self.logit_bound > 0:
             raise PlanError(f'plan logit_bound must be positive, got {self.logit_bound}')
         if self.global_pool not in ('token', 'avg'):
@@ -269,26 +300,38 @@ def _layer_norm(path: str, module: nn.Module, optional: bool = True) -> Optional
 
 
 def _attention(path: str, attn: nn.Module) -> AttentionSpec:
-    if not isinstance(attn, MPCAttention):
-        _fail(path, attn, 'timm_mpc MPCAttention (convert the model with timm_mpc.convert_to_mpc first)')
+    if not isinstance(attn, (MPCAttention, MPCEvaAttention)):
+        _fail(path, attn, 'timm_mpc MPCAttention or MPCEvaAttention (convert the model with timm_mpc.convert_to_mpc '
+                          'first)')
     if any(kind == SEARCH for kind, _ in attn.heads.groups):
         raise UnsupportedModelError(
             f'{path} has heads in search mode (learnable alpha); binarize it to one kind per head before secure '
             f'inference')
-    if attn.gate is not None or not isinstance(attn.norm, nn.Identity):
-        _fail(path, attn, 'attention without output gate or scale norm')
+    if getattr(attn, 'gate', None) is not None:
+        _fail(path, attn, 'attention without an output gate')
+    eva = isinstance(attn, MPCEvaAttention)
+    fused = getattr(attn, 'qkv', None) is not None
+    # separate projections: EVA's k_proj has no bias; the forward reads each bias from the shared weights
+    qkv_bias = (attn.qkv if fused else attn.q_proj).bias is not None
+    qv_bias = eva and fused and attn.q_bias is not None
     return AttentionSpec(
         num_heads=attn.num_heads, head_dim=attn.head_dim, scale=float(attn.scale), kinds=attn.heads.pattern,
-        qkv_bias=attn.qkv.bias is not None, proj_bias=attn.proj.bias is not None,
+        qkv='fused' if fused else 'separate', qkv_bias=qkv_bias, qv_bias=qv_bias, proj_bias=attn.proj.bias is not None,
         q_norm=_layer_norm(f'{path}.q_norm', attn.q_norm), k_norm=_layer_norm(f'{path}.k_norm', attn.k_norm),
+        norm=_layer_norm(f'{path}.norm', attn.norm), rope_half=bool(getattr(attn, 'rotate_half', False)) if eva else None,
         opts={k: float(v) for k, v in attn.heads.opts.items()})
 
 
 def _mlp(path: str, mlp: nn.Module) -> MlpSpec:
-    if type(mlp) not in (Mlp, LinearizableMlp) or not isinstance(mlp.norm, nn.Identity):
-        _fail(path, mlp, 'timm Mlp (fc1, act, fc2) or timm_mpc LinearizableMlp, without hidden norm')
-    if not isinstance(mlp.fc1, nn.Linear):
-        _fail(f'{path}.fc1', mlp.fc1, 'nn.Linear')
+    kinds = {Mlp: 'mlp', LinearizableMlp: 'mlp', GluMlp: 'glu', SwiGLU: 'swiglu'}
+    kind = kinds.get(type(mlp))
+    if kind is None:
+        _fail(path, mlp, 'timm Mlp, GluMlp or SwiGLU, or timm_mpc LinearizableMlp')
+    if kind == 'glu' and mlp.chunk_dim != -1:
+        _fail(path, mlp, 'a GluMlp that splits the last dimension')
+    for fc in ('fc1', 'fc1_g', 'fc1_x', 'fc2'):
+        if hasattr(mlp, fc) and not isinstance(getattr(mlp, fc), nn.Linear):
+            _fail(f'{path}.{fc}', getattr(mlp, fc), 'nn.Linear')
     gelu_tokens = None
     if isinstance(mlp, LinearizableMlp) and mlp.mode != 'gelu':
         if mlp.searching:
@@ -299,23 +342,45 @@ def _mlp(path: str, mlp: nn.Module) -> MlpSpec:
     act = activation_name(mlp.act)
     if act is None:
         _fail(f'{path}.act', mlp.act, f'one of {[name for name, _ in ACTIVATIONS]} (GeLU exact, not tanh)')
-    return MlpSpec(hidden=mlp.fc1.out_features, act=act, gelu_tokens=gelu_tokens,
-                   fc1_bias=mlp.fc1.bias is not None, fc2_bias=mlp.fc2.bias is not None)
+    first = mlp.fc1_g if kind == 'swiglu' else mlp.fc1
+    return MlpSpec(kind=kind, hidden=mlp.fc2.in_features, act=act, gelu_tokens=gelu_tokens,
+                   gate_last=bool(getattr(mlp, 'gate_last', False)), norm=_layer_norm(f'{path}.norm', mlp.norm),
+                   fc1_bias=first.bias is not None, fc2_bias=mlp.fc2.bias is not None)
+
+
+def _layer_scale(path: str, blk: nn.Module, module: str, parameter: str) -> Optional[str]:
+    """The block's LayerScale parameter after a branch: a timm ``LayerScale`` module's gamma (ViT), or EVA's
+    ``gamma_1``/``gamma_2``; None without one."""
+    ls = getattr(blk, module, None)
+    if ls is None:
+        return parameter if getattr(blk, parameter, None) is not None else None
+    if isinstance(ls, nn.Identity):
+        return None
+    if not isinstance(ls, LayerScale):
+        _fail(f'{path}.{module}', ls, 'LayerScale or Identity')
+    return f'{module}.gamma'
 
 
 def _block(path: str, blk: nn.Module) -> BlockSpec:
-    style = getattr(blk, 'norm_style', 'pre' if type(blk) is Block else None)
+    style = getattr(blk, 'norm_style', 'pre' if type(blk) in (Block, EvaBlock) else None)
     if style is None:
-        _fail(path, blk, 'timm Block (pre-norm) or timm_mpc MPCViTBlock (LayerNorm after the attention residual)')
-    for name in ('ls1', 'ls2'):
-        ls = getattr(blk, name)
-        if not isinstance(ls, (nn.Identity, LayerScale)):
-            _fail(f'{path}.{name}', ls, 'LayerScale or Identity')
+        _fail(path, blk, 'timm Block or EvaBlock (pre-norm), or timm_mpc MPCViTBlock (LayerNorm after the attention '
+                         'residual)')
     return BlockSpec(
         style=style, norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
         norm2=_layer_norm(f'{path}.norm2', blk.norm2, optional=False),
         attn=_attention(f'{path}.attn', blk.attn), mlp=_mlp(f'{path}.mlp', blk.mlp),
-        ls1=isinstance(blk.ls1, LayerScale), ls2=isinstance(blk.ls2, LayerScale))
+        ls1=_layer_scale(path, blk, 'ls1', 'gamma_1'), ls2=_layer_scale(path, blk, 'ls2', 'gamma_2'))
+
+
+def _rope_table(model: nn.Module) -> Optional[List[List[float]]]:
+    """EVA's rotary embedding of the patch tokens (sin then cos per row), or None for a model without one."""
+    rope = getattr(model, 'rope', None)
+    if rope is None:
+        return None
+    if getattr(model, 'rope_mixed', False) or not hasattr(rope, 'feat_shape'):
+        _fail('rope', rope, 'a rotary embedding with one fixed table for every block (RotaryEmbeddingCat)')
+    return rope.get_embed().detach().float().tolist()
 
 
 def build_plan(model: nn.Module) -> SecurePlan:
@@ -336,8 +401,8 @@ def build_plan(model: nn.Module) -> SecurePlan:
     if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or not pe.flatten \
             or pe.proj.kernel_size != pe.proj.stride or pe.proj.padding != (0, 0) or model.dynamic_img_size:
         _fail('patch_embed', pe, 'timm PatchEmbed with kernel = stride, no norm, fixed image size')
-    if model.attn_pool is not None or model.global_pool not in ('token', 'avg'):
-        _fail('attn_pool', model.attn_pool or model, "global_pool 'token' or 'avg'")
+    if getattr(model, 'attn_pool', None) is not None or model.global_pool not in ('token', 'avg'):
+        _fail('attn_pool', getattr(model, 'attn_pool', None) or model, "global_pool 'token' or 'avg'")
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         _fail('head', model.head, 'nn.Linear or nn.Identity')
     dist_token = getattr(model, 'dist_token', None) is not None
@@ -365,6 +430,7 @@ def build_plan(model: nn.Module) -> SecurePlan:
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         params=params,
         dist_token=dist_token,
+        rope=_rope_table(model),
     )
 
 

@@ -5,9 +5,10 @@ and its operators (:mod:`.ops` for CrypTen, :mod:`.spu_ops` for SPU); everything
 engines' tensors have.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from timm.layers.pos_embed_sincos import rope_rotate_half, rot
 
 from ..cost.profile import CostMeter
 from ..layers.attn_kinds import KindContext, get_attn_kind
@@ -73,6 +74,7 @@ class SecureViT:
         self.ops = self.backend.ops
         self.weights: Dict[str, Any] = {}
         self.on_layer: Optional[Callable[[], None]] = None  # called as each block (and the head) is done
+        self._rope_tables: Optional[Tuple[torch.Tensor, torch.Tensor, Dict[bool, torch.Tensor]]] = None
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
@@ -171,13 +173,13 @@ class SecureViT:
         with m.section(name, 'layernorm'):
             h = self._layer_norm(x, f'{name}.norm1', spec.norm1)
         h = self._attention(h, f'{name}.attn', spec.attn)
-        x = x + (h * self.w(f'{name}.ls1.gamma') if spec.ls1 else h)
+        x = x + (h * self.w(f'{name}.{spec.ls1}') if spec.ls1 else h)
         with m.section(name, 'layernorm'):
             normed = self._layer_norm(x, f'{name}.norm2', spec.norm2)
         if spec.style == 'post':  # ViT-Lite: the norm after the attention residual is on the residual stream
             x = normed
         h = self._mlp(normed, f'{name}.mlp', spec.mlp)
-        return x + (h * self.w(f'{name}.ls2.gamma') if spec.ls2 else h)
+        return x + (h * self.w(f'{name}.{spec.ls2}') if spec.ls2 else h)
 
     def _attention(self, x, name: str, spec: AttentionSpec):
         m, ops = self.meter, self.ops
@@ -185,12 +187,22 @@ class SecureViT:
         H, hd = spec.num_heads, spec.head_dim
         layer = name.rsplit('.', 1)[0]
         with m.section(layer, 'linear'):
-            qkv = ops.linear(x, self.w(f'{name}.qkv.weight'), self.w(f'{name}.qkv.bias'))
-            q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            if spec.qkv == 'fused':
+                qkv = ops.linear(x, self.w(f'{name}.qkv.weight'), self.w(f'{name}.qkv.bias'))
+                q, k, v = qkv.reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+                if spec.qv_bias:  # EVA: biases of q and v only
+                    q = q + self.w(f'{name}.q_bias').reshape(1, H, 1, hd)
+                    v = v + self.w(f'{name}.v_bias').reshape(1, H, 1, hd)
+            else:
+                q, k, v = (ops.linear(x, self.w(f'{name}.{p}_proj.weight'), self.w(f'{name}.{p}_proj.bias'))
+                           .reshape(B, N, H, hd).transpose(1, 2) for p in 'qkv')
         if spec.q_norm is not None:
             with m.section(layer, 'layernorm'):
                 q = self._layer_norm(q, f'{name}.q_norm', spec.q_norm)
                 k = self._layer_norm(k, f'{name}.k_norm', spec.k_norm)
+        if self.plan.rope is not None and spec.rope_half is not None:
+            with m.section(layer, 'rope'):
+                q, k = self._rope(q, spec.rope_half), self._rope(k, spec.rope_half)
         outputs, order = [], []
         for kind, heads in spec.groups():
             index = torch.tensor(heads)
@@ -204,7 +216,26 @@ class SecureViT:
             if order != list(range(H)):
                 out = out.index_select(1, torch.tensor(order).argsort())
             out = out.transpose(1, 2).reshape(B, N, H * hd)
+        if spec.norm is not None:
+            with m.section(layer, 'layernorm'):
+                out = self._layer_norm(out, f'{name}.norm', spec.norm)
+        with m.section(layer, 'linear'):
             return ops.linear(out, self.w(f'{name}.proj.weight'), self.w(f'{name}.proj.bias'))
+
+    def _rope(self, x, half: bool):
+        """EVA's rotary embedding on the patch tokens of ``(B, H, N, head_dim)`` queries or keys, as timm's
+        ``apply_rot_embed``: ``x * cos + rot(x) * sin``, with the public tables and ``rot`` a public signed
+        permutation (``x @ R``, R = ``rot`` of the identity). Local on shares, but for truncations."""
+        if self._rope_tables is None:
+            table = torch.tensor(self.plan.rope)
+            sin, cos = table.chunk(2, -1)
+            eye = torch.eye(sin.shape[-1])
+            self._rope_tables = sin, cos, {h: rope_rotate_half(eye) if h else rot(eye) for h in (False, True)}
+        sin, cos, rotation = self._rope_tables
+        npt = self.plan.num_prefix_tokens
+        body = x[:, :, npt:] if npt else x
+        body = body * cos + body.matmul(rotation[half]) * sin
+        return self.backend.cat([x[:, :, :npt], body], dim=2) if npt else body
 
     def _context(self, num_keys: int, spec: AttentionSpec, schedule: Optional[Schedule]) -> KindContext:
         """What a kind's secure computation gets: the engine's reciprocal and softmax with this layer's schedule
@@ -216,18 +247,19 @@ class SecureViT:
     def _mlp(self, x, name: str, spec: MlpSpec):
         m, ops = self.meter, self.ops
         layer = name.rsplit('.', 1)[0]
-        with m.section(layer, 'linear'):
-            h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
         act = getattr(ops, spec.act) if spec.act != 'identity' else None
         if f'{name}.act' in self.plan.schedules:  # exact GeLU: its exp's squarings cover the calibrated inputs
             act = partial(act, exp_iterations=self.plan.schedules[f'{name}.act'].iters)
+        if spec.kind != 'mlp':
+            return self._gated_mlp(x, name, spec, act)
+        with m.section(layer, 'linear'):
+            h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
         tokens = spec.gelu_tokens
         if tokens is None or all(tokens):
             if act is not None:
                 with m.section(layer, spec.act):
                     h = act(h, self.settings)
-            with m.section(layer, 'linear'):
-                return ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
+            return self._mlp_out(h, name, spec)
         # MPCViT+: the activation runs on the GeLU tokens only; the others get a ReLU after fc2
         if len(tokens) == 1:
             tokens = tokens * h.size(1)
@@ -236,10 +268,35 @@ class SecureViT:
         if act is not None and len(keep):
             with m.section(layer, spec.act):
                 h = self._scatter_tokens(h, keep, act(h.index_select(1, keep), self.settings), linear)
-        with m.section(layer, 'linear'):
-            y = ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
+        y = self._mlp_out(h, name, spec)
         with m.section(layer, 'relu'):
             return self._scatter_tokens(y, linear, y.index_select(1, linear).relu(), keep)
+
+    def _gated_mlp(self, x, name: str, spec: MlpSpec, act):
+        """GLU (one fc1, its halves gated: ``act(x1) * x2``, or ``x1 * act(x2)`` with ``gate_last``) and SwiGLU
+        (``act(fc1_g(x)) * fc1_x(x)``)."""
+        m, ops = self.meter, self.ops
+        layer = name.rsplit('.', 1)[0]
+        with m.section(layer, 'linear'):
+            if spec.kind == 'glu':
+                h = ops.linear(x, self.w(f'{name}.fc1.weight'), self.w(f'{name}.fc1.bias'))
+                first, second = h[:, :, :spec.hidden], h[:, :, spec.hidden:]
+                gate, value = (second, first) if spec.gate_last else (first, second)
+            else:
+                gate = ops.linear(x, self.w(f'{name}.fc1_g.weight'), self.w(f'{name}.fc1_g.bias'))
+                value = ops.linear(x, self.w(f'{name}.fc1_x.weight'), self.w(f'{name}.fc1_x.bias'))
+        with m.section(layer, spec.act):
+            h = (act(gate, self.settings) if act is not None else gate) * value
+        return self._mlp_out(h, name, spec)
+
+    def _mlp_out(self, h, name: str, spec: MlpSpec):
+        """The MLP's norm on the hidden features (if any) and fc2."""
+        layer = name.rsplit('.', 1)[0]
+        if spec.norm is not None:
+            with self.meter.section(layer, 'layernorm'):
+                h = self._layer_norm(h, f'{name}.norm', spec.norm)
+        with self.meter.section(layer, 'linear'):
+            return self.ops.linear(h, self.w(f'{name}.fc2.weight'), self.w(f'{name}.fc2.bias'))
 
     def _scatter_tokens(self, x, index: torch.Tensor, values, others: torch.Tensor):
         """``x`` with the token rows in ``index`` replaced by ``values`` (a local reordering of shares)."""

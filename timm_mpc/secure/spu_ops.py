@@ -10,7 +10,7 @@ from typing import Any, Optional
 from .ops import GELU_TAIL_A, GELU_TAIL_B
 from .settings import SecureSettings
 
-__all__ = ['linear', 'layer_norm', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu']
+__all__ = ['linear', 'layer_norm', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu']
 
 
 def _run(key: tuple, fn: Any, *inputs: Any) -> Any:
@@ -67,6 +67,18 @@ def gelu(x, settings: Optional[SecureSettings] = None, exp_iterations: Optional[
         abs_a = 2 * relu - a
         return relu - 0.5 * abs_a * jax.numpy.exp(-GELU_TAIL_A * abs_a - GELU_TAIL_B * a * a)
     return _run(('gelu', 'exp_fit'), exp_fit, x)
+
+
+def silu(x, settings: Optional[SecureSettings] = None):
+    """SiLU ``x · sigmoid(x)``, the sigmoid as ``1 / (1 + exp(-|x|))`` mirrored for negative inputs (SPU's exp of a
+    non-positive value stays in range; its own logistic defaults to a coarse approximation)."""
+    import jax
+
+    def fn(a):
+        positive = a >= 0
+        s = 1 / (1 + jax.numpy.exp(-jax.numpy.where(positive, a, -a)))
+        return a * jax.numpy.where(positive, s, 1 - s)
+    return _run(('silu',), fn, x)
 
 
 def quad_gelu(x, settings: Optional[SecureSettings] = None):

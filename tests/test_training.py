@@ -263,3 +263,38 @@ def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
     run = json.loads((out / 'run.json').read_text())
     assert run['world_size'] == 2 and len(run['history']) == 1
     assert 'train 1/1' in proc.stderr and '10/10' in proc.stderr  # 320 images / 2 processes / batch 16
+
+
+def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, capsys):
+    """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
+    teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,
+    evaluation in plain text and under MPC, publishing to a folder and loading it back the timm way."""
+    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+    model = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(vit)]
+    kw = [*model, '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none',
+          '--warmup-epochs', '0', '--drop-path', '0', '--train-subset', '256', '--test-subset', '64', '--no-latency']
+    teacher = tmp_path / 'teacher'
+    assert main(['train', '--output', str(teacher), '--epochs', '2', *kw]) == 0
+    assert main(['search', '--output', str(tmp_path / 'search'), '--init-from', str(teacher / 'model.safetensors'),
+                 '--epochs', '1', '--mu', '0.5', *kw]) == 0
+    out = tmp_path / 'mu50_kd'
+    assert main(['retrain', '--output', str(out), '--searched', str(tmp_path / 'search' / 'mu50.safetensors'),
+                 '--teacher', str(teacher / 'model.safetensors'), '--epochs', '1', *kw]) == 0
+    run = json.loads((out / 'run.json').read_text())
+    assert run['model']['head_kinds'] == {'relu_softmax': 3, 'scaling': 3}
+    capsys.readouterr()
+    assert main(['eval', '--checkpoint', str(out / 'model.safetensors'), *model, '--workers', '0', '--test-subset',
+                 '64', '--secure-images', '4', '--calibration-images', '16', '--no-latency',
+                 '--json', str(tmp_path / 'eval.json')]) == 0
+    measured = json.loads((tmp_path / 'eval.json').read_text())
+    assert measured['plain']['top1'] == pytest.approx(run['final']['test_top1'])
+    assert measured['secure']['agreement'] == 100.0 and measured['secure']['images'] == 4
+    folder = tmp_path / 'published'
+    assert main(['publish', str(out / 'model.safetensors'), *model, '--repo', 'me/vit_tiny_patch16_224.fmnist_mu50_kd',
+                 '--results', str(tmp_path / 'eval.json'), '--dry-run', str(folder)]) == 0
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    trained = timm_mpc.create_mpc_model('vit_tiny_patch16_224', checkpoint=str(out / 'model.safetensors'), **vit).eval()
+    images = fashion_mnist_to_model_input(torch.zeros(2, 28, 28, dtype=torch.uint8)) + torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), trained(images))
+    assert get_attn_pattern(loaded) == run['model']['attn_pattern']

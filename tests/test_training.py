@@ -269,7 +269,7 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
     """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
     teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,
     evaluation in plain text and under MPC, publishing to a folder and loading it back the timm way."""
-    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
     model = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(vit)]
     kw = [*model, '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none',
           '--warmup-epochs', '0', '--drop-path', '0', '--train-subset', '256', '--test-subset', '64', '--no-latency']

@@ -115,13 +115,12 @@ def _machine() -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import build_dataset, build_loader
+    from .data import build_dataset, build_loader, model_data_config
     from .engine import evaluate, model_summary
-    from timm.data import resolve_data_config
     kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
-    data_config = resolve_data_config(model=model)
+    data_config = model_data_config(model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][-1],
                        data_config['input_size'][0], args.test_subset)
     loader = build_loader(ds, data_config, args.batch_size, False, args.workers)

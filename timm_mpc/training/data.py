@@ -8,14 +8,16 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_loader
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models._input import get_model_input_config
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.folder import default_loader
 
 from ..utils import cache_root
 
-__all__ = ['DATASETS', 'DatasetMissingError', 'FashionMNISTPadded', 'TinyImageNet', 'build_dataset', 'build_loader']
+__all__ = ['DATASETS', 'DatasetMissingError', 'FashionMNISTPadded', 'TinyImageNet', 'build_dataset', 'build_loader',
+           'model_data_config']
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 """Where the Debian package ``dataset-fashion-mnist`` puts the gzipped IDX files."""
@@ -196,3 +198,9 @@ def build_loader(
         mean=data_config['mean'], std=data_config['std'], interpolation=data_config['interpolation'],
         crop_pct=data_config['crop_pct'], num_workers=num_workers, distributed=distributed,
         use_prefetcher=False, device=device, persistent_workers=False, **(aug if is_training else {}))
+
+
+def model_data_config(model: torch.nn.Module) -> Dict[str, Any]:
+    """timm's data config for ``model`` at the input size it has now: ``resolve_data_config`` alone reads the size of
+    the source checkpoint's ``pretrained_cfg`` (224 for ``vit_tiny_patch16_224`` built with ``img_size=32``)."""
+    return resolve_data_config(dict(input_size=get_model_input_config(model)['input_size']), model=model)

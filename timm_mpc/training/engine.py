@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict, resume_checkpoint
 from timm.optim import create_optimizer_v2
@@ -28,7 +28,7 @@ from ..reader import num_weights
 from ..search.binarize import searches_gelu
 from ..utils import save_weights
 from .config import RunConfig
-from .data import DATASETS, build_dataset, build_loader
+from .data import DATASETS, build_dataset, build_loader, model_data_config
 from .losses import ArchitecturePenalty, TokenDistillationLoss
 
 __all__ = ['TokensAndLogits', 'create_run_model', 'load_weights', 'evaluate', 'model_summary', 'train_model']
@@ -223,7 +223,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     model = create_run_model(cfg, num_classes).to(device)
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
-    data_config = resolve_data_config(model=model)
+    data_config = model_data_config(model)
     in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, img_size, in_chans, cfg.train_subset)
     test_set = build_dataset(cfg.dataset, 'test', cfg.data_dir, cfg.download, img_size, in_chans, cfg.test_subset)

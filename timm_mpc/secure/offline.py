@@ -32,7 +32,8 @@ __all__ = ['record_requests', 'prefetch', 'default_cache_dir']
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
 CACHE_VERSION = 2
 CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
-RECORD_S_PER_IMAGE = 10.0  # the recording's time bound grows with the batch, beyond the settings' timeout
+RECORD_S_PER_IMAGE = 10.0  # the recording's time bound per image of mpcvit_tiny's size, beyond the settings' timeout
+_MPCVIT_TINY_WORK = 65 * 7 * 256  # its tokens x blocks x width: the bound grows with a plan's
 
 
 def default_cache_dir() -> Path:
@@ -99,9 +100,10 @@ def record_requests(plan: SecurePlan, settings: SecureSettings, batch: int,
     if path.is_file():
         return [(f, d, tuple(tuple(a) if isinstance(a, list) else a for a in args), kw)
                 for f, d, args, kw in json.loads(path.read_text())]
+    # a local computation as long as an inference: bounded by the batch and the plan's size
+    work = max(1.0, plan.tokens * len(plan.blocks) * plan.embed_dim / _MPCVIT_TINY_WORK)
     requests = run_local(_record, [(plan.to_dict(), settings.to_dict(), batch)] * 2,
-                         settings.timeout_s + RECORD_S_PER_IMAGE * batch,  # a local computation as long as an inference
-                         'recording the dealer requests of the plan')
+                         settings.timeout_s + RECORD_S_PER_IMAGE * work * batch, 'recording the dealer requests of the plan')
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.part')
     tmp.write_text(json.dumps(requests))

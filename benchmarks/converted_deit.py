@@ -126,7 +126,7 @@ def main() -> None:
 
 def markdown(report) -> str:
     titles = dict(softmax='all-Softmax', mu50='μ = 0.5', scaling='all-Scaling')
-    lines = ['| configuration | batch | rounds | GB | wall s / image | LAN s / image | peak memory GiB | LAN saving | '
+    lines = ['| configuration | batch | rounds (batch) | GB (batch) | wall s / image | LAN s / image | peak memory GiB | LAN saving | '
              'agrees |', '|' + '---|' * 9]
     results = report['results']
     for key, r in results.items():

@@ -210,7 +210,7 @@ def test_plan_refuses_unsupported_models_naming_the_module():
     with pytest.raises(UnsupportedModelError, match=r'SwinTransformer.*Swin family.*does not run securely yet'):
         build_plan(timm_mpc.convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1))))
     model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', act_layer='gelu_tanh')
-    with pytest.raises(UnsupportedModelError, match=r"blocks.0.mlp.act \(GELUTanh\).*'gelu', 'quad_gelu', 'relu', 'identity'"):
+    with pytest.raises(UnsupportedModelError, match=r"blocks.0.mlp.act \(GELUTanh\).*'gelu', 'quad_gelu', 'relu', 'silu', 'identity'"):
         build_plan(model)
 
 

@@ -151,8 +151,11 @@ def _dealer_seeds(self: Any) -> None:
 
 
 def _use_cryptographic_randomness() -> None:
-    """Replace CrypTen's random ring elements and the dealer's seeds (see the module's docstring); idempotent."""
+    """Replace CrypTen's random ring elements and the dealer's seeds (see the module's docstring), once per process:
+    a second pass would undo what was layered on top since (an instrumented party's recording wrappers)."""
     import crypten.common.rng as rng
+    if getattr(rng, '_timm_mpc_randomness', False):
+        return
     from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPServer
     replacements = {'generate_random_ring_element': random_ring_element,
                     'generate_kbit_random_tensor': kbit_random_tensor}
@@ -165,6 +168,7 @@ def _use_cryptographic_randomness() -> None:
     TTPServer._setup_generators = _dealer_seeds
     TTPServer.batch = _dealer_batch
     TrustedThirdParty.generate_additive_triple = _additive_triple
+    rng._timm_mpc_randomness = True
 
 
 def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:

@@ -75,6 +75,10 @@ class SecureViT:
         self.weights: Dict[str, Any] = {}
         self.on_layer: Optional[Callable[[], None]] = None  # called as each block (and the head) is done
         self._rope_tables: Optional[Tuple[torch.Tensor, torch.Tensor, Dict[bool, torch.Tensor]]] = None
+        if plan.rope is not None:  # sin, cos and the rotation as a matrix (R = rot(I)), for either rotation
+            sin, cos = torch.tensor(plan.rope).chunk(2, -1)
+            eye = torch.eye(sin.shape[-1])
+            self._rope_tables = sin, cos, {False: rot(eye), True: rope_rotate_half(eye)}
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
@@ -226,11 +230,6 @@ class SecureViT:
         """EVA's rotary embedding on the patch tokens of ``(B, H, N, head_dim)`` queries or keys, as timm's
         ``apply_rot_embed``: ``x * cos + rot(x) * sin``, with the public tables and ``rot`` a public signed
         permutation (``x @ R``, R = ``rot`` of the identity). Local on shares, but for truncations."""
-        if self._rope_tables is None:
-            table = torch.tensor(self.plan.rope)
-            sin, cos = table.chunk(2, -1)
-            eye = torch.eye(sin.shape[-1])
-            self._rope_tables = sin, cos, {h: rope_rotate_half(eye) if h else rot(eye) for h in (False, True)}
         sin, cos, rotation = self._rope_tables
         npt = self.plan.num_prefix_tokens
         body = x[:, :, npt:] if npt else x

@@ -10,7 +10,7 @@ SEARCH="--epochs 1 --train-subset 30000 --warmup-epochs 0 --lr 5e-4"
 TUNE="--epochs 1 --warmup-epochs 0 --lr 5e-4"
 
 # 1. the all-Softmax teacher
-timm-mpc train --output $R/teacher --epochs 4 --warmup-epochs 1 --lr 1e-3 $COMMON
+timm-mpc train --output $R/teacher --epochs 30 --warmup-epochs 2 --lr 1e-3 $COMMON
 T=$R/teacher/model.safetensors
 
 # 2. MPC-aware search from the teacher's weights (α per head, cost-weighted L1), binarized to μ and a budget

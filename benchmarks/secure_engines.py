@@ -44,8 +44,8 @@ CONFIGS = ('baseline', 'mu50', 'scaling', 'mu50_plus')
 def first_images(model, split, count):
     """The first ``count`` Fashion-MNIST images of ``split``, as the model's data config gives them."""
     config = timm.data.resolve_data_config(model=model)
-    loader = build_loader(build_dataset('fashion_mnist', split, img_size=config['input_size'][-1],
-                                        in_chans=config['input_size'][0], subset=count), config, 64, False, 0)
+    loader = build_loader(build_dataset('fashion_mnist', split, in_chans=config['input_size'][0], subset=count),
+                          config, 64, False, 0)
     images, labels = zip(*loader)
     return torch.cat(images), torch.cat(labels)
 

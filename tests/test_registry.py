@@ -36,7 +36,7 @@ def test_a_registered_kind_runs_in_plain_text_calibration_secure_inference_and_a
     assert torch.allclose(weights[:, [1]], scores[:, [1]] / 17)
 
     # calibration records its denominator, and the plan holds a public schedule for it
-    images = timm_mpc.data.calibration_examples((3, 16, 16), *timm_mpc.secure.plan.normalization(model, 3))
+    images = timm_mpc.data.calibration_examples(model)
     ranges = calibrate(model, images, SecureSettings())
     assert 0 < ranges['blocks.0.attn.square_norm']['min'] < ranges['blocks.0.attn.square_norm']['max']
     plan = build_secure_plan(model, SecureSettings())

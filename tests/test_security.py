@@ -31,7 +31,7 @@ def model():
 
 
 def _images(model, batch):
-    images = calibration_examples((3, 16, 16), model.pretrained_cfg['mean'], model.pretrained_cfg['std'])
+    images = calibration_examples(model)
     return images.flip(0)[:batch]  # not the owner's calibration images in the same order
 
 

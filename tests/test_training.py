@@ -7,10 +7,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import timm_mpc  # noqa: F401  (registers the models)
 from timm_mpc.cli import main
-from timm_mpc.data import fashion_mnist_to_model_input
+from timm_mpc.data import to_model_input
 from timm_mpc.layers.linearizable_mlp import LinearizableMlp
 from timm_mpc.pattern import get_attn_pattern
 from timm_mpc.cost import estimate_latency, model_cost_table
@@ -136,14 +137,30 @@ def test_binarize_gelu_keeps_fraction():
     assert sum(map(sum, binarize_gelu(beta, 1 / 3))) == 2
 
 
-def test_fashion_mnist_from_debian_files_matches_secure_examples(debian_fmnist):
-    ds = build_dataset('fashion_mnist', 'test', img_size=32, in_chans=3)
-    assert len(ds) == 80 and ds.targets[:3].tolist() == [0, 1, 2]
-    model = timm.create_model('mpcvit_tiny', **TINY)
+def test_the_pipelines_give_what_timms_transform_gives_a_user(debian_fmnist):
+    """Training, evaluation and the secure examples feed a Fashion-MNIST checkpoint exactly what a user's
+    resolve_data_config + create_transform make of a PIL image, pixel for pixel."""
+    model = timm.create_model('mpcvit_tiny', pretrained_cfg=timm.models.get_pretrained_cfg('mpcvit_tiny.fmnist_mu50_kd'))
     cfg = timm.data.resolve_data_config(model=model)
+    assert cfg['crop_mode'] == 'border' and cfg['input_size'] == (3, 32, 32)
+    user = timm.data.create_transform(**cfg)
+    ds = build_dataset('fashion_mnist', 'test')
+    assert len(ds) == 80 and ds.targets[:3].tolist() == [0, 1, 2]
+    users = torch.stack([user(Image.fromarray(ds.data[i].numpy()).convert('RGB')) for i in range(8)])
     x, y = next(iter(build_loader(ds, cfg, batch_size=8, is_training=False, num_workers=0)))
-    assert x.shape == (8, 3, 32, 32)
-    assert torch.allclose(x, fashion_mnist_to_model_input(ds.data[:8]), atol=1e-5)
+    assert torch.equal(x, users) and torch.equal(to_model_input(ds.data[:8]), users)
+    # the 28x28 image sits untouched in the middle of a border that normalizes to (about) zero
+    raw = (ds.data[:8].float() / 255 - cfg['mean'][0]) / cfg['std'][0]
+    assert torch.allclose(users[:, 0, 2:30, 2:30], raw, atol=1e-6)
+    assert users[:, :, :2].abs().max() < 1e-2
+    # training images get the same border before timm's augmentation
+    train = build_dataset('fashion_mnist', 'train', subset=8)
+    loader = build_loader(train, cfg, batch_size=8, is_training=True, num_workers=0)
+    border, augment = loader.dataset.transform.transforms
+    img = Image.fromarray(train.dataset.data[0].numpy()).convert('RGB')
+    tail = timm.data.create_transform(**cfg).transforms[-2:]  # ToTensor, Normalize
+    assert torch.equal(tail[1](tail[0](border(img))), user(img))
+    assert next(iter(loader))[0].shape == (8, 3, 32, 32)
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
@@ -157,7 +174,6 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_tiny_imagenet_layout(tmp_path):
-    from PIL import Image
     (tmp_path / 'wnids.txt').write_text('n01\nn02\n')
     for wnid in ('n01', 'n02'):
         (tmp_path / 'train' / wnid / 'images').mkdir(parents=True)
@@ -170,7 +186,6 @@ def test_tiny_imagenet_layout(tmp_path):
 
 
 def test_image_folder(tmp_path):
-    from PIL import Image
     for split, n in (('train', 3), ('val', 1)):
         for cls in ('cat', 'dog'):
             (tmp_path / split / cls).mkdir(parents=True)
@@ -294,7 +309,7 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
                  '--results', str(tmp_path / 'eval.json'), '--dry-run', str(folder)]) == 0
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     trained = timm_mpc.create_mpc_model('vit_tiny_patch16_224', checkpoint=str(out / 'model.safetensors'), **vit).eval()
-    images = fashion_mnist_to_model_input(torch.zeros(2, 28, 28, dtype=torch.uint8)) + torch.rand(2, 3, 32, 32)
+    images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(images), trained(images))
     assert get_attn_pattern(loaded) == run['model']['attn_pattern']

@@ -149,9 +149,7 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
             raise ValueError(f'{what} {path} holds {found}; accepted: a (B, C, H, W) float tensor, or a dict with '
                              f'one under "images"')
     elif model is not None:
-        from .secure.plan import normalization
-        size = get_model_input_config(model)['input_size']
-        images = calibration_examples(size, *normalization(model, size[0]))
+        images = calibration_examples(model)
     else:
         images, _ = example_images()
     check_image_tensor(images, f'{what} {path or "(the shipped examples)"}')

@@ -73,7 +73,6 @@ def kind_cost_table(
     cached as JSON under ``cache_dir`` (see :func:`default_cache_dir`), keyed by shapes and settings.
     """
     from ..secure.launch import secure_predict  # measuring runs the engine, which reports into cost.profile
-    from ..secure.plan import normalization
     from ..secure.settings import SecureSettings
     settings = settings or SecureSettings()
     key_data = dict(version=TABLE_VERSION, kinds=[k.name for k in list_attn_kinds()], img_size=img_size,
@@ -86,7 +85,7 @@ def kind_cost_table(
 
     torch.manual_seed(0)
     model = _probe_model(img_size, patch_size, embed_dim, num_heads, mlp_ratio)
-    images = calibration_examples((3, img_size, img_size), *normalization(model, 3))
+    images = calibration_examples(model)
     images = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch]
     result = secure_predict(model, images, settings=settings, return_result=True)
     pattern = _probe_pattern(num_heads)

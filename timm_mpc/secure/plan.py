@@ -491,7 +491,7 @@ def logit_bound(calibrated_max: float, settings: SecureSettings) -> float:
 def build_secure_plan(model: nn.Module, settings: SecureSettings,
                       calibration_images: Optional[torch.Tensor] = None) -> SecurePlan:
     """The plan the owner sends: :func:`build_plan`, calibrated on the owner's images (default: the shipped
-    Fashion-MNIST examples at the model's input size), with only the public schedules kept.
+    Fashion-MNIST examples as the model's input), with only the public schedules kept.
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
@@ -502,7 +502,7 @@ def build_secure_plan(model: nn.Module, settings: SecureSettings,
     from .calibration import calibrate
     plan = build_plan(model)
     if calibration_images is None:
-        calibration_images = calibration_examples(plan.input_size, *normalization(model, plan.input_size[0]))
+        calibration_images = calibration_examples(model)
     check_images(plan, calibration_images, what='calibration images')
     ranges = calibrate(model, calibration_images, settings)
     plan.schedules = public_schedules(plan, ranges, settings)

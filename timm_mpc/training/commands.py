@@ -121,8 +121,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
     data_config = model_data_config(model)
-    ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][-1],
-                       data_config['input_size'][0], args.test_subset)
+    ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][0],
+                       args.test_subset)
     loader = build_loader(ds, data_config, args.batch_size, False, args.workers)
     metrics = evaluate(model, loader, torch.device('cpu'))
     cfg = RunConfig(model=model.pretrained_cfg['architecture'], estimate_latency=not args.no_latency)
@@ -135,8 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
           f'{metrics["images"]} {args.dataset} test images')
     result: Dict[str, Any] = dict(source=source, plain=plain, model=model_summary(model, cfg), machine=_machine())
     if args.secure_images:
-        train = build_dataset(args.dataset, 'train', args.data_dir, args.download, data_config['input_size'][-1],
-                              data_config['input_size'][0], args.calibration_images)
+        train = build_dataset(args.dataset, 'train', args.data_dir, args.download, data_config['input_size'][0],
+                              args.calibration_images)
         result['secure'] = secure = _secure_eval(model, loader, build_loader(train, data_config, args.batch_size, False,
                                                                              args.workers), args)
         cost = secure['cost']

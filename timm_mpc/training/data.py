@@ -8,15 +8,16 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 from PIL import Image
-from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.models._input import get_model_input_config
+from timm.data import create_dataset, create_loader, create_transform
+from torchvision.transforms import Compose
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.folder import default_loader
 
+from ..data import model_data_config
 from ..utils import cache_root
 
-__all__ = ['DATASETS', 'DatasetMissingError', 'FashionMNISTPadded', 'TinyImageNet', 'build_dataset', 'build_loader',
+__all__ = ['DATASETS', 'DatasetMissingError', 'FashionMNISTImages', 'TinyImageNet', 'build_dataset', 'build_loader',
            'model_data_config']
 
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
@@ -36,21 +37,15 @@ class DatasetMissingError(FileNotFoundError):
     """A dataset's files are not where they were looked for; the message says how to get them."""
 
 
-class FashionMNISTPadded(FashionMNIST):
-    """torchvision's Fashion-MNIST with each grey 28×28 image zero-padded to ``size`` and given ``channels``.
+class FashionMNISTImages(FashionMNIST):
+    """torchvision's Fashion-MNIST as 28x28 PIL images with ``channels`` (grey repeated), so that timm's transforms
+    make of them what they make of any user's image."""
 
-    Zero is Fashion-MNIST's background, so padding 28 → 32 adds border, not content. The images are PIL,
-    so timm's transforms (augmentation, ``ToTensor``, normalization with the model's mean and std) follow;
-    with crop_pct 1 and no augmentation the result equals :func:`timm_mpc.data.fashion_mnist_to_model_input`.
-    """
-
-    def __init__(self, root: str, train: bool = True, size: int = 32, channels: int = 3, **kwargs: Any) -> None:
-        if size < 28:
-            raise ValueError(f'Fashion-MNIST images are 28x28; size must be at least 28, got {size}')
+    def __init__(self, root: str, train: bool = True, channels: int = 3, **kwargs: Any) -> None:
         if channels not in (1, 3):
             raise ValueError(f'Fashion-MNIST can be given 1 or 3 channels, got {channels}')
         super().__init__(root, train=train, **kwargs)
-        self.size, self.mode = size, {1: 'L', 3: 'RGB'}[channels]
+        self.mode = {1: 'L', 3: 'RGB'}[channels]
 
     @property
     def raw_folder(self) -> str:
@@ -58,10 +53,7 @@ class FashionMNISTPadded(FashionMNIST):
         return os.path.join(self.root, 'FashionMNIST', 'raw')
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        img = Image.new('L', (self.size, self.size))
-        offset = (self.size - 28) // 2
-        img.paste(Image.fromarray(self.data[index].numpy(), mode='L'), (offset, offset))
-        img = img.convert(self.mode)
+        img = Image.fromarray(self.data[index].numpy(), mode='L').convert(self.mode)
         if self.transform is not None:
             img = self.transform(img)
         return img, int(self.targets[index])
@@ -122,7 +114,6 @@ def build_dataset(
         split: str,
         data_dir: Optional[str] = None,
         download: bool = False,
-        img_size: int = 32,
         in_chans: int = 3,
         subset: Optional[int] = None,
 ) -> Dataset:
@@ -134,7 +125,6 @@ def build_dataset(
         split: ``train`` or ``test`` (``val`` is accepted as a synonym).
         data_dir: Root folder; Fashion-MNIST defaults to a cache filled from the Debian package.
         download: Let torchvision download a missing dataset.
-        img_size: Model input size (Fashion-MNIST images are padded to it).
         in_chans: Model input channels (Fashion-MNIST's grey is repeated to them).
         subset: Keep only the first ``subset`` images (quick runs and tests).
 
@@ -146,8 +136,8 @@ def build_dataset(
     if split not in ('train', 'test', 'val', 'validation'):
         raise ValueError(f'split must be train or test (val), got {split!r}')
     if name == 'fashion_mnist':
-        ds: Dataset = FashionMNISTPadded(_fashion_mnist_root(data_dir, download), train=train, size=img_size,
-                                         channels=in_chans, download=download)
+        ds: Dataset = FashionMNISTImages(_fashion_mnist_root(data_dir, download), train=train, channels=in_chans,
+                                         download=download)
     elif name in ('cifar10', 'cifar100'):
         try:
             ds = create_dataset(f'torch/{name}', root=data_dir or '.', split='train' if train else 'validation',
@@ -192,15 +182,22 @@ def build_loader(
         **aug: Any,
 ) -> torch.utils.data.DataLoader:
     """timm's ``create_loader`` with the model's data config (input size, mean, std, crop) and, for
-    training, the augmentation options in ``aug`` (``scale``, ``hflip``, ``auto_augment``, ``re_prob``...)."""
-    return create_loader(
+    training, the augmentation options in ``aug`` (``scale``, ``hflip``, ``auto_augment``, ``re_prob``...).
+
+    With ``crop_mode='border'`` (the Fashion-MNIST checkpoints') timm's eval transform pads each image to the input
+    size with the mean; training images get that same border before timm's augmentation, so that training sees
+    what evaluation sees."""
+    loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=batch_size, is_training=is_training,
         mean=data_config['mean'], std=data_config['std'], interpolation=data_config['interpolation'],
-        crop_pct=data_config['crop_pct'], num_workers=num_workers, distributed=distributed,
-        use_prefetcher=False, device=device, persistent_workers=False, **(aug if is_training else {}))
+        crop_pct=data_config['crop_pct'], crop_mode=data_config.get('crop_mode'), num_workers=num_workers,
+        distributed=distributed, use_prefetcher=False, device=device, persistent_workers=False,
+        **(aug if is_training else {}))
+    if is_training and data_config.get('crop_mode') == 'border':
+        eval_geometry = create_transform(**{k: data_config[k] for k in _GEOMETRY if k in data_config})
+        border = Compose(eval_geometry.transforms[:2])  # ResizeKeepRatio, CenterCropOrPad (then ToTensor, Normalize)
+        loader.dataset.transform = Compose([border, loader.dataset.transform])  # workers start at the first batch
+    return loader
 
 
-def model_data_config(model: torch.nn.Module) -> Dict[str, Any]:
-    """timm's data config for ``model`` at the input size it has now: ``resolve_data_config`` alone reads the size of
-    the source checkpoint's ``pretrained_cfg`` (224 for ``vit_tiny_patch16_224`` built with ``img_size=32``)."""
-    return resolve_data_config(dict(input_size=get_model_input_config(model)['input_size']), model=model)
+_GEOMETRY = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')

@@ -224,9 +224,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     data_config = model_data_config(model)
-    in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]
-    train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, img_size, in_chans, cfg.train_subset)
-    test_set = build_dataset(cfg.dataset, 'test', cfg.data_dir, cfg.download, img_size, in_chans, cfg.test_subset)
+    in_chans = data_config['input_size'][0]
+    train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, in_chans, cfg.train_subset)
+    test_set = build_dataset(cfg.dataset, 'test', cfg.data_dir, cfg.download, in_chans, cfg.test_subset)
     aug = dict(scale=cfg.scale, hflip=cfg.hflip, auto_augment=cfg.auto_augment, re_prob=cfg.re_prob)
     train_loader = build_loader(train_set, data_config, cfg.batch_size, True, cfg.workers, world > 1, device, **aug)
     test_loader = build_loader(test_set, data_config, cfg.batch_size, False, cfg.workers, False, device)

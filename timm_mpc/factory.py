@@ -11,10 +11,10 @@ from .layers.linearizable_mlp import LinearizableMlp
 from .pattern import get_attn_pattern, parse_attn_pattern, parse_gelu_pattern, set_attn_pattern, set_gelu_pattern
 from .reader import read_model
 
-__all__ = ['create_mpc_model']
+__all__ = ['create_mpc_model', 'builds_mpc_attention']
 
 
-def _builds_mpc_attention(name: str) -> bool:
+def builds_mpc_attention(name: str) -> bool:
     """True where timm builds the architecture with MPC heads itself (timm-mpc's own ``mpcvit_*``, a published
     ``hf-hub:`` or ``local-dir:`` repository), so that its checkpoints load the timm way."""
     if name.startswith(('hf-hub:', 'local-dir:')):
@@ -49,7 +49,7 @@ def create_mpc_model(
         ValueError: an unsupported model, a bad pattern, or a checkpoint that does not fit.
     """
     gelu_pattern = parse_gelu_pattern(gelu_pattern) if isinstance(gelu_pattern, str) else gelu_pattern
-    if checkpoint and not _builds_mpc_attention(name):
+    if checkpoint and not builds_mpc_attention(name):
         # the converted model's weights: convert first (MLPs too, where they were), then load strictly
         model = timm.create_model(name, **kwargs)
         convert_to_mpc(model, BASELINE_KIND, act_layer=act_layer, gelu_pattern=gelu_pattern)  # the structure

@@ -269,7 +269,7 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
     """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
     teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,
     evaluation in plain text and under MPC, publishing to a folder and loading it back the timm way."""
-    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
+    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)  # the classes: the dataset's, then the weights'
     model = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(vit)]
     kw = [*model, '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none',
           '--warmup-epochs', '0', '--drop-path', '0', '--train-subset', '256', '--test-subset', '64', '--no-latency']
@@ -340,3 +340,14 @@ def test_a_converted_timm_model_starts_from_pretrained_weights_and_distils_from_
     # --img-size builds the model at another size; timm resamples the pretrained position embedding
     bigger = create_run_model(replace(cfg, img_size=48), 10)
     assert bigger.patch_embed.img_size == (48, 48) and bigger.pos_embed.shape[1] == 1 + 36
+
+
+def test_a_model_the_cost_model_does_not_price_is_refused_before_the_first_epoch(tmp_path):
+    from timm_mpc.training import RunConfig
+    from timm_mpc.training.engine import train_model
+    swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
+    cfg = RunConfig(model='swin_tiny_patch4_window7_224', model_kwargs=swin, attn_pattern='search', epochs=1,
+                    output=str(tmp_path / 'search'))
+    with pytest.raises(ValueError, match=r'SwinTransformer is not priced yet.*--no-latency'):
+        train_model(cfg, 'search')
+    assert not list((tmp_path / 'search').iterdir())

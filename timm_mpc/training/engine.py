@@ -247,6 +247,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     model = create_run_model(cfg, num_classes).to(device)
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
+    if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
+        from ..cost import cost_table_shape
+        cost_table_shape(model)
     data_config = model_data_config(model)
     in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, img_size, in_chans, cfg.train_subset)

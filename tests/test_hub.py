@@ -287,6 +287,31 @@ def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     assert torch.allclose(first, torch.tensor(reference['logits']), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize('hub', ['unreachable', 'offline', 'unreachable, cached'])
+def test_without_the_hub_the_published_weights_come_from_the_cache_or_the_checkout(tmp_path, hub):
+    """The two-command quick start: with no Hub (its host does not answer, or HF_HUB_OFFLINE) and an empty cache,
+    `pretrained=True` reads the checkout's shipped copy, saying so in one line; a cached copy is read without the
+    minute of retries huggingface_hub spends on an unreachable host."""
+    cache = tmp_path / 'hub'
+    cache.mkdir()
+    if 'cached' in hub:
+        seed_hub_cache(SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd', cache_dir=cache)
+    env = dict(HF_HUB_CACHE=str(cache), **({'HF_HUB_OFFLINE': '1'} if hub == 'offline' else
+                                            {'HF_ENDPOINT': 'http://127.0.0.1:9'}))  # a closed port: refused at once
+    proc = _run_python(f'''
+        import timm, torch, timm_mpc
+        from timm_mpc.data import example_images
+        with torch.no_grad():
+            torch.save(timm.create_model('mpcvit_tiny', pretrained=True).eval()(example_images()[0]), {str(tmp_path / 'out.pt')!r})
+        ''', **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notice = [line for line in proc.stderr.splitlines() if 'Hugging Face Hub cannot be reached' in line]
+    source = cache if 'cached' in hub else SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd'
+    assert len(notice) == 1 and str(source) in notice[0], proc.stderr[-2000:]
+    reference = json.loads((ROOT / 'tests' / 'reference' / 'mpcvit_tiny.fmnist_mu70_kd_logits.json').read_text())
+    assert torch.allclose(torch.load(tmp_path / 'out.pt'), torch.tensor(reference['logits']), atol=1e-5, rtol=0)
+
+
 def test_corrupt_weights_in_a_folder_are_refused(tmp_path):
     folder = save_for_hub(_mpcvit(), tmp_path / 'repo', 'me/mpcvit_tiny.x')
     data = (folder / 'model.safetensors').read_bytes()

@@ -78,11 +78,9 @@ def test_the_reader_finds_every_part_once_and_says_what_runs_securely():
     assert len(parts.norms) == 15 and parts.family.name == 'MPCViT' and parts.runs_securely
     swin = timm_mpc.convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1)))
     parts = timm_mpc.read_model(swin)
-    assert parts.converts and not parts.runs_securely and parts.family.name == 'Swin'
+    assert parts.converts and parts.runs_securely and parts.family.name == 'Swin'
     table = {row['family']: row for row in timm_mpc.support_table()}
-    assert table['EVA-02']['secure'] == table['DeiT distilled']['secure'] == 'yes'
-    assert table['Swin']['secure'].startswith('not yet')
-    assert all(row['converts'] == 'yes' for row in table.values())
+    assert all(row['converts'] == row['secure'] == 'yes' for row in table.values())  # the same set of families
 
 
 def test_timm_gelu_and_torch_gelu_are_calibrated_alike():

@@ -8,7 +8,7 @@ import torch
 
 import timm_mpc
 from timm_mpc.secure import InsecureSettingWarning, secure_predict
-from timm_mpc.secure.plan import build_plan, normalization
+from timm_mpc.secure.plan import build_plan, normalization, swin_windows
 
 TOLERANCE = 2e-2  # largest logit error at 16 (CrypTen) and 18 (SPU) fractional bits, on logits of order one
 
@@ -91,3 +91,44 @@ def test_eva02_base_layout_separate_qkv_swiglu_with_its_norm_and_half_rotation()
     assert spec.mlp.kind == 'swiglu' and spec.mlp.norm is not None
     assert {'blocks.0.attn.norm', 'blocks.0.mlp.norm'} <= set(plan.layer_norm_names())
     _agree(model, _images(model, 2, 28))
+
+
+def _swin():
+    torch.manual_seed(0)
+    model = timm.create_model('swin_tiny_patch4_window7_224', img_size=32, window_size=4, depths=(2, 2),
+                              num_heads=(2, 4), embed_dim=16, num_classes=10).eval()
+    with torch.no_grad():  # a relative position bias of order one (timm initializes it near zero), so dropping it shows
+        for name, p in model.named_parameters():
+            if name.endswith('relative_position_bias_table'):
+                p.normal_(0, 2)
+            elif name.endswith(('attn.proj.weight', 'attn.qkv.weight')):
+                p.normal_(0, 0.2)
+        model.head.fc.weight.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize('engine', [dict(), dict(engine='spu', protocol='semi2k')], ids=['crypten', 'spu-semi2k'])
+def test_swin_shifted_windows_relative_position_bias_and_patch_merging(engine):
+    """Swin: windows, a shifted block with its mask, the relative position bias (a shared secret weight), patch
+    merging, average pooling of the token grid, and MPCViT+ GeLU tokens on a shifted block."""
+    model = timm_mpc.convert_to_mpc(_swin(), [['softmax', 'relu_softmax'], ['scaling', '2quad'],
+                                              ['relu_softmax', 'softmax', 'scaling', 'softmax'], 'scaling'],
+                                    gelu_pattern=['gelu', [1, 0] * 32, 'gelu', 'gelu'])
+    plan = build_plan(model)
+    shifted, merged = plan.blocks[1], plan.blocks[2]
+    assert shifted.window.shift == [2, 2] and not swin_windows(shifted.window)[2].all()
+    assert merged.merge.path == 'layers.1.downsample' and merged.window.resolution == [4, 4]
+    assert plan.patch_norm is not None and plan.head == 'head.fc' and shifted.mlp.gelu_tokens == [1, 0] * 32
+    assert 'layers.0.blocks.0.attn.relative_position_bias_table' in plan.params
+    images = _images(model, 2, 32)
+    with torch.no_grad():
+        plain = model(images)
+        without_bias = _swin()  # the same model with its bias zeroed gives other logits
+        timm_mpc.convert_to_mpc(without_bias, timm_mpc.get_attn_pattern(model), gelu_pattern=timm_mpc.get_gelu_pattern(model))
+        for name, p in without_bias.named_parameters():
+            if name.endswith('relative_position_bias_table'):
+                p.zero_()
+        assert (without_bias(images) - plain).abs().max() > 10 * TOLERANCE
+    result = _agree(model, images, **engine)
+    assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu'} <= set(result.profile.by('op'))
+    assert 'layers.1.downsample' in result.profile.by('layer')

@@ -207,8 +207,17 @@ def test_plan_refuses_unsupported_models_naming_the_module():
         build_plan(timm.create_model('vit_tiny_patch16_224'))
     with pytest.raises(UnsupportedModelError, match=r'blocks.0.attn has heads in search mode.*binarize'):
         build_plan(timm.create_model('mpcvit_tiny'))
-    with pytest.raises(UnsupportedModelError, match=r'SwinTransformer.*Swin family.*does not run securely yet'):
-        build_plan(timm_mpc.convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1))))
+    # a family timm-mpc does not know is refused by conversion and by the plan, both naming its attention module
+    beit = timm.create_model('beit_base_patch16_224', depth=1)
+    with pytest.raises(ValueError, match=r"unsupported types \['timm.models.beit.Attention'\]"):
+        timm_mpc.convert_to_mpc(beit)
+    with pytest.raises(UnsupportedModelError, match=r'blocks.0.attn \(timm.models.beit.Attention\).*does not know'):
+        build_plan(beit)
+    # a Swin whose windows do not tile the token grid (timm would pad it) is refused naming the block
+    swin = timm.create_model('swin_tiny_patch4_window7_224', img_size=24, window_size=4, depths=(1, 1), num_heads=(1, 2),
+                             embed_dim=8)
+    with pytest.raises(UnsupportedModelError, match=r'layers.0.blocks.0 .*windows that tile the token grid'):
+        build_plan(timm_mpc.convert_to_mpc(swin))
     model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', act_layer='gelu_tanh')
     with pytest.raises(UnsupportedModelError, match=r"blocks.0.mlp.act \(GELUTanh\).*'gelu', 'quad_gelu', 'relu', 'silu', 'identity'"):
         build_plan(model)

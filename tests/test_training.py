@@ -284,7 +284,7 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
     """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
     teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,
     evaluation in plain text and under MPC, publishing to a folder and loading it back the timm way."""
-    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=10)
+    vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)  # the classes: the dataset's, then the weights'
     model = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(vit)]
     kw = [*model, '--batch-size', '16', '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none',
           '--warmup-epochs', '0', '--drop-path', '0', '--train-subset', '256', '--test-subset', '64', '--no-latency']
@@ -313,3 +313,56 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
     with torch.no_grad():
         assert torch.equal(loaded(images), trained(images))
     assert get_attn_pattern(loaded) == run['model']['attn_pattern']
+
+
+def test_a_converted_timm_model_starts_from_pretrained_weights_and_distils_from_its_unconverted_original(tmp_path):
+    """--pretrained loads timm's pretrained weights (here a local file through timm's pretrained_cfg, as the Hub's
+    would be) into the converted model; the teacher is the original architecture with timm's own attention."""
+    from dataclasses import replace
+    from safetensors.torch import save_file
+    from timm.layers import Attention
+    from timm_mpc.layers.pattern_state import checkpoint_state
+    from timm_mpc.training import RunConfig
+    from timm_mpc.training.engine import create_run_model, create_teacher
+    from timm_mpc.utils import save_weights
+    torch.manual_seed(0)
+    arch = dict(patch_size=8, depth=1, embed_dim=48, num_heads=3)
+    original = timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=10, **arch).eval()
+    with torch.no_grad():
+        original.head.weight.normal_(0, 1)
+        original.cls_token.normal_(0, 1)
+    save_file(original.state_dict(), str(tmp_path / 'pretrained.safetensors'))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = original(images)
+    cfg = RunConfig(model='vit_tiny_patch16_224', pretrained=True, img_size=32, attn_pattern='softmax',
+                    model_kwargs=dict(arch, pretrained_cfg_overlay=dict(file=str(tmp_path / 'pretrained.safetensors'),
+                                                                        num_classes=10)))  # else timm drops the head
+    model = create_run_model(cfg, 10).eval()
+    teacher = create_teacher(cfg, 10, 'retrain').eval()
+    assert type(teacher.blocks[0].attn) is Attention and type(model.blocks[0].attn) is not Attention
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected, atol=1e-5) and torch.equal(teacher(images), expected)
+    # the pretrained original is the default teacher of a retraining only, and --no-kd turns it off
+    assert create_teacher(cfg, 10, 'train') is None and create_teacher(replace(cfg, no_kd=True), 10, 'retrain') is None
+    # a teacher file (a converted all-Softmax run's weights) goes into the unconverted original too
+    save_weights(checkpoint_state(model), tmp_path / 'teacher.safetensors')
+    from_file = create_teacher(replace(cfg, pretrained=False, teacher=str(tmp_path / 'teacher.safetensors')), 10,
+                               'train').eval()
+    assert type(from_file.blocks[0].attn) is Attention
+    with torch.no_grad():
+        assert torch.allclose(from_file(images), expected, atol=1e-5)
+    # --img-size builds the model at another size; timm resamples the pretrained position embedding
+    bigger = create_run_model(replace(cfg, img_size=48), 10)
+    assert bigger.patch_embed.img_size == (48, 48) and bigger.pos_embed.shape[1] == 1 + 36
+
+
+def test_a_model_the_cost_model_does_not_price_is_refused_before_the_first_epoch(tmp_path):
+    from timm_mpc.training import RunConfig
+    from timm_mpc.training.engine import train_model
+    swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
+    cfg = RunConfig(model='swin_tiny_patch4_window7_224', model_kwargs=swin, attn_pattern='search', epochs=1,
+                    output=str(tmp_path / 'search'))
+    with pytest.raises(ValueError, match=r'SwinTransformer is not priced yet.*--no-latency'):
+        train_model(cfg, 'search')
+    assert not list((tmp_path / 'search').iterdir())

@@ -1,8 +1,8 @@
 """The one way a command gets its model: :func:`create_mpc_model`."""
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import timm
-from timm.models import load_checkpoint, model_entrypoint
+from timm.models import get_pretrained_cfg, load_state_dict, model_entrypoint
 from torch import nn
 
 from .convert import convert_to_mpc
@@ -11,16 +11,24 @@ from .layers.linearizable_mlp import LinearizableMlp
 from .pattern import get_attn_pattern, parse_attn_pattern, parse_gelu_pattern, set_attn_pattern, set_gelu_pattern
 from .reader import read_model
 
-__all__ = ['create_mpc_model']
+__all__ = ['create_mpc_model', 'builds_mpc_attention']
 
 
-def _builds_mpc_attention(name: str) -> bool:
+def builds_mpc_attention(name: str) -> bool:
     """True where timm builds the architecture with MPC heads itself (timm-mpc's own ``mpcvit_*``, a published
     ``hf-hub:`` or ``local-dir:`` repository), so that its checkpoints load the timm way."""
     if name.startswith(('hf-hub:', 'local-dir:')):
         return True
     arch = name.split('.')[0]
     return timm.is_model(arch) and model_entrypoint(arch).__module__.startswith('timm_mpc.')
+
+
+def _num_classes(name: str, state: Dict[str, Any]) -> Optional[int]:
+    """The classes of the classifier in a state dict of ``name``'s architecture (0: no classifier; None: unknown)."""
+    cfg = get_pretrained_cfg(name)
+    classifier = getattr(cfg, 'classifier', None) or 'head'
+    weight = state.get(f'{classifier[0] if isinstance(classifier, (tuple, list)) else classifier}.weight')
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def create_mpc_model(
@@ -49,12 +57,16 @@ def create_mpc_model(
         ValueError: an unsupported model, a bad pattern, or a checkpoint that does not fit.
     """
     gelu_pattern = parse_gelu_pattern(gelu_pattern) if isinstance(gelu_pattern, str) else gelu_pattern
-    if checkpoint and not _builds_mpc_attention(name):
+    if checkpoint and not builds_mpc_attention(name):
         # the converted model's weights: convert first (MLPs too, where they were), then load strictly
+        state = load_state_dict(checkpoint, weights_only=True)
+        classes = _num_classes(name, state)
+        if 'num_classes' not in kwargs and classes is not None:  # the weights' head, not the source's 1,000 classes
+            kwargs['num_classes'] = classes
         model = timm.create_model(name, **kwargs)
         convert_to_mpc(model, BASELINE_KIND, act_layer=act_layer, gelu_pattern=gelu_pattern)  # the structure
         act_layer = None
-        load_checkpoint(model, checkpoint, strict=True, weights_only=True)
+        model.load_state_dict(state, strict=True)
     elif checkpoint:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs)
     else:

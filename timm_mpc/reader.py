@@ -48,8 +48,7 @@ FAMILIES: List[Family] = [
     Family('ViT', 'vit_*, deit_* (not distilled)', VisionTransformer, Attention, MPCAttention, True),
     Family('DeiT distilled', 'deit_*_distilled_*', VisionTransformerDistilled, Attention, MPCAttention, True),
     Family('EVA-02', 'eva02_*, eva_*', Eva, EvaAttention, MPCEvaAttention, True),
-    Family('Swin', 'swin_*', SwinTransformer, WindowAttention, MPCWindowAttention, False,
-           'shifted windows, relative position bias, patch merging'),
+    Family('Swin', 'swin_*', SwinTransformer, WindowAttention, MPCWindowAttention, True),
 ]
 """Every family timm-mpc knows, in the order the support table shows them."""
 

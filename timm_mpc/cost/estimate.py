@@ -1,16 +1,20 @@
 """Secure latency of a whole model priced from a per-kind cost table, without running the protocol."""
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from timm.layers import Mlp
 from torch import nn
 
 from ..layers.activations import activation_name
 from ..layers.attn_kinds import SEARCH_KINDS
+from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import get_attn_pattern, get_gelu_pattern
 from ..reader import read_model
 from .profile import NETWORKS, NetworkSetting
 from .table import kind_cost_table
 
-__all__ = ['estimate_latency', 'model_latency', 'model_cost_table', 'head_costs', 'layer_cost']
+MLP_TYPES_PRICED = (Mlp, LinearizableMlp)  # fc1, activation, fc2: what the probe model measures
+
+__all__ = ['estimate_latency', 'model_latency', 'model_cost_table', 'cost_table_shape', 'head_costs', 'layer_cost']
 
 Cost = Dict[str, float]
 
@@ -89,14 +93,30 @@ def estimate_latency(
     return dict(total, latency_s=latency)
 
 
+def cost_table_shape(model: nn.Module) -> Dict[str, Any]:
+    """The shapes :func:`kind_cost_table` measures for ``model``: a ViT's (one token sequence, blocks of one width
+    with a plain MLP), as ``mpcvit_*``, a converted ViT or DeiT have.
+
+    Raises:
+        ValueError: a model the cost model does not price yet (Swin's stages, EVA's gated MLPs), naming it.
+    """
+    parts = read_model(model)
+    blocks = getattr(model, 'blocks', None)
+    mlps = [m for _, m in parts.mlps]
+    if not blocks or not parts.heads or not mlps or not all(type(m) in MLP_TYPES_PRICED for m in mlps) \
+            or len({m.fc1.out_features for m in mlps}) != 1:
+        raise ValueError(f'the secure cost model prices ViT-shaped models (one token sequence, blocks of one width '
+                         f'with a plain MLP); {type(model).__name__} is not priced yet: run without a latency estimate '
+                         f'(--no-latency) and without --cost-weighted or --budget-s')
+    return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                embed_dim=model.embed_dim, num_heads=parts.heads[0][1].num_heads,
+                mlp_ratio=mlps[0].fc1.out_features / model.embed_dim)
+
+
 def model_cost_table(model: nn.Module, **kwargs: Any) -> Dict[str, Any]:
-    """The cached per-kind cost table for an ``mpcvit_*`` model's shapes (measured on first use)."""
-    heads = read_model(model).heads[0][1]
-    blk = model.blocks[0]
-    return kind_cost_table(
-        img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
-        embed_dim=model.embed_dim, num_heads=heads.num_heads,
-        mlp_ratio=blk.mlp.fc1.out_features / model.embed_dim, **kwargs)
+    """The cached per-kind cost table for a ViT-shaped model's shapes (measured on first use; see
+    :func:`cost_table_shape`)."""
+    return kind_cost_table(**cost_table_shape(model), **kwargs)
 
 
 def model_latency(model: nn.Module, table: Dict[str, Any], networks: Optional[Dict[str, NetworkSetting]] = None) -> Dict[str, Any]:

@@ -48,12 +48,17 @@ class KindContext:
     """What a kind's secure computation may use besides its shares.
 
     ``reciprocal`` and ``softmax`` are the engine's approximations with the public schedule the plan holds
-    for this kind in this layer; ``opts`` are the layer's constants (``eps``, ``quad_c``).
+    for this kind in this layer (``softmax`` already leaves out the keys ``keep`` masks); ``opts`` are the
+    layer's constants (``eps``, ``quad_c``). Windowed attention (Swin) adds ``bias``, a secret added to the scores
+    (the relative position bias of the kind's heads), and ``keep``, the public 0/1 mask of the keys each query
+    may see (the shift mask, broadcast over heads).
     """
     num_keys: int
     opts: Dict[str, float]
     reciprocal: Callable[[Any], Any]
     softmax: Callable[[Any], Any]
+    bias: Any = None
+    keep: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -68,10 +73,10 @@ class AttnKind:
         paper: Where it comes from.
         weights: Plain text: ``weights(scores, keep=None, **opts)`` with ``keep`` a boolean mask of the keys
             a query may see.
-        secure: ``secure(q, k, v, scale, ctx)``: the heads' output ``weights(q·kᵀ·scale) @ v`` written with
+        secure: ``secure(q, k, v, scale, ctx)``: the heads' output ``weights(q·kᵀ·scale + ctx.bias) @ v`` written with
             tensor methods an MPC tensor has (``matmul``, ``mul``, ``relu``, ``square``, ``sum``) and the
             :class:`KindContext`; it runs unchanged on plain tensors.
-        denominator: ``denominator(scores, **opts)``: the values the kind divides by, which calibration
+        denominator: ``denominator(scores, keep=None, **opts)``: the values the kind divides by, which calibration
             records (None for a kind that does not divide by data).
         reciprocal_range: ``reciprocal_range(calibrated, num_keys)``: ``(low, high, widen)`` that the secure
             reciprocal must cover, from the calibrated ``{'min', 'max'}`` of the denominator (``widen``: add
@@ -226,20 +231,28 @@ def quad2_weights(
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def _scores(q: Any, k: Any, scale: float) -> Any:
-    return q.mul(scale).matmul(k.transpose(-2, -1))
+def _scores(q: Any, k: Any, scale: float, ctx: KindContext) -> Any:
+    scores = q.mul(scale).matmul(k.transpose(-2, -1))
+    return scores if ctx.bias is None else scores + ctx.bias
+
+
+def _kept(weights: Any, ctx: KindContext) -> Any:
+    return weights if ctx.keep is None else weights * ctx.keep
 
 
 def _secure_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
-    return ctx.softmax(_scores(q, k, scale)).matmul(v)
+    return ctx.softmax(_scores(q, k, scale, ctx)).matmul(v)
 
 
 def _secure_relu_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
-    numer = _scores(q, k, scale).relu()
+    numer = _kept(_scores(q, k, scale, ctx).relu(), ctx)
     return (numer * ctx.reciprocal(numer.sum(-1, keepdim=True) + ctx.opts['eps'])).matmul(v)
 
 
 def _secure_scaling(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
+    if ctx.bias is not None or ctx.keep is not None:  # per-window scores: (QKᵀ + bias) · keep / (keys kept)
+        factor = 1 / ctx.num_keys if ctx.keep is None else ctx.keep / ctx.keep.sum(-1, keepdim=True).clamp_min(1)
+        return (_scores(q, k, scale, ctx) * factor).matmul(v)
     n = ctx.num_keys
     # the public factors go in first, so no product grows with the sequence: a truncation fails with a
     # probability that grows with the magnitude of what it truncates
@@ -249,8 +262,12 @@ def _secure_scaling(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> A
 
 
 def _secure_quad2(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
-    numer = (_scores(q, k, scale) + ctx.opts['quad_c']).square()
+    numer = _kept((_scores(q, k, scale, ctx) + ctx.opts['quad_c']).square(), ctx)
     return (numer * ctx.reciprocal(numer.sum(-1, keepdim=True))).matmul(v)
+
+
+def _masked(values: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return values if keep is None else values * keep
 
 
 def _calibrated(calibrated: Dict[str, float], num_keys: int) -> Tuple[float, float, bool]:
@@ -262,11 +279,11 @@ for _kind in (
                  # the sum of exp(s - max) lies in [1, N] whatever the data: nothing to calibrate or widen
                  reciprocal_range=lambda calibrated, num_keys: (1.0, float(num_keys), False)),
         AttnKind('relu_softmax', 1, 'ReLU-Softmax', 'RS', 'MPCViT (Zeng et al., ICCV 2023)', relu_softmax_weights,
-                 _secure_relu_softmax, denominator=lambda s, eps=1e-5, **_: s.relu().sum(-1) + eps,
+                 _secure_relu_softmax, denominator=lambda s, keep=None, eps=1e-5, **_: _masked(s.relu(), keep).sum(-1) + eps,
                  reciprocal_range=_calibrated),
         AttnKind('scaling', 2, 'Scaling', 'SC', 'MPCViT (Zeng et al., ICCV 2023)', scaling_weights, _secure_scaling),
         AttnKind('2quad', 3, '2Quad', '2Q', 'MPCFormer (Li et al., ICLR 2023)', quad2_weights, _secure_quad2,
-                 denominator=lambda s, quad_c=5.0, **_: (s + quad_c).square().sum(-1),
+                 denominator=lambda s, keep=None, quad_c=5.0, **_: _masked((s + quad_c).square(), keep).sum(-1),
                  reciprocal_range=_calibrated),
 ):
     register_attn_kind(_kind)

@@ -6,12 +6,17 @@ residual and there is none in front of the MLP. Each head runs Softmax, ReLU-Sof
 2Quad attention, or in search mode a learnable mix of ReLU-Softmax and Scaling. MPCViT+ linearizes
 the GeLU of chosen token positions.
 """
+import logging
 import os
 import re
+import socket
 from functools import partial
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Set, Type, Union
+from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from timm.layers import Attention, DropPath, LayerScale, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
@@ -30,6 +35,11 @@ __all__ = ['MPCViT', 'MPCViTBlock', 'checkpoint_filter_fn', 'PretrainedWeightsEr
 
 HUB_ORG = 'timm-mpc'
 """The Hugging Face Hub organisation that holds the published ``mpcvit_*`` checkpoints."""
+
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parents[2] / 'checkpoints'
+"""A checkout's copy of the published repositories (``checkpoints/ORG/NAME``), read where the Hub cannot be."""
+
+_logger = logging.getLogger(__name__)
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -320,6 +330,34 @@ def _weight_source(cfg: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub's host answers (one TCP connection, bounded): huggingface_hub retries an unreachable host for
+    about a minute before it falls back to its cache."""
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def _without_the_hub(cfg: Dict[str, Any]) -> Optional[Path]:
+    """Where to read published weights when the Hub cannot give them (``HF_HUB_OFFLINE``, or its host does not
+    answer): the Hub cache's copy, else a checkout's shipped copy; None where timm should fetch them as usual."""
+    repo = cfg.get('hf_hub_id')
+    if not repo or cfg.get('file') or cfg.get('state_dict'):
+        return None
+    cached = try_to_load_from_cache(repo, 'model.safetensors')
+    if constants.HF_HUB_OFFLINE and isinstance(cached, str):
+        return None  # timm reads the cache itself, without a request
+    if not constants.HF_HUB_OFFLINE and _hub_reachable():
+        return None
+    if isinstance(cached, str):
+        return Path(cached)
+    shipped = SHIPPED_CHECKPOINTS / repo / 'model.safetensors'
+    return shipped if shipped.is_file() else None
+
+
 def _check_weights_pattern(model: MPCViT, requested: Dict[str, Any]) -> None:
     """The patterns a caller asked for (``model_args``) must be the ones the loaded weights hold."""
     if 'attn_pattern' in requested:
@@ -355,6 +393,11 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
             f'{[f"{variant}.{tag}" for tag, c in default_cfgs[variant].cfgs.items() if c.hf_hub_id]}')
     if cfg.get('file') and not os.path.exists(cfg['file']):
         raise PretrainedWeightsError(f'checkpoint file for {name} not found: {cfg["file"]}')
+    local = _without_the_hub(cfg)
+    if local is not None:
+        why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else f'{urlparse(constants.ENDPOINT).hostname} does not answer'
+        _logger.warning(f'timm-mpc: the Hugging Face Hub cannot be reached ({why}); loading {cfg["hf_hub_id"]} from {local}')
+        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(local))
     try:
         model = build_model_with_cfg(MPCViT, variant, pretrained=True, **build, **kwargs)
     except (TypeError, PatternError):  # arguments the model does not take: not a weights problem

@@ -68,11 +68,13 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
     def scores_hook(name: str):
         def hook(module: HeadKinds, args: tuple) -> None:
             scores = args[0].detach().float()
+            keep = args[1] if len(args) > 1 else None  # windowed attention's shift mask
             track(f'{name} (attention scores)', scores)
             for kind, heads in module.groups:
                 denominator = get_attn_kind(kind).denominator if kind != SEARCH else None
                 if denominator is not None:
-                    denom = denominator(scores[:, list(heads)], **module.opts)
+                    kept = None if keep is None else keep.expand_as(scores)[:, list(heads)]
+                    denom = denominator(scores[:, list(heads)], keep=kept, **module.opts)
                     track(f'{name} ({kind} denominators)', denom)
                     record(f'{name}.{kind}', denom)
         return hook

@@ -133,10 +133,16 @@ def reciprocal(d, iters: int, scale: float = 1.0):
         return d.mul(1 / scale).reciprocal().mul(1 / scale)
 
 
-def softmax(scores, iters: int, scale: float = 1.0):
-    """Softmax over the last dimension: row max, exp, and a reciprocal of the sum, which lies in [1, N]."""
+def softmax(scores, iters: int, scale: float = 1.0, keep: Any = None):
+    """Softmax over the last dimension: row max, exp, and a reciprocal of the sum, which lies in [1, N]. Keys where
+    the public 0/1 ``keep`` is 0 get weight 0 (and never the row's max: they are lowered by 100 first, as timm's
+    Swin masks them, within the range where the exp's limit approximation stays in [0, 1])."""
+    if keep is not None:
+        scores = scores + (keep - 1) * 100.0
     shifted = scores - scores.max(-1, keepdim=True)[0]
     numer = shifted.exp()
+    if keep is not None:
+        numer = numer * keep
     return numer * reciprocal(numer.sum(-1, keepdim=True), iters, scale)
 
 

@@ -13,10 +13,15 @@ never sees a weight or a calibration statistic, only what both must agree on. Th
   (DeiT distilled: a distillation token after the class token, and logits that average ``head`` on the class
   token and ``head_dist`` on the distillation token).
 - ``norm_pre``, ``norm``, ``fc_norm``: LayerNorm ``eps`` and whether it has a bias, or None.
-- ``blocks``: per block its style (pre- or post-norm), norms, LayerScale parameters, attention (heads, head
+- ``patch_norm``: the LayerNorm after the patch embedding (Swin), or None; ``head``: the classifier's module
+  (``head``, or ``head.fc`` for timm's ``ClassifierHead``).
+- ``blocks``: per block its module path, its style (pre- or post-norm), norms, LayerScale parameters, attention (heads, head
   size, score scale, one kind per head, fused or separate q/k/v projections, biases, q/k norms, the inner norm
   before the projection, the rotary embedding's rotation, the kinds' constants) and MLP (plain, GLU or SwiGLU,
-  hidden size, activation, MPCViT+ GeLU tokens, the inner norm).
+  hidden size, activation, MPCViT+ GeLU tokens, the inner norm). Swin blocks add their windows (the token grid,
+  window size and cyclic shift, from which both parties derive the public window partition and the shift mask
+  with timm's own code; whether a relative position bias, a secret weight, is added to the scores) and, before
+  the first block of a stage, the patch merging (its grid, norm and reduction).
 - ``rope``: EVA's rotary position embedding, one row of ``sin`` then ``cos`` per patch token (a function of the
   public architecture), or None.
 - ``params``: the name and shape of every weight the owner will share (values stay the owner's).
@@ -35,12 +40,14 @@ import json
 import math
 import typing
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GluMlp, LayerScale, Mlp, PatchEmbed, SwiGLU
 from timm.models.eva import EvaBlock
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, window_partition
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -49,16 +56,18 @@ from ..layers.attention import MPCAttention
 from ..layers.eva_attention import MPCEvaAttention
 from ..layers.attn_kinds import SEARCH, PatternError, get_attn_kind
 from ..layers.linearizable_mlp import LinearizableMlp
+from ..layers.swin_attention import MPCWindowAttention
 from ..layers.pattern_state import is_pattern_key
 from ..reader import FAMILIES, read_model
 from . import ops
 from .settings import SecureSettings
 
-__all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'MLP_KINDS', 'NormSpec', 'Schedule', 'PlanError',
+__all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'MLP_KINDS', 'NormSpec', 'Schedule', 'WindowSpec',
+           'MergeSpec', 'swin_windows', 'PlanError',
            'UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'check_image_tensor',
            'check_images', 'normalization', 'PLAN_VERSION']
 
-PLAN_VERSION = 4  # 4: DeiT's distillation token and head; 3: typed plan, kind constants as opts, every schedule
+PLAN_VERSION = 5  # 5: Swin (windows, patch merging, block paths); 4: DeiT's distillation token and head; 3: typed plan, kind constants as opts, every schedule
 
 _BOUND_TOLERANCE = 1e-3  # float round-off of a normalization, in normalized units
 
@@ -127,7 +136,32 @@ class MlpSpec:
 
 
 @dataclass
+class WindowSpec:
+    """Swin's windowed attention: tokens on a ``resolution`` grid attend within ``window_size`` windows after a
+    cyclic ``shift`` (zero: none)."""
+    resolution: List[int]
+    window_size: List[int]
+    shift: List[int]
+    rel_pos_bias: bool
+
+    @property
+    def area(self) -> int:
+        return self.window_size[0] * self.window_size[1]
+
+
+@dataclass
+class MergeSpec:
+    """Swin's patch merging before a stage: each 2x2 group of tokens on the ``resolution`` grid concatenated,
+    normalized and reduced by a linear layer."""
+    path: str
+    resolution: List[int]
+    norm: NormSpec
+    reduction_bias: bool
+
+
+@dataclass
 class BlockSpec:
+    path: str  # the block's module path: blocks.3 (ViT), layers.1.blocks.0 (Swin)
     style: str
     norm1: NormSpec
     norm2: NormSpec
@@ -135,6 +169,8 @@ class BlockSpec:
     mlp: MlpSpec
     ls1: Optional[str]  # the LayerScale parameter after the attention, within the block ('ls1.gamma', 'gamma_1')
     ls2: Optional[str]
+    window: Optional[WindowSpec] = None
+    merge: Optional[MergeSpec] = None  # the patch merging before this block
 
 
 @dataclass
@@ -158,6 +194,8 @@ class SecurePlan:
     params: Dict[str, List[int]]
     dist_token: bool = False
     rope: Optional[List[List[float]]] = None
+    patch_norm: Optional[NormSpec] = None
+    head: str = 'head'
     schedules: Dict[str, Schedule] = field(default_factory=dict)
     logit_bound: float = 0.0
     version: int = PLAN_VERSION
@@ -168,20 +206,28 @@ class SecurePlan:
         _, h, w = self.input_size
         return (h // self.patch_size[0]) * (w // self.patch_size[1]) + self.num_prefix_tokens
 
+    def num_keys(self, blk: BlockSpec) -> int:
+        """The keys each query of ``blk`` attends to: its window, or every token."""
+        return blk.window.area if blk.window is not None else self.tokens
+
     def layer_norm_names(self) -> List[str]:
         """The qualified name of every LayerNorm the plan computes, in order."""
-        names = [name for name in ('norm_pre', 'norm', 'fc_norm') if getattr(self, name) is not None]
-        for i, blk in enumerate(self.blocks):
-            names += [f'blocks.{i}.norm1', f'blocks.{i}.norm2']
+        names = [name for name in ('patch_embed.norm', 'norm_pre', 'norm', 'fc_norm')
+                 if getattr(self, 'patch_norm' if name == 'patch_embed.norm' else name) is not None]
+        for blk in self.blocks:
+            b = blk.path
+            if blk.merge is not None:
+                names.append(f'{blk.merge.path}.norm')
+            names += [f'{b}.norm1', f'{b}.norm2']
             if blk.attn.q_norm is not None:
-                names += [f'blocks.{i}.attn.q_norm', f'blocks.{i}.attn.k_norm']
-            names += [f'blocks.{i}.{part}.norm' for part, spec in (('attn', blk.attn), ('mlp', blk.mlp))
+                names += [f'{b}.attn.q_norm', f'{b}.attn.k_norm']
+            names += [f'{b}.{part}.norm' for part, spec in (('attn', blk.attn), ('mlp', blk.mlp))
                       if spec.norm is not None]
         return names
 
-    def reciprocal_names(self) -> List[Tuple[str, str]]:
-        """``(schedule name, kind)`` for every attention kind in a layer that needs a reciprocal schedule."""
-        return [(f'blocks.{i}.attn.{kind}', kind) for i, blk in enumerate(self.blocks)
+    def reciprocal_names(self) -> List[Tuple[str, str, BlockSpec]]:
+        """``(schedule name, kind, block)`` for every attention kind in a layer that needs a reciprocal schedule."""
+        return [(f'{blk.path}.attn.{kind}', kind, blk) for blk in self.blocks
                 for kind, _ in blk.attn.groups() if get_attn_kind(kind).reciprocal_range is not None]
 
     def implausible(self, logits: torch.Tensor) -> List[int]:
@@ -225,6 +271,12 @@ class SecurePlan:
                             f'got {self.input_bounds}')
         acts = [name for name, _ in ACTIVATIONS]
         for i, blk in enumerate(self.blocks):
+            if blk.window is not None and (any(r % w for r, w in zip(blk.window.resolution, blk.window.window_size))
+                                           or not all(0 <= s < w for s, w in zip(blk.window.shift,
+                                                                                 blk.window.window_size))):
+                raise PlanError(f'plan blocks[{i}].window: a grid of {blk.window.resolution} in windows of '
+                                f'{blk.window.window_size} shifted by {blk.window.shift}; accepted: windows that tile '
+                                f'the grid, shifts smaller than a window')
             try:
                 blk.attn.groups()
             except PatternError as e:
@@ -250,7 +302,7 @@ class SecurePlan:
             raise PlanError(f'plan logit_bound must be positive, got {self.logit_bound}')
         if self.global_pool not in ('token', 'avg'):
             raise PlanError(f'plan global_pool {self.global_pool!r}; accepted: token, avg')
-        needed = self.layer_norm_names() + [name for name, _ in self.reciprocal_names()]
+        needed = self.layer_norm_names() + [name for name, _, _ in self.reciprocal_names()]
         missing = [name for name in needed if name not in self.schedules]
         if missing:
             raise PlanError(f'plan schedules miss {missing[:4]}{" ..." if len(missing) > 4 else ""}: every LayerNorm '
@@ -300,9 +352,9 @@ def _layer_norm(path: str, module: nn.Module, optional: bool = True) -> Optional
 
 
 def _attention(path: str, attn: nn.Module) -> AttentionSpec:
-    if not isinstance(attn, (MPCAttention, MPCEvaAttention)):
-        _fail(path, attn, 'timm_mpc MPCAttention or MPCEvaAttention (convert the model with timm_mpc.convert_to_mpc '
-                          'first)')
+    if not isinstance(attn, (MPCAttention, MPCEvaAttention, MPCWindowAttention)):
+        _fail(path, attn, 'timm_mpc MPCAttention, MPCEvaAttention or MPCWindowAttention (convert the model with '
+                          'timm_mpc.convert_to_mpc first)')
     if any(kind == SEARCH for kind, _ in attn.heads.groups):
         raise UnsupportedModelError(
             f'{path} has heads in search mode (learnable alpha); binarize it to one kind per head before secure '
@@ -315,10 +367,11 @@ def _attention(path: str, attn: nn.Module) -> AttentionSpec:
     qkv_bias = (attn.qkv if fused else attn.q_proj).bias is not None
     qv_bias = eva and fused and attn.q_bias is not None
     return AttentionSpec(
-        num_heads=attn.num_heads, head_dim=attn.head_dim, scale=float(attn.scale), kinds=attn.heads.pattern,
+        num_heads=attn.num_heads, head_dim=getattr(attn, 'head_dim', None) or attn.proj.in_features // attn.num_heads,
+        scale=float(attn.scale), kinds=attn.heads.pattern,
         qkv='fused' if fused else 'separate', qkv_bias=qkv_bias, qv_bias=qv_bias, proj_bias=attn.proj.bias is not None,
-        q_norm=_layer_norm(f'{path}.q_norm', attn.q_norm), k_norm=_layer_norm(f'{path}.k_norm', attn.k_norm),
-        norm=_layer_norm(f'{path}.norm', attn.norm), rope_half=bool(getattr(attn, 'rotate_half', False)) if eva else None,
+        # Swin's window attention has no q/k norms and no inner norm
+        **{f'{norm}': _layer_norm(f'{path}.{norm}', getattr(attn, norm, nn.Identity())) for norm in ('q_norm', 'k_norm', 'norm')}, rope_half=bool(getattr(attn, 'rotate_half', False)) if eva else None,
         opts={k: float(v) for k, v in attn.heads.opts.items()})
 
 
@@ -367,10 +420,65 @@ def _block(path: str, blk: nn.Module) -> BlockSpec:
         _fail(path, blk, 'timm Block or EvaBlock (pre-norm), or timm_mpc MPCViTBlock (LayerNorm after the attention '
                          'residual)')
     return BlockSpec(
-        style=style, norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
+        path=path, style=style, norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
         norm2=_layer_norm(f'{path}.norm2', blk.norm2, optional=False),
         attn=_attention(f'{path}.attn', blk.attn), mlp=_mlp(f'{path}.mlp', blk.mlp),
         ls1=_layer_scale(path, blk, 'ls1', 'gamma_1'), ls2=_layer_scale(path, blk, 'ls2', 'gamma_2'))
+
+
+def swin_windows(window: WindowSpec) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The public side of a Swin block's windowed attention, derived from its spec with timm's own code.
+
+    Returns:
+        ``(index, inverse, keep)``: the grid position of every window slot after the cyclic shift (windows in
+        timm's order, so tokens ``(B, H·W, C)`` become windows ``x.index_select(1, index)``), the slot of every
+        grid position (back from windows, the shift undone), and the shift mask as keys each query may see
+        ``(num_windows, area, area)`` (None without a shift).
+    """
+    (h, w), size, shift = window.resolution, tuple(window.window_size), tuple(window.shift)
+    grid = torch.arange(h * w).reshape(1, h, w, 1)
+    if any(shift):
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    index = window_partition(grid, size).flatten()
+    mask = None
+    if any(shift):  # timm's mask, from the block's own method on the block's public attributes
+        block = SimpleNamespace(shift_size=shift, window_size=size, window_area=window.area, input_resolution=(h, w))
+        mask = SwinTransformerBlock.get_attn_mask(block) == 0
+    return index, index.argsort(), mask
+
+
+def _swin_blocks(model: SwinTransformer) -> List[BlockSpec]:
+    """Every Swin block with its windows, and the patch merging before the first block of a stage."""
+    blocks = []
+    for s, stage in enumerate(model.layers):
+        merge = None
+        if isinstance(stage.downsample, PatchMerging):
+            path = f'layers.{s}.downsample'
+            if not isinstance(stage.downsample.reduction, nn.Linear):
+                _fail(f'{path}.reduction', stage.downsample.reduction, 'nn.Linear')
+            merge = MergeSpec(path=path, resolution=[r * 2 for r in stage.blocks[0].input_resolution],
+                              norm=_layer_norm(f'{path}.norm', stage.downsample.norm, optional=False),
+                              reduction_bias=stage.downsample.reduction.bias is not None)
+        elif not isinstance(stage.downsample, nn.Identity):
+            _fail(f'layers.{s}.downsample', stage.downsample, 'timm PatchMerging or Identity')
+        for j, blk in enumerate(stage.blocks):
+            path = f'layers.{s}.blocks.{j}'
+            if type(blk) is not SwinTransformerBlock or getattr(blk, 'dynamic_mask', False):
+                _fail(path, blk, 'timm SwinTransformerBlock with a fixed input resolution')
+            window = WindowSpec(resolution=list(blk.input_resolution), window_size=list(blk.window_size),
+                                shift=list(blk.shift_size), rel_pos_bias=hasattr(blk.attn, 'relative_position_bias_table'))
+            if any(r % w for r, w in zip(window.resolution, window.window_size)):
+                _fail(path, blk, f'windows that tile the token grid (a {window.resolution} grid in windows of '
+                                 f'{window.window_size} would be padded)')
+            keep = swin_windows(window)[2]
+            if (keep is None) != (blk.attn_mask is None) or (keep is not None and not torch.equal(keep, blk.attn_mask == 0)):
+                _fail(f'{path}.attn_mask', blk, 'the shift mask timm derives from the window size and shift')
+            spec = BlockSpec(path=path, style='pre', norm1=_layer_norm(f'{path}.norm1', blk.norm1, optional=False),
+                             norm2=_layer_norm(f'{path}.norm2', blk.norm2, optional=False),
+                             attn=_attention(f'{path}.attn', blk.attn), mlp=_mlp(f'{path}.mlp', blk.mlp),
+                             ls1=None, ls2=None, window=window, merge=merge if j == 0 else None)
+            blocks.append(spec)
+    return blocks
 
 
 def _rope_table(model: nn.Module) -> Optional[List[List[float]]]:
@@ -392,11 +500,18 @@ def build_plan(model: nn.Module) -> SecurePlan:
             secure engine cannot compute.
     """
     parts = read_model(model)
+    if parts.unsupported:  # a family timm-mpc does not know: name its first attention module
+        path, cls = parts.unsupported[0]
+        raise UnsupportedModelError(
+            f'secure inference does not support {path} ({cls}): timm-mpc does not know this family; accepted: '
+            f'{", ".join(f.models for f in FAMILIES if f.secure)}')
     if not parts.runs_securely:
         secure = ', '.join(f'{f.models}' for f in FAMILIES if f.secure)
         family = f'the {parts.family.name} family ({parts.family.secure_note})' if parts.family else 'this model'
         _fail('', model, f'{secure}; {family} does not run securely yet'
               + ('' if parts.converts else '; convert it with timm_mpc.convert_to_mpc first'))
+    if isinstance(model, SwinTransformer):
+        return _swin_plan(model)
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(pe.norm, nn.Identity) or not pe.flatten \
             or pe.proj.kernel_size != pe.proj.stride or pe.proj.padding != (0, 0) or model.dynamic_img_size:
@@ -411,11 +526,8 @@ def build_plan(model: nn.Module) -> SecurePlan:
             _fail('dist_token', model, 'a distillation token without register tokens or fc_norm')
         if not isinstance(model.head_dist, type(model.head)):
             _fail('head_dist', model.head_dist, f'{type(model.head).__name__}, as head')
-    params = {name: list(p.shape) for name, p in model.named_parameters() if not is_pattern_key(name)}
     return SecurePlan(
-        input_size=[pe.proj.in_channels, *pe.img_size],
-        input_bounds=[[(0.0 - m) / s, (1.0 - m) / s] for m, s in zip(*normalization(model, pe.proj.in_channels))],
-        patch_size=list(pe.patch_size),
+        **_input_fields(model),
         embed_dim=model.embed_dim,
         cls_token=model.cls_token is not None,
         reg_tokens=0 if model.reg_token is None else model.reg_token.shape[1],
@@ -428,10 +540,41 @@ def build_plan(model: nn.Module) -> SecurePlan:
         fc_norm=_layer_norm('fc_norm', model.fc_norm),
         global_pool=model.global_pool,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
-        params=params,
+        params=_params(model),
         dist_token=dist_token,
         rope=_rope_table(model),
     )
+
+
+def _input_fields(model: nn.Module) -> Dict[str, Any]:
+    pe = model.patch_embed
+    return dict(input_size=[pe.proj.in_channels, *pe.img_size], patch_size=list(pe.patch_size),
+                input_bounds=[[(0.0 - m) / s, (1.0 - m) / s] for m, s in zip(*normalization(model, pe.proj.in_channels))])
+
+
+def _params(model: nn.Module) -> Dict[str, List[int]]:
+    return {name: list(p.shape) for name, p in model.named_parameters() if not is_pattern_key(name)}
+
+
+def _swin_plan(model: SwinTransformer) -> SecurePlan:
+    """The plan of a Swin Transformer: windows, shifts and patch merging on a token grid with no prefix tokens."""
+    pe = model.patch_embed
+    if type(pe) is not PatchEmbed or pe.flatten or pe.output_fmt.value != 'NHWC' or pe.proj.kernel_size != pe.proj.stride \
+            or pe.proj.padding != (0, 0) or getattr(pe, 'dynamic_img_pad', False) or not pe.strict_img_size:
+        _fail('patch_embed', pe, 'timm PatchEmbed with kernel = stride, NHWC output, fixed image size')
+    if getattr(model, 'absolute_pos_embed', None) is not None:
+        _fail('absolute_pos_embed', model, 'a Swin without an absolute position embedding')
+    head = model.head
+    if type(head).__name__ != 'ClassifierHead' or getattr(head.global_pool, 'pool_type', None) != 'avg' \
+            or not isinstance(head.fc, (nn.Linear, nn.Identity)):
+        _fail('head', head, "timm ClassifierHead with global_pool 'avg' and a linear fc")
+    return SecurePlan(
+        **_input_fields(model), embed_dim=model.embed_dim[0] if isinstance(model.embed_dim, (list, tuple))
+        else model.patch_embed.proj.out_channels,
+        cls_token=False, reg_tokens=0, num_prefix_tokens=0, pos_embed=False, no_embed_class=False, norm_pre=None,
+        blocks=_swin_blocks(model), norm=_layer_norm('norm', model.norm), fc_norm=None, global_pool='avg',
+        num_classes=head.fc.out_features if isinstance(head.fc, nn.Linear) else 0, params=_params(model),
+        patch_norm=_layer_norm('patch_embed.norm', pe.norm), head='head.fc')
 
 
 def normalization(model: nn.Module, channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -463,22 +606,22 @@ def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],
         r = ranges.get(name, {})
         out[name] = _schedule(r.get('min'), r.get('max'), ops.inv_sqrt_domain(settings.inv_sqrt), settings.sqrt_nr_iters,
                               settings, settings.range_margin)
-    for name, kind in plan.reciprocal_names():
+    for name, kind, blk in plan.reciprocal_names():
         calibrated = ranges.get(name)
         spec = get_attn_kind(kind)
         if spec.denominator is not None and calibrated is None:  # nothing measured: CrypTen's fixed choice
             out[name] = _schedule(None, None, ops.RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters, settings, 1.0)
             continue
-        low, high, widen = spec.reciprocal_range(calibrated or {}, plan.tokens)
+        low, high, widen = spec.reciprocal_range(calibrated or {}, plan.num_keys(blk))
         out[name] = _schedule(low, high, ops.RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters, settings,
                               settings.range_margin if widen else 1.0)
-    for i, blk in enumerate(plan.blocks):
+    for blk in plan.blocks:
         if blk.mlp.act == 'gelu' and settings.gelu == 'exp_fit':
-            abs_max = ranges.get(f'blocks.{i}.mlp.act', {}).get('max')
+            abs_max = ranges.get(f'{blk.path}.mlp.act', {}).get('max')
             iters = settings.gelu_exp_iterations
             if settings.range_scaling and abs_max is not None:
                 iters = ops.gelu_exp_iterations(abs_max * settings.range_margin, iters) or ops.GELU_MAX_EXP_ITERATIONS
-            out[f'blocks.{i}.mlp.act'] = Schedule(scale=1.0, iters=iters)
+            out[f'{blk.path}.mlp.act'] = Schedule(scale=1.0, iters=iters)
     return out
 
 

@@ -9,12 +9,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from timm.layers.pos_embed_sincos import rope_rotate_half, rot
+from timm.models.swin_transformer import get_relative_position_index
 
 from ..cost.profile import CostMeter
 from ..layers.attn_kinds import KindContext, get_attn_kind
 from . import ops
 from .crypten_compat import import_crypten
-from .plan import AttentionSpec, BlockSpec, MlpSpec, NormSpec, Schedule, SecurePlan
+from .plan import AttentionSpec, BlockSpec, MergeSpec, MlpSpec, NormSpec, Schedule, SecurePlan, WindowSpec, swin_windows
 from .settings import SecureSettings
 
 __all__ = ['SecureViT', 'Backend', 'CryptenBackend', 'patchify']
@@ -79,6 +80,8 @@ class SecureViT:
             sin, cos = torch.tensor(plan.rope).chunk(2, -1)
             eye = torch.eye(sin.shape[-1])
             self._rope_tables = sin, cos, {False: rot(eye), True: rope_rotate_half(eye)}
+        # Swin: each windowed block's public window partition and shift mask, derived once from the plan
+        self._windows = {blk.path: swin_windows(blk.window) for blk in plan.blocks if blk.window is not None}
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
@@ -125,6 +128,8 @@ class SecureViT:
         plan, m, ops = self.plan, self.meter, self.ops
         with m.section('patch_embed', 'linear'):
             x = ops.linear(patches, self.w('patch_embed.proj.weight'), self.w('patch_embed.proj.bias'))
+        with m.section('patch_embed', 'layernorm'):
+            x = self._layer_norm(x, 'patch_embed.norm', plan.patch_norm)
         with m.section('embed', 'add'):
             B = x.size(0)
             prefix = []
@@ -144,8 +149,10 @@ class SecureViT:
                     x = x + self.w('pos_embed')
         with m.section('norm_pre', 'layernorm'):
             x = self._layer_norm(x, 'norm_pre', plan.norm_pre)
-        for i, spec in enumerate(plan.blocks):
-            x = self._block(x, f'blocks.{i}', spec)
+        for spec in plan.blocks:
+            if spec.merge is not None:
+                x = self._merge(x, spec.merge)
+            x = self._block(x, spec.path, spec)
             self._layer_done()
         with m.section('norm', 'layernorm'):
             x = self._layer_norm(x, 'norm', plan.norm)
@@ -158,7 +165,7 @@ class SecureViT:
             x = self._layer_norm(x, 'fc_norm', plan.fc_norm)
         if plan.num_classes:
             with m.section('head', 'linear'):
-                x = ops.linear(x, self.w('head.weight'), self.w('head.bias'))
+                x = ops.linear(x, self.w(f'{plan.head}.weight'), self.w(f'{plan.head}.bias'))
         return x
 
     def _distilled_head(self, x):
@@ -176,7 +183,10 @@ class SecureViT:
         m = self.meter
         with m.section(name, 'layernorm'):
             h = self._layer_norm(x, f'{name}.norm1', spec.norm1)
-        h = self._attention(h, f'{name}.attn', spec.attn)
+        if spec.window is not None:
+            h = self._window_attention(h, name, spec.window, spec.attn)
+        else:
+            h = self._attention(h, f'{name}.attn', spec.attn)
         x = x + (h * self.w(f'{name}.{spec.ls1}') if spec.ls1 else h)
         with m.section(name, 'layernorm'):
             normed = self._layer_norm(x, f'{name}.norm2', spec.norm2)
@@ -185,7 +195,38 @@ class SecureViT:
         h = self._mlp(normed, f'{name}.mlp', spec.mlp)
         return x + (h * self.w(f'{name}.{spec.ls2}') if spec.ls2 else h)
 
-    def _attention(self, x, name: str, spec: AttentionSpec):
+    def _merge(self, x, spec: MergeSpec):
+        """Swin's patch merging: each 2x2 group of tokens concatenated in timm's order (a public reshaping of
+        shares), normalized and reduced."""
+        B, _, C = x.size()
+        h, w = spec.resolution
+        with self.meter.section(spec.path, 'linear'):
+            x = x.reshape(B, h // 2, 2, w // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, (h // 2) * (w // 2), 4 * C)
+        with self.meter.section(spec.path, 'layernorm'):
+            x = self._layer_norm(x, f'{spec.path}.norm', spec.norm)
+        with self.meter.section(spec.path, 'linear'):
+            return self.ops.linear(x, self.w(f'{spec.path}.reduction.weight'), self.w(f'{spec.path}.reduction.bias'))
+
+    def _window_attention(self, x, name: str, window: WindowSpec, spec: AttentionSpec):
+        """Swin's (shifted) window attention on tokens ``(B, H·W, C)``: the cyclic shift and the window partition
+        are one public reordering of the tokens and its inverse; the shift mask is public, the relative position
+        bias the owner's secret (gathered from the shared table by the public index: local on shares)."""
+        index, inverse, keep = self._windows[name]
+        B, L, C = x.size()
+        N = window.area
+        with self.meter.section(name, 'linear'):
+            windows = x.index_select(1, index).reshape(B * (L // N), N, C)
+        bias = None
+        if window.rel_pos_bias:
+            table = self.w(f'{name}.attn.relative_position_bias_table')
+            bias = table.index_select(0, get_relative_position_index(*window.window_size).flatten())
+            bias = bias.reshape(N, N, spec.num_heads).permute(2, 0, 1)
+        mask = None if keep is None else keep.float().repeat(B, 1, 1).unsqueeze(1)  # windows are batch-major
+        out = self._attention(windows, f'{name}.attn', spec, bias, mask)
+        with self.meter.section(name, 'linear'):
+            return out.reshape(B, L, C).index_select(1, inverse)
+
+    def _attention(self, x, name: str, spec: AttentionSpec, bias=None, keep: Optional[torch.Tensor] = None):
         m, ops = self.meter, self.ops
         B, N, _ = x.size()
         H, hd = spec.num_heads, spec.head_dim
@@ -211,9 +252,10 @@ class SecureViT:
         for kind, heads in spec.groups():
             index = torch.tensor(heads)
             qh, kh, vh = (t if len(heads) == H else t.index_select(1, index) for t in (q, k, v))
+            bh = bias if bias is None or len(heads) == H else bias.index_select(0, index)
             with m.section(layer, kind):
                 outputs.append(get_attn_kind(kind).secure(qh, kh, vh, spec.scale, self._context(
-                    N, spec, self.plan.schedules.get(f'{name}.{kind}'))))
+                    N, spec, self.plan.schedules.get(f'{name}.{kind}'), bh, keep)))
             order += heads
         with m.section(layer, 'linear'):
             out = outputs[0] if len(outputs) == 1 else self.backend.cat(outputs, dim=1)
@@ -236,12 +278,17 @@ class SecureViT:
         body = body * cos + body.matmul(rotation[half]) * sin
         return self.backend.cat([x[:, :, :npt], body], dim=2) if npt else body
 
-    def _context(self, num_keys: int, spec: AttentionSpec, schedule: Optional[Schedule]) -> KindContext:
+    def _context(self, num_keys: int, spec: AttentionSpec, schedule: Optional[Schedule], bias=None,
+                 keep: Optional[torch.Tensor] = None) -> KindContext:
         """What a kind's secure computation gets: the engine's reciprocal and softmax with this layer's schedule
-        for the kind (the plan holds one for every kind with a reciprocal; others get CrypTen's fixed choice)."""
+        for the kind (the plan holds one for every kind with a reciprocal; others get CrypTen's fixed choice), and
+        for windowed attention the heads' secret bias and the public keep mask."""
         schedule = schedule or Schedule(scale=1.0, iters=self.settings.reciprocal_nr_iters)
+        softmax = partial(self.ops.softmax, iters=schedule.iters, scale=schedule.scale)
+        if keep is not None:
+            softmax = partial(softmax, keep=keep)
         return KindContext(num_keys, spec.opts, partial(self.ops.reciprocal, iters=schedule.iters, scale=schedule.scale),
-                           partial(self.ops.softmax, iters=schedule.iters, scale=schedule.scale))
+                           softmax, bias, keep)
 
     def _mlp(self, x, name: str, spec: MlpSpec):
         m, ops = self.meter, self.ops

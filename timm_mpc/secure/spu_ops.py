@@ -5,6 +5,7 @@ CrypTen's Newton schedules (iteration counts, input scales for the reciprocal) d
 inputs of its reciprocal and inverse square root by their bit length itself. The LayerNorm's calibrated public
 scale is kept: it lifts a small variance off the fixed-point floor before squaring, as with CrypTen.
 """
+import hashlib
 from typing import Any, Optional
 
 from .ops import GELU_TAIL_A, GELU_TAIL_B
@@ -49,10 +50,20 @@ def reciprocal(d, iters: int = 0, scale: float = 1.0):
     return d.reciprocal()
 
 
-def softmax(scores, iters: int = 0, scale: float = 1.0):
-    """Softmax over the last dimension: row max, SPU's exp, and its division."""
+def softmax(scores, iters: int = 0, scale: float = 1.0, keep: Any = None):
+    """Softmax over the last dimension: row max, SPU's exp, and its division. Keys where the public 0/1 ``keep`` is
+    0 get weight 0: lowered by 100 so as not to be the row's max, and their exp (whatever SPU's approximation gives
+    so far out) multiplied by 0."""
     import jax
-    return _run(('softmax',), lambda s: jax.nn.softmax(s, axis=-1), scores)
+    if keep is None:
+        return _run(('softmax',), lambda s: jax.nn.softmax(s, axis=-1), scores)
+    mask = keep.detach().numpy().astype('float32')
+
+    def masked(s):
+        s = s + (mask - 1) * 100.0
+        e = jax.numpy.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))) * mask
+        return e / e.sum(axis=-1, keepdims=True)
+    return _run(('softmax', mask.shape, hashlib.sha256(mask.tobytes()).hexdigest()), masked, scores)
 
 
 def gelu(x, settings: Optional[SecureSettings] = None, exp_iterations: Optional[int] = None):

@@ -118,6 +118,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import build_dataset, build_loader, model_data_config
     from .engine import evaluate, model_summary
     kwargs = parse_json(args.model_kwargs, '--model-kwargs') if args.model_kwargs else {}
+    if args.img_size:
+        kwargs['img_size'] = args.img_size
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
     data_config = model_data_config(model)
@@ -170,13 +172,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--test-subset', type=int, default=None, help='evaluate on the first N test images only')
     p.add_argument('--workers', type=int, default=_DEFAULTS.workers, help='data loader processes')
     p.add_argument('--model-kwargs', default=None, help='JSON keyword arguments for timm.create_model')
+    p.add_argument('--img-size', type=int, default=None, help='build the model at this input size (timm resamples '
+                   'a pretrained position embedding)')
 
 
 def _add_run_args(p: argparse.ArgumentParser, epochs: int) -> None:
     d = _DEFAULTS
     p.add_argument('--output', required=True, help='run folder (run.json, model.safetensors, checkpoints)')
     p.add_argument('--model', default=d.model, help='mpcvit_tiny, mpcvit_small (or a tag, e.g. mpcvit_tiny.cifar10 '
-                                                    'for CIFAR mean/std)')
+                                                    'for CIFAR mean/std), or any timm model convert_to_mpc supports '
+                                                    '(converted, its data config timm\'s)')
+    p.add_argument('--pretrained', action='store_true', help='start from the model\'s pretrained timm weights; a '
+                   'retraining of a converted timm model then distils from the pretrained original unless --no-kd')
     _add_data_args(p)
     p.add_argument('--train-subset', type=int, default=None, help='train on the first N images only')
     p.add_argument('--epochs', type=int, default=epochs)
@@ -206,7 +213,9 @@ def _add_run_args(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument('--engine', default=d.engine, help='MPC engine whose measured costs price the latency estimates, '
                    'budgets and cost-weighted penalty: crypten (default) or spu')
     p.add_argument('--protocol', default=None, help='that engine\'s protocol (default: its first; spu: cheetah)')
-    p.add_argument('--teacher', default=None, help='all-Softmax teacher weights: distil with token-level KD')
+    p.add_argument('--teacher', default=None, help='teacher weights: distil with token-level KD (a converted timm '
+                   'model\'s teacher is its unconverted original with these weights; mpcvit_*: an all-Softmax run)')
+    p.add_argument('--no-kd', action='store_true', help='no distillation, even from a pretrained original')
     p.add_argument('--kd-alpha', type=float, default=d.kd_alpha, help='weight of the token MSE term')
 
 

@@ -19,6 +19,8 @@ class RunConfig:
     output: str = 'runs/run'
     model: str = 'mpcvit_tiny'
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False  # start from the model's pretrained timm weights (and distil from them: see teacher)
+    img_size: Optional[int] = None  # build the model at this input size (timm resamples a pretrained position table)
     attn_pattern: Optional[Union[str, List[Any]]] = 'softmax'
     gelu_pattern: Optional[Union[str, List[Any]]] = None
     init_from: Optional[str] = None
@@ -62,9 +64,11 @@ class RunConfig:
     budget_s: List[float] = field(default_factory=list)
     gelu_keep: Optional[float] = None
 
-    # distillation
+    # distillation: the teacher's weights; a converted timm model's teacher is its original, unconverted architecture,
+    # and a retraining with pretrained and no teacher file distils from the pretrained original unless no_kd
     teacher: Optional[str] = None
     kd_alpha: float = 1.0
+    no_kd: bool = False
 
     device: str = 'cpu'
     amp: bool = False
@@ -78,6 +82,10 @@ class RunConfig:
         cost-weighted penalty (checked: an unknown engine or protocol raises ValueError)."""
         from ..secure.settings import SecureSettings
         return SecureSettings(engine=self.engine, protocol=self.protocol)
+
+    def model_args(self, num_classes: int) -> Dict[str, Any]:
+        """``timm.create_model`` keyword arguments of the run's model (and its teacher)."""
+        return dict(self.model_kwargs, num_classes=num_classes, **({'img_size': self.img_size} if self.img_size else {}))
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+import timm
 import torch
 import torch.distributed as dist
 from timm.data import Mixup
@@ -20,7 +21,7 @@ from timm.utils.distributed import init_distributed_device_so
 from torch import nn
 from tqdm import tqdm
 
-from ..factory import create_mpc_model
+from ..factory import builds_mpc_attention, create_mpc_model
 from ..layers.attn_kinds import SEARCH
 from ..layers.pattern_state import checkpoint_state, is_pattern_key
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
@@ -31,7 +32,8 @@ from .config import RunConfig
 from .data import DATASETS, build_dataset, build_loader, model_data_config
 from .losses import ArchitecturePenalty, TokenDistillationLoss
 
-__all__ = ['TokensAndLogits', 'create_run_model', 'load_weights', 'evaluate', 'model_summary', 'train_model']
+__all__ = ['TokensAndLogits', 'create_run_model', 'create_teacher', 'load_weights', 'evaluate', 'model_summary',
+           'train_model']
 
 
 class TokensAndLogits(nn.Module):
@@ -60,17 +62,39 @@ def load_weights(model: nn.Module, path: str) -> None:
 def create_run_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """The model a run trains: its pattern from ``cfg`` (or from the ``init_from`` checkpoint when
     ``pattern_from_init``), its weights random or from ``init_from``."""
-    kwargs = dict(cfg.model_kwargs, num_classes=num_classes, drop_path_rate=cfg.drop_path)
+    kwargs = dict(cfg.model_args(num_classes), drop_path_rate=cfg.drop_path)
     if cfg.init_from and cfg.pattern_from_init:
         model = create_mpc_model(cfg.model, checkpoint=cfg.init_from, **kwargs)
         if cfg.reinit_weights:  # the paper retrains the searched architecture from scratch
             model = create_mpc_model(cfg.model, attn_pattern=get_attn_pattern(model),
                                      gelu_pattern=get_gelu_pattern(model) or None, **kwargs)
         return model
-    model = create_mpc_model(cfg.model, attn_pattern=cfg.attn_pattern, gelu_pattern=cfg.gelu_pattern, **kwargs)
+    model = create_mpc_model(cfg.model, pretrained=cfg.pretrained and not cfg.init_from, attn_pattern=cfg.attn_pattern,
+                             gelu_pattern=cfg.gelu_pattern, **kwargs)
     if cfg.init_from:
         load_weights(model, cfg.init_from)
     return model
+
+
+def create_teacher(cfg: RunConfig, num_classes: int, mode: str) -> Optional[nn.Module]:
+    """The distillation teacher, or None (no KD).
+
+    A timm model that ``convert_to_mpc`` converts distils from its original, unconverted architecture (timm's own
+    attention: the same logits, faster): with ``cfg.teacher``'s weights, or, when retraining with ``pretrained``
+    and no teacher file, the pretrained weights (``no_kd`` turns that off). An ``mpcvit_*`` model has no
+    unconverted original: its teacher is an all-Softmax checkpoint, ``cfg.teacher``.
+    """
+    if cfg.no_kd:
+        return None
+    kwargs = cfg.model_args(num_classes)
+    if builds_mpc_attention(cfg.model):
+        return create_mpc_model(cfg.model, checkpoint=cfg.teacher, **kwargs) if cfg.teacher else None
+    if not cfg.teacher and not (mode == 'retrain' and cfg.pretrained):
+        return None
+    teacher = timm.create_model(cfg.model, pretrained=not cfg.teacher, **kwargs)
+    if cfg.teacher:
+        load_weights(teacher, cfg.teacher)
+    return teacher
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
@@ -223,6 +247,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     model = create_run_model(cfg, num_classes).to(device)
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
+    if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
+        from ..cost import cost_table_shape
+        cost_table_shape(model)
     data_config = model_data_config(model)
     in_chans = data_config['input_size'][0]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, in_chans, cfg.train_subset)
@@ -231,9 +258,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     train_loader = build_loader(train_set, data_config, cfg.batch_size, True, cfg.workers, world > 1, device, **aug)
     test_loader = build_loader(test_set, data_config, cfg.batch_size, False, cfg.workers, False, device)
 
-    teacher = None
-    if cfg.teacher:
-        teacher = create_mpc_model(cfg.model, checkpoint=cfg.teacher, **dict(cfg.model_kwargs, num_classes=num_classes))
+    teacher = create_teacher(cfg, num_classes, mode)
+    if teacher is not None:
         teacher = TokensAndLogits(teacher).to(device).eval().requires_grad_(False)
     penalty = None
     if mode == 'search':

@@ -1,10 +1,12 @@
 """Hub publishing: repository folders, round trips through local-dir:, an offline Hub cache and a loopback
 Hub, model cards rendered from measured JSON, and the checkpoints shipped in the repository."""
+import http.server
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -287,25 +289,48 @@ def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     assert torch.allclose(first, torch.tensor(reference['logits']), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize('hub', ['unreachable', 'offline', 'unreachable, cached'])
+class _NotOnThisHub(http.server.BaseHTTPRequestHandler):
+    """A Hub that answers, without the repository (as the real one does until the checkpoints are uploaded)."""
+
+    def do_HEAD(self):
+        self.send_response(404)
+        self.send_header('X-Error-Code', 'RepoNotFound')
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize('hub', ['unreachable', 'offline', 'unreachable, cached', 'without the repository'])
 def test_without_the_hub_the_published_weights_come_from_the_cache_or_the_checkout(tmp_path, hub):
-    """The two-command quick start: with no Hub (its host does not answer, or HF_HUB_OFFLINE) and an empty cache,
-    `pretrained=True` reads the checkout's shipped copy, saying so in one line; a cached copy is read without the
-    minute of retries huggingface_hub spends on an unreachable host."""
+    """The two-command quick start: where the Hub cannot give the weights (its host does not answer, HF_HUB_OFFLINE,
+    or it answers without the repository) and the cache is empty, `pretrained=True` reads the checkout's shipped
+    copy, saying so in one line; a cached copy is read without the minute of retries huggingface_hub spends on an
+    unreachable host."""
     cache = tmp_path / 'hub'
     cache.mkdir()
     if 'cached' in hub:
         seed_hub_cache(SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd', cache_dir=cache)
-    env = dict(HF_HUB_CACHE=str(cache), **({'HF_HUB_OFFLINE': '1'} if hub == 'offline' else
-                                            {'HF_ENDPOINT': 'http://127.0.0.1:9'}))  # a closed port: refused at once
+    server = None
+    if hub == 'without the repository':
+        server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _NotOnThisHub)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        env = dict(HF_HUB_CACHE=str(cache), HF_ENDPOINT=f'http://127.0.0.1:{server.server_address[1]}')
+    else:
+        env = dict(HF_HUB_CACHE=str(cache), **({'HF_HUB_OFFLINE': '1'} if hub == 'offline' else
+                                                {'HF_ENDPOINT': 'http://127.0.0.1:9'}))  # a closed port: refused
     proc = _run_python(f'''
         import timm, torch, timm_mpc
         from timm_mpc.data import example_images
         with torch.no_grad():
             torch.save(timm.create_model('mpcvit_tiny', pretrained=True).eval()(example_images()[0]), {str(tmp_path / 'out.pt')!r})
         ''', **env)
+    if server is not None:
+        server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    notice = [line for line in proc.stderr.splitlines() if 'Hugging Face Hub cannot be reached' in line]
+    notice = [line for line in proc.stderr.splitlines() if 'Hugging Face Hub cannot give' in line]
     source = cache if 'cached' in hub else SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd'
     assert len(notice) == 1 and str(source) in notice[0], proc.stderr[-2000:]
     reference = json.loads((ROOT / 'tests' / 'reference' / 'mpcvit_tiny.fmnist_mu70_kd_logits.json').read_text())

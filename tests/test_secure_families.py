@@ -1,5 +1,6 @@
 """Every family convert_to_mpc supports runs securely: a small configuration of each, converted with a mixed
 per-head pattern, gives its plain-text logits under two real parties."""
+import copy
 import warnings
 
 import pytest
@@ -7,8 +8,9 @@ import timm
 import torch
 
 import timm_mpc
-from timm_mpc.secure import InsecureSettingWarning, secure_predict
-from timm_mpc.secure.plan import build_plan, normalization, swin_windows
+from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
+from timm_mpc.secure.plan import (PlanError, SecurePlan, build_plan, build_secure_plan, normalization,
+                                  swin_windows)
 
 TOLERANCE = 2e-2  # largest logit error at 16 (CrypTen) and 18 (SPU) fractional bits, on logits of order one
 
@@ -120,6 +122,17 @@ def test_swin_shifted_windows_relative_position_bias_and_patch_merging(engine):
     assert merged.merge.path == 'layers.1.downsample' and merged.window.resolution == [4, 4]
     assert plan.patch_norm is not None and plan.head == 'head.fc' and shifted.mlp.gelu_tokens == [1, 0] * 32
     assert 'layers.0.blocks.0.attn.relative_position_bias_table' in plan.params
+    # the client refuses grids that do not follow from the input, before anything runs
+    sent = build_secure_plan(model, SecureSettings()).to_dict()
+    for path, value in (('resolution', [4, 4]), ('window_size', [0, 4]), ('shift', [2])):
+        tampered = copy.deepcopy(sent)
+        tampered['blocks'][1]['window'][path] = value
+        with pytest.raises(PlanError, match=r'plan layers.0.blocks.1.window: .*accepted: the grid there \(\[8, 8\]\)'):
+            SecurePlan.from_dict(tampered)
+    tampered = copy.deepcopy(sent)
+    tampered['blocks'][2]['merge']['resolution'] = [4, 4]
+    with pytest.raises(PlanError, match=r'plan layers.1.downsample.resolution \[4, 4\]; the grid there is \[8, 8\]'):
+        SecurePlan.from_dict(tampered)
     images = _images(model, 2, 32)
     with torch.no_grad():
         plain = model(images)

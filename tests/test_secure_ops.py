@@ -218,6 +218,11 @@ def test_plan_refuses_unsupported_models_naming_the_module():
                              embed_dim=8)
     with pytest.raises(UnsupportedModelError, match=r'layers.0.blocks.0 .*windows that tile the token grid'):
         build_plan(timm_mpc.convert_to_mpc(swin))
+    # nor one that merges an odd token grid (timm pads it)
+    swin = timm.create_model('swin_tiny_patch4_window7_224', img_size=56, window_size=7, depths=(1, 1, 1),
+                             num_heads=(1, 2, 4), embed_dim=8)
+    with pytest.raises(UnsupportedModelError, match=r'layers.2.downsample .*even token grid .*\[7, 7\]'):
+        build_plan(timm_mpc.convert_to_mpc(swin))
     model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', act_layer='gelu_tanh')
     with pytest.raises(UnsupportedModelError, match=r"blocks.0.mlp.act \(GELUTanh\).*'gelu', 'quad_gelu', 'relu', 'silu', 'identity'"):
         build_plan(model)

@@ -352,17 +352,34 @@ def test_a_converted_timm_model_starts_from_pretrained_weights_and_distils_from_
     assert type(from_file.blocks[0].attn) is Attention
     with torch.no_grad():
         assert torch.allclose(from_file(images), expected, atol=1e-5)
+    # a teacher file of other kinds keeps them: its converted architecture computes it
+    timm_mpc.set_attn_pattern(model, 'relu_softmax')
+    save_weights(checkpoint_state(model), tmp_path / 'relu_teacher.safetensors')
+    relu_teacher = create_teacher(replace(cfg, teacher=str(tmp_path / 'relu_teacher.safetensors')), 10, 'train')
+    assert timm_mpc.count_head_kinds(relu_teacher) == {'relu_softmax': 3}
+    # a pretrained original with another class count would teach with a random head: refused
+    with pytest.raises(ValueError, match=r'classifies 10 classes and this run 7: .*--teacher FILE .* or --no-kd'):
+        create_teacher(cfg, 7, 'retrain')
     # --img-size builds the model at another size; timm resamples the pretrained position embedding
     bigger = create_run_model(replace(cfg, img_size=48), 10)
     assert bigger.patch_embed.img_size == (48, 48) and bigger.pos_embed.shape[1] == 1 + 36
 
 
-def test_a_model_the_cost_model_does_not_price_is_refused_before_the_first_epoch(tmp_path):
+def test_a_model_the_cost_model_does_not_price_is_refused_before_the_first_epoch(tmp_path, capsys):
+    from timm_mpc.layers.pattern_state import checkpoint_state
     from timm_mpc.training import RunConfig
     from timm_mpc.training.engine import train_model
+    from timm_mpc.utils import save_weights
     swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
     cfg = RunConfig(model='swin_tiny_patch4_window7_224', model_kwargs=swin, attn_pattern='search', epochs=1,
                     output=str(tmp_path / 'search'))
-    with pytest.raises(ValueError, match=r'SwinTransformer is not priced yet.*--no-latency'):
+    with pytest.raises(ValueError, match=r'SwinTransformer is not priced yet: a search .* cannot be searched yet'):
         train_model(cfg, 'search')
     assert not list((tmp_path / 'search').iterdir())
+    weights = tmp_path / 'swin.safetensors'
+    save_weights(checkpoint_state(timm_mpc.create_mpc_model('swin_tiny_patch4_window7_224', num_classes=10, **swin)),
+                 weights)
+    capsys.readouterr()
+    assert main(['eval', '--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', json.dumps(swin), '--checkpoint',
+                 str(weights)]) == 2
+    assert 'SwinTransformer is not priced yet: evaluate it with --no-latency' in capsys.readouterr().err

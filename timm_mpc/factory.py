@@ -24,7 +24,8 @@ def builds_mpc_attention(name: str) -> bool:
 
 
 def _num_classes(name: str, state: Dict[str, Any]) -> Optional[int]:
-    """The classes of the classifier in a state dict of ``name``'s architecture (0: no classifier; None: unknown)."""
+    """The classes of the classifier in a state dict of ``name``'s architecture (None: no classifier weight found
+    under the name timm's ``pretrained_cfg`` gives it)."""
     cfg = get_pretrained_cfg(name)
     classifier = getattr(cfg, 'classifier', None) or 'head'
     weight = state.get(f'{classifier[0] if isinstance(classifier, (tuple, list)) else classifier}.weight')

@@ -231,13 +231,18 @@ def quad2_weights(
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
+def _masked(values: Any, keep: Optional[torch.Tensor]) -> Any:
+    """``values`` with the keys ``keep`` masks (0) set to 0."""
+    return values if keep is None else values * keep
+
+
 def _scores(q: Any, k: Any, scale: float, ctx: KindContext) -> Any:
     scores = q.mul(scale).matmul(k.transpose(-2, -1))
     return scores if ctx.bias is None else scores + ctx.bias
 
 
 def _kept(weights: Any, ctx: KindContext) -> Any:
-    return weights if ctx.keep is None else weights * ctx.keep
+    return _masked(weights, ctx.keep)
 
 
 def _secure_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
@@ -266,8 +271,6 @@ def _secure_quad2(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any
     return (numer * ctx.reciprocal(numer.sum(-1, keepdim=True))).matmul(v)
 
 
-def _masked(values: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    return values if keep is None else values * keep
 
 
 def _calibrated(calibrated: Dict[str, float], num_keys: int) -> Tuple[float, float, bool]:

@@ -341,21 +341,22 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _without_the_hub(cfg: Dict[str, Any]) -> Optional[Path]:
-    """Where to read published weights when the Hub cannot give them (``HF_HUB_OFFLINE``, or its host does not
-    answer): the Hub cache's copy, else a checkout's shipped copy; None where timm should fetch them as usual."""
-    repo = cfg.get('hf_hub_id')
-    if not repo or cfg.get('file') or cfg.get('state_dict'):
-        return None
+def _local_copy(repo: str) -> Optional[Path]:
+    """A published repository's weights without the Hub: the Hub cache's copy, else a checkout's shipped copy."""
     cached = try_to_load_from_cache(repo, 'model.safetensors')
-    if constants.HF_HUB_OFFLINE and isinstance(cached, str):
-        return None  # timm reads the cache itself, without a request
-    if not constants.HF_HUB_OFFLINE and _hub_reachable():
-        return None
     if isinstance(cached, str):
         return Path(cached)
     shipped = SHIPPED_CHECKPOINTS / repo / 'model.safetensors'
     return shipped if shipped.is_file() else None
+
+
+def _from_local_copy(kwargs: Dict[str, Any], repo: str, why: str) -> Optional[Dict[str, Any]]:
+    """``kwargs`` that load ``repo``'s local copy instead of asking the Hub (and a one-line notice), or None."""
+    local = _local_copy(repo)
+    if local is None:
+        return None
+    _logger.warning(f'timm-mpc: the Hugging Face Hub cannot give {repo} ({why}); loading it from {local}')
+    return dict(kwargs, pretrained_cfg_overlay=dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(local)))
 
 
 def _check_weights_pattern(model: MPCViT, requested: Dict[str, Any]) -> None:
@@ -393,13 +394,25 @@ def _create_mpcvit(variant: str, pretrained: bool = False, **kwargs: Any) -> MPC
             f'{[f"{variant}.{tag}" for tag, c in default_cfgs[variant].cfgs.items() if c.hf_hub_id]}')
     if cfg.get('file') and not os.path.exists(cfg['file']):
         raise PretrainedWeightsError(f'checkpoint file for {name} not found: {cfg["file"]}')
-    local = _without_the_hub(cfg)
-    if local is not None:
-        why = 'HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else f'{urlparse(constants.ENDPOINT).hostname} does not answer'
-        _logger.warning(f'timm-mpc: the Hugging Face Hub cannot be reached ({why}); loading {cfg["hf_hub_id"]} from {local}')
-        kwargs['pretrained_cfg_overlay'] = dict(kwargs.get('pretrained_cfg_overlay') or {}, file=str(local))
+    # published weights without the Hub (offline, or its host does not answer): the cache's or the checkout's copy;
+    # with an offline cache timm reads it itself. huggingface_hub alone retries a silent host for about a minute
+    repo = None if cfg.get('file') or cfg.get('state_dict') else cfg.get('hf_hub_id')
+    if repo and not (constants.HF_HUB_OFFLINE and isinstance(try_to_load_from_cache(repo, 'model.safetensors'), str)):
+        why = ('HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else
+               None if _hub_reachable() else f'{urlparse(constants.ENDPOINT).hostname} does not answer')
+        local = _from_local_copy(kwargs, repo, why) if why else None
+        if local is not None:
+            kwargs, repo = local, None
     try:
-        model = build_model_with_cfg(MPCViT, variant, pretrained=True, **build, **kwargs)
+        try:
+            model = build_model_with_cfg(MPCViT, variant, pretrained=True, **build, **kwargs)
+        except (TypeError, PatternError):
+            raise
+        except Exception as e:  # the Hub answered without the weights (not published there yet): a local copy
+            local = _from_local_copy(kwargs, repo, f'{type(e).__name__}') if repo else None
+            if local is None:
+                raise
+            model = build_model_with_cfg(MPCViT, variant, pretrained=True, **build, **local)
     except (TypeError, PatternError):  # arguments the model does not take: not a weights problem
         raise
     except Exception as e:  # any other failure is a failure to get the weights: say which and from where

@@ -67,7 +67,9 @@ __all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'MLP_KINDS', '
            'UnsupportedModelError', 'InputRangeError', 'build_plan', 'build_secure_plan', 'check_image_tensor',
            'check_images', 'normalization', 'PLAN_VERSION']
 
-PLAN_VERSION = 5  # 5: Swin (windows, patch merging, block paths); 4: DeiT's distillation token and head; 3: typed plan, kind constants as opts, every schedule
+PLAN_VERSION = 5
+"""5: Swin (windows, patch merging, block paths); 4: DeiT's distillation token and head; 3: typed plan, kind
+constants as opts, every schedule."""
 
 _BOUND_TOLERANCE = 1e-3  # float round-off of a normalization, in normalized units
 
@@ -270,31 +272,26 @@ class SecurePlan:
             raise PlanError(f'plan input_bounds must be one [low, high] pair per channel ({c}), '
                             f'got {self.input_bounds}')
         acts = [name for name, _ in ACTIVATIONS]
-        for i, blk in enumerate(self.blocks):
-            if blk.window is not None and (any(r % w for r, w in zip(blk.window.resolution, blk.window.window_size))
-                                           or not all(0 <= s < w for s, w in zip(blk.window.shift,
-                                                                                 blk.window.window_size))):
-                raise PlanError(f'plan blocks[{i}].window: a grid of {blk.window.resolution} in windows of '
-                                f'{blk.window.window_size} shifted by {blk.window.shift}; accepted: windows that tile '
-                                f'the grid, shifts smaller than a window')
+        _check_window_chain(self)
+        for blk in self.blocks:
             try:
                 blk.attn.groups()
             except PatternError as e:
-                raise PlanError(f'plan blocks.{i}.attn: {e}') from None
+                raise PlanError(f'plan {blk.path}.attn: {e}') from None
             if len(blk.attn.kinds) != blk.attn.num_heads:
-                raise PlanError(f'plan blocks.{i}.attn has {len(blk.attn.kinds)} kinds for {blk.attn.num_heads} heads')
+                raise PlanError(f'plan {blk.path}.attn has {len(blk.attn.kinds)} kinds for {blk.attn.num_heads} heads')
             if blk.mlp.act not in acts:
-                raise PlanError(f'plan blocks.{i}.mlp.act {blk.mlp.act!r}; accepted: {acts}')
+                raise PlanError(f'plan {blk.path}.mlp.act {blk.mlp.act!r}; accepted: {acts}')
             if blk.style not in ('pre', 'post'):
-                raise PlanError(f'plan blocks.{i}.style {blk.style!r}; accepted: pre, post')
+                raise PlanError(f'plan {blk.path}.style {blk.style!r}; accepted: pre, post')
             if blk.mlp.kind not in MLP_KINDS or (blk.mlp.kind != 'mlp' and blk.mlp.gelu_tokens is not None):
-                raise PlanError(f'plan blocks.{i}.mlp.kind {blk.mlp.kind!r}; accepted: {list(MLP_KINDS)} (GeLU tokens '
+                raise PlanError(f'plan {blk.path}.mlp.kind {blk.mlp.kind!r}; accepted: {list(MLP_KINDS)} (GeLU tokens '
                                 f'with mlp only)')
             if blk.attn.qkv not in ('fused', 'separate'):
-                raise PlanError(f'plan blocks.{i}.attn.qkv {blk.attn.qkv!r}; accepted: fused, separate')
+                raise PlanError(f'plan {blk.path}.attn.qkv {blk.attn.qkv!r}; accepted: fused, separate')
             if self.rope is not None and blk.attn.rope_half is not None and any(
                     len(row) != 2 * blk.attn.head_dim for row in self.rope):
-                raise PlanError(f'plan rope rows must hold sin and cos of blocks.{i}.attn\'s head size '
+                raise PlanError(f'plan rope rows must hold sin and cos of {blk.path}.attn\'s head size '
                                 f'({2 * blk.attn.head_dim} values)')
         if self.rope is not None and len(self.rope) != self.tokens - self.num_prefix_tokens:
             raise PlanError(f'plan rope has {len(self.rope)} rows for {self.tokens - self.num_prefix_tokens} patches')
@@ -307,6 +304,30 @@ class SecurePlan:
         if missing:
             raise PlanError(f'plan schedules miss {missing[:4]}{" ..." if len(missing) > 4 else ""}: every LayerNorm '
                             f'and every attention kind with a reciprocal needs one')
+
+
+def _check_window_chain(plan: 'SecurePlan') -> None:
+    """Swin's grids must follow from the input: the patch grid, halved by each patch merging; windows that tile
+    them, shifts smaller than a window."""
+    windowed = [blk for blk in plan.blocks if blk.window is not None]
+    if not windowed:
+        return
+    if len(windowed) != len(plan.blocks) or plan.num_prefix_tokens:
+        raise PlanError('plan blocks: windowed attention in every block and no prefix tokens, or none')
+    grid = [plan.input_size[1] // plan.patch_size[0], plan.input_size[2] // plan.patch_size[1]]
+    for blk in plan.blocks:
+        w = blk.window
+        if blk.merge is not None:
+            if blk.merge.resolution != grid or any(r % 2 for r in grid):
+                raise PlanError(f'plan {blk.merge.path}.resolution {blk.merge.resolution}; the grid there is {grid} '
+                                f'(and patch merging needs it even)')
+            grid = [r // 2 for r in grid]
+        if not all(len(v) == 2 for v in (w.resolution, w.window_size, w.shift)) or w.resolution != grid \
+                or not all(size > 0 and r % size == 0 and 0 <= s < size
+                           for r, size, s in zip(w.resolution, w.window_size, w.shift)):
+            raise PlanError(f'plan {blk.path}.window: a grid of {w.resolution} in windows of {w.window_size} shifted '
+                            f'by {w.shift}; accepted: the grid there ({grid}), windows that tile it, shifts smaller '
+                            f'than a window')
 
 
 def _decode(tp: Any, value: Any, path: str) -> Any:
@@ -371,7 +392,9 @@ def _attention(path: str, attn: nn.Module) -> AttentionSpec:
         scale=float(attn.scale), kinds=attn.heads.pattern,
         qkv='fused' if fused else 'separate', qkv_bias=qkv_bias, qv_bias=qv_bias, proj_bias=attn.proj.bias is not None,
         # Swin's window attention has no q/k norms and no inner norm
-        **{f'{norm}': _layer_norm(f'{path}.{norm}', getattr(attn, norm, nn.Identity())) for norm in ('q_norm', 'k_norm', 'norm')}, rope_half=bool(getattr(attn, 'rotate_half', False)) if eva else None,
+        **{norm: _layer_norm(f'{path}.{norm}', getattr(attn, norm, nn.Identity()))
+           for norm in ('q_norm', 'k_norm', 'norm')},
+        rope_half=bool(getattr(attn, 'rotate_half', False)) if eva else None,
         opts={k: float(v) for k, v in attn.heads.opts.items()})
 
 
@@ -452,11 +475,16 @@ def _swin_blocks(model: SwinTransformer) -> List[BlockSpec]:
     blocks = []
     for s, stage in enumerate(model.layers):
         merge = None
+        if not len(stage.blocks):
+            _fail(f'layers.{s}', stage, 'stages with at least one block')
         if isinstance(stage.downsample, PatchMerging):
             path = f'layers.{s}.downsample'
             if not isinstance(stage.downsample.reduction, nn.Linear):
                 _fail(f'{path}.reduction', stage.downsample.reduction, 'nn.Linear')
-            merge = MergeSpec(path=path, resolution=[r * 2 for r in stage.blocks[0].input_resolution],
+            if any(r % 2 for r in stage.input_resolution):
+                _fail(path, stage.downsample, f'patch merging of an even token grid (timm pads the '
+                                              f'{list(stage.input_resolution)} grid)')
+            merge = MergeSpec(path=path, resolution=list(stage.input_resolution),
                               norm=_layer_norm(f'{path}.norm', stage.downsample.norm, optional=False),
                               reduction_bias=stage.downsample.reduction.bias is not None)
         elif not isinstance(stage.downsample, nn.Identity):
@@ -569,8 +597,7 @@ def _swin_plan(model: SwinTransformer) -> SecurePlan:
             or not isinstance(head.fc, (nn.Linear, nn.Identity)):
         _fail('head', head, "timm ClassifierHead with global_pool 'avg' and a linear fc")
     return SecurePlan(
-        **_input_fields(model), embed_dim=model.embed_dim[0] if isinstance(model.embed_dim, (list, tuple))
-        else model.patch_embed.proj.out_channels,
+        **_input_fields(model), embed_dim=pe.proj.out_channels,
         cls_token=False, reg_tokens=0, num_prefix_tokens=0, pos_embed=False, no_embed_class=False, norm_pre=None,
         blocks=_swin_blocks(model), norm=_layer_norm('norm', model.norm), fc_norm=None, global_pool='avg',
         num_classes=head.fc.out_features if isinstance(head.fc, nn.Linear) else 0, params=_params(model),

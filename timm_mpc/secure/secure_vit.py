@@ -128,8 +128,9 @@ class SecureViT:
         plan, m, ops = self.plan, self.meter, self.ops
         with m.section('patch_embed', 'linear'):
             x = ops.linear(patches, self.w('patch_embed.proj.weight'), self.w('patch_embed.proj.bias'))
-        with m.section('patch_embed', 'layernorm'):
-            x = self._layer_norm(x, 'patch_embed.norm', plan.patch_norm)
+        if plan.patch_norm is not None:
+            with m.section('patch_embed', 'layernorm'):
+                x = self._layer_norm(x, 'patch_embed.norm', plan.patch_norm)
         with m.section('embed', 'add'):
             B = x.size(0)
             prefix = []

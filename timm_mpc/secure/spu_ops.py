@@ -5,11 +5,11 @@ CrypTen's Newton schedules (iteration counts, input scales for the reciprocal) d
 inputs of its reciprocal and inverse square root by their bit length itself. The LayerNorm's calibrated public
 scale is kept: it lifts a small variance off the fixed-point floor before squaring, as with CrypTen.
 """
-import hashlib
 from typing import Any, Optional
 
 from .ops import GELU_TAIL_A, GELU_TAIL_B
 from .settings import SecureSettings
+from .spu_runtime import static_key
 
 __all__ = ['linear', 'layer_norm', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu']
 
@@ -63,7 +63,7 @@ def softmax(scores, iters: int = 0, scale: float = 1.0, keep: Any = None):
         s = s + (mask - 1) * 100.0
         e = jax.numpy.exp(s - jax.lax.stop_gradient(s.max(axis=-1, keepdims=True))) * mask
         return e / e.sum(axis=-1, keepdims=True)
-    return _run(('softmax', mask.shape, hashlib.sha256(mask.tobytes()).hexdigest()), masked, scores)
+    return _run(('softmax', static_key(keep)), masked, scores)
 
 
 def gelu(x, settings: Optional[SecureSettings] = None, exp_iterations: Optional[int] = None):

@@ -12,6 +12,7 @@ its traffic is what SPU's profiler logged for that program.
 
 SPU and JAX are imported when a session starts (``pip install -e ".[spu]"``).
 """
+import hashlib
 import os
 import re
 import sys
@@ -22,7 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-__all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'SPU_PROTOCOLS', 'SPU_FRACTION_BITS']
+__all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'static_key', 'SPU_PROTOCOLS',
+           'SPU_FRACTION_BITS']
 
 SPU_PROTOCOLS = ('cheetah', 'semi2k')
 SPU_FRACTION_BITS = 18  # SPU's default for its 64-bit ring
@@ -251,14 +253,17 @@ class SpuSession:
             self._log.close()
 
 
-def _static(value: Any) -> Any:
+def static_key(value: Any) -> Any:
     """A hashable, printable form of a public constant for a program's key."""
     if isinstance(value, torch.Tensor):
+        if value.numel() > 64:  # a mask or an index: its digest, not every value, keys the program cache
+            data = value.detach().cpu().contiguous().numpy().tobytes()
+            return ('tensor', tuple(value.shape), str(value.dtype), hashlib.sha256(data).hexdigest())
         return ('tensor', tuple(value.shape), tuple(value.flatten().tolist()))
     if isinstance(value, slice):
         return ('slice', value.start, value.stop, value.step)
     if isinstance(value, tuple):
-        return tuple(_static(v) for v in value)
+        return tuple(static_key(v) for v in value)
     return value
 
 
@@ -332,21 +337,21 @@ class SpuTensor:
 
     def index_select(self, dim: int, index: torch.Tensor) -> 'SpuTensor':
         idx = np.asarray(index.tolist(), dtype=np.int64)
-        return self._apply(('index_select', dim, _static(index)), lambda x: self.session.jnp.take(x, idx, axis=dim))
+        return self._apply(('index_select', dim, static_key(index)), lambda x: self.session.jnp.take(x, idx, axis=dim))
 
     def expand(self, *sizes: int) -> 'SpuTensor':
         shape = tuple(s if s != -1 else self.shape[i - (len(sizes) - len(self.shape))] for i, s in enumerate(sizes))
         return self._apply(('expand', shape), lambda x: self.session.jnp.broadcast_to(x, shape))
 
     def __getitem__(self, key: Any) -> 'SpuTensor':
-        return self._apply(('getitem', _static(_normalize_key(key))), lambda x: x[key])
+        return self._apply(('getitem', static_key(_normalize_key(key))), lambda x: x[key])
 
     # --- arithmetic
     def _binary(self, op: str, other: Any, fn: Callable[[Any, Any], Any]) -> 'SpuTensor':
         if isinstance(other, SpuTensor):
             return self._apply((op,), fn, other)
         const = np.asarray(other.detach().numpy() if isinstance(other, torch.Tensor) else other, dtype=np.float32)
-        return self._apply((op, _static(other)), lambda x: fn(x, const))
+        return self._apply((op, static_key(other)), lambda x: fn(x, const))
 
     def add(self, other: Any) -> 'SpuTensor':
         return self._binary('add', other, lambda a, b: a + b)

@@ -122,6 +122,9 @@ def _eval(args: argparse.Namespace) -> int:
         kwargs['img_size'] = args.img_size
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
+    if not args.no_latency:  # the estimate comes after the evaluation: refuse a model it cannot price now
+        from ..cost import cost_table_shape
+        cost_table_shape(model, 'evaluate it with --no-latency')
     data_config = model_data_config(model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][0],
                        args.test_subset)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict, resume_checkpoint
+from timm.models._builder import resolve_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, CheckpointSaver, NativeScaler, accuracy
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..factory import builds_mpc_attention, create_mpc_model
-from ..layers.attn_kinds import SEARCH
+from ..layers.attn_kinds import BASELINE_KIND, SEARCH
 from ..layers.pattern_state import checkpoint_state, is_pattern_key
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..reader import num_weights
@@ -87,14 +88,22 @@ def create_teacher(cfg: RunConfig, num_classes: int, mode: str) -> Optional[nn.M
     if cfg.no_kd:
         return None
     kwargs = cfg.model_args(num_classes)
-    if builds_mpc_attention(cfg.model):
-        return create_mpc_model(cfg.model, checkpoint=cfg.teacher, **kwargs) if cfg.teacher else None
-    if not cfg.teacher and not (mode == 'retrain' and cfg.pretrained):
-        return None
-    teacher = timm.create_model(cfg.model, pretrained=not cfg.teacher, **kwargs)
     if cfg.teacher:
-        load_weights(teacher, cfg.teacher)
-    return teacher
+        teacher = create_mpc_model(cfg.model, checkpoint=cfg.teacher, **kwargs)
+        if builds_mpc_attention(cfg.model) or get_gelu_pattern(teacher) or any(
+                kind != BASELINE_KIND for layer in get_attn_pattern(teacher) for kind in layer):
+            return teacher  # a teacher of other kinds than the original's: its converted architecture computes it
+        original = timm.create_model(cfg.model, **kwargs)
+        load_weights(original, cfg.teacher)
+        return original
+    if mode != 'retrain' or not cfg.pretrained or builds_mpc_attention(cfg.model):
+        return None
+    source = resolve_pretrained_cfg(cfg.model, pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if source.num_classes != num_classes:
+        raise ValueError(f'the pretrained {cfg.model} classifies {source.num_classes} classes and this run '
+                         f'{num_classes}: timm would give the teacher a random head. Pass --teacher FILE (a teacher run '
+                         f'on this task) or --no-kd')
+    return timm.create_model(cfg.model, pretrained=True, **kwargs)
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
@@ -249,7 +258,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
         from ..cost import cost_table_shape
-        cost_table_shape(model)
+        cost_table_shape(model, 'a search binarizes by cost, so it cannot be searched yet' if mode == 'search' else
+                         'run without a latency estimate (--no-latency)')
     data_config = model_data_config(model)
     in_chans = data_config['input_size'][0]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, in_chans, cfg.train_subset)

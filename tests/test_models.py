@@ -1,5 +1,6 @@
 """The mpcvit_* models in timm's registry."""
 import json
+import sys
 
 import huggingface_hub
 import pytest
@@ -90,9 +91,11 @@ def test_teacher_is_the_same_model_with_softmax_heads():
 
 
 def test_pretrained_without_reachable_weights_fails_clearly(tmp_path, monkeypatch):
+    """Offline, with nothing cached and no checkout's copy (an installed package): an error saying what to do."""
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))
+    monkeypatch.setattr(sys.modules['timm_mpc.models.mpcvit'], 'SHIPPED_CHECKPOINTS', tmp_path / 'no checkout')
     with pytest.raises(PretrainedWeightsError, match=r'mpcvit_tiny\.fmnist_mu70_kd.*hf download timm-mpc/.*seed-cache'):
         timm.create_model('mpcvit_tiny', pretrained=True)
 

@@ -236,6 +236,9 @@ def test_search_binarize_retrain_eval_pareto_end_to_end(debian_fmnist, tmp_path,
     assert json.loads((tmp_path / 'eval.json').read_text())['plain']['top1'] == pytest.approx(run['final']['test_top1'])
     assert main(['pareto', str(teacher), str(out), '--out', str(tmp_path / 'p.png'), '--table', str(tmp_path / 't.md')]) == 0
     assert (tmp_path / 'p.png').stat().st_size > 10_000
+    assert main(['curves', str(teacher), str(out), '--out', str(tmp_path / 'c.png')]) == 0
+    assert (tmp_path / 'c.png').stat().st_size > 10_000
+    assert main(['curves', str(tmp_path / 'search' / 'patterns.json')]) == 2  # not a run's record: a clear error
     assert 'mu50_kd' in (tmp_path / 't.md').read_text()
     history = json.loads((teacher / 'run.json').read_text())['history']
     assert history[-1]['train_loss'] < history[0]['train_loss']

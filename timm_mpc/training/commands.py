@@ -1,4 +1,4 @@
-"""``timm-mpc train | search | retrain | eval | pareto``: the training side of the command line."""
+"""``timm-mpc train | search | retrain | eval | pareto | curves``: the training side of the command line."""
 import argparse
 import json
 import os
@@ -154,6 +154,17 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curves(args: argparse.Namespace) -> int:
+    from .curves import load_histories, plot_curves
+    runs = load_histories(args.runs)
+    plot_curves(runs, args.out, args.title)
+    for run in runs:
+        last = run['history'][-1]
+        print(f'{run["name"]}: {len(run["history"])} epochs, last test top-1 {last["test_top1"]:.2f}%')
+    print(f'wrote {args.out}')
+    return 0
+
+
 def _pareto(args: argparse.Namespace) -> int:
     from .pareto import load_runs, pareto_table, plot_pareto
     rows = load_runs(args.runs)
@@ -268,6 +279,12 @@ def add_training_commands(sub: Any) -> None:
     ev.add_argument('--json', default=None, help='write the figures to this JSON file (the input of timm-mpc publish '
                                                  '--results)')
     ev.set_defaults(func=_eval)
+
+    curves = sub.add_parser('curves', help='plot learning curves (test top-1 and training loss per epoch)')
+    curves.add_argument('runs', nargs='+', help='run folders or run.json files')
+    curves.add_argument('--out', default='curves.png', help='PNG to write')
+    curves.add_argument('--title', default='Learning curves')
+    curves.set_defaults(func=_curves)
 
     pareto = sub.add_parser('pareto', help='plot accuracy against estimated secure latency (LAN and WAN)')
     pareto.add_argument('runs', nargs='+', help='run folders or run.json files')

@@ -36,3 +36,6 @@ done
 timm-mpc pareto $R/teacher $R/all_relu_softmax $R/all_scaling $R/all_2quad $R/mu10_kd $R/mu30_kd $R/mu50_kd \
   $R/mu70_kd $R/mu50_nokd $R/plus_mu50_kd --out benchmarks/results/fmnist_pareto.png --table benchmarks/results/fmnist_pareto.md \
   --title "mpcvit_tiny on Fashion-MNIST: accuracy against estimated secure latency"
+# 7. the learning curves of the teacher and the students (issue 13: a PNG in the README)
+timm-mpc curves $R/teacher $R/mu50_kd $R/mu30_kd $R/mu70_kd $R/plus_mu50_kd --out benchmarks/results/fmnist_curves.png \
+  --title "mpcvit_tiny on Fashion-MNIST: teacher and students"

@@ -1,11 +1,13 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
 import queue as queue_lib
 import socket
+import sys
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.multiprocessing as mp
@@ -14,15 +16,16 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .engines import exit_after_failure, get_engine
+from .engines import ENGINES, exit_after_failure, get_engine
 from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
 from .local_run import start_processes
-from .offline import record_requests
+from .dry_run import DryRun, dry_run
+from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, parse_memory, predicted_peak
 from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT
 from .settings import SecureSettings
 
-__all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
+__all__ = ['secure_predict', 'prepare_batches', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
 
 
 class SecureInferenceError(RuntimeError):
@@ -31,13 +34,16 @@ class SecureInferenceError(RuntimeError):
 
 @dataclass
 class SecureResult:
-    """The client's logits from a secure inference, with what it cost (of the first run) and how many runs again
-    found images whose logits marked a failed truncation."""
+    """The client's logits from a secure inference, with what it cost (of the first run), how many runs again
+    found images whose logits marked a failed truncation, and, where the engine has a dry run, what the dry run of
+    the first batch predicted (its cost, and the peak memory of the processes together)."""
     logits: torch.Tensor
     profile: CostProfile
     plan: SecurePlan
     settings: SecureSettings
     retries: int = 0
+    estimate: Optional[DryRun] = None
+    predicted_peak: Optional[int] = None
 
 
 def free_port() -> int:
@@ -109,7 +115,7 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
     # the owner's process is a daemon and cannot start the recording process itself: record here
     batches = batch_sizes(images.shape[0], batch_size)
-    requests = ({size: record_requests(plan, settings, size) for size in set(batches)}
+    requests = ({size: dry_run(plan, settings, size).requests for size in set(batches)}
                 if settings.dealer and settings.offline_phase else None)
     payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
                 'client': dict(images=images, batch_size=batch_size)}
@@ -164,6 +170,40 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     return outcomes['client']
 
 
+def prepare_batches(plan: SecurePlan, settings: SecureSettings, count: int, batch_size: Optional[int],
+                    max_memory: Union[int, str, None]) -> Tuple[Optional[int], Optional[DryRun], Optional[int]]:
+    """Before the parties start: the batch size (the largest that fits ``max_memory`` when none is given), the dry
+    run of the first batch and the predicted peak memory of a local run, printed as an estimate.
+
+    Raises:
+        MemoryBoundError: the batch would not fit ``max_memory`` or, without one, the machine's available memory.
+        ValueError: ``max_memory`` is not a size, or the engine has no dry run to predict memory with.
+    """
+    engine = get_engine(settings.engine)
+    bound = None if max_memory is None else parse_memory(max_memory)
+    if not engine.dry_run:
+        if bound is not None:
+            raise ValueError(f'max_memory is predicted by a dry run, which the {engine.title} engine has not; choose '
+                             f'batch_size instead (engines with one: {[e for e, r in ENGINES.items() if r.dry_run]})')
+        return batch_size, None, None
+    measure = partial(dry_run, plan, settings)
+    if bound is not None and batch_size is None:
+        batch_size = fit_batch_size(measure, count, bound, settings.dealer)
+    first = batch_sizes(count, batch_size)[0]
+    estimate = measure(first)
+    peak = predicted_peak(estimate, settings.dealer)
+    limit = bound if bound is not None else available_memory()
+    if limit is not None and peak > limit:
+        what = 'the bound (max_memory)' if bound is not None else "this machine's available memory"
+        raise MemoryBoundError(
+            f'a batch of {first} images needs about {format_bytes(peak)} of memory (owner, client and dealer processes '
+            f'together), more than {what} of {format_bytes(limit)}: choose a smaller batch_size (--batch-size), or '
+            f'give max_memory (--max-memory) to choose the largest that fits')
+    tqdm.write(f'secure inference of {count} images, batches of {first}: {estimate.summary()}; peak memory about '
+               f'{format_bytes(peak)} (dry run)', file=sys.stderr)
+    return batch_size, estimate, peak
+
+
 def secure_predict(
         model: nn.Module,
         images: torch.Tensor,
@@ -174,6 +214,7 @@ def secure_predict(
         batch_size: Optional[int] = None,
         engine: Optional[str] = None,
         protocol: Optional[str] = None,
+        max_memory: Union[int, str, None] = None,
 ) -> Any:
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
@@ -203,11 +244,17 @@ def secure_predict(
             the first batch's.
         engine: The MPC engine (:data:`~timm_mpc.secure.engines.ENGINES`); default: ``settings.engine``.
         protocol: The engine's protocol; default: ``settings.protocol`` (or the engine's default).
+        max_memory: A bound on the peak memory of the processes together (bytes, or a size such as ``'6GiB'``):
+            without ``batch_size``, the images run in the largest batches that fit it. Predicted by a dry run
+            (:mod:`~timm_mpc.secure.dry_run`, CrypTen only), which also prints what one image will cost before the
+            parties start. Without a bound, a batch predicted to need more than the machine's available memory
+            is refused.
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
         InputRangeError: images outside the model's input bounds (without ``clamp_images``).
         FixedPointRangeError: a value the fixed-point encoding cannot hold.
+        MemoryBoundError: the batch would not fit ``max_memory`` (or the machine's available memory).
         SecureInferenceError: a party failed (the message says which and why).
     """
     settings = settings or SecureSettings()
@@ -219,6 +266,7 @@ def secure_predict(
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()
+    batch_size, estimate, peak = prepare_batches(plan, settings, images.shape[0], batch_size, max_memory)
     state_dict = plan.owner_weights(model)
     result = run_local_parties(plan, state_dict, images, settings, batch_size)
     logits, redo, retries = torch.from_numpy(result.logits), result.implausible, 0
@@ -232,5 +280,5 @@ def secure_predict(
             f'images {redo} gave logits beyond the plan\'s bound ({plan.logit_bound:g}) in {retries + 1} runs: not a '
             f'truncation failure (about 1 image in 1000 meets one) but values outside what the owner calibrated; '
             f'calibrate on images like these (calibration_images)')
-    out = SecureResult(logits, result.profile, plan, settings, retries)
+    out = SecureResult(logits, result.profile, plan, settings, retries, estimate, peak)
     return out if return_result else out.logits

@@ -22,7 +22,8 @@ import torch
 
 from ..cost.profile import CostMeter, CostProfile
 from .crypten_compat import import_crypten, set_process_group_timeout
-from .offline import prefetch, record_requests
+from .dry_run import dry_run
+from .offline import prefetch
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
@@ -240,7 +241,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             t0 = time.perf_counter()
             requests = {**(requests or {})}
             for size in sorted(set(batches) - set(requests)):
-                requests[size] = record_requests(plan, settings, size)
+                requests[size] = dry_run(plan, settings, size).requests
             dealer['record_s'] = time.perf_counter() - t0
             from crypten.mpc.provider.ttp_provider import TTPClient
             ttp, live = TTPClient.get(), TTPClient.get().ttp_request
@@ -303,7 +304,7 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
 
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
     line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
-    inference at that size (:func:`timm_mpc.secure.offline.record_requests`); sizes the client asks for that are
+    inference at that size (:func:`timm_mpc.secure.dry_run.dry_run`); sizes the client asks for that are
     missing are recorded here once they are known.
     """
     plan.check()

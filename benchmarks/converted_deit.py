@@ -27,6 +27,7 @@ from timm_mpc.secure import secure_predict
 from timm_mpc.secure.plan import normalization
 
 from peak_memory import PeakMemory
+from report_io import add_report_args, earlier_report
 
 CONFIGS = ('softmax', 'mu50', 'scaling')
 TARGET_S, TARGET_GB = 20.0, 8.0
@@ -49,13 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batches', type=int, nargs='*', default=[1, 8])
     parser.add_argument('--configs', nargs='*', default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument('--json', default='converted_deit.json')
-    parser.add_argument('--markdown', default=None)
-    parser.add_argument('--from-json', default=None, help='render an earlier run; measure nothing')
+    add_report_args(parser, 'converted_deit.json')
     args = parser.parse_args()
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-    else:
+    report = earlier_report(args)
+    if report is None:
         report = dict(model='deit_tiny_patch16_224', img_size=224, engine='crypten', results={},
                       machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__))
         for batch in args.batches:  # the configurations alternate within a batch size

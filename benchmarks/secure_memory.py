@@ -31,6 +31,7 @@ from timm_mpc.secure.memory import parse_memory
 from timm_mpc.secure.plan import normalization
 
 from peak_memory import PeakMemory
+from report_io import add_report_args, earlier_report
 
 MODELS = {
     # name: (batch sizes measured, images, max_memory bound)
@@ -84,13 +85,10 @@ def render(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='*', default=list(MODELS), choices=list(MODELS))
-    parser.add_argument('--json', default='secure_memory.json')
-    parser.add_argument('--markdown', default=None)
-    parser.add_argument('--from-json', default=None, help='render an earlier run; measure nothing')
+    add_report_args(parser, 'secure_memory.json')
     args = parser.parse_args()
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-    else:
+    report = earlier_report(args)
+    if report is None:
         report = dict(machine=f'{platform.processor() or platform.machine()}, torch {torch.__version__}', rows=[])
         for name in args.models:
             batches, count, bound = MODELS[name]

@@ -121,6 +121,7 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     assert client.returncode == 0, client.stdout + client.stderr
     assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out, owner_out
     assert 'holds no logit' in owner_out
+    assert re.search(r'owner: [\d,]+ rounds per batch of 1; per image \d+ MB between the parties', owner_out), owner_out
     assert 'dealer: done' in dealer_out and dealer.returncode == 0, dealer_out + dealer_err[-3000:]
     report = json.loads((tmp_path / 'client.json').read_text())
     assert len(report['logits']) == 2 and report['profile']['rounds'] > 100  # two batches of one, one session

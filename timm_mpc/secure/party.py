@@ -243,6 +243,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             for size in sorted(set(batches) - set(requests)):
                 requests[size] = dry_run(plan, settings, size).requests
             dealer['record_s'] = time.perf_counter() - t0
+            if log is not None:  # what the client's batches will cost, before any image is shared
+                log(f'owner: {dry_run(plan, settings, batches[0]).summary()} (dry run)')
             from crypten.mpc.provider.ttp_provider import TTPClient
             ttp, live = TTPClient.get(), TTPClient.get().ttp_request
         # the weights are shared once; then the batches run one after another in this session

@@ -10,10 +10,11 @@ from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
 from .plan import (
     InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
 )
+from .session import SecureSession
 from .settings import InsecureSettingWarning, SecureSettings
 
 __all__ = [
-    'secure_predict', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
+    'secure_predict', 'SecureSession', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
     'UnsupportedModelError', 'InputRangeError', 'FixedPointRangeError', 'InsecureSettingWarning', 'build_plan',
     'build_secure_plan', 'check_images', 'calibrate', 'SecurePlan', 'PlanError',
     'PartyResult', 'run_owner', 'run_client', 'run_dealer', 'DryRun', 'dry_run', 'MemoryBoundError', 'parse_memory',

@@ -1,4 +1,5 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
+import os
 import queue as queue_lib
 import socket
 import sys
@@ -7,7 +8,7 @@ import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.multiprocessing as mp
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
 from .engines import ENGINES, exit_after_failure, get_engine
-from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
+from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
 from .local_run import start_processes
 from .dry_run import DryRun, dry_run
 from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, parse_memory, predicted_peak
@@ -71,7 +72,7 @@ def free_ports(count: int) -> List[int]:
 
 
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
-                   kind_modules: Tuple[str, ...] = ()) -> None:
+                   kind_modules: Tuple[str, ...] = (), commands: Any = None) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
     import_kind_modules(kind_modules)  # attention kinds registered outside timm-mpc, as in the parent
 
@@ -83,20 +84,23 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
     try:
         settings_ = SecureSettings.from_dict(settings)
         engine = get_engine(settings_.engine).load()
+        # a session's parties hand over each request's result and wait for the next (:mod:`.session`)
+        link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(role, results, commands))
         if role == 'owner':
             result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_,
-                                      on_timeout=report_timeout, requests=payload['requests'])
+                                      on_timeout=report_timeout, requests=payload['requests'], **link)
         elif role == 'client':
             result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
                                        on_batch=lambda n: results.put((role, 'batch', n)),
-                                       on_layer=lambda: results.put((role, 'layer', 1)))
+                                       on_layer=lambda: results.put((role, 'layer', 1)), **link)
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
-        if result is not None and result.logits is not None:
-            result.logits = result.logits.numpy()  # by value: a shared-memory tensor dies with this process
-        results.put((role, 'ok', result))
+        if link:
+            results.put((role, 'closed', None))  # its results went out with each request
+        else:
+            results.put((role, 'ok', by_value(result)))
     except BaseException as e:  # report every failure to the parent, then exit non-zero
         results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
         results.close()  # the report reaches the parent before an engine that cannot be torn down ends the process
@@ -105,68 +109,136 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         raise SystemExit(1)
 
 
+def by_value(result: Optional[PartyResult]) -> Optional[PartyResult]:
+    """A party's result ready for the parent: the logits by value (a shared-memory tensor dies with the process)."""
+    if result is not None and result.logits is not None:
+        result.logits = result.logits.numpy()
+    return result
+
+
+class QueueLink(SessionLink):
+    """A session party's link to the process that started it: results out, requests in, over two queues."""
+
+    def __init__(self, role: str, results: Any, commands: Any) -> None:
+        self.role, self.results, self.commands = role, results, commands
+        self.parent = os.getppid()
+
+    def deliver(self, result: PartyResult) -> None:
+        self.results.put((self.role, 'ok', by_value(result)))
+
+    def next_request(self, keepalive: Optional[Any], interval_s: float) -> Optional[Dict[str, Any]]:
+        while True:
+            try:
+                return self.commands.get(timeout=interval_s)
+            except queue_lib.Empty:
+                if os.getppid() != self.parent:  # bounded: no request comes from a process that is gone
+                    raise PeerError('the process that started the session is gone') from None
+                if keepalive is not None:  # the dealer waits for the owner with the process groups' timeout
+                    keepalive()
+
+
+@dataclass
+class LocalParties:
+    """The processes of a local secure run (owner, client, dealer where the engine has one), their result queue, and,
+    for a session, each party's queue of requests."""
+    procs: Dict[str, Any]
+    results: Any
+    commands: Dict[str, Any]
+    settings: SecureSettings
+
+    @classmethod
+    def start(cls, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+              settings: SecureSettings, batch_size: Optional[int], session: bool = False) -> 'LocalParties':
+        ctx = mp.get_context('spawn')
+        results = ctx.Queue()
+        rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
+        # the owner's process is a daemon and cannot start the dry run's processes itself: they run here
+        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=dealer_requests(
+                        plan, settings, images.shape[0], batch_size)),
+                    'client': dict(images=images, batch_size=batch_size)}
+        roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
+        commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
+        modules = kind_modules()
+        procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
+            role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules, commands.get(role)))
+            for role in roles}
+        start_processes(list(procs.values()), modules)
+        return cls(procs, results, commands, settings)
+
+    def collect(self, roles: List[str], count: int = 0, layers: int = 0) -> Dict[str, Any]:
+        """Wait for what ``roles`` report next ('ok' with a result, 'closed'), with a progress bar over ``layers``
+        steps of ``count`` images; raise naming every party that failed, died or outlived a failure by the timeout
+        (the processes are stopped then)."""
+        outcomes: Dict[str, Any] = {}
+        errors: List[str] = []
+        deadline: Optional[float] = None
+        timeout_s = self.settings.timeout_s
+        # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
+        progress = tqdm(total=layers, desc='secure inference', unit='layer', disable=not layers)
+        progress.set_postfix_str(f'images 0/{count}')
+        done = 0
+        try:
+            while len(outcomes) < len(roles):
+                try:
+                    role, status, value = self.results.get(timeout=0.5)
+                    if status == 'layer':
+                        progress.update(value)
+                        continue
+                    if status == 'batch':
+                        done += value
+                        progress.set_postfix_str(f'images {done}/{count}')
+                        continue
+                    outcomes[role] = value
+                    if status == 'error':
+                        errors.append(f'party {role} failed: {value.strip()}')
+                        # the others will fail on their next message; give them the timeout to say so
+                        deadline = deadline or time.monotonic() + timeout_s
+                except queue_lib.Empty:
+                    dead = [r for r, p in self.procs.items() if r not in outcomes and p.exitcode is not None]
+                    for role in dead:
+                        outcomes[role] = None
+                        errors.append(f'party {role} exited with code {self.procs[role].exitcode} without a result')
+                    if dead:
+                        deadline = deadline or time.monotonic() + timeout_s
+                if deadline is not None and time.monotonic() > deadline:
+                    missing = [r for r in roles if r not in outcomes]
+                    errors.append(f'parties {missing} still running {timeout_s:.0f} s after the failure; stopped')
+                    break
+        finally:
+            progress.close()
+        if errors:
+            self.stop()
+            raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))
+        return outcomes
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def dealer_requests(plan: SecurePlan, settings: SecureSettings, count: int,
+                    batch_size: Optional[int]) -> Optional[Dict[int, List[Any]]]:
+    """What the owner asks the dealer for at each batch size of ``count`` images (the offline phase), or None."""
+    if not (settings.dealer and settings.offline_phase):
+        return None
+    return {size: dry_run(plan, settings, size).requests for size in set(batch_sizes(count, batch_size))}
+
+
 def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
                       settings: SecureSettings, batch_size: Optional[int] = None) -> PartyResult:
     """Start owner, client and, where the engine needs one, the dealer as processes on loopback; return the client's
     result or raise.
     The images run ``batch_size`` at a time in one session, with a progress bar over the layers of every batch."""
-    ctx = mp.get_context('spawn')
-    results = ctx.Queue()
-    rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
-    # the owner's process is a daemon and cannot start the recording process itself: record here
-    batches = batch_sizes(images.shape[0], batch_size)
-    requests = ({size: dry_run(plan, settings, size).requests for size in set(batches)}
-                if settings.dealer and settings.offline_phase else None)
-    payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
-                'client': dict(images=images, batch_size=batch_size)}
-    roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
-    modules = kind_modules()
-    procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
-        role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules)) for role in roles}
-    start_processes(list(procs.values()), modules)
-    outcomes: Dict[str, Any] = {}
-    errors: List[str] = []
-    deadline: Optional[float] = None
-    # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
-    progress = tqdm(total=len(batches) * SecureViT.layer_steps(plan), desc='secure inference', unit='layer')
-    progress.set_postfix_str(f'images 0/{images.shape[0]}')
-    done = 0
+    parties = LocalParties.start(plan, state_dict, images, settings, batch_size)
+    count = images.shape[0]
     try:
-        while len(outcomes) < len(roles):
-            try:
-                role, status, value = results.get(timeout=0.5)
-                if status == 'layer':
-                    progress.update(value)
-                    continue
-                if status == 'batch':
-                    done += value
-                    progress.set_postfix_str(f'images {done}/{images.shape[0]}')
-                    continue
-                outcomes[role] = value
-                if status == 'error':
-                    errors.append(f'party {role} failed: {value.strip()}')
-                    # the others will fail on their next message; give them the timeout to say so
-                    deadline = deadline or time.monotonic() + settings.timeout_s
-            except queue_lib.Empty:
-                dead = [r for r, p in procs.items() if r not in outcomes and p.exitcode is not None]
-                for role in dead:
-                    outcomes[role] = None
-                    errors.append(f'party {role} exited with code {procs[role].exitcode} without a result')
-                if dead:
-                    deadline = deadline or time.monotonic() + settings.timeout_s
-            if deadline is not None and time.monotonic() > deadline:
-                missing = [r for r in roles if r not in outcomes]
-                errors.append(f'parties {missing} still running {settings.timeout_s:.0f} s after the failure; stopped')
-                break
+        outcomes = parties.collect(list(parties.procs), count,
+                                   len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(plan))
     finally:
-        progress.close()
-        for p in procs.values():
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    if errors:
-        raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))
+        parties.stop()
     return outcomes['client']
 
 
@@ -257,22 +329,44 @@ def secure_predict(
         MemoryBoundError: the batch would not fit ``max_memory`` (or the machine's available memory).
         SecureInferenceError: a party failed (the message says which and why).
     """
-    settings = settings or SecureSettings()
-    if engine is not None or protocol is not None:
-        settings = replace(settings, engine=engine or settings.engine,
-                           protocol=protocol or (settings.protocol if engine in (None, settings.engine) else None))
+    settings = resolve_settings(settings, engine, protocol)
     check_batch_size(batch_size)
-    get_engine(settings.engine).check_installed()
     plan = build_secure_plan(model, settings, calibration_images)
     images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
     settings.warn_if_insecure()
     batch_size, estimate, peak = prepare_batches(plan, settings, images.shape[0], batch_size, max_memory)
     state_dict = plan.owner_weights(model)
-    result = run_local_parties(plan, state_dict, images, settings, batch_size)
+    logits, profile, retries = run_with_retries(
+        lambda x: run_local_parties(plan, state_dict, x, settings, batch_size), plan, images, settings)
+    out = SecureResult(logits, profile, plan, settings, retries, estimate, peak)
+    return out if return_result else out.logits
+
+
+def resolve_settings(settings: Optional[SecureSettings], engine: Optional[str],
+                     protocol: Optional[str]) -> SecureSettings:
+    """The settings with ``engine`` and ``protocol`` where given (checked), the engine's package installed."""
+    settings = settings or SecureSettings()
+    if engine is not None or protocol is not None:
+        settings = replace(settings, engine=engine or settings.engine,
+                           protocol=protocol or (settings.protocol if engine in (None, settings.engine) else None))
+    get_engine(settings.engine).check_installed()
+    return settings
+
+
+def run_with_retries(run: Callable[[torch.Tensor], PartyResult], plan: SecurePlan, images: torch.Tensor,
+                     settings: SecureSettings) -> Tuple[torch.Tensor, CostProfile, int]:
+    """``run(images)``, and again on the images whose logits leave the plan's bound (a failed truncation: fresh
+    randomness, fresh odds), ``settings.truncation_retries`` times at most. Returns the logits, the first run's
+    cost profile and the number of runs again.
+
+    Raises:
+        SecureInferenceError: logits still beyond the bound after the retries.
+    """
+    result = run(images)
     logits, redo, retries = torch.from_numpy(result.logits), result.implausible, 0
-    while redo and retries < settings.truncation_retries:  # a failed truncation: fresh randomness, fresh odds
+    while redo and retries < settings.truncation_retries:
         retries += 1
-        again = run_local_parties(plan, state_dict, images[redo], settings, batch_size)
+        again = run(images[redo])
         logits[redo] = torch.from_numpy(again.logits)
         redo = [redo[i] for i in again.implausible]
     if redo:
@@ -280,5 +374,4 @@ def secure_predict(
             f'images {redo} gave logits beyond the plan\'s bound ({plan.logit_bound:g}) in {retries + 1} runs: not a '
             f'truncation failure (about 1 image in 1000 meets one) but values outside what the owner calibrated; '
             f'calibrate on images like these (calibration_images)')
-    out = SecureResult(logits, result.profile, plan, settings, retries, estimate, peak)
-    return out if return_result else out.logits
+    return logits, result.profile, retries

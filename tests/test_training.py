@@ -360,14 +360,11 @@ def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(d
           '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--warmup-epochs', '0',
           '--train-subset', '32', '--test-subset', '16']
     search = tmp_path / 'search'
-    # what cannot be priced is refused before the first epoch: a budget (the table's), and SPU (no dry run)
-    for extra, match in ((['--budget-s', '1'], r'--budget.*prices ViT-shaped models only, not SwinTransformer: '
-                                               r'binarize it by --mu instead'),
-                         (['--engine', 'spu'], r'SwinTransformer is priced by a dry run, which the SPU engine has not')):
-        capsys.readouterr()
-        assert main(['search', '--output', str(search), '--epochs', '1', *extra, *kw]) == 2
-        assert re.search(match, capsys.readouterr().err)
-        assert not search.exists() or not list(search.iterdir())
+    # what cannot be priced is refused before the first epoch: SPU has no dry run
+    capsys.readouterr()
+    assert main(['search', '--output', str(search), '--epochs', '1', '--engine', 'spu', *kw]) == 2
+    assert re.search(r'SwinTransformer is priced by a dry run, which the SPU engine has not', capsys.readouterr().err)
+    assert not search.exists() or not list(search.iterdir())
     assert main(['search', '--output', str(search), '--epochs', '1', '--cost-weighted', '--mu', '0.5', *kw]) == 0
     found = json.loads((search / 'patterns.json').read_text())['patterns']['mu50']
     assert found['head_kinds'].get('relu_softmax', 0) == round(0.5 * 3) and sum(found['head_kinds'].values()) == 3
@@ -383,5 +380,13 @@ def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(d
                  '--json', str(tmp_path / 'eval.json')]) == 0
     summary = json.loads((tmp_path / 'eval.json').read_text())['model']
     assert summary['secure_estimate']['rounds'] == estimate['rounds']
+    # a latency budget: each candidate pattern priced by its own dry run; the same search again (same seed)
+    budget_s = estimate['latency_s']['lan']
+    assert main(['search', '--output', str(tmp_path / 'budget'), '--epochs', '1', '--mu', '0.5', '--budget-s',
+                 str(budget_s), *kw]) == 0
+    patterns = json.loads((tmp_path / 'budget' / 'patterns.json').read_text())['patterns']
+    within = patterns[f'budget_lan_{budget_s:g}s']
+    assert within['secure_estimate']['priced_by'] == 'dry run'
+    assert within['secure_estimate']['latency_s']['lan'] <= budget_s
 
 

@@ -11,7 +11,9 @@ from ..cost import estimate_latency, model_cost_table
 from ..layers.pattern_state import checkpoint_state
 from ..pattern import count_head_kinds, set_attn_pattern, set_gelu_pattern
 from ..utils import save_weights
-from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu
+from .binarize import (
+    binarize_budget, binarize_budget_checked, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu,
+)
 
 __all__ = ['binarized_model', 'export_patterns']
 
@@ -39,10 +41,10 @@ def export_patterns(
 ) -> Dict[str, Any]:
     """Binarize ``supernet`` for every μ and budget; write ``<name>.safetensors`` and ``patterns.json``.
 
-    Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget. Budgets binarize with the per-kind
-    cost ``table`` (measured for the supernet's shapes when None); each binarized model's secure cost is
-    ``estimate(model)`` (e.g. :func:`timm_mpc.secure.pricing.model_estimate`, which prices any family), or the
-    table's estimate when None.
+    Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget. Each binarized model's secure cost
+    is ``estimate(model)`` (e.g. :func:`timm_mpc.secure.pricing.model_estimate`, which prices any family), or, when
+    None, the per-kind cost ``table``'s (measured for the supernet's shapes when None). Budgets binarize with the
+    table where one is given (:func:`binarize_budget`), else with ``estimate`` (:func:`binarize_budget_checked`).
 
     Returns:
         ``alpha``, ``beta`` (None without a GeLU search) and ``patterns``: per name the head and GeLU
@@ -51,11 +53,16 @@ def export_patterns(
     alpha = searched_alpha(supernet)
     beta = searched_beta(supernet) if searches_gelu(supernet) else None
     gelu = binarize_gelu(beta, gelu_keep) if beta is not None and gelu_keep is not None else None
-    if table is None and (budgets_s or estimate is None):
+    if table is None and estimate is None:
         table = model_cost_table(supernet)
     chosen = {f'mu{round(mu * 100):02d}': binarize_mu(alpha, mu) for mu in mus}
     for budget in budgets_s:
-        chosen[f'budget_{network}_{budget:g}s'] = binarize_budget(alpha, table, budget, network, gelu)
+        if table is not None:
+            chosen[f'budget_{network}_{budget:g}s'] = binarize_budget(alpha, table, budget, network, gelu)
+        else:  # each candidate pattern priced by ``estimate`` itself
+            chosen[f'budget_{network}_{budget:g}s'] = binarize_budget_checked(
+                alpha, lambda attn: estimate(binarized_model(supernet, attn, gelu))['latency_s'][network], budget,
+                network)
     patterns: Dict[str, Any] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, attn in chosen.items():

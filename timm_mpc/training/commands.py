@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from ..cost import model_cost_table
     from ..search.export import export_patterns
-    from ..secure.pricing import model_estimate
+    from ..secure.pricing import model_estimate, priced_by_table
     from .engine import train_model
     cfg = _config(args, attn_pattern='search', gelu_pattern='search' if args.search_gelu else None)
     if args.search_gelu and cfg.gelu_keep is None:
@@ -53,7 +53,7 @@ def _search(args: argparse.Namespace) -> int:
 
     def finish(model: torch.nn.Module, record: Dict[str, Any], out: Path) -> None:
         settings = cfg.cost_settings()
-        table = model_cost_table(model, settings=settings) if cfg.budget_s else None  # checked before the first epoch
+        table = model_cost_table(model, settings=settings) if cfg.budget_s and priced_by_table(model) else None
         record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep, table,
                                            estimate=partial(model_estimate, settings=settings))
         for name, p in record['search']['patterns'].items():

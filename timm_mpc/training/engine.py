@@ -256,12 +256,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
-        from ..secure.pricing import check_priceable, priced_by_table
+        from ..secure.pricing import check_priceable
         check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
                         'run without a latency estimate (--no-latency)')
-        if mode == 'search' and cfg.budget_s and not priced_by_table(model):
-            raise ValueError(f'a latency budget (--budget) binarizes with the per-kind cost table, which prices '
-                             f'ViT-shaped models only, not {type(model).__name__}: binarize it by --mu instead')
     data_config = model_data_config(model)
     in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, img_size, in_chans, cfg.train_subset)

@@ -116,6 +116,7 @@ CONVERTED = {  # timm builds none of these with MPC modules from its own argumen
                                           embed_dim=32), ['scaling', ['relu_softmax', 'softmax'], 'scaling',
                                                           ['softmax', 'relu_softmax', '2quad', 'scaling']]), 56),
     'vit_mpcvit_plus': lambda: (_converted_vit(gelu_pattern=[[1, 0] * 8 + [1], 'linear']), 32),
+    'vit_mpcvit_plus_all_gelu': lambda: (_converted_vit(gelu_pattern='gelu'), 32),  # its MLPs are still MPCViT+'s
     'vit_relu_eps': lambda: (_converted_vit(relu_eps=1e-3), 32),
 }
 

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any, Optional
 
 import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from torch import nn
 
 from .convert import convert_to_mpc
@@ -21,7 +21,8 @@ __all__ = ['CONVERTED_ARCH', 'mpc_converted']
 CONVERTED_ARCH = 'mpc_converted'
 
 default_cfgs = generate_default_cfgs({
-    # a published repository's config.json gives the real one (input size, mean, std, classes)
+    # a published repository's config.json gives the real one (input size, mean, std, classes); built directly,
+    # the base's default
     CONVERTED_ARCH: dict(url='', num_classes=1000, input_size=(3, 224, 224), crop_pct=0.9, interpolation='bicubic',
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), license='apache-2.0'),
 })
@@ -51,5 +52,7 @@ def mpc_converted(pretrained: bool = False, base: Optional[str] = None, attn_pat
     if kwargs.get('features_only'):
         raise ValueError(f'{CONVERTED_ARCH} does not build features_only models; use the model\'s '
                          f'forward_intermediates()')
+    if not pretrained and kwargs.get('pretrained_cfg') is None:  # built directly: the base's input size, mean, std
+        kwargs['pretrained_cfg'] = get_pretrained_cfg(base)
     build = partial(_build, base, attn_pattern, gelu_pattern, act_layer, relu_eps, quad_c)
     return build_model_with_cfg(build, CONVERTED_ARCH, pretrained=pretrained, **kwargs)

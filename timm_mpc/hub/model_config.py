@@ -79,16 +79,16 @@ def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
         return arch, args
 
     act = _replaced_activation(parts)
-    if (arch == CONVERTED_ARCH or constants != _HEAD_DEFAULTS or any(type(m) is not MPCAttention for m in heads)
+    if (arch == CONVERTED_ARCH or 'base' in args or constants != _HEAD_DEFAULTS or any(type(m) is not MPCAttention for m in heads)
             or any(isinstance(m, LinearizableMlp) for _, m in parts.mlps)):
         # timm cannot build these MPC modules from its own arguments: the architecture converts at build time
         base = args.pop('base', arch)
         for key in ('attn_pattern', 'gelu_pattern', 'act_layer', 'relu_eps', 'quad_c'):
             args.pop(key, None)
         args.update(base=base, attn_pattern=get_attn_pattern(model), **constants)
-        gelu = get_gelu_pattern(model)
-        if gelu:
-            args['gelu_pattern'] = gelu
+        linearizable = [m for _, m in parts.mlps if isinstance(m, LinearizableMlp)]
+        if linearizable:  # all-GeLU ones too: they are LinearizableMlp modules, with their buffers
+            args['gelu_pattern'] = [m.pattern for m in linearizable]
         if act is not None:
             args['act_layer'] = act
         return CONVERTED_ARCH, args

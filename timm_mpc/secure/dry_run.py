@@ -8,6 +8,7 @@ will cost (:meth:`DryRun.latency`) and how much memory each party's process will
 """
 import hashlib
 import json
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -66,12 +67,13 @@ class DryRun:
         """Estimated seconds of the batch's online phase, ``compute + rounds × RTT + bytes / bandwidth``."""
         return network.latency(self.compute_s, self.rounds, self.bytes)
 
-    def summary(self, networks: Optional[Dict[str, NetworkSetting]] = None) -> str:
-        """One line per image: rounds, traffic, dealer traffic and latency on each network."""
+    def summary(self, dealer: bool = True, networks: Optional[Dict[str, NetworkSetting]] = None) -> str:
+        """One line per image: rounds, traffic, the dealer's traffic (with one) and latency on each network."""
         per = self.batch
         latency = ', '.join(f'{name.upper()} {self.latency(n) / per:.1f} s' for name, n in (networks or NETWORKS).items())
+        offline = f' and {self.dealer_bytes / per / 1e6:,.0f} MB from the dealer (offline)' if dealer else ''
         return (f'{self.rounds:,} rounds per batch of {per}; per image {self.bytes / per / 1e6:,.0f} MB between the '
-                f'parties and {self.dealer_bytes / per / 1e6:,.0f} MB from the dealer (offline), {latency}')
+                f'parties{offline}, {latency}')
 
 
 def _rss() -> int:
@@ -160,7 +162,7 @@ def dry_run(plan: SecurePlan, settings: SecureSettings, batch: int, cache_dir: O
                        settings.timeout_s + RUN_S_PER_IMAGE * work * batch, 'the dry run of the plan')
     result = DryRun(batch=batch, **values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.part')
+    tmp = path.with_suffix(f'.{os.getpid()}.part')  # processes that miss the cache together write apart
     tmp.write_text(json.dumps(asdict(result)))
     tmp.replace(path)
     return result

@@ -178,7 +178,7 @@ class LocalParties:
         progress.set_postfix_str(f'images 0/{count}')
         done = 0
         try:
-            while len(outcomes) < len(roles):
+            while any(role not in outcomes for role in roles):
                 try:
                     role, status, value = self.results.get(timeout=0.5)
                     if status == 'layer':
@@ -212,8 +212,15 @@ class LocalParties:
         return outcomes
 
     def stop(self) -> None:
+        """Wait a little for the processes to end, then end them."""
         for p in self.procs.values():
             p.join(timeout=5)
+        self.terminate(self.procs)
+
+    @staticmethod
+    def terminate(procs: Dict[str, Any]) -> None:
+        """End the processes that still run."""
+        for p in procs.values():
             if p.is_alive():
                 p.terminate()
                 p.join()
@@ -243,9 +250,12 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
 
 
 def prepare_batches(plan: SecurePlan, settings: SecureSettings, count: int, batch_size: Optional[int],
-                    max_memory: Union[int, str, None]) -> Tuple[Optional[int], Optional[DryRun], Optional[int]]:
+                    max_memory: Union[int, str, None], check_available: bool = True,
+                    ) -> Tuple[Optional[int], Optional[DryRun], Optional[int]]:
     """Before the parties start: the batch size (the largest that fits ``max_memory`` when none is given), the dry
-    run of the first batch and the predicted peak memory of a local run, printed as an estimate.
+    run of the first batch and the predicted peak memory of a local run, printed as an estimate. Without
+    ``max_memory`` the peak is checked against the machine's available memory where ``check_available`` (not when
+    the parties are up already: a session's later calls).
 
     Raises:
         MemoryBoundError: the batch would not fit ``max_memory`` or, without one, the machine's available memory.
@@ -264,14 +274,16 @@ def prepare_batches(plan: SecurePlan, settings: SecureSettings, count: int, batc
     first = batch_sizes(count, batch_size)[0]
     estimate = measure(first)
     peak = predicted_peak(estimate, settings.dealer)
-    limit = bound if bound is not None else available_memory()
+    limit = bound if bound is not None else available_memory() if check_available else None
     if limit is not None and peak > limit:
         what = 'the bound (max_memory)' if bound is not None else "this machine's available memory"
+        how = ('leave batch_size out to let max_memory choose the largest that fits' if bound is not None else
+               'give max_memory (--max-memory) to choose the largest that fits')
         raise MemoryBoundError(
             f'a batch of {first} images needs about {format_bytes(peak)} of memory (owner, client and dealer processes '
             f'together), more than {what} of {format_bytes(limit)}: choose a smaller batch_size (--batch-size), or '
-            f'give max_memory (--max-memory) to choose the largest that fits')
-    tqdm.write(f'secure inference of {count} images, batches of {first}: {estimate.summary()}; peak memory about '
+            f'{how}')
+    tqdm.write(f'secure inference of {count} images, batches of {first}: {estimate.summary(settings.dealer)}; peak memory about '
                f'{format_bytes(peak)} (dry run)', file=sys.stderr)
     return batch_size, estimate, peak
 

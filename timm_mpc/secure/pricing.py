@@ -14,7 +14,7 @@ from ..pattern import set_attn_pattern, set_gelu_pattern
 from ..reader import read_model
 from .dry_run import dry_run
 from .engines import get_engine
-from .plan import build_secure_plan
+from .plan import build_plan, build_secure_plan
 from .settings import SecureSettings
 
 __all__ = ['priced_by_table', 'check_priceable', 'model_estimate', 'model_head_costs']
@@ -30,18 +30,22 @@ def priced_by_table(model: nn.Module) -> bool:
 
 
 def check_priceable(model: nn.Module, settings: SecureSettings, advice: str) -> None:
-    """Refuse, before a run starts, a model neither the cost table nor a dry run can price.
+    """Refuse, before a run starts, a model neither the cost table nor a dry run can price: the engine has no dry
+    run, or the secure plan cannot compute the model.
 
     Raises:
-        ValueError: naming the model, the engine and ``advice``.
+        ValueError: naming the model and ``advice`` (UnsupportedModelError names the module).
     """
-    if not priced_by_table(model) and not get_engine(settings.engine).dry_run:
+    if priced_by_table(model):
+        return
+    if not get_engine(settings.engine).dry_run:
         raise ValueError(f'{type(model).__name__} is priced by a dry run, which the {get_engine(settings.engine).title} '
-                         f'engine has not (the per-kind cost table prices ViT-shaped models only): {advice}, or '
-                         f'price it with --engine crypten')
+                         f'engine has not (the per-kind cost table prices ViT-shaped models only): {advice}')
+    build_plan(_with_patterns(model, 'scaling', None))
 
 
 def _dry_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]:
+    model = copy.deepcopy(model).cpu().eval()  # the plan's calibration runs on the CPU; a training model may not
     dry = dry_run(build_secure_plan(model, settings), settings, 1)
     return dict(rounds=dry.rounds, bytes=dry.bytes, time_s=dry.compute_s,
                 latency_s={name: dry.latency(net) for name, net in NETWORKS.items()}, priced_by='dry run')
@@ -52,12 +56,12 @@ def model_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]
     per network and ``priced_by`` (``'cost table'`` or ``'dry run'``)."""
     if priced_by_table(model):
         return dict(model_latency(model, model_cost_table(model, settings=settings)), priced_by='cost table')
-    check_priceable(model, settings, 'evaluate it without a latency estimate')
+    check_priceable(model, settings, 'estimate it with engine crypten')
     return _dry_estimate(model, settings)
 
 
 def _with_patterns(model: nn.Module, kind: str, gelu: Optional[str]) -> nn.Module:
-    fixed = copy.deepcopy(model).eval()
+    fixed = copy.deepcopy(model).cpu().eval()
     set_attn_pattern(fixed, [[kind] * m.num_heads for _, m in read_model(fixed).heads])
     if gelu is not None:
         set_gelu_pattern(fixed, gelu)
@@ -70,7 +74,7 @@ def model_head_costs(model: nn.Module, settings: SecureSettings, network: str = 
     cost table, or from dry runs of the model with every head (and token) of one kind, averaged over them."""
     if priced_by_table(model):
         return head_costs(model_cost_table(model, settings=settings), network)
-    check_priceable(model, settings, 'search it without --cost-weighted')
+    check_priceable(model, settings, 'search it without --cost-weighted, or with --engine crypten')
     heads = sum(m.num_heads for _, m in read_model(model).heads)
     mlps = [m for _, m in read_model(model).mlps if isinstance(m, LinearizableMlp)]
     keep = 'gelu' if mlps else None
@@ -78,8 +82,9 @@ def model_head_costs(model: nn.Module, settings: SecureSettings, network: str = 
     def latency(kind: str, gelu: Optional[str]) -> float:
         return _dry_estimate(_with_patterns(model, kind, gelu), settings)['latency_s'][network]
 
-    head = (latency('relu_softmax', keep) - latency('scaling', keep)) / heads
+    # differences of measured times: kept positive against timing noise (the rounds make them clearly so)
+    head = max((latency('relu_softmax', keep) - latency('scaling', keep)) / heads, 1e-9)
     token = None
     if mlps:
-        token = (latency('scaling', 'gelu') - latency('scaling', 'linear')) / sum(m.num_tokens for m in mlps)
+        token = max((latency('scaling', 'gelu') - latency('scaling', 'linear')) / sum(m.num_tokens for m in mlps), 1e-9)
     return dict(head=head, token=token)

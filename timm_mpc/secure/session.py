@@ -6,6 +6,7 @@ runs its images (the client tells the owner its batch sizes; the owner fetches t
 parties run exactly the protocol of ``secure_predict``; what each learns is the same, and the owner also learns how
 many calls there were, as it learns the batch sizes of one call.
 """
+import weakref
 from typing import Any, Optional, Union
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from .engines import get_engine
 from .launch import (
-    LocalParties, SecureInferenceError, SecureResult, dealer_requests, prepare_batches, resolve_settings,
+    LocalParties, SecureResult, dealer_requests, prepare_batches, resolve_settings,
     run_with_retries,
 )
 from .party import PartyResult, batch_sizes, check_batch_size
@@ -35,8 +36,9 @@ class SecureSession:
 
     The plan is built and calibrated when the session is made (nothing starts yet); the first :meth:`predict`
     starts the owner, client and dealer processes and shares the weights; later calls reuse them. While the
-    session waits between calls, the owner keeps the dealer's connection alive. A failed call ends the session
-    (its processes are stopped); :meth:`predict` then refuses.
+    session waits between calls, the owner keeps the dealer's connection alive. A call whose parties fail (or that is
+    interrupted) ends the session: its processes are stopped, and :meth:`predict` then refuses. Images refused
+    before the parties run (input bounds, memory) leave it open.
 
     Args: as :func:`~timm_mpc.secure.secure_predict` (``model``, ``settings``, ``calibration_images``,
     ``clamp_images``, ``engine``, ``protocol``).
@@ -74,7 +76,9 @@ class SecureSession:
         check_batch_size(batch_size)
         images = check_images(self.plan, images, clamp=self.clamp_images).detach().cpu().float()
         self.settings.warn_if_insecure()
-        batch_size, estimate, peak = prepare_batches(self.plan, self.settings, images.shape[0], batch_size, max_memory)
+        # the machine's available memory no longer counts the parties once they are up: only max_memory bounds then
+        batch_size, estimate, peak = prepare_batches(self.plan, self.settings, images.shape[0], batch_size, max_memory,
+                                                     check_available=self._parties is None)
         logits, profile, retries = run_with_retries(lambda x: self._run(x, batch_size), self.plan, images,
                                                     self.settings)
         self.calls += 1
@@ -86,6 +90,8 @@ class SecureSession:
         if self._parties is None:
             self._parties = LocalParties.start(self.plan, self.state_dict, images, self.settings, batch_size,
                                                session=True)
+            # a session dropped unclosed does not leave its processes running
+            self._finalizer = weakref.finalize(self, LocalParties.terminate, self._parties.procs)
         else:
             self._parties.commands['owner'].put(dict(requests=dealer_requests(self.plan, self.settings, count,
                                                                               batch_size)))
@@ -93,23 +99,24 @@ class SecureSession:
         try:
             outcomes = self._parties.collect(['owner', 'client'], count,
                                              len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(self.plan))
-        except SecureInferenceError:
-            self._parties, self._state = None, 'ended by a failed call'  # collect stopped the processes
+        except BaseException:  # a failed or interrupted call: the parties' state is unknown, so they end
+            LocalParties.terminate(self._parties.procs)
+            self._parties, self._state = None, 'ended by a failed call'
             raise
         return outcomes['client']
 
     def close(self) -> None:
         """End the parties (they end the protocol as one call of ``secure_predict`` does) and wait for them."""
-        if self._state == 'open' and self._parties is not None:
-            for queue in self._parties.commands.values():
-                queue.put(None)
-            try:
-                self._parties.collect(list(self._parties.procs))
-            finally:
-                self._parties.stop()
-        self._parties = None
+        parties, self._parties = self._parties, None
         if self._state == 'open':
             self._state = 'closed'
+            if parties is not None:
+                for queue in parties.commands.values():
+                    queue.put(None)
+                try:
+                    parties.collect(list(parties.procs))
+                finally:
+                    parties.stop()
 
     def __enter__(self) -> 'SecureSession':
         return self

@@ -258,7 +258,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
         from ..secure.pricing import check_priceable
         check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
-                        'run without a latency estimate (--no-latency)')
+                        'run without a latency estimate (--no-latency), or with --engine crypten')
     data_config = model_data_config(model)
     in_chans, img_size = data_config['input_size'][0], data_config['input_size'][-1]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, img_size, in_chans, cfg.train_subset)
@@ -335,8 +335,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         final = record['history'][-1] if record['history'] else {}
         record['final'] = dict(test_top1=final.get('test_top1'), test_top5=final.get('test_top5'),
                                epochs=len(record['history']), test_images=len(test_set))
+        save_weights(checkpoint_state(model), out / 'model.safetensors')  # first: the summary may price it at length
         record['model'] = model_summary(model, cfg)
-        save_weights(checkpoint_state(model), out / 'model.safetensors')
         if on_finish is not None:
             on_finish(model, record, out)
         _write_json(out / 'run.json', record)

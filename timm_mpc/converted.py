@@ -15,6 +15,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from torch import nn
 
 from .convert import convert_to_mpc
+from .factory import builds_mpc_attention
 
 __all__ = ['CONVERTED_ARCH', 'mpc_converted']
 
@@ -47,7 +48,7 @@ def mpc_converted(pretrained: bool = False, base: Optional[str] = None, attn_pat
     """
     if not base or not isinstance(base, str) or not timm.is_model(base):
         raise ValueError(f'{CONVERTED_ARCH} needs base=<a registered timm architecture>, got {base!r}')
-    if base == CONVERTED_ARCH or base.startswith('mpcvit_'):
+    if builds_mpc_attention(base):
         raise ValueError(f'{CONVERTED_ARCH}: base {base!r} builds MPC attention itself; create it directly')
     if kwargs.get('features_only'):
         raise ValueError(f'{CONVERTED_ARCH} does not build features_only models; use the model\'s '

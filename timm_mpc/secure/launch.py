@@ -26,7 +26,7 @@ from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT
 from .settings import SecureSettings
 
-__all__ = ['secure_predict', 'prepare_batches', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
+__all__ = ['secure_predict', 'prepare_call', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
 
 
 class SecureInferenceError(RuntimeError):
@@ -165,10 +165,12 @@ class LocalParties:
         start_processes(list(procs.values()), modules)
         return cls(procs, results, commands, settings)
 
-    def collect(self, roles: List[str], count: int = 0, layers: int = 0) -> Dict[str, Any]:
-        """Wait for what ``roles`` report next ('ok' with a result, 'closed'), with a progress bar over ``layers``
-        steps of ``count`` images; raise naming every party that failed, died or outlived a failure by the timeout
-        (the processes are stopped then)."""
+    def collect(self, roles: List[str], plan: Optional[SecurePlan] = None, count: int = 0,
+                batch_size: Optional[int] = None) -> Dict[str, Any]:
+        """Wait for what ``roles`` report next ('ok' with a result, 'closed'), with a progress bar over the layers of
+        every batch of a call of ``count`` images (none without a ``plan``); raise naming every party that failed,
+        died or outlived a failure by the timeout (the processes are stopped then)."""
+        layers = len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(plan) if plan is not None and count else 0
         outcomes: Dict[str, Any] = {}
         errors: List[str] = []
         deadline: Optional[float] = None
@@ -240,34 +242,37 @@ def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], ima
     result or raise.
     The images run ``batch_size`` at a time in one session, with a progress bar over the layers of every batch."""
     parties = LocalParties.start(plan, state_dict, images, settings, batch_size)
-    count = images.shape[0]
     try:
-        outcomes = parties.collect(list(parties.procs), count,
-                                   len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(plan))
+        outcomes = parties.collect(list(parties.procs), plan, images.shape[0], batch_size)
     finally:
         parties.stop()
     return outcomes['client']
 
 
-def prepare_batches(plan: SecurePlan, settings: SecureSettings, count: int, batch_size: Optional[int],
-                    max_memory: Union[int, str, None], check_available: bool = True,
-                    ) -> Tuple[Optional[int], Optional[DryRun], Optional[int]]:
-    """Before the parties start: the batch size (the largest that fits ``max_memory`` when none is given), the dry
+def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tensor, clamp: bool,
+                 batch_size: Optional[int], max_memory: Union[int, str, None], check_available: bool = True,
+                 ) -> Tuple[torch.Tensor, Optional[int], Optional[DryRun], Optional[int]]:
+    """Before the parties start a call: the images checked against the plan (float32, on the CPU), a warning if the
+    settings are not private, the batch size (the largest that fits ``max_memory`` when none is given), the dry
     run of the first batch and the predicted peak memory of a local run, printed as an estimate. Without
     ``max_memory`` the peak is checked against the machine's available memory where ``check_available`` (not when
     the parties are up already: a session's later calls).
 
     Raises:
+        InputRangeError: images outside the plan's input bounds (without ``clamp``).
         MemoryBoundError: the batch would not fit ``max_memory`` or, without one, the machine's available memory.
         ValueError: ``max_memory`` is not a size, or the engine has no dry run to predict memory with.
     """
+    images = check_images(plan, images, clamp=clamp).detach().cpu().float()
+    settings.warn_if_insecure()
+    count = images.shape[0]
     engine = get_engine(settings.engine)
     bound = None if max_memory is None else parse_memory(max_memory)
     if not engine.dry_run:
         if bound is not None:
             raise ValueError(f'max_memory is predicted by a dry run, which the {engine.title} engine has not; choose '
                              f'batch_size instead (engines with one: {[e for e, r in ENGINES.items() if r.dry_run]})')
-        return batch_size, None, None
+        return images, batch_size, None, None
     measure = partial(dry_run, plan, settings)
     if bound is not None and batch_size is None:
         batch_size = fit_batch_size(measure, count, bound, settings.dealer)
@@ -285,7 +290,7 @@ def prepare_batches(plan: SecurePlan, settings: SecureSettings, count: int, batc
             f'{how}')
     tqdm.write(f'secure inference of {count} images, batches of {first}: {estimate.summary(settings.dealer)}; peak memory about '
                f'{format_bytes(peak)} (dry run)', file=sys.stderr)
-    return batch_size, estimate, peak
+    return images, batch_size, estimate, peak
 
 
 def secure_predict(
@@ -344,9 +349,7 @@ def secure_predict(
     settings = resolve_settings(settings, engine, protocol)
     check_batch_size(batch_size)
     plan = build_secure_plan(model, settings, calibration_images)
-    images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
-    settings.warn_if_insecure()
-    batch_size, estimate, peak = prepare_batches(plan, settings, images.shape[0], batch_size, max_memory)
+    images, batch_size, estimate, peak = prepare_call(plan, settings, images, clamp_images, batch_size, max_memory)
     state_dict = plan.owner_weights(model)
     logits, profile, retries = run_with_retries(
         lambda x: run_local_parties(plan, state_dict, x, settings, batch_size), plan, images, settings)

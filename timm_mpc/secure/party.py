@@ -216,11 +216,7 @@ def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettin
             raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
                              f'{verdict.get("detail", verdict["reason"])}')
         raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
-    batches = answer.get('batches')
-    if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
-        raise PeerError(f'the client\'s answer names no batch sizes (a list of whole numbers of at least 1): '
-                        f'{str(batches)[:80]}')
-    return plan, images, batches
+    return plan, images, _checked_batches(answer.get('batches'), 'answer')
 
 
 class SessionLink:
@@ -246,10 +242,15 @@ def _next_batches(crypten: Any, rank: int, plan: SecurePlan, request: Optional[D
     batches = _exchange_json(crypten, sent, CLIENT)
     if batches is None:
         return None, None
+    return images, _checked_batches(batches, 'request')
+
+
+def _checked_batches(batches: Any, what: str) -> List[int]:
+    """The client's batch sizes as the owner received them in its ``what`` (answer, request), or PeerError."""
     if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
-        raise PeerError(f'the client\'s request names no batch sizes (a list of whole numbers of at least 1): '
+        raise PeerError(f'the client\'s {what} names no batch sizes (a list of whole numbers of at least 1): '
                         f'{str(batches)[:80]}')
-    return images, batches
+    return batches
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
@@ -307,8 +308,6 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             if session is None:
                 return result
             session.deliver(result)
-            if dealer is not None:
-                ttp.ttp_request = live
             request = session.next_request(
                 None if dealer is None else partial(live, 'batch', None, []), settings.timeout_s / 4)
             if rank == OWNER and request is not None:

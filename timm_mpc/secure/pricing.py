@@ -44,8 +44,13 @@ def check_priceable(model: nn.Module, settings: SecureSettings, advice: str) -> 
     build_plan(_with_patterns(model, 'scaling', None))
 
 
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy to price: the plan's calibration runs on the CPU in eval mode; a training model may be elsewhere."""
+    return copy.deepcopy(model).cpu().eval()
+
+
 def _dry_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]:
-    model = copy.deepcopy(model).cpu().eval()  # the plan's calibration runs on the CPU; a training model may not
+    """The dry-run estimate of ``model``, a :func:`_cpu_copy`."""
     dry = dry_run(build_secure_plan(model, settings), settings, 1)
     return dict(rounds=dry.rounds, bytes=dry.bytes, time_s=dry.compute_s,
                 latency_s={name: dry.latency(net) for name, net in NETWORKS.items()}, priced_by='dry run')
@@ -57,11 +62,11 @@ def model_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]
     if priced_by_table(model):
         return dict(model_latency(model, model_cost_table(model, settings=settings)), priced_by='cost table')
     check_priceable(model, settings, 'estimate it with engine crypten')
-    return _dry_estimate(model, settings)
+    return _dry_estimate(_cpu_copy(model), settings)
 
 
 def _with_patterns(model: nn.Module, kind: str, gelu: Optional[str]) -> nn.Module:
-    fixed = copy.deepcopy(model).cpu().eval()
+    fixed = _cpu_copy(model)
     set_attn_pattern(fixed, [[kind] * m.num_heads for _, m in read_model(fixed).heads])
     if gelu is not None:
         set_gelu_pattern(fixed, gelu)

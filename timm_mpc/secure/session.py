@@ -13,13 +13,9 @@ import torch
 from torch import nn
 
 from .engines import get_engine
-from .launch import (
-    LocalParties, SecureResult, dealer_requests, prepare_batches, resolve_settings,
-    run_with_retries,
-)
-from .party import PartyResult, batch_sizes, check_batch_size
-from .plan import build_secure_plan, check_images
-from .secure_vit import SecureViT
+from .launch import LocalParties, SecureResult, dealer_requests, prepare_call, resolve_settings, run_with_retries
+from .party import PartyResult, check_batch_size
+from .plan import build_secure_plan
 from .settings import SecureSettings
 
 __all__ = ['SecureSession']
@@ -74,11 +70,9 @@ class SecureSession:
         if self._state != 'open':
             raise RuntimeError(f'this secure session is {self._state}; make a new SecureSession')
         check_batch_size(batch_size)
-        images = check_images(self.plan, images, clamp=self.clamp_images).detach().cpu().float()
-        self.settings.warn_if_insecure()
         # the machine's available memory no longer counts the parties once they are up: only max_memory bounds then
-        batch_size, estimate, peak = prepare_batches(self.plan, self.settings, images.shape[0], batch_size, max_memory,
-                                                     check_available=self._parties is None)
+        images, batch_size, estimate, peak = prepare_call(self.plan, self.settings, images, self.clamp_images,
+                                                          batch_size, max_memory, check_available=self._parties is None)
         logits, profile, retries = run_with_retries(lambda x: self._run(x, batch_size), self.plan, images,
                                                     self.settings)
         self.calls += 1
@@ -97,8 +91,7 @@ class SecureSession:
                                                                               batch_size)))
             self._parties.commands['client'].put(dict(images=images, batch_size=batch_size))
         try:
-            outcomes = self._parties.collect(['owner', 'client'], count,
-                                             len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(self.plan))
+            outcomes = self._parties.collect(['owner', 'client'], self.plan, count, batch_size)
         except BaseException:  # a failed or interrupted call: the parties' state is unknown, so they end
             LocalParties.terminate(self._parties.procs)
             self._parties, self._state = None, 'ended by a failed call'

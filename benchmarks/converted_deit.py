@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 
@@ -27,51 +26,11 @@ from timm_mpc.pattern import mu_pattern
 from timm_mpc.secure import secure_predict
 from timm_mpc.secure.plan import normalization
 
+from peak_memory import PeakMemory
+from report_io import add_report_args, earlier_report
+
 CONFIGS = ('softmax', 'mu50', 'scaling')
 TARGET_S, TARGET_GB = 20.0, 8.0
-
-
-def _tree_rss(root: int) -> int:
-    """Resident bytes of ``root`` and every process below it (Linux /proc)."""
-    parents = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                stat = Path(f'/proc/{entry}/stat').read_text()
-                parents[int(entry)] = int(stat.rsplit(')', 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = {root}, [root]
-    while frontier:
-        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
-        tree.update(frontier)
-    total = 0
-    for pid in tree:
-        try:
-            for line in Path(f'/proc/{pid}/status').read_text().splitlines():
-                if line.startswith('VmRSS:'):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
-
-
-class PeakMemory:
-    """The largest resident memory of this process and its descendants while the block runs."""
-
-    def __enter__(self) -> 'PeakMemory':
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def build(config: str) -> torch.nn.Module:
@@ -91,13 +50,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--batches', type=int, nargs='*', default=[1, 8])
     parser.add_argument('--configs', nargs='*', default=list(CONFIGS), choices=CONFIGS)
-    parser.add_argument('--json', default='converted_deit.json')
-    parser.add_argument('--markdown', default=None)
-    parser.add_argument('--from-json', default=None, help='render an earlier run; measure nothing')
+    add_report_args(parser, 'converted_deit.json')
     args = parser.parse_args()
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-    else:
+    report = earlier_report(args)
+    if report is None:
         report = dict(model='deit_tiny_patch16_224', img_size=224, engine='crypten', results={},
                       machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__))
         for batch in args.batches:  # the configurations alternate within a batch size

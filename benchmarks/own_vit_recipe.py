@@ -23,6 +23,8 @@ import torch
 import timm_mpc
 from timm_mpc.cli import main
 
+from report_io import add_report_args, earlier_report
+
 ARCH = 'vit_tiny_patch16_224'
 MODEL = ['--model', ARCH, '--img-size', '32', '--model-kwargs', json.dumps(dict(patch_size=4, num_classes=10))]
 COMMON = ['--amp', '--workers', '1', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--drop-path', '0',
@@ -115,11 +117,9 @@ def main_cli() -> None:
     p.add_argument('--secure-images', type=int, default=100)
     p.add_argument('--train-subset', type=int, default=None, help='a quick check of the script: train on N images')
     p.add_argument('--test-subset', type=int, default=None, help='a quick check of the script: test on N images')
-    p.add_argument('--json', default=None, help='write the figures here')
-    p.add_argument('--markdown', default=None, help='write the README table here')
-    p.add_argument('--from-json', default=None, help='only render the table of an earlier --json')
+    add_report_args(p, None)
     args = p.parse_args()
-    record = json.loads(Path(args.from_json).read_text()) if args.from_json else run(args)
+    record = earlier_report(args) or run(args)
     table = markdown(record)
     print(table)
     if args.json and not args.from_json:

@@ -35,6 +35,8 @@ from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predi
 from timm_mpc.secure.bench import baseline_of, compare_logits
 from timm_mpc.training.data import build_dataset, build_loader
 
+from report_io import add_report_args, earlier_report
+
 PAPER = {'mu50': 1.91, 'scaling': 2.51}  # the paper's SEMI2K LAN savings (CIFAR-10, same architecture)
 ENGINES = {'SPU SEMI2K': dict(engine='spu', protocol='semi2k'), 'CrypTen': dict(engine='crypten'),
            'SPU CHEETAH': dict(engine='spu', protocol='cheetah')}
@@ -163,14 +165,11 @@ def main():
                         help='take the agreement of each engine and configuration from this earlier JSON run '
                              'instead of measuring it (those runs\' wall times are not used)')
     parser.add_argument('--engines', nargs='*', default=list(ENGINES), choices=list(ENGINES))
-    parser.add_argument('--json', default='secure_engines.json')
+    add_report_args(parser, 'secure_engines.json')
     parser.add_argument('--png', default=None)
-    parser.add_argument('--markdown', default=None)
-    parser.add_argument('--from-json', default=None, help='render an earlier run; measure nothing')
     args = parser.parse_args()
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-    else:
+    report = earlier_report(args)
+    if report is None:
         torch.manual_seed(0)
         models = configurations(args.checkpoint)
         images, _ = first_images(models['mu50'], 'test', max(args.images, args.cheetah_images))

@@ -36,6 +36,8 @@ from timm_mpc.secure.launch import SecureInferenceError
 from timm_mpc.secure.settings import SecureSettings
 from timm_mpc.secure.truncation import truncation_failures
 
+from report_io import add_report_args, earlier_report
+
 TARGETS = {'mu50': 1.9, 'scaling': 2.5, 'mu50_plus': 3.0}  # LAN latency savings over the baseline (issue 11)
 WALL_TARGET_S = 3.2  # mu = 0.5, batch 1: a third of the 9.5 s the old engine took
 
@@ -144,18 +146,17 @@ def _summary(runs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--checkpoint', default=None)
-    parser.add_argument('--json', default='secure_latency.json')
+    add_report_args(parser, 'secure_latency.json')
     parser.add_argument('--png', default=None, help='the plot (default secure_latency.png when measuring)')
     parser.add_argument('--repeats', type=int, default=3, help='runs of each engine in part 1, alternated')
     parser.add_argument('--batches', type=int, nargs='*', default=[1, 8, 64], help='batch sizes of part 2')
     parser.add_argument('--skip-settings', action='store_true', help='skip part 4 (each setting on its own)')
-    parser.add_argument('--markdown', default=None, help='also write the tables as Markdown to this file')
-    parser.add_argument('--from-json', default=None,
-                        help='render the tables (and, with --png, the plot) of an earlier run; measure nothing')
     args = parser.parse_args()
-    if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
+    report = earlier_report(args)
+    if report is not None:
         print(markdown(report))
+        if args.markdown:
+            Path(args.markdown).write_text(markdown(report))
         if args.png:
             plot(report['part1'], args.png)
         return

@@ -109,11 +109,51 @@ def test_converted_vit_round_trip(tmp_path):
     assert all(isinstance(b.mlp.act, QuadGELU) for b in loaded.blocks)
 
 
+CONVERTED = {  # timm builds none of these with MPC modules from its own arguments
+    'eva02': lambda: (convert_to_mpc(_timm('eva02_tiny_patch14_224', 28, depth=2),
+                                     [['relu_softmax', 'scaling', 'softmax'], ['2quad', 'scaling', 'scaling']]), 28),
+    'swin': lambda: (convert_to_mpc(_timm('swin_tiny_patch4_window7_224', 56, depths=(2, 2), num_heads=(2, 4),
+                                          embed_dim=32), ['scaling', ['relu_softmax', 'softmax'], 'scaling',
+                                                          ['softmax', 'relu_softmax', '2quad', 'scaling']]), 56),
+    'vit_mpcvit_plus': lambda: (_converted_vit(gelu_pattern=[[1, 0] * 8 + [1], 'linear']), 32),
+    'vit_mpcvit_plus_all_gelu': lambda: (_converted_vit(gelu_pattern='gelu'), 32),  # its MLPs are still MPCViT+'s
+    'vit_relu_eps': lambda: (_converted_vit(relu_eps=1e-3), 32),
+}
+
+
+def _timm(name, size, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, img_size=size, num_classes=10, **kwargs).eval()
+
+
+@pytest.mark.parametrize('family', list(CONVERTED))
+def test_converted_models_timm_cannot_build_publish_as_mpc_converted_and_load_back(tmp_path, family):
+    model, size = CONVERTED[family]()
+    folder = save_for_hub(model, tmp_path / 'repo', 'me/x')
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['architecture'] == 'mpc_converted' and config['model_args']['base'] == model.pretrained_cfg['architecture']
+    assert config['model_args']['attn_pattern'] == get_attn_pattern(model)
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    assert type(loaded) is type(model) and get_attn_pattern(loaded) == get_attn_pattern(model)
+    assert get_gelu_pattern(loaded) == get_gelu_pattern(model)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(images), loaded(images))
+    again = save_for_hub(loaded, tmp_path / 'again', 'me/x')  # a loaded-back model publishes the same way
+    assert json.loads((again / 'config.json').read_text())['model_args'] == config['model_args']
+    assert load_file(again / 'model.safetensors').keys() == load_file(folder / 'model.safetensors').keys()
+
+
+def test_mpc_converted_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match=r"mpc_converted needs base=<a registered timm architecture>, got 'nope'"):
+        timm.create_model('mpc_converted', base='nope')
+    with pytest.raises(ValueError, match='builds MPC attention itself'):
+        timm.create_model('mpc_converted', base='mpcvit_tiny')
+    with pytest.raises(ValueError, match='does not build features_only models'):
+        timm.create_model('mpc_converted', base='vit_tiny_patch16_224', features_only=True)
+
+
 @pytest.mark.parametrize('make, match', [
-    (lambda: _converted_vit(gelu_pattern='linear'), 'GeLU linearization of a converted'),
-    (lambda: convert_to_mpc(timm.create_model('swin_tiny_patch4_window7_224', depths=(1, 1, 1, 1)), 'scaling'),
-     'MPCWindowAttention'),
-    (lambda: _converted_vit(relu_eps=1e-3), 'relu_eps'),
     (lambda: timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=1), 'no MPC attention'),
 ])
 def test_unpublishable_models_are_refused_before_writing(tmp_path, make, match):

@@ -15,26 +15,12 @@ from timm_mpc.cli import main
 from timm_mpc.secure import SecureSettings, secure_predict
 from timm_mpc.secure.launch import free_port
 
-MIXED = [['softmax', 'relu_softmax', 'scaling', '2quad'], ['relu_softmax', 'scaling', 'scaling', 'relu_softmax']]
-
-
-def _small_mpcvit(**kwargs):
-    torch.manual_seed(0)
-    model = timm.create_model('mpcvit_tiny', **{**dict(depth=2, embed_dim=64, num_heads=4, img_size=16), **kwargs}).eval()
-    with torch.no_grad():  # trained-like magnitudes: embeddings of order one, not timm's tiny init
-        model.cls_token.normal_(0, 1)
-        model.pos_embed.normal_(0, 0.5)
-    return model
-
-
-def _images(n=3, size=16, mean=0.286, std=0.353):
-    """Random pixels in [0, 1], normalized (mpcvit_tiny's Fashion-MNIST mean and std by default)."""
-    return (torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)) - mean) / std
+from small_models import MIXED, random_images, small_mpcvit
 
 
 def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
-    model = _small_mpcvit(attn_pattern=MIXED, gelu_pattern=[[1, 0] * 8 + [1], 'linear'])
-    images = _images()
+    model = small_mpcvit(attn_pattern=MIXED, gelu_pattern=[[1, 0] * 8 + [1], 'linear'])
+    images = random_images()
     result = secure_predict(model, images, return_result=True)
     with torch.no_grad():
         plain = model(images)
@@ -57,8 +43,8 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
 
 def test_images_in_batches_run_in_one_session_and_match_one_run(capsys):
     """batch_size: one session of the parties (weights shared once) runs 5 images as batches of 2, 2 and 1."""
-    model = _small_mpcvit(attn_pattern=MIXED)
-    images = _images(5)
+    model = small_mpcvit(attn_pattern=MIXED)
+    images = random_images(5)
     batched = secure_predict(model, images, batch_size=2, return_result=True)
     with torch.no_grad():
         plain = model(images)
@@ -81,7 +67,7 @@ def test_converted_timm_vit_with_registers_qk_norm_and_layerscale():
     with torch.no_grad():
         model.cls_token.normal_(0, 1)
         model.reg_token.normal_(0, 1)
-    images = _images(2, 32, mean=0.5, std=0.5)  # timm's ViT mean and std
+    images = random_images(2, 32, mean=0.5, std=0.5)  # timm's ViT mean and std
     logits = secure_predict(model, images)
     with torch.no_grad():
         plain = model(images)
@@ -92,8 +78,8 @@ def test_owner_as_dealer_is_an_explicit_insecure_setting_that_warns_every_run():
     from timm_mpc.secure import InsecureSettingWarning
     with pytest.raises(ValueError, match="'TFP' makes the model owner the dealer.*'TTP'.*'TFP_INSECURE'"):
         SecureSettings(provider='TFP')
-    model = _small_mpcvit(attn_pattern='relu_softmax')
-    images = _images(1)
+    model = small_mpcvit(attn_pattern='relu_softmax')
+    images = random_images(1)
     settings = SecureSettings(provider='TFP_INSECURE')
     for _ in range(2):
         with pytest.warns(InsecureSettingWarning, match='can open the client'):
@@ -105,8 +91,8 @@ def test_owner_as_dealer_is_an_explicit_insecure_setting_that_warns_every_run():
 
 def test_secure_predict_refuses_out_of_range_images_or_clamps_them():
     from timm_mpc.secure import InputRangeError
-    model = _small_mpcvit(attn_pattern=MIXED)
-    images = _images(2)
+    model = small_mpcvit(attn_pattern=MIXED)
+    images = random_images(2)
     for factor in (10, 1e6):
         with pytest.raises(InputRangeError, match=r'channel 0 has values in .*accepted \[-0.81.*, 2.02.*\]'):
             secure_predict(model, images * factor)
@@ -135,6 +121,7 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     assert client.returncode == 0, client.stdout + client.stderr
     assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out, owner_out
     assert 'holds no logit' in owner_out
+    assert re.search(r'owner: [\d,]+ rounds per batch of 1; per image \d+ MB between the parties', owner_out), owner_out
     assert 'dealer: done' in dealer_out and dealer.returncode == 0, dealer_out + dealer_err[-3000:]
     report = json.loads((tmp_path / 'client.json').read_text())
     assert len(report['logits']) == 2 and report['profile']['rounds'] > 100  # two batches of one, one session
@@ -165,12 +152,12 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
 def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
     """Images x10 are refused by the client before it shares anything (and the owner is told why); x1e6 with
     --clamp-images give the logits of the clamped images."""
-    model = _small_mpcvit(attn_pattern=MIXED, img_size=32)
+    model = small_mpcvit(attn_pattern=MIXED, img_size=32)
     import safetensors.torch
     safetensors.torch.save_file(model.state_dict(), str(tmp_path / 'small.safetensors'))
     owner_args = ['--rank', '0', '--model', 'mpcvit_tiny', '--checkpoint', str(tmp_path / 'small.safetensors'),
                   '--model-kwargs', json.dumps(dict(depth=2, embed_dim=64, num_heads=4, img_size=32))]
-    images = _images(2, 32)
+    images = random_images(2, 32)
     outcomes = {}
     for name, factor, extra in (('x10', 10, []), ('x1e6 clamped', 1e6, ['--clamp-images'])):
         torch.save(images * factor, tmp_path / 'images.pt')
@@ -243,13 +230,13 @@ def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
     out = tmp_path / 'bench.json'
     checkpoint = tmp_path / 'small.safetensors'
     import safetensors.torch
-    model = _small_mpcvit(attn_pattern='scaling', img_size=32)
+    model = small_mpcvit(attn_pattern='scaling', img_size=32)
     safetensors.torch.save_file(model.state_dict(), str(checkpoint))
     assert main(['bench', 'mpcvit_tiny', '--checkpoint', str(checkpoint), '--batch', '1', '--check',
                  '--json', str(out)]) == 2  # a small checkpoint is refused for mpcvit_tiny's shape
     assert 'does not fit this model' in capsys.readouterr().err
     images = tmp_path / 'images.pt'
-    torch.save(_images(2, 32, mean=0.5, std=0.5), images)
+    torch.save(random_images(2, 32, mean=0.5, std=0.5), images)
     assert main(['bench', 'vit_tiny_patch16_224', '--model-kwargs', json.dumps(dict(img_size=32, patch_size=8, depth=2)),
                  '--pattern', 'scaling', '--act-layer', 'quad_gelu', '--check', '--json', str(out),
                  '--images', str(images)]) == 0
@@ -287,7 +274,7 @@ def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
     model = timm.create_model('mpcvit_tiny', img_size=16, embed_dim=32, depth=3, num_heads=4,
                               attn_pattern=[['relu_softmax', 'scaling', 'scaling', '2quad'], 'softmax', 'scaling'],
                               gelu_pattern=['gelu', [1] * 9 + [0] * 8, 'linear']).eval()
-    measured = secure_predict(model, _images(1), return_result=True).profile
+    measured = secure_predict(model, random_images(1), return_result=True).profile
     estimate = model_latency(model, table)
     assert estimate['rounds'] == pytest.approx(measured.rounds, rel=0.05)
     assert estimate['bytes'] == pytest.approx(measured.bytes, rel=0.05)
@@ -309,7 +296,7 @@ def test_images_with_implausible_logits_run_again(monkeypatch):
     """A failed truncation (about one image in a thousand) shows as a logit beyond the plan's bound: those
     images, and only those, run again; the others keep their first logits."""
     from timm_mpc.secure import launch
-    model, images = _small_mpcvit(attn_pattern=MIXED), _images(3)
+    model, images = small_mpcvit(attn_pattern=MIXED), random_images(3)
     calls = []
     real = launch.run_local_parties
 

@@ -8,7 +8,6 @@ applied to a reconstructed head input; and any logit value held anywhere, encode
 owner-as-dealer setting is run through the same attacks, to show that they find a leak where there is one.
 """
 import pytest
-import timm
 import torch
 
 from party_spy import best_reconstruction, held_values, record_view, recovered_values, run_spied_parties
@@ -16,18 +15,11 @@ from timm_mpc.data import calibration_examples
 from timm_mpc.secure import SecureSettings, build_secure_plan
 from timm_mpc.secure.secure_vit import patchify
 
-PATTERN = [['softmax', 'relu_softmax', 'scaling', '2quad'], ['relu_softmax', 'scaling', 'scaling', 'relu_softmax']]
-
+from small_models import MIXED, small_mpcvit
 
 @pytest.fixture(scope='module')
 def model():
-    torch.manual_seed(0)
-    model = timm.create_model('mpcvit_tiny', depth=2, embed_dim=32, num_heads=4, img_size=16,
-                              attn_pattern=PATTERN).eval()
-    with torch.no_grad():
-        model.cls_token.normal_(0, 1)
-        model.pos_embed.normal_(0, 0.5)
-    return model
+    return small_mpcvit(embed_dim=32, attn_pattern=MIXED)
 
 
 def _images(model, batch):

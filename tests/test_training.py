@@ -1,6 +1,7 @@
 """Search, distillation, MPCViT+, binarization, the cost model, data and the training CLI."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -368,21 +369,42 @@ def test_a_converted_timm_model_starts_from_pretrained_weights_and_distils_from_
     assert bigger.patch_embed.img_size == (48, 48) and bigger.pos_embed.shape[1] == 1 + 36
 
 
-def test_a_model_the_cost_model_does_not_price_is_refused_before_the_first_epoch(tmp_path, capsys):
-    from timm_mpc.layers.pattern_state import checkpoint_state
-    from timm_mpc.training import RunConfig
-    from timm_mpc.training.engine import train_model
-    from timm_mpc.utils import save_weights
+def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(debian_fmnist, tmp_path, capsys):
+    """The per-kind cost table prices ViT-shaped models only; a Swin is priced by dry runs of itself (CrypTen):
+    searched with the cost-weighted penalty, binarized by mu, each pattern's estimate exact in rounds."""
+    from timm_mpc.secure import SecureSettings, build_secure_plan, dry_run
     swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
-    cfg = RunConfig(model='swin_tiny_patch4_window7_224', model_kwargs=swin, attn_pattern='search', epochs=1,
-                    output=str(tmp_path / 'search'))
-    with pytest.raises(ValueError, match=r'SwinTransformer is not priced yet: a search .* cannot be searched yet'):
-        train_model(cfg, 'search')
-    assert not list((tmp_path / 'search').iterdir())
-    weights = tmp_path / 'swin.safetensors'
-    save_weights(checkpoint_state(timm_mpc.create_mpc_model('swin_tiny_patch4_window7_224', num_classes=10, **swin)),
-                 weights)
+    kw = ['--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', json.dumps(swin), '--batch-size', '16',
+          '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--warmup-epochs', '0',
+          '--train-subset', '32', '--test-subset', '16']
+    search = tmp_path / 'search'
+    # what cannot be priced is refused before the first epoch: SPU has no dry run
+    capsys.readouterr()
+    assert main(['search', '--output', str(search), '--epochs', '1', '--engine', 'spu', *kw]) == 2
+    assert re.search(r'SwinTransformer is priced by a dry run, which the SPU engine has not', capsys.readouterr().err)
+    assert not search.exists() or not list(search.iterdir())
+    assert main(['search', '--output', str(search), '--epochs', '1', '--cost-weighted', '--mu', '0.5', *kw]) == 0
+    found = json.loads((search / 'patterns.json').read_text())['patterns']['mu50']
+    assert found['head_kinds'].get('relu_softmax', 0) == round(0.5 * 3) and sum(found['head_kinds'].values()) == 3
+    estimate = found['secure_estimate']
+    assert estimate['priced_by'] == 'dry run' and estimate['latency_s']['wan'] > estimate['latency_s']['lan'] > 0
+    model = timm_mpc.create_mpc_model('swin_tiny_patch4_window7_224', checkpoint=str(search / 'mu50.safetensors'),
+                                      **swin).eval()
+    settings = SecureSettings()
+    assert estimate['rounds'] == dry_run(build_secure_plan(model, settings), settings, 1).rounds
     capsys.readouterr()
     assert main(['eval', '--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', json.dumps(swin), '--checkpoint',
-                 str(weights)]) == 2
-    assert 'SwinTransformer is not priced yet: evaluate it with --no-latency' in capsys.readouterr().err
+                 str(search / 'mu50.safetensors'), '--workers', '0', '--test-subset', '16',
+                 '--json', str(tmp_path / 'eval.json')]) == 0
+    summary = json.loads((tmp_path / 'eval.json').read_text())['model']
+    assert summary['secure_estimate']['rounds'] == estimate['rounds']
+    # a latency budget: each candidate pattern priced by its own dry run; the same search again (same seed)
+    budget_s = estimate['latency_s']['lan']
+    assert main(['search', '--output', str(tmp_path / 'budget'), '--epochs', '1', '--mu', '0.5', '--budget-s',
+                 str(budget_s), *kw]) == 0
+    patterns = json.loads((tmp_path / 'budget' / 'patterns.json').read_text())['patterns']
+    within = patterns[f'budget_lan_{budget_s:g}s']
+    assert within['secure_estimate']['priced_by'] == 'dry run'
+    assert within['secure_estimate']['latency_s']['lan'] <= budget_s
+
+

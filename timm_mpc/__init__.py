@@ -1,9 +1,10 @@
 """timm-mpc: MPC-friendly Vision Transformers for timm.
 
-Importing the package registers the ``mpcvit_*`` models and the MPC-friendly attention and
-activation layer names with timm.
+Importing the package registers the ``mpcvit_*`` models, the ``mpc_converted`` architecture (a converted model of
+any supported family, as published) and the MPC-friendly attention and activation layer names with timm.
 """
 from .convert import SUPPORTED_ATTENTION, ConversionReport, convert_to_mpc
+from .converted import CONVERTED_ARCH
 from .cost import estimate_latency
 from .factory import create_mpc_model
 from .layers import (
@@ -24,7 +25,7 @@ register_timm_layers()
 install_import_hook()  # a plain `import crypten` gets timm-mpc's CrypTen (see timm_mpc.secure.crypten_compat)
 
 __all__ = [
-    '__version__', 'convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION', 'create_mpc_model',
+    '__version__', 'convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION', 'CONVERTED_ARCH', 'create_mpc_model',
     'FAMILIES', 'read_model', 'support_table',
     'ATTN_KINDS', 'GELU_PATTERNS', 'SEARCH', 'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind',
     'get_attn_kind', 'HeadKinds', 'LinearizableMlp',

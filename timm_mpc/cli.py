@@ -168,7 +168,8 @@ def _predict(args: argparse.Namespace) -> int:
     print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
           f'processes, {_protocol_line(settings)}')
     result = secure_predict(model, images, settings=settings, calibration_images=_calibration(args),
-                            clamp_images=args.clamp_images, return_result=True, batch_size=args.batch_size)
+                            clamp_images=args.clamp_images, return_result=True, batch_size=args.batch_size,
+                            max_memory=args.max_memory)
     with torch.no_grad():
         plain = model(check_images(result.plan, images, clamp=args.clamp_images))
     profile = result.profile.to_dict(_networks(args))
@@ -318,6 +319,14 @@ def _add_batch_size_arg(p: argparse.ArgumentParser) -> None:
                         'default: all at once')
 
 
+def _memory_size(text: str) -> int:
+    from .secure.memory import parse_memory
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
     from .secure.engines import DEFAULT_ENGINE, ENGINES
     from .secure.settings import PROVIDERS
@@ -373,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(predict, required=False)
     _add_secure_args(predict)
     _add_batch_size_arg(predict)
+    predict.add_argument('--max-memory', type=_memory_size, default=None,
+                         help='bound on the peak memory of the processes together, e.g. 6GiB: without --batch-size, '
+                              'the largest batches that fit it (predicted by a dry run, CrypTen only)')
     predict.set_defaults(func=_predict, batch=4)
 
     bench = sub.add_parser('bench', help='secure cost against the all-Softmax, exact-GeLU baseline')

@@ -93,12 +93,13 @@ def estimate_latency(
     return dict(total, latency_s=latency)
 
 
-def cost_table_shape(model: nn.Module, advice: str = 'run without a latency estimate (--no-latency)') -> Dict[str, Any]:
+def cost_table_shape(model: nn.Module,
+                     advice: str = 'price it by dry runs (timm_mpc.secure.pricing)') -> Dict[str, Any]:
     """The shapes :func:`kind_cost_table` measures for ``model``: a ViT's (one token sequence, blocks of one width
     with a plain MLP), as ``mpcvit_*``, a converted ViT or DeiT have.
 
     Raises:
-        ValueError: a model the cost model does not price yet (Swin's stages, EVA's gated MLPs), naming it.
+        ValueError: a model the table does not price (Swin's stages, EVA's gated MLPs), naming it.
     """
     parts = read_model(model)
     blocks = getattr(model, 'blocks', None)
@@ -106,7 +107,7 @@ def cost_table_shape(model: nn.Module, advice: str = 'run without a latency esti
     if not blocks or not parts.heads or not mlps or not all(type(m) in MLP_TYPES_PRICED for m in mlps) \
             or len({m.fc1.out_features for m in mlps}) != 1:
         raise ValueError(f'the secure cost model prices ViT-shaped models (one token sequence, blocks of one width '
-                         f'with a plain MLP); {type(model).__name__} is not priced yet: {advice}')
+                         f'with a plain MLP); {type(model).__name__} is not priced by the table: {advice}')
     return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
                 embed_dim=model.embed_dim, num_heads=parts.heads[0][1].num_heads,
                 mlp_ratio=mlps[0].fc1.out_features / model.embed_dim)

@@ -7,7 +7,7 @@ plain ``timm.create_model("mpcvit_tiny", pretrained=True)`` through a default co
 ``model_args`` name a pattern, loading checks that the weights hold the same one.
 """
 from itertools import zip_longest
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
@@ -15,6 +15,7 @@ from timm.layers import create_act
 from timm.models._input import get_model_input_config
 from torch import nn
 
+from ..converted import CONVERTED_ARCH
 from ..layers.attention import MPCAttention
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..layers.mpc_attention import MPCAttentionMixin
@@ -44,7 +45,9 @@ def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
     An ``mpcvit_*`` model records its head pattern, GeLU pattern and head constants. A timm ViT
     converted by :func:`timm_mpc.convert_to_mpc` is published as its own architecture with
     ``attn_layer='mpc'`` (the per-head kinds come with the weights) and, if its activation was
-    replaced, the new ``act_layer`` name.
+    replaced, the new ``act_layer`` name. Any other converted model (EVA-02, Swin, DeiT with MPCViT+ MLPs, other
+    head constants) is published as :data:`~timm_mpc.converted.CONVERTED_ARCH` with its timm architecture as
+    ``base`` and the conversion's arguments.
 
     Args:
         model: A model made by ``timm.create_model`` (so its architecture is known).
@@ -75,26 +78,34 @@ def hub_model_args(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
         args.update({k: v for k, v in constants.items() if v != _HEAD_DEFAULTS[k]})
         return arch, args
 
-    unsupported = sorted({type(m).__name__ for m in heads if type(m) is not MPCAttention})
-    if unsupported:
-        raise ValueError(f'{arch}: publishing converted {unsupported} is not supported; timm builds that family\'s '
-                         f'attention without an attn_layer argument. Supported: timm ViTs (Attention -> MPCAttention)')
-    if any(isinstance(m, LinearizableMlp) for _, m in parts.mlps):
-        raise ValueError(f'{arch}: MPCViT+ GeLU linearization of a converted timm ViT cannot be published, because '
-                         f'timm\'s VisionTransformer takes its mlp_layer only as a class; publish an mpcvit_* model, '
-                         f'or a converted ViT without gelu_pattern')
-    if constants != _HEAD_DEFAULTS:
-        raise ValueError(f'{arch}: heads use relu_eps/quad_c {constants}; timm\'s ViT builds MPC attention with '
-                         f'{_HEAD_DEFAULTS}, so convert with those to publish')
+    act = _replaced_activation(parts)
+    if (arch == CONVERTED_ARCH or 'base' in args or constants != _HEAD_DEFAULTS or any(type(m) is not MPCAttention for m in heads)
+            or any(isinstance(m, LinearizableMlp) for _, m in parts.mlps)):
+        # timm cannot build these MPC modules from its own arguments: the architecture converts at build time
+        base = args.pop('base', arch)
+        for key in ('attn_pattern', 'gelu_pattern', 'act_layer', 'relu_eps', 'quad_c'):
+            args.pop(key, None)
+        args.update(base=base, attn_pattern=get_attn_pattern(model), **constants)
+        linearizable = [m for _, m in parts.mlps if isinstance(m, LinearizableMlp)]
+        if linearizable:  # all-GeLU ones too: they are LinearizableMlp modules, with their buffers
+            args['gelu_pattern'] = [m.pattern for m in linearizable]
+        if act is not None:
+            args['act_layer'] = act
+        return CONVERTED_ARCH, args
     args['attn_layer'] = next(name for name, cls in attn_layer_names().items() if cls is MPCAttention)
-    # timm's ViT builds nn.GELU by default, which has no timm name; a replaced activation has one
-    acts = {type(act) for _, act in parts.activations}
-    if len(acts) == 1:
-        act = acts.pop()
-        name = next((n for n, cls in create_act._ACT_LAYER_DEFAULT.items() if cls is act), None)
-        if name is not None:
-            args['act_layer'] = name
+    if act is not None:
+        args['act_layer'] = act
     return arch, args
+
+
+def _replaced_activation(parts: Any) -> Optional[str]:
+    """The timm name of the one MLP activation class, where it has one: timm's ViT builds nn.GELU by default,
+    which has none; an activation ``convert_to_mpc`` put in its place has."""
+    acts = {type(act) for _, act in parts.activations}
+    if len(acts) != 1:
+        return None
+    act = acts.pop()
+    return next((n for n, cls in create_act._ACT_LAYER_DEFAULT.items() if cls is act), None)
 
 
 def check_rebuild(model: nn.Module, architecture: str, model_args: Dict[str, Any]) -> None:

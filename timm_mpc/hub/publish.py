@@ -59,7 +59,7 @@ def _write_folder(
     card = render_card(results, repo_id)
     # timm names Hub repos ARCHITECTURE.TAG; the source checkpoint's tag would be stale here
     name = repo_id.split('/')[-1]
-    model_config: Dict[str, Any] = dict(pretrained_cfg=dict(tag=name.split('.', 1)[-1]))
+    model_config: Dict[str, Any] = dict(pretrained_cfg=dict(tag=name.split('.', 1)[-1], architecture=architecture))
     labels = label_names or model.pretrained_cfg.get('label_names')
     if labels:
         if len(labels) != model.num_classes:
@@ -85,7 +85,7 @@ def save_for_hub(
     folder and moved into ``directory`` only when all of them are complete.
 
     Args:
-        model: An ``mpcvit_*`` model, or a timm ViT after :func:`timm_mpc.convert_to_mpc`.
+        model: An ``mpcvit_*`` model, or a timm model after :func:`timm_mpc.convert_to_mpc`.
         directory: The folder to write (created; the four files are replaced if present).
         repo_id: ``ORG/NAME`` the folder is for (used by the card).
         results: Measured figures for the card (see :func:`timm_mpc.hub.render_card`).
@@ -131,7 +131,7 @@ def publish(
     """Publish ``model`` to the Hugging Face Hub as ``repo_id``, or only write the folder (``dry_run_dir``).
 
     Args:
-        model: An ``mpcvit_*`` model, or a timm ViT after :func:`timm_mpc.convert_to_mpc`.
+        model: An ``mpcvit_*`` model, or a timm model after :func:`timm_mpc.convert_to_mpc`.
         repo_id: ``ORG/NAME``; timm's convention is ``ORG/ARCHITECTURE.TAG``.
         results: Measured figures for the card.
         label_names: Class names, one per output.

@@ -241,16 +241,12 @@ def _scores(q: Any, k: Any, scale: float, ctx: KindContext) -> Any:
     return scores if ctx.bias is None else scores + ctx.bias
 
 
-def _kept(weights: Any, ctx: KindContext) -> Any:
-    return _masked(weights, ctx.keep)
-
-
 def _secure_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
     return ctx.softmax(_scores(q, k, scale, ctx)).matmul(v)
 
 
 def _secure_relu_softmax(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
-    numer = _kept(_scores(q, k, scale, ctx).relu(), ctx)
+    numer = _masked(_scores(q, k, scale, ctx).relu(), ctx.keep)
     return (numer * ctx.reciprocal(numer.sum(-1, keepdim=True) + ctx.opts['eps'])).matmul(v)
 
 
@@ -267,7 +263,7 @@ def _secure_scaling(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> A
 
 
 def _secure_quad2(q: Any, k: Any, v: Any, scale: float, ctx: KindContext) -> Any:
-    numer = _kept((_scores(q, k, scale, ctx) + ctx.opts['quad_c']).square(), ctx)
+    numer = _masked((_scores(q, k, scale, ctx) + ctx.opts['quad_c']).square(), ctx.keep)
     return (numer * ctx.reciprocal(numer.sum(-1, keepdim=True))).matmul(v)
 
 

@@ -1,6 +1,6 @@
 """Turn a searched supernet's α (per head) and β (per token) into fixed patterns: by a fraction μ of
 ReLU-Softmax heads (global top-k, as in the paper), or by a secure-latency budget."""
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -9,7 +9,8 @@ from ..layers.linearizable_mlp import LinearizableMlp
 from ..reader import read_model
 from ..cost import NETWORKS, estimate_latency
 
-__all__ = ['searches_gelu', 'searched_alpha', 'searched_beta', 'binarize_mu', 'binarize_budget', 'binarize_gelu']
+__all__ = ['searches_gelu', 'searched_alpha', 'searched_beta', 'binarize_mu', 'binarize_budget', 'binarize_budget_checked',
+           'binarize_gelu']
 
 RS, SA = SEARCH_KINDS  # what α = 1 and α = 0 stand for
 
@@ -80,6 +81,39 @@ def binarize_budget(
         if latency(pattern) > budget_s:
             pattern[layer][h] = SA
     return pattern
+
+
+def binarize_budget_checked(
+        alpha: Sequence[Sequence[float]],
+        latency: Callable[[List[List[str]]], float],
+        budget_s: float,
+        network: str = 'lan',
+) -> List[List[str]]:
+    """:func:`binarize_budget` for a model the per-kind table does not price, with ``latency(pattern)`` an exact but
+    costly estimate (a dry run of the model with that pattern): ReLU-Softmax in the ``k`` heads with the largest α,
+    ``k`` first from the average saving of one head (the all-Scaling and all-ReLU-Softmax estimates), then one fewer
+    for as long as the pattern's own estimate exceeds ``budget_s``. Within the budget, though the average may spend
+    it on heads that save less than others would.
+
+    Raises:
+        ValueError: the budget is below the all-Scaling model's latency (the least the model can cost).
+    """
+    def pattern(k: int) -> List[List[str]]:
+        out = [[SA] * len(row) for row in alpha]
+        for layer, h in ranked[:k]:
+            out[layer][h] = RS
+        return out
+
+    ranked = _ranked(alpha)
+    floor = latency(pattern(0))
+    if floor > budget_s:
+        raise ValueError(f'a budget of {budget_s:.3g} s ({network}) is below the all-Scaling model\'s '
+                         f'estimated {floor:.3g} s; the budget must be at least that')
+    saving = (latency(pattern(len(ranked))) - floor) / max(len(ranked), 1)
+    k = len(ranked) if saving <= 0 else min(len(ranked), int((budget_s - floor) // saving))
+    while k > 0 and latency(pattern(k)) > budget_s:
+        k -= 1
+    return pattern(k)
 
 
 def binarize_gelu(beta: Sequence[Sequence[float]], keep: float) -> List[List[int]]:

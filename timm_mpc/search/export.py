@@ -3,7 +3,7 @@ a pattern (JSON) and as a checkpoint whose state holds the fixed pattern."""
 import copy
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
@@ -11,7 +11,9 @@ from ..cost import estimate_latency, model_cost_table
 from ..layers.pattern_state import checkpoint_state
 from ..pattern import count_head_kinds, set_attn_pattern, set_gelu_pattern
 from ..utils import save_weights
-from .binarize import binarize_budget, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu
+from .binarize import (
+    binarize_budget, binarize_budget_checked, binarize_gelu, binarize_mu, searched_alpha, searched_beta, searches_gelu,
+)
 
 __all__ = ['binarized_model', 'export_patterns']
 
@@ -35,10 +37,14 @@ def export_patterns(
         network: str = 'lan',
         gelu_keep: Optional[float] = None,
         table: Optional[Dict[str, Any]] = None,
+        estimate: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
 ) -> Dict[str, Any]:
     """Binarize ``supernet`` for every μ and budget; write ``<name>.safetensors`` and ``patterns.json``.
 
-    Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget.
+    Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget. Each binarized model's secure cost
+    is ``estimate(model)`` (e.g. :func:`timm_mpc.secure.pricing.model_estimate`, which prices any family), or, when
+    None, the per-kind cost ``table``'s (measured for the supernet's shapes when None). Budgets binarize with the
+    table where one is given (:func:`binarize_budget`), else with ``estimate`` (:func:`binarize_budget_checked`).
 
     Returns:
         ``alpha``, ``beta`` (None without a GeLU search) and ``patterns``: per name the head and GeLU
@@ -47,17 +53,24 @@ def export_patterns(
     alpha = searched_alpha(supernet)
     beta = searched_beta(supernet) if searches_gelu(supernet) else None
     gelu = binarize_gelu(beta, gelu_keep) if beta is not None and gelu_keep is not None else None
-    table = table or model_cost_table(supernet)
+    if table is None and estimate is None:
+        table = model_cost_table(supernet)
     chosen = {f'mu{round(mu * 100):02d}': binarize_mu(alpha, mu) for mu in mus}
     for budget in budgets_s:
-        chosen[f'budget_{network}_{budget:g}s'] = binarize_budget(alpha, table, budget, network, gelu)
+        if table is not None:
+            chosen[f'budget_{network}_{budget:g}s'] = binarize_budget(alpha, table, budget, network, gelu)
+        else:  # each candidate pattern priced by ``estimate`` itself
+            chosen[f'budget_{network}_{budget:g}s'] = binarize_budget_checked(
+                alpha, lambda attn: estimate(binarized_model(supernet, attn, gelu))['latency_s'][network], budget,
+                network)
     patterns: Dict[str, Any] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, attn in chosen.items():
         model = binarized_model(supernet, attn, gelu)
         save_weights(checkpoint_state(model), out_dir / f'{name}.safetensors')
         patterns[name] = dict(attn_pattern=attn, gelu_pattern=gelu, head_kinds=count_head_kinds(model),
-                              secure_estimate=estimate_latency(table, attn, gelu), file=f'{name}.safetensors')
+                              secure_estimate=estimate(model) if estimate else estimate_latency(table, attn, gelu),
+                              file=f'{name}.safetensors')
     result = dict(alpha=alpha, beta=beta, gelu_keep=gelu_keep, network=network, patterns=patterns)
     (out_dir / 'patterns.json').write_text(json.dumps(result, indent=1))
     return result

@@ -3,16 +3,19 @@
 Nothing here imports CrypTen until a secure computation runs (see :mod:`.crypten_compat`).
 """
 from .calibration import FixedPointRangeError, calibrate
+from .dry_run import DryRun, dry_run
 from .launch import SecureInferenceError, SecureResult, secure_predict
+from .memory import MemoryBoundError, parse_memory
 from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
 from .plan import (
     InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
 )
+from .session import SecureSession
 from .settings import InsecureSettingWarning, SecureSettings
 
 __all__ = [
-    'secure_predict', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
+    'secure_predict', 'SecureSession', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
     'UnsupportedModelError', 'InputRangeError', 'FixedPointRangeError', 'InsecureSettingWarning', 'build_plan',
     'build_secure_plan', 'check_images', 'calibrate', 'SecurePlan', 'PlanError',
-    'PartyResult', 'run_owner', 'run_client', 'run_dealer',
+    'PartyResult', 'run_owner', 'run_client', 'run_dealer', 'DryRun', 'dry_run', 'MemoryBoundError', 'parse_memory',
 ]

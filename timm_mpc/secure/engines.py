@@ -35,6 +35,9 @@ class Engine:
         insecure_protocols: Protocols in which one party deals the other's correlations, so it can open the other's
             data: they measure cost only (runs warn, ``timm-mpc party`` refuses them).
         dealer: Whether the secure protocol needs a dealer process besides the two parties.
+        dry_run: Whether a dry run (:mod:`.dry_run`, CrypTen's computation on zeros) predicts its cost and memory.
+        sessions: Whether its parties serve a :class:`~.session.SecureSession`'s calls (``run_owner`` and
+            ``run_client`` take a ``session`` link).
         requires: The module it imports and how to install it: ``(module, install line)``.
     """
     name: str
@@ -43,6 +46,8 @@ class Engine:
     protocols: Tuple[str, ...]
     insecure_protocols: Tuple[str, ...] = ()
     dealer: bool = False
+    dry_run: bool = False
+    sessions: bool = False
     requires: Tuple[str, str] = ()
 
     def check_installed(self) -> None:
@@ -58,7 +63,7 @@ class Engine:
 
 
 ENGINES: Dict[str, Engine] = {e.name: e for e in (
-    Engine('crypten', 'CrypTen', 'timm_mpc.secure.party', ('beaver',), dealer=True),
+    Engine('crypten', 'CrypTen', 'timm_mpc.secure.party', ('beaver',), dealer=True, dry_run=True, sessions=True),
     Engine('spu', 'SPU', 'timm_mpc.secure.spu_party', ('cheetah', 'semi2k'), insecure_protocols=('semi2k',),
            requires=('spu', 'pip install -e ".[spu]" (spu 0.9.5, jax 0.4.34)')),
 )}

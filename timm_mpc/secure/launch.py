@@ -1,11 +1,14 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
+import os
 import queue as queue_lib
 import socket
+import sys
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Dict, List, Optional, Tuple
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.multiprocessing as mp
@@ -14,15 +17,16 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .engines import exit_after_failure, get_engine
-from .party import PartyResult, batch_sizes, check_batch_size, run_dealer
+from .engines import ENGINES, exit_after_failure, get_engine
+from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
 from .local_run import start_processes
-from .offline import record_requests
+from .dry_run import DryRun, dry_run
+from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, parse_memory, predicted_peak
 from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT
 from .settings import SecureSettings
 
-__all__ = ['secure_predict', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
+__all__ = ['secure_predict', 'prepare_call', 'SecureResult', 'SecureInferenceError', 'free_port', 'free_ports']
 
 
 class SecureInferenceError(RuntimeError):
@@ -31,13 +35,16 @@ class SecureInferenceError(RuntimeError):
 
 @dataclass
 class SecureResult:
-    """The client's logits from a secure inference, with what it cost (of the first run) and how many runs again
-    found images whose logits marked a failed truncation."""
+    """The client's logits from a secure inference, with what it cost (of the first run), how many runs again
+    found images whose logits marked a failed truncation, and, where the engine has a dry run, what the dry run of
+    the first batch predicted (its cost, and the peak memory of the processes together)."""
     logits: torch.Tensor
     profile: CostProfile
     plan: SecurePlan
     settings: SecureSettings
     retries: int = 0
+    estimate: Optional[DryRun] = None
+    predicted_peak: Optional[int] = None
 
 
 def free_port() -> int:
@@ -65,7 +72,7 @@ def free_ports(count: int) -> List[int]:
 
 
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
-                   kind_modules: Tuple[str, ...] = ()) -> None:
+                   kind_modules: Tuple[str, ...] = (), commands: Any = None) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
     import_kind_modules(kind_modules)  # attention kinds registered outside timm-mpc, as in the parent
 
@@ -77,20 +84,23 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
     try:
         settings_ = SecureSettings.from_dict(settings)
         engine = get_engine(settings_.engine).load()
+        # a session's parties hand over each request's result and wait for the next (:mod:`.session`)
+        link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(role, results, commands))
         if role == 'owner':
             result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_,
-                                      on_timeout=report_timeout, requests=payload['requests'])
+                                      on_timeout=report_timeout, requests=payload['requests'], **link)
         elif role == 'client':
             result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
                                        on_batch=lambda n: results.put((role, 'batch', n)),
-                                       on_layer=lambda: results.put((role, 'layer', 1)))
+                                       on_layer=lambda: results.put((role, 'layer', 1)), **link)
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
-        if result is not None and result.logits is not None:
-            result.logits = result.logits.numpy()  # by value: a shared-memory tensor dies with this process
-        results.put((role, 'ok', result))
+        if link:
+            results.put((role, 'closed', None))  # its results went out with each request
+        else:
+            results.put((role, 'ok', by_value(result)))
     except BaseException as e:  # report every failure to the parent, then exit non-zero
         results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
         results.close()  # the report reaches the parent before an engine that cannot be torn down ends the process
@@ -99,69 +109,188 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         raise SystemExit(1)
 
 
+def by_value(result: Optional[PartyResult]) -> Optional[PartyResult]:
+    """A party's result ready for the parent: the logits by value (a shared-memory tensor dies with the process)."""
+    if result is not None and result.logits is not None:
+        result.logits = result.logits.numpy()
+    return result
+
+
+class QueueLink(SessionLink):
+    """A session party's link to the process that started it: results out, requests in, over two queues."""
+
+    def __init__(self, role: str, results: Any, commands: Any) -> None:
+        self.role, self.results, self.commands = role, results, commands
+        self.parent = os.getppid()
+
+    def deliver(self, result: PartyResult) -> None:
+        self.results.put((self.role, 'ok', by_value(result)))
+
+    def next_request(self, keepalive: Optional[Any], interval_s: float) -> Optional[Dict[str, Any]]:
+        while True:
+            try:
+                return self.commands.get(timeout=interval_s)
+            except queue_lib.Empty:
+                if os.getppid() != self.parent:  # bounded: no request comes from a process that is gone
+                    raise PeerError('the process that started the session is gone') from None
+                if keepalive is not None:  # the dealer waits for the owner with the process groups' timeout
+                    keepalive()
+
+
+@dataclass
+class LocalParties:
+    """The processes of a local secure run (owner, client, dealer where the engine has one), their result queue, and,
+    for a session, each party's queue of requests."""
+    procs: Dict[str, Any]
+    results: Any
+    commands: Dict[str, Any]
+    settings: SecureSettings
+
+    @classmethod
+    def start(cls, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
+              settings: SecureSettings, batch_size: Optional[int], session: bool = False) -> 'LocalParties':
+        ctx = mp.get_context('spawn')
+        results = ctx.Queue()
+        rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
+        # the owner's process is a daemon and cannot start the dry run's processes itself: they run here
+        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=dealer_requests(
+                        plan, settings, images.shape[0], batch_size)),
+                    'client': dict(images=images, batch_size=batch_size)}
+        roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
+        commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
+        modules = kind_modules()
+        procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
+            role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules, commands.get(role)))
+            for role in roles}
+        start_processes(list(procs.values()), modules)
+        return cls(procs, results, commands, settings)
+
+    def collect(self, roles: List[str], plan: Optional[SecurePlan] = None, count: int = 0,
+                batch_size: Optional[int] = None) -> Dict[str, Any]:
+        """Wait for what ``roles`` report next ('ok' with a result, 'closed'), with a progress bar over the layers of
+        every batch of a call of ``count`` images (none without a ``plan``); raise naming every party that failed,
+        died or outlived a failure by the timeout (the processes are stopped then)."""
+        layers = len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(plan) if plan is not None and count else 0
+        outcomes: Dict[str, Any] = {}
+        errors: List[str] = []
+        deadline: Optional[float] = None
+        timeout_s = self.settings.timeout_s
+        # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
+        progress = tqdm(total=layers, desc='secure inference', unit='layer', disable=not layers)
+        progress.set_postfix_str(f'images 0/{count}')
+        done = 0
+        try:
+            while any(role not in outcomes for role in roles):
+                try:
+                    role, status, value = self.results.get(timeout=0.5)
+                    if status == 'layer':
+                        progress.update(value)
+                        continue
+                    if status == 'batch':
+                        done += value
+                        progress.set_postfix_str(f'images {done}/{count}')
+                        continue
+                    outcomes[role] = value
+                    if status == 'error':
+                        errors.append(f'party {role} failed: {value.strip()}')
+                        # the others will fail on their next message; give them the timeout to say so
+                        deadline = deadline or time.monotonic() + timeout_s
+                except queue_lib.Empty:
+                    dead = [r for r, p in self.procs.items() if r not in outcomes and p.exitcode is not None]
+                    for role in dead:
+                        outcomes[role] = None
+                        errors.append(f'party {role} exited with code {self.procs[role].exitcode} without a result')
+                    if dead:
+                        deadline = deadline or time.monotonic() + timeout_s
+                if deadline is not None and time.monotonic() > deadline:
+                    missing = [r for r in roles if r not in outcomes]
+                    errors.append(f'parties {missing} still running {timeout_s:.0f} s after the failure; stopped')
+                    break
+        finally:
+            progress.close()
+        if errors:
+            self.stop()
+            raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))
+        return outcomes
+
+    def stop(self) -> None:
+        """Wait a little for the processes to end, then end them."""
+        for p in self.procs.values():
+            p.join(timeout=5)
+        self.terminate(self.procs)
+
+    @staticmethod
+    def terminate(procs: Dict[str, Any]) -> None:
+        """End the processes that still run."""
+        for p in procs.values():
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def dealer_requests(plan: SecurePlan, settings: SecureSettings, count: int,
+                    batch_size: Optional[int]) -> Optional[Dict[int, List[Any]]]:
+    """What the owner asks the dealer for at each batch size of ``count`` images (the offline phase), or None."""
+    if not (settings.dealer and settings.offline_phase):
+        return None
+    return {size: dry_run(plan, settings, size).requests for size in set(batch_sizes(count, batch_size))}
+
+
 def run_local_parties(plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
                       settings: SecureSettings, batch_size: Optional[int] = None) -> PartyResult:
     """Start owner, client and, where the engine needs one, the dealer as processes on loopback; return the client's
     result or raise.
     The images run ``batch_size`` at a time in one session, with a progress bar over the layers of every batch."""
-    ctx = mp.get_context('spawn')
-    results = ctx.Queue()
-    rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
-    # the owner's process is a daemon and cannot start the recording process itself: record here
-    batches = batch_sizes(images.shape[0], batch_size)
-    requests = ({size: record_requests(plan, settings, size) for size in set(batches)}
-                if settings.dealer and settings.offline_phase else None)
-    payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
-                'client': dict(images=images, batch_size=batch_size)}
-    roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
-    modules = kind_modules()
-    procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
-        role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules)) for role in roles}
-    start_processes(list(procs.values()), modules)
-    outcomes: Dict[str, Any] = {}
-    errors: List[str] = []
-    deadline: Optional[float] = None
-    # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
-    progress = tqdm(total=len(batches) * SecureViT.layer_steps(plan), desc='secure inference', unit='layer')
-    progress.set_postfix_str(f'images 0/{images.shape[0]}')
-    done = 0
+    parties = LocalParties.start(plan, state_dict, images, settings, batch_size)
     try:
-        while len(outcomes) < len(roles):
-            try:
-                role, status, value = results.get(timeout=0.5)
-                if status == 'layer':
-                    progress.update(value)
-                    continue
-                if status == 'batch':
-                    done += value
-                    progress.set_postfix_str(f'images {done}/{images.shape[0]}')
-                    continue
-                outcomes[role] = value
-                if status == 'error':
-                    errors.append(f'party {role} failed: {value.strip()}')
-                    # the others will fail on their next message; give them the timeout to say so
-                    deadline = deadline or time.monotonic() + settings.timeout_s
-            except queue_lib.Empty:
-                dead = [r for r, p in procs.items() if r not in outcomes and p.exitcode is not None]
-                for role in dead:
-                    outcomes[role] = None
-                    errors.append(f'party {role} exited with code {procs[role].exitcode} without a result')
-                if dead:
-                    deadline = deadline or time.monotonic() + settings.timeout_s
-            if deadline is not None and time.monotonic() > deadline:
-                missing = [r for r in roles if r not in outcomes]
-                errors.append(f'parties {missing} still running {settings.timeout_s:.0f} s after the failure; stopped')
-                break
+        outcomes = parties.collect(list(parties.procs), plan, images.shape[0], batch_size)
     finally:
-        progress.close()
-        for p in procs.values():
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    if errors:
-        raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))
+        parties.stop()
     return outcomes['client']
+
+
+def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tensor, clamp: bool,
+                 batch_size: Optional[int], max_memory: Union[int, str, None], check_available: bool = True,
+                 ) -> Tuple[torch.Tensor, Optional[int], Optional[DryRun], Optional[int]]:
+    """Before the parties start a call: the images checked against the plan (float32, on the CPU), a warning if the
+    settings are not private, the batch size (the largest that fits ``max_memory`` when none is given), the dry
+    run of the first batch and the predicted peak memory of a local run, printed as an estimate. Without
+    ``max_memory`` the peak is checked against the machine's available memory where ``check_available`` (not when
+    the parties are up already: a session's later calls).
+
+    Raises:
+        InputRangeError: images outside the plan's input bounds (without ``clamp``).
+        MemoryBoundError: the batch would not fit ``max_memory`` or, without one, the machine's available memory.
+        ValueError: ``max_memory`` is not a size, or the engine has no dry run to predict memory with.
+    """
+    images = check_images(plan, images, clamp=clamp).detach().cpu().float()
+    settings.warn_if_insecure()
+    count = images.shape[0]
+    engine = get_engine(settings.engine)
+    bound = None if max_memory is None else parse_memory(max_memory)
+    if not engine.dry_run:
+        if bound is not None:
+            raise ValueError(f'max_memory is predicted by a dry run, which the {engine.title} engine has not; choose '
+                             f'batch_size instead (engines with one: {[e for e, r in ENGINES.items() if r.dry_run]})')
+        return images, batch_size, None, None
+    measure = partial(dry_run, plan, settings)
+    if bound is not None and batch_size is None:
+        batch_size = fit_batch_size(measure, count, bound, settings.dealer)
+    first = batch_sizes(count, batch_size)[0]
+    estimate = measure(first)
+    peak = predicted_peak(estimate, settings.dealer)
+    limit = bound if bound is not None else available_memory() if check_available else None
+    if limit is not None and peak > limit:
+        what = 'the bound (max_memory)' if bound is not None else "this machine's available memory"
+        how = ('leave batch_size out to let max_memory choose the largest that fits' if bound is not None else
+               'give max_memory (--max-memory) to choose the largest that fits')
+        raise MemoryBoundError(
+            f'a batch of {first} images needs about {format_bytes(peak)} of memory (owner, client and dealer processes '
+            f'together), more than {what} of {format_bytes(limit)}: choose a smaller batch_size (--batch-size), or '
+            f'{how}')
+    tqdm.write(f'secure inference of {count} images, batches of {first}: {estimate.summary(settings.dealer)}; peak memory about '
+               f'{format_bytes(peak)} (dry run)', file=sys.stderr)
+    return images, batch_size, estimate, peak
 
 
 def secure_predict(
@@ -174,6 +303,7 @@ def secure_predict(
         batch_size: Optional[int] = None,
         engine: Optional[str] = None,
         protocol: Optional[str] = None,
+        max_memory: Union[int, str, None] = None,
 ) -> Any:
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
@@ -203,28 +333,55 @@ def secure_predict(
             the first batch's.
         engine: The MPC engine (:data:`~timm_mpc.secure.engines.ENGINES`); default: ``settings.engine``.
         protocol: The engine's protocol; default: ``settings.protocol`` (or the engine's default).
+        max_memory: A bound on the peak memory of the processes together (bytes, or a size such as ``'6GiB'``):
+            without ``batch_size``, the images run in the largest batches that fit it. Predicted by a dry run
+            (:mod:`~timm_mpc.secure.dry_run`, CrypTen only), which also prints what one image will cost before the
+            parties start. Without a bound, a batch predicted to need more than the machine's available memory
+            is refused.
 
     Raises:
         UnsupportedModelError: a module the secure engine cannot compute.
         InputRangeError: images outside the model's input bounds (without ``clamp_images``).
         FixedPointRangeError: a value the fixed-point encoding cannot hold.
+        MemoryBoundError: the batch would not fit ``max_memory`` (or the machine's available memory).
         SecureInferenceError: a party failed (the message says which and why).
     """
+    settings = resolve_settings(settings, engine, protocol)
+    check_batch_size(batch_size)
+    plan = build_secure_plan(model, settings, calibration_images)
+    images, batch_size, estimate, peak = prepare_call(plan, settings, images, clamp_images, batch_size, max_memory)
+    state_dict = plan.owner_weights(model)
+    logits, profile, retries = run_with_retries(
+        lambda x: run_local_parties(plan, state_dict, x, settings, batch_size), plan, images, settings)
+    out = SecureResult(logits, profile, plan, settings, retries, estimate, peak)
+    return out if return_result else out.logits
+
+
+def resolve_settings(settings: Optional[SecureSettings], engine: Optional[str],
+                     protocol: Optional[str]) -> SecureSettings:
+    """The settings with ``engine`` and ``protocol`` where given (checked), the engine's package installed."""
     settings = settings or SecureSettings()
     if engine is not None or protocol is not None:
         settings = replace(settings, engine=engine or settings.engine,
                            protocol=protocol or (settings.protocol if engine in (None, settings.engine) else None))
-    check_batch_size(batch_size)
     get_engine(settings.engine).check_installed()
-    plan = build_secure_plan(model, settings, calibration_images)
-    images = check_images(plan, images, clamp=clamp_images).detach().cpu().float()
-    settings.warn_if_insecure()
-    state_dict = plan.owner_weights(model)
-    result = run_local_parties(plan, state_dict, images, settings, batch_size)
+    return settings
+
+
+def run_with_retries(run: Callable[[torch.Tensor], PartyResult], plan: SecurePlan, images: torch.Tensor,
+                     settings: SecureSettings) -> Tuple[torch.Tensor, CostProfile, int]:
+    """``run(images)``, and again on the images whose logits leave the plan's bound (a failed truncation: fresh
+    randomness, fresh odds), ``settings.truncation_retries`` times at most. Returns the logits, the first run's
+    cost profile and the number of runs again.
+
+    Raises:
+        SecureInferenceError: logits still beyond the bound after the retries.
+    """
+    result = run(images)
     logits, redo, retries = torch.from_numpy(result.logits), result.implausible, 0
-    while redo and retries < settings.truncation_retries:  # a failed truncation: fresh randomness, fresh odds
+    while redo and retries < settings.truncation_retries:
         retries += 1
-        again = run_local_parties(plan, state_dict, images[redo], settings, batch_size)
+        again = run(images[redo])
         logits[redo] = torch.from_numpy(again.logits)
         redo = [redo[i] for i in again.implausible]
     if redo:
@@ -232,5 +389,4 @@ def secure_predict(
             f'images {redo} gave logits beyond the plan\'s bound ({plan.logit_bound:g}) in {retries + 1} runs: not a '
             f'truncation failure (about 1 image in 1000 meets one) but values outside what the owner calibrated; '
             f'calibrate on images like these (calibration_images)')
-    out = SecureResult(logits, result.profile, plan, settings, retries)
-    return out if return_result else out.logits
+    return logits, result.profile, retries

@@ -1,12 +1,12 @@
 """Local processes: starting them (:func:`start_processes`, for the parties of :func:`~.launch.secure_predict` too),
 and CrypTen computations the owner runs on its own, in processes of its own, with no dealer and no other party:
-recording the dealer requests of an inference (:mod:`.offline`) and measuring truncation failures
-(:mod:`.truncation`)."""
+the dry run of an inference (:mod:`.dry_run`) and measuring truncation failures (:mod:`.truncation`)."""
 import multiprocessing
 import os
 import queue
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, Tuple
 
@@ -78,10 +78,20 @@ def run_local(target: Callable[..., None], args: Sequence[tuple], timeout_s: flo
             rank, len(args), f'file://{tmp}/rendezvous', results, modules, *extra))
             for rank, extra in enumerate(args)]
         start_processes(procs, modules)
+        deadline = time.monotonic() + timeout_s
         try:
-            status, value = results.get(timeout=timeout_s)
-        except queue.Empty:
-            status, value = 'error', f'no answer within {timeout_s:.0f} s'
+            while True:
+                try:
+                    status, value = results.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:  # killed (the OOM killer) or crashed without a report
+                        status, value = 'error', f'a process exited with code {dead[0]} without an answer'
+                        break
+                    if time.monotonic() > deadline:
+                        status, value = 'error', f'no answer within {timeout_s:.0f} s'
+                        break
         finally:
             for proc in procs:
                 proc.join(timeout=5)

@@ -22,13 +22,14 @@ import torch
 
 from ..cost.profile import CostMeter, CostProfile
 from .crypten_compat import import_crypten, set_process_group_timeout
-from .offline import prefetch, record_requests
+from .dry_run import dry_run
+from .offline import prefetch
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'DEALER', 'agree', 'batch_sizes',
-           'check_batch_size', 'client_inputs', 'lost_peer', 'watchdog']
+__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
+           'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'watchdog']
 
 DEALER = 2
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
@@ -215,11 +216,41 @@ def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettin
             raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
                              f'{verdict.get("detail", verdict["reason"])}')
         raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
-    batches = answer.get('batches')
+    return plan, images, _checked_batches(answer.get('batches'), 'answer')
+
+
+class SessionLink:
+    """How a party of a session (:class:`~.session.SecureSession`) talks to the process that started it: it hands
+    over each request's result and waits for the next request (None: the session ends), keeping the dealer's
+    connection alive while it waits (``keepalive``, called about every ``interval_s`` seconds)."""
+
+    def deliver(self, result: PartyResult) -> None:
+        raise NotImplementedError
+
+    def next_request(self, keepalive: Optional[Callable[[], None]], interval_s: float) -> Optional[Dict[str, Any]]:
+        raise NotImplementedError
+
+
+def _next_batches(crypten: Any, rank: int, plan: SecurePlan, request: Optional[Dict[str, Any]],
+                  clamp: bool) -> Tuple[Optional[torch.Tensor], Optional[List[int]]]:
+    """A session's next request: the client's checked images and its batch sizes, which it tells the owner
+    (None, None: the session ends)."""
+    images, sent = None, None
+    if rank == CLIENT and request is not None:
+        images = check_images(plan, request['images'], clamp=clamp)
+        sent = batch_sizes(int(images.shape[0]), request.get('batch_size'))
+    batches = _exchange_json(crypten, sent, CLIENT)
+    if batches is None:
+        return None, None
+    return images, _checked_batches(batches, 'request')
+
+
+def _checked_batches(batches: Any, what: str) -> List[int]:
+    """The client's batch sizes as the owner received them in its ``what`` (answer, request), or PeerError."""
     if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
-        raise PeerError(f'the client\'s answer names no batch sizes (a list of whole numbers of at least 1): '
+        raise PeerError(f'the client\'s {what} names no batch sizes (a list of whole numbers of at least 1): '
                         f'{str(batches)[:80]}')
-    return plan, images, batches
+    return batches
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
@@ -227,7 +258,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
          requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
-         on_layer: Optional[Callable[[], None]] = None) -> PartyResult:
+         on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
@@ -236,39 +267,55 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         dealer = _meter_dealer(comm) if settings.dealer and rank == OWNER else None
         plan, images, batches = agree(partial(_exchange_json, crypten), rank, settings, plan, images, clamp, batch_size)
         offline = dealer is not None and settings.offline_phase
-        if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
-            t0 = time.perf_counter()
-            requests = {**(requests or {})}
-            for size in sorted(set(batches) - set(requests)):
-                requests[size] = record_requests(plan, settings, size)
-            dealer['record_s'] = time.perf_counter() - t0
+        requests = {**(requests or {})}
+        if dealer is not None:
             from crypten.mpc.provider.ttp_provider import TTPClient
             ttp, live = TTPClient.get(), TTPClient.get().ttp_request
         # the weights are shared once; then the batches run one after another in this session
         program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict)
         program.on_layer = on_layer
-        logits, profile, start = [], None, 0
-        for index, size in enumerate(batches):
-            if offline:  # this batch's triples, fetched before its images are shared
-                ttp.ttp_request = live
-                prefetch(ttp, requests[size])
-            if index:  # the cost profile is the first batch's; the others are only timed by their progress
-                program.meter = CostMeter(comm)
-            meter = program.meter
-            patches = program.share_images(None if images is None else images[start:start + size], size)
-            # the online phase starts when both parties are ready: the client does not time the owner's offline phase
-            _exchange_json(crypten, 'online', OWNER)
-            with meter.inference():
-                shared = program.forward(patches)
-                with meter.section('head', 'reveal'):
-                    logits.append(reveal_to(shared, CLIENT, comm))
-            start += size
-            if index == 0:
-                profile = _merged_profile(crypten, rank, meter.profile, dealer)
-            if on_batch is not None:
-                on_batch(size)
-        plain = None if rank == OWNER else torch.cat(logits)
-        return PartyResult(rank, plain, profile, plan, [] if plain is None else plan.implausible(plain))
+        first = True
+        while True:
+            if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
+                t0 = time.perf_counter()
+                for size in sorted(set(batches) - set(requests)):
+                    requests[size] = dry_run(plan, settings, size).requests
+                dealer['record_s'] = time.perf_counter() - t0
+                if log is not None:  # what the client's batches will cost, before any image is shared
+                    log(f'owner: {dry_run(plan, settings, batches[0]).summary()} (dry run)')
+            logits, profile, start = [], None, 0
+            for index, size in enumerate(batches):
+                if offline:  # this batch's triples, fetched before its images are shared
+                    ttp.ttp_request = live
+                    prefetch(ttp, requests[size])
+                if index or not first:  # the profile is the first batch's; the dealer's tally the session's first
+                    program.meter = CostMeter(comm)
+                meter = program.meter
+                patches = program.share_images(None if images is None else images[start:start + size], size)
+                # the online phase starts when both parties are ready: the client does not time the owner's offline phase
+                _exchange_json(crypten, 'online', OWNER)
+                with meter.inference():
+                    shared = program.forward(patches)
+                    with meter.section('head', 'reveal'):
+                        logits.append(reveal_to(shared, CLIENT, comm))
+                start += size
+                if index == 0:
+                    profile = _merged_profile(crypten, rank, meter.profile, dealer if first else None)
+                if on_batch is not None:
+                    on_batch(size)
+            plain = None if rank == OWNER else torch.cat(logits)
+            result = PartyResult(rank, plain, profile, plan, [] if plain is None else plan.implausible(plain))
+            if session is None:
+                return result
+            session.deliver(result)
+            request = session.next_request(
+                None if dealer is None else partial(live, 'batch', None, []), settings.timeout_s / 4)
+            if rank == OWNER and request is not None:
+                requests.update(request.get('requests') or {})
+            images, batches = _next_batches(crypten, rank, plan, request, clamp)
+            if batches is None:
+                return result
+            first = False
     except RuntimeError as e:
         if isinstance(e, PeerError):
             raise
@@ -297,26 +344,27 @@ def _merged_profile(crypten: Any, rank: int, profile: CostProfile, dealer: Optio
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
               settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
               on_timeout: Optional[Callable[[str], None]] = None,
-              requests: Optional[Dict[int, List[Any]]] = None) -> PartyResult:
+              requests: Optional[Dict[int, List[Any]]] = None, session: Optional[SessionLink] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs (and the
     sizes of the client's batches).
 
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
     line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
-    inference at that size (:func:`timm_mpc.secure.offline.record_requests`); sizes the client asks for that are
-    missing are recorded here once they are known.
+    inference at that size (:func:`timm_mpc.secure.dry_run.dry_run`); sizes the client asks for that are
+    missing are recorded here once they are known. ``session``: serve a session's further requests (see
+    :class:`SessionLink`); the result returned is its last.
     """
     plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout,
-                requests=requests)
+                requests=requests, session=session)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
-               on_layer: Optional[Callable[[], None]] = None) -> PartyResult:
+               on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None) -> PartyResult:
     """Run party 1, the client: contributes the images and alone receives the logits.
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
@@ -324,11 +372,11 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     bounds are clamped to them instead of refused. With ``batch_size`` they run that many at a time, one batch
     after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each, and
     ``on_layer()`` after each block and the head of each batch (:meth:`SecureViT.layer_steps` per batch).
-    The cost profile is the first batch's.
+    The cost profile is the first batch's. ``session``: serve a session's further requests (:class:`SessionLink`).
     """
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log,
-                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer)
+                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:

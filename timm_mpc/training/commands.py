@@ -6,6 +6,7 @@ import platform
 import shlex
 import sys
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict
 
@@ -44,14 +45,17 @@ def _train(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from ..cost import model_cost_table
     from ..search.export import export_patterns
+    from ..secure.pricing import model_estimate, priced_by_table
     from .engine import train_model
     cfg = _config(args, attn_pattern='search', gelu_pattern='search' if args.search_gelu else None)
     if args.search_gelu and cfg.gelu_keep is None:
         raise ValueError('--search-gelu needs --gelu-keep (the fraction of GeLU tokens to keep when binarizing)')
 
     def finish(model: torch.nn.Module, record: Dict[str, Any], out: Path) -> None:
-        table = model_cost_table(model, settings=cfg.cost_settings())
-        record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep, table)
+        settings = cfg.cost_settings()
+        table = model_cost_table(model, settings=settings) if cfg.budget_s and priced_by_table(model) else None
+        record['search'] = export_patterns(model, out, cfg.mu, cfg.budget_s, cfg.network, cfg.gelu_keep, table,
+                                           estimate=partial(model_estimate, settings=settings))
         for name, p in record['search']['patterns'].items():
             lat = p['secure_estimate']['latency_s']
             print(f'{name}: {p["head_kinds"]}, estimated {lat["lan"]:.2f} s LAN / {lat["wan"]:.1f} s WAN '
@@ -123,8 +127,8 @@ def _eval(args: argparse.Namespace) -> int:
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
     if not args.no_latency:  # the estimate comes after the evaluation: refuse a model it cannot price now
-        from ..cost import cost_table_shape
-        cost_table_shape(model, 'evaluate it with --no-latency')
+        from ..secure.pricing import check_priceable
+        check_priceable(model, RunConfig().cost_settings(), 'evaluate it with --no-latency')
     data_config = model_data_config(model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][0],
                        args.test_subset)
@@ -247,7 +251,8 @@ def add_training_commands(sub: Any) -> None:
     search.add_argument('--init-from', default=None, help='start the supernet from these weights (e.g. the teacher)')
     search.add_argument('--lam', type=float, default=_DEFAULTS.lam, help='λ of the α penalty')
     search.add_argument('--cost-weighted', action='store_true',
-                        help='weight each head\'s penalty by the secure latency it saves (measured cost table)')
+                        help='weight each head\'s penalty by the secure latency it saves (the per-kind cost table, '
+                             'or dry runs for other families)')
     search.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for costs and budgets')
     search.add_argument('--mu', type=float, nargs='*', default=[0.5], help='fractions of ReLU-Softmax heads to keep')
     search.add_argument('--budget-s', type=float, nargs='*', default=[], help='latency budgets in seconds')

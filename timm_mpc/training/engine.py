@@ -143,7 +143,7 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
 
 def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     """What a run's model is: parameters, head kinds and pattern, GeLU tokens kept, and (for fixed patterns)
-    secure latency estimated from the measured per-kind cost table."""
+    secure latency estimated from the measured per-kind cost table, or a dry run for other families."""
     summary: Dict[str, Any] = dict(
         architecture=cfg.model.split('.')[0], params=num_weights(model),
         head_kinds=count_head_kinds(model), attn_pattern=get_attn_pattern(model))
@@ -152,10 +152,9 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
         summary['gelu_pattern'] = gelu
     searching = SEARCH in summary['head_kinds'] or searches_gelu(model)
     if cfg.estimate_latency and not searching:
-        from ..cost import model_cost_table, model_latency
+        from ..secure.pricing import model_estimate
         settings = cfg.cost_settings()
-        summary['secure_estimate'] = dict(model_latency(model, model_cost_table(model, settings=settings)),
-                                          engine=f'{settings.engine} {settings.protocol}')
+        summary['secure_estimate'] = dict(model_estimate(model, settings), engine=f'{settings.engine} {settings.protocol}')
     return summary
 
 
@@ -257,9 +256,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
-        from ..cost import cost_table_shape
-        cost_table_shape(model, 'a search binarizes by cost, so it cannot be searched yet' if mode == 'search' else
-                         'run without a latency estimate (--no-latency)')
+        from ..secure.pricing import check_priceable
+        check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
+                        'run without a latency estimate (--no-latency), or with --engine crypten')
     data_config = model_data_config(model)
     in_chans = data_config['input_size'][0]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, in_chans, cfg.train_subset)
@@ -275,8 +274,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search':
         costs = dict(head=None, token=None)
         if cfg.cost_weighted:
-            from ..cost import head_costs, model_cost_table
-            costs = head_costs(model_cost_table(model, settings=cost_settings), cfg.network)
+            from ..secure.pricing import model_head_costs
+            costs = model_head_costs(model, cost_settings, cfg.network)
         penalty = ArchitecturePenalty(model, cfg.lam, cfg.lam_beta, costs['head'], costs['token'])
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -336,8 +335,8 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         final = record['history'][-1] if record['history'] else {}
         record['final'] = dict(test_top1=final.get('test_top1'), test_top5=final.get('test_top5'),
                                epochs=len(record['history']), test_images=len(test_set))
+        save_weights(checkpoint_state(model), out / 'model.safetensors')  # first: the summary may price it at length
         record['model'] = model_summary(model, cfg)
-        save_weights(checkpoint_state(model), out / 'model.safetensors')
         if on_finish is not None:
             on_finish(model, record, out)
         _write_json(out / 'run.json', record)

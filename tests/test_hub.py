@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import timm_mpc  # noqa: F401  (registers the models)
@@ -27,6 +28,7 @@ from hub_server import LoopbackHub
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / 'checkpoints' / 'timm-mpc'
+DEFAULT = 'mpcvit_tiny.fmnist_mu50_kd'  # the default tag's checkpoint
 TINY = dict(depth=2, embed_dim=32, num_heads=4)
 PATTERN = [['relu_softmax', 'scaling', 'scaling', 'relu_softmax'], ['scaling', 'scaling', 'scaling', 'relu_softmax']]
 
@@ -277,7 +279,7 @@ SHIPPED_FOLDERS = sorted(SHIPPED.iterdir()) if SHIPPED.is_dir() else []
 
 def test_every_published_tag_is_shipped_with_its_card():
     tags = [t for t in timm.list_pretrained('mpcvit_*') if timm.models.get_pretrained_cfg(t).hf_hub_id]
-    assert timm.models.get_pretrained_cfg('mpcvit_tiny').tag == 'fmnist_mu70_kd'  # the default
+    assert f"mpcvit_tiny.{timm.models.get_pretrained_cfg('mpcvit_tiny').tag}" == DEFAULT
     assert sorted(f.name for f in SHIPPED_FOLDERS) == sorted(tags)
     assert sorted(p.stem for p in (ROOT / 'hub_cards').glob('*.md') if p.stem != 'README') == sorted(tags)
 
@@ -306,13 +308,13 @@ def test_republishing_a_shipped_folder_keeps_its_card_and_weights(tmp_path):
 def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     cache = tmp_path / 'hub'
     assert main(['seed-cache', *map(str, SHIPPED_FOLDERS), '--cache-dir', str(cache)]) == 0
-    default = SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd'
+    default = SHIPPED / DEFAULT
     proc = _run_python(f'''
         import timm, torch, timm_mpc
         from timm_mpc.cli import build_parser, resolve_model
         from timm_mpc.data import example_images
         images, _ = example_images()
-        names = ['mpcvit_tiny', 'mpcvit_tiny.fmnist_mu70_kd', 'hf-hub:timm-mpc/mpcvit_tiny.fmnist_mu70_kd',
+        names = ['mpcvit_tiny', '{DEFAULT}', 'hf-hub:timm-mpc/{DEFAULT}',
                  'local-dir:{default}']
         models = {{n: timm.create_model(n, pretrained=True).eval() for n in names}}
         models['timm-mpc predict --pretrained'] = resolve_model(build_parser().parse_args(['predict', '--pretrained']))
@@ -324,9 +326,22 @@ def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     first = logits.pop('mpcvit_tiny')
     assert all(torch.equal(first, other) for other in logits.values()), list(logits)
     _, labels = example_images()
-    reference = json.loads((ROOT / 'tests' / 'reference' / 'mpcvit_tiny.fmnist_mu70_kd_logits.json').read_text())
+    reference = json.loads((ROOT / 'tests' / 'reference' / f'{DEFAULT}_logits.json').read_text())
     assert reference['labels'] == labels.tolist()
     assert torch.allclose(first, torch.tensor(reference['logits']), atol=1e-5, rtol=0)
+
+
+def test_the_cards_usage_snippet_gives_the_default_checkpoints_reference_logits():
+    """The card's own snippet, as a user runs it: resolve_data_config + create_transform on each shipped test image as
+    a PIL image gives the logits recorded when the default checkpoint was published (and measured on its card)."""
+    model = timm.create_model(f'local-dir:{SHIPPED / DEFAULT}', pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    raw = torch.load(Path(timm_mpc.data.__file__).with_name('fashion_mnist_test8.pt'), weights_only=True)
+    with torch.no_grad():
+        logits = model(torch.stack([transform(Image.fromarray(img.numpy()).convert('RGB')) for img in raw['images']]))
+    reference = json.loads((ROOT / 'tests' / 'reference' / f'{DEFAULT}_logits.json').read_text())
+    assert reference['labels'] == raw['labels'].tolist()
+    assert torch.allclose(logits, torch.tensor(reference['logits']), atol=1e-5, rtol=0)
 
 
 class _NotOnThisHub(http.server.BaseHTTPRequestHandler):
@@ -352,7 +367,7 @@ def test_without_the_hub_the_published_weights_come_from_the_cache_or_the_checko
     cache = tmp_path / 'hub'
     cache.mkdir()
     if 'cached' in hub:
-        seed_hub_cache(SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd', cache_dir=cache)
+        seed_hub_cache(SHIPPED / DEFAULT, cache_dir=cache)
     server = None
     if hub == 'without the repository':
         server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _NotOnThisHub)
@@ -371,9 +386,9 @@ def test_without_the_hub_the_published_weights_come_from_the_cache_or_the_checko
         server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
     notice = [line for line in proc.stderr.splitlines() if 'Hugging Face Hub cannot give' in line]
-    source = cache if 'cached' in hub else SHIPPED / 'mpcvit_tiny.fmnist_mu70_kd'
+    source = cache if 'cached' in hub else SHIPPED / DEFAULT
     assert len(notice) == 1 and str(source) in notice[0], proc.stderr[-2000:]
-    reference = json.loads((ROOT / 'tests' / 'reference' / 'mpcvit_tiny.fmnist_mu70_kd_logits.json').read_text())
+    reference = json.loads((ROOT / 'tests' / 'reference' / f'{DEFAULT}_logits.json').read_text())
     assert torch.allclose(torch.load(tmp_path / 'out.pt'), torch.tensor(reference['logits']), atol=1e-5, rtol=0)
 
 

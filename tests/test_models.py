@@ -96,7 +96,7 @@ def test_pretrained_without_reachable_weights_fails_clearly(tmp_path, monkeypatc
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))
     monkeypatch.setattr(sys.modules['timm_mpc.models.mpcvit'], 'SHIPPED_CHECKPOINTS', tmp_path / 'no checkout')
-    with pytest.raises(PretrainedWeightsError, match=r'mpcvit_tiny\.fmnist_mu70_kd.*hf download timm-mpc/.*seed-cache'):
+    with pytest.raises(PretrainedWeightsError, match=r'mpcvit_tiny\.fmnist_mu50_kd.*hf download timm-mpc/.*seed-cache'):
         timm.create_model('mpcvit_tiny', pretrained=True)
 
 

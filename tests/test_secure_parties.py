@@ -285,7 +285,7 @@ def test_an_image_beyond_the_calibrated_range_is_refused_not_returned_as_garbage
     public bound, and secure_predict says so instead of returning them."""
     from timm_mpc.secure import SecureInferenceError
     model = timm_mpc.create_mpc_model(
-        'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_mu70_kd/model.safetensors').eval()
+        'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_mu50_kd/model.safetensors').eval()
     images, _ = timm_mpc.data.example_images()
     blank = torch.full((4, 3, 32, 32), (0.5 - 0.286) / 0.353)
     with pytest.raises(SecureInferenceError, match=r"images \[1\] gave logits beyond the plan's bound \(1024\)"):

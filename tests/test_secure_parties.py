@@ -281,15 +281,16 @@ def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
 
 
 def test_an_image_beyond_the_calibrated_range_is_refused_not_returned_as_garbage():
-    """Calibrated on blank images, the owner's schedules do not cover a real image: its logits leave the plan's
-    public bound, and secure_predict says so instead of returning them."""
+    """Calibrated on blank images without headroom (range_margin=1; the default's 4 covers real images for the shipped
+    checkpoint), the owner's schedules do not cover a real image: its logits leave the plan's public bound, and
+    secure_predict says so instead of returning them."""
     from timm_mpc.secure import SecureInferenceError
     model = timm_mpc.create_mpc_model(
         'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_mu50_kd/model.safetensors').eval()
     images, _ = timm_mpc.data.example_images()
     blank = torch.full((4, 3, 32, 32), (0.5 - 0.286) / 0.353)
-    with pytest.raises(SecureInferenceError, match=r"images \[1\] gave logits beyond the plan's bound \(1024\)"):
-        secure_predict(model, images[:2], SecureSettings(truncation_retries=0), calibration_images=blank)
+    with pytest.raises(SecureInferenceError, match=r"images \[0, 1\] gave logits beyond the plan's bound \(1024\)"):
+        secure_predict(model, images[:2], SecureSettings(truncation_retries=0, range_margin=1), calibration_images=blank)
 
 
 def test_images_with_implausible_logits_run_again(monkeypatch):

@@ -23,13 +23,17 @@ for PAIR in mu50_kd:fmnist_mu50_kd mu70_kd:fmnist_mu70_kd mu30_kd:fmnist_mu30_kd
   IMAGES=${SECURE_IMAGES:-$([ "$NAME" = "$DEFAULT" ] && echo 1000 || echo "${SECURE_OTHERS:-100}")}
   [ -z "$ONLY" ] || [ "$ONLY" = "$RUN" ] || continue
   DIR=$OUT/$NAME
-  if [ -f "$RUNS/$RUN/model.safetensors" ]; then
-    timm-mpc publish "$RUNS/$RUN/model.safetensors" --repo "timm-mpc/$NAME" --dry-run "$DIR"
+  WEIGHTS=$RUNS/$RUN/model.safetensors RECORD=$RUNS/$RUN/run.json
+  if [ "$RUN" = plus_mu50_kd ] && [ ! -f "$WEIGHTS" ]; then  # published as searched, not retrained (fmnist_runs.sh)
+    WEIGHTS=$RUNS/search_plus/mu50.safetensors RECORD=$RUNS/search_plus/run.json
+  fi
+  if [ -f "$WEIGHTS" ]; then
+    timm-mpc publish "$WEIGHTS" --repo "timm-mpc/$NAME" --dry-run "$DIR"
   fi
   timm-mpc seed-cache "$DIR"
   timm-mpc eval --model "$NAME" --secure-images "$IMAGES" --secure-batch 16 --json "$TMP/$NAME.json"
   # without the training run here, the folder's own training record is kept
-  RUN_ARGS=() && [ -f "$RUNS/$RUN/run.json" ] && RUN_ARGS=(--run "$RUNS/$RUN/run.json")
+  RUN_ARGS=() && [ -f "$RECORD" ] && RUN_ARGS=(--run "$RECORD")
   timm-mpc publish "$DIR" --repo "timm-mpc/$NAME" --dry-run "$DIR" --results "$TMP/$NAME.json" "${RUN_ARGS[@]}"
   cp "$DIR/README.md" "hub_cards/$NAME.md"
 done

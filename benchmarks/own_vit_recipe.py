@@ -23,7 +23,7 @@ import torch
 import timm_mpc
 from timm_mpc.cli import main
 
-from report_io import add_report_args, earlier_report
+from report_io import add_report_args, earlier_report, write_report
 
 ARCH = 'vit_tiny_patch16_224'
 MODEL = ['--model', ARCH, '--img-size', '32', '--model-kwargs', json.dumps(dict(patch_size=4, num_classes=10))]
@@ -120,12 +120,7 @@ def main_cli() -> None:
     add_report_args(p, None)
     args = p.parse_args()
     record = earlier_report(args) or run(args)
-    table = markdown(record)
-    print(table)
-    if args.json and not args.from_json:
-        Path(args.json).write_text(json.dumps(record, indent=2) + '\n')
-    if args.markdown:
-        Path(args.markdown).write_text(table + '\n')
+    write_report(args, record, markdown(record))
 
 
 if __name__ == '__main__':

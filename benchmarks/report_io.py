@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ['add_report_args', 'earlier_report']
+__all__ = ['add_report_args', 'earlier_report', 'write_report']
 
 
 def add_report_args(parser: argparse.ArgumentParser, json_default: Optional[str]) -> None:
@@ -17,3 +17,12 @@ def add_report_args(parser: argparse.ArgumentParser, json_default: Optional[str]
 def earlier_report(args: argparse.Namespace) -> Optional[Any]:
     """The figures of ``--from-json``, or None when this run measures."""
     return json.loads(Path(args.from_json).read_text()) if args.from_json else None
+
+
+def write_report(args: argparse.Namespace, report: Any, table: str) -> None:
+    """Print ``table``; write the figures to ``--json`` when this run measured them, and the table to ``--markdown``."""
+    if args.json and not args.from_json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + '\n')
+    print(table)
+    if args.markdown:
+        Path(args.markdown).write_text(table.rstrip('\n') + '\n')

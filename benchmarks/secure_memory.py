@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -31,7 +30,7 @@ from timm_mpc.secure.memory import parse_memory
 from timm_mpc.secure.plan import normalization
 
 from peak_memory import PeakMemory
-from report_io import add_report_args, earlier_report
+from report_io import add_report_args, earlier_report, write_report
 
 MODELS = {
     # name: (batch sizes measured, images, max_memory bound)
@@ -100,11 +99,7 @@ def main() -> None:
             row = dict(model=name, **measure(model, images[:count], max_memory=bound))
             report['rows'].append(row)
             tqdm.write(json.dumps(row))
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    text = render(report)
-    print(text)
-    if args.markdown:
-        Path(args.markdown).write_text(text)
+    write_report(args, report, render(report))
 
 
 if __name__ == '__main__':

@@ -6,11 +6,9 @@ the step's own rate. The runs (benchmarks/fmnist_runs.sh) use what helps.
     python benchmarks/train_speed.py [--repeats 8] [--json benchmarks/results/train_speed.json] [--markdown FILE]
 """
 import argparse
-import json
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import timm
@@ -23,7 +21,7 @@ from timm_mpc.data import FASHION_MNIST_DATA_CONFIG
 from timm_mpc.training.config import RunConfig
 from timm_mpc.training.data import build_dataset, build_loader
 
-from report_io import add_report_args, earlier_report
+from report_io import add_report_args, earlier_report, write_report
 
 # name -> (batch size, bfloat16 autocast, torch.compile, channels_last)
 SETTINGS = {
@@ -105,12 +103,7 @@ def main() -> None:
     add_report_args(parser, 'benchmarks/results/train_speed.json')
     args = parser.parse_args()
     report = earlier_report(args) or measure(args.repeats)
-    if not args.from_json and args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + '\n')
-    table = render(report)
-    print(table)
-    if args.markdown:
-        Path(args.markdown).write_text(table)
+    write_report(args, report, render(report))
 
 
 if __name__ == '__main__':

@@ -17,7 +17,8 @@ from timm_mpc.layers.linearizable_mlp import LinearizableMlp
 from timm_mpc.pattern import get_attn_pattern
 from timm_mpc.cost import estimate_latency, model_cost_table
 from timm_mpc.search import binarize_budget, binarize_gelu, binarize_mu
-from timm_mpc.training import ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod
+from timm_mpc.training import (ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod,
+                                load_runs)
 from timm_mpc.training.data import DatasetMissingError
 
 TINY = {'depth': 2, 'embed_dim': 32, 'num_heads': 4}
@@ -241,6 +242,14 @@ def test_search_binarize_retrain_eval_pareto_end_to_end(debian_fmnist, tmp_path,
     assert (tmp_path / 'c.png').stat().st_size > 10_000
     assert main(['curves', str(tmp_path / 'search' / 'patterns.json')]) == 2  # not a run's record: a clear error
     assert 'mu50_kd' in (tmp_path / 't.md').read_text()
+    # a run recorded on another machine (its estimate priced by that machine's table) is priced again here on request
+    record = json.loads((out / 'run.json').read_text())
+    recorded = record['model']['secure_estimate']['latency_s']['lan']
+    record['model']['secure_estimate']['latency_s'] = dict(lan=999.0, wan=999.0)
+    (tmp_path / 'elsewhere').mkdir()
+    (tmp_path / 'elsewhere' / 'run.json').write_text(json.dumps(record))
+    assert load_runs([str(tmp_path / 'elsewhere')])[0]['latency_s']['lan'] == 999.0
+    assert load_runs([str(tmp_path / 'elsewhere')], reprice=True)[0]['latency_s']['lan'] == pytest.approx(recorded)
     history = json.loads((teacher / 'run.json').read_text())['history']
     assert history[-1]['train_loss'] < history[0]['train_loss']
 
@@ -408,3 +417,15 @@ def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(d
     assert within['secure_estimate']['latency_s']['lan'] <= budget_s
 
 
+
+
+def test_bfloat16_autocast_on_a_cpu_without_bfloat16_instructions_is_warned_about(monkeypatch):
+    from timm_mpc.training.config import RunConfig
+    from timm_mpc.training.engine import slow_amp_warning
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert 'no bfloat16 instructions' in slow_amp_warning(RunConfig(amp=True), cpu)
+    assert slow_amp_warning(RunConfig(amp=False), cpu) is None
+    assert slow_amp_warning(RunConfig(amp=True), torch.device('cuda')) is None  # only the CPU emulates it
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert slow_amp_warning(RunConfig(amp=True), cpu) is None

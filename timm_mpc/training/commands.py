@@ -171,7 +171,7 @@ def _curves(args: argparse.Namespace) -> int:
 
 def _pareto(args: argparse.Namespace) -> int:
     from .pareto import load_runs, pareto_table, plot_pareto
-    rows = load_runs(args.runs)
+    rows = load_runs(args.runs, reprice=args.reprice)
     table = pareto_table(rows)
     print(table)
     plot_pareto(rows, args.out, args.title)
@@ -296,4 +296,6 @@ def add_training_commands(sub: Any) -> None:
     pareto.add_argument('--out', default='pareto.png', help='PNG to write')
     pareto.add_argument('--table', default=None, help='also write the Markdown table here')
     pareto.add_argument('--title', default='Accuracy against estimated secure latency')
+    pareto.add_argument('--reprice', action='store_true', help='price every run\'s pattern now with this machine\'s '
+                        'cost table instead of the estimate recorded with it (runs recorded on different machines)')
     pareto.set_defaults(func=_pareto)

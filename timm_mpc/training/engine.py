@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -34,7 +35,7 @@ from .data import DATASETS, build_dataset, build_loader, model_data_config
 from .losses import ArchitecturePenalty, TokenDistillationLoss
 
 __all__ = ['TokensAndLogits', 'create_run_model', 'create_teacher', 'load_weights', 'evaluate', 'model_summary',
-           'train_model']
+           'slow_amp_warning', 'train_model']
 
 
 class TokensAndLogits(nn.Module):
@@ -104,6 +105,15 @@ def create_teacher(cfg: RunConfig, num_classes: int, mode: str) -> Optional[nn.M
                          f'{num_classes}: timm would give the teacher a random head. Pass --teacher FILE (a teacher run '
                          f'on this task) or --no-kd')
     return timm.create_model(cfg.model, pretrained=True, **kwargs)
+
+
+def slow_amp_warning(cfg: RunConfig, device: torch.device) -> Optional[str]:
+    """Why ``cfg``'s autocast would slow training down on ``device``, or None: a CPU without bfloat16 instructions
+    (AVX512-BF16 or AMX) emulates bfloat16 (one run here: 14x slower than float32 per step)."""
+    if not cfg.amp or device.type != 'cpu' or cfg.amp_dtype != 'bfloat16' or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    return (f'--amp: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no bfloat16 instructions, so bfloat16 '
+            'autocast is emulated and runs many times slower than float32; train without --amp here')
 
 
 def _autocast(cfg: RunConfig, device: torch.device) -> Any:
@@ -244,6 +254,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     dist_info = init_distributed_device_so(cfg.device)
     device, rank, world = torch.device(dist_info['device']), dist_info['global_rank'], dist_info['world_size']
     primary = rank == 0
+    slow_amp = slow_amp_warning(cfg, device)
+    if slow_amp and primary:
+        warnings.warn(slow_amp)
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.output)
     if primary:

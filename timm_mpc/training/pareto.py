@@ -8,8 +8,29 @@ from ..layers.attn_kinds import SEARCH_KINDS
 __all__ = ['load_runs', 'pareto_table', 'plot_pareto']
 
 
-def load_runs(paths: Sequence[str]) -> List[Dict[str, Any]]:
+def _priced_now(run: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """The run's fixed pattern priced by this machine's cost table (as its engine and protocol measure it here)."""
+    from ..factory import create_mpc_model
+    from ..secure.pricing import model_estimate
+    from .config import RunConfig
+    from .data import DATASETS
+    cfg = RunConfig.from_dict(run['config'])
+    num_classes = cfg.model_kwargs.get('num_classes') or DATASETS.get(cfg.dataset, {}).get('num_classes')
+    if num_classes is None:
+        raise ValueError(f'{path}: cannot rebuild the model to price it: dataset {cfg.dataset!r} has no known class '
+                         f'count and model_kwargs name none; accepted datasets: {list(DATASETS)}')
+    model = run['model']
+    net = create_mpc_model(cfg.model, attn_pattern=model['attn_pattern'], gelu_pattern=model.get('gelu_pattern'),
+                           **cfg.model_args(num_classes))
+    return model_estimate(net, cfg.cost_settings())
+
+
+def load_runs(paths: Sequence[str], reprice: bool = False) -> List[Dict[str, Any]]:
     """One row per run (a ``run.json`` or a folder holding one): name, accuracy, heads and latency.
+
+    The latency is the estimate recorded with the run, or with ``reprice`` the run's pattern priced now by this
+    machine's cost table: an estimate's seconds come from the machine that measured the table, so runs recorded on
+    different machines compare only when priced again on one.
 
     Raises:
         ValueError: a run without final accuracy or without a secure estimate (a supernet, or a run
@@ -23,6 +44,7 @@ def load_runs(paths: Sequence[str]) -> List[Dict[str, Any]]:
         if final.get('test_top1') is None or 'secure_estimate' not in model:
             raise ValueError(f'{path}: not a finished run with a fixed pattern (needs final.test_top1 and '
                              'model.secure_estimate); a search supernet has no fixed pattern to price')
+        estimate = _priced_now(run, path) if reprice else model['secure_estimate']
         kinds = model['head_kinds']
         heads = sum(kinds.values())
         gelu = model.get('gelu_pattern')
@@ -30,8 +52,7 @@ def load_runs(paths: Sequence[str]) -> List[Dict[str, Any]]:
             name=path.parent.name, mode=run['mode'], top1=final['test_top1'], epochs=final['epochs'],
             kd=bool(run['config'].get('teacher')), heads=heads, head_kinds=kinds,
             relu_softmax=kinds.get(SEARCH_KINDS[0], 0), gelu_linearized=gelu is not None,
-            latency_s=model['secure_estimate']['latency_s'], rounds=model['secure_estimate']['rounds'],
-            bytes=model['secure_estimate']['bytes']))
+            latency_s=estimate['latency_s'], rounds=estimate['rounds'], bytes=estimate['bytes']))
     return rows
 
 

@@ -7,7 +7,7 @@
 # the default checkpoint's logits on the shipped examples (the tests' reference) and score every folder through the
 # cards' own usage snippet (benchmarks/card_check.py).
 # Usage: bash benchmarks/hub_checkpoints.sh [RUNS_DIR [RUN]]   (RUNS_DIR default runs/fmnist, as written by
-# fmnist_runs.sh; RUN, e.g. mu50_kd, does that one only; SECURE_IMAGES=N measures N images under MPC for every
+# fmnist_runs.sh; RUN, e.g. mu50_kd_more, does that one only; SECURE_IMAGES=N measures N images under MPC for every
 # checkpoint, default 1000 for the default tag and SECURE_OTHERS=100 for the others: the default's 1,000 took
 # about 40 minutes here)
 set -euo pipefail
@@ -17,17 +17,14 @@ OUT=checkpoints/timm-mpc
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export HF_HUB_CACHE=$TMP/hub HF_HUB_OFFLINE=1
-DEFAULT_RUN=mu50_kd DEFAULT=mpcvit_tiny.fmnist_mu50_kd  # the default tag and the run it comes from
-for PAIR in mu50_kd:fmnist_mu50_kd mu70_kd:fmnist_mu70_kd mu30_kd:fmnist_mu30_kd plus_mu50_kd:fmnist_plus_mu50_kd \
+DEFAULT_RUN=mu50_kd_more DEFAULT=mpcvit_tiny.fmnist_mu50_kd  # the default tag and the run it comes from
+for PAIR in mu50_kd_more:fmnist_mu50_kd mu70_kd:fmnist_mu70_kd mu30_kd:fmnist_mu30_kd plus_mu50_kd:fmnist_plus_mu50_kd \
             teacher:fmnist_softmax; do
   RUN=${PAIR%%:*} NAME=mpcvit_tiny.${PAIR##*:}
   IMAGES=${SECURE_IMAGES:-$([ "$NAME" = "$DEFAULT" ] && echo 1000 || echo "${SECURE_OTHERS:-100}")}
   [ -z "$ONLY" ] || [ "$ONLY" = "$RUN" ] || continue
   DIR=$OUT/$NAME
   WEIGHTS=$RUNS/$RUN/model.safetensors RECORD=$RUNS/$RUN/run.json
-  if [ "$RUN" = plus_mu50_kd ] && [ ! -f "$WEIGHTS" ]; then  # published as searched, not retrained (fmnist_runs.sh)
-    WEIGHTS=$RUNS/search_plus/mu50.safetensors RECORD=$RUNS/search_plus/run.json
-  fi
   if [ -f "$WEIGHTS" ]; then
     timm-mpc publish "$WEIGHTS" --repo "timm-mpc/$NAME" --dry-run "$DIR"
   fi

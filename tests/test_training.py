@@ -429,3 +429,15 @@ def test_bfloat16_autocast_on_a_cpu_without_bfloat16_instructions_is_warned_abou
     assert slow_amp_warning(RunConfig(amp=True), torch.device('cuda')) is None  # only the CPU emulates it
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
     assert slow_amp_warning(RunConfig(amp=True), cpu) is None
+
+
+def test_a_search_budget_below_the_models_least_cost_is_refused_before_the_first_epoch(debian_fmnist, tmp_path, capsys):
+    table = model_cost_table(timm.create_model('mpcvit_tiny', **TINY))
+    floor = estimate_latency(table, [['scaling'] * 4] * 2)['latency_s']['lan']  # every head Scaling
+    out = tmp_path / 'search'
+    args = ['search', '--output', str(out), '--epochs', '1', '--model-kwargs', json.dumps(TINY), '--workers', '0',
+            '--batch-size', '16', '--train-subset', '32', '--test-subset', '16', '--mu', '0.5']
+    assert main([*args, '--budget-s', str(round(floor * 2, 3)), str(round(floor / 2, 3))]) == 2
+    err = capsys.readouterr().err
+    assert f'[{round(floor / 2, 3)}] s (lan) are below the least this model can cost' in err
+    assert not (out / 'run.json').exists() and not (out / 'last.pth.tar').exists()  # no epoch ran

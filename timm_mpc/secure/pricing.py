@@ -3,7 +3,7 @@ prices the model (ViT-shaped: one token sequence, blocks of one width with a pla
 from dry runs of the model itself (:mod:`.dry_run`: any family the secure plan supports, CrypTen only).
 """
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from torch import nn
 
@@ -17,7 +17,7 @@ from .engines import get_engine
 from .plan import build_plan, build_secure_plan
 from .settings import SecureSettings
 
-__all__ = ['priced_by_table', 'check_priceable', 'model_estimate', 'model_head_costs']
+__all__ = ['priced_by_table', 'check_priceable', 'check_budgets', 'model_estimate', 'model_head_costs']
 
 
 def priced_by_table(model: nn.Module) -> bool:
@@ -63,6 +63,26 @@ def model_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]
         return dict(model_latency(model, model_cost_table(model, settings=settings)), priced_by='cost table')
     check_priceable(model, settings, 'estimate it with engine crypten')
     return _dry_estimate(_cpu_copy(model), settings)
+
+
+def check_budgets(model: nn.Module, settings: SecureSettings, budgets_s: Sequence[float], network: str = 'lan') -> None:
+    """Refuse, before a search starts, latency budgets below the least ``model`` can cost: every head Scaling and,
+    with MPCViT+ MLPs, every GeLU token linear. (Binarizing checks each budget exactly; this catches the hopeless
+    ones before the search epochs rather than after them.)
+
+    Raises:
+        ValueError: naming the budgets that are too low, the floor and the network.
+    """
+    if not budgets_s:
+        return
+    gelu = 'linear' if any(isinstance(m, LinearizableMlp) for _, m in read_model(model).mlps) else None
+    floor = model_estimate(_with_patterns(model, 'scaling', gelu), settings)['latency_s'][network]
+    low = [b for b in budgets_s if b < floor]
+    if low:
+        least = 'every head Scaling' + (' and every GeLU token linear' if gelu else '')
+        raise ValueError(f'latency budgets {low} s ({network}) are below the least this model can cost: {floor:.3g} s '
+                         f'estimated with {least} ({settings.engine} {settings.protocol} cost); accepted: budgets of '
+                         f'at least {floor:.3g} s')
 
 
 def _with_patterns(model: nn.Module, kind: str, gelu: Optional[str]) -> nn.Module:

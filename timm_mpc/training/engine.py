@@ -272,6 +272,9 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         from ..secure.pricing import check_priceable
         check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
                         'run without a latency estimate (--no-latency), or with --engine crypten')
+        if mode == 'search':
+            from ..secure.pricing import check_budgets
+            check_budgets(model, cost_settings, cfg.budget_s, cfg.network)
     data_config = model_data_config(model)
     in_chans = data_config['input_size'][0]
     train_set = build_dataset(cfg.dataset, 'train', cfg.data_dir, cfg.download, in_chans, cfg.train_subset)

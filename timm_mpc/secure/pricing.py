@@ -68,12 +68,13 @@ def model_estimate(model: nn.Module, settings: SecureSettings) -> Dict[str, Any]
 def check_budgets(model: nn.Module, settings: SecureSettings, budgets_s: Sequence[float], network: str = 'lan') -> None:
     """Refuse, before a search starts, latency budgets below the least ``model`` can cost: every head Scaling and,
     with MPCViT+ MLPs, every GeLU token linear. (Binarizing checks each budget exactly; this catches the hopeless
-    ones before the search epochs rather than after them.)
+    ones before the search epochs rather than after them.) Only for models the cost table prices: a dry run's
+    seconds vary from run to run, so a dry-run-priced model's budgets are checked once, at binarization.
 
     Raises:
         ValueError: naming the budgets that are too low, the floor and the network.
     """
-    if not budgets_s:
+    if not budgets_s or not priced_by_table(model):
         return
     gelu = 'linear' if any(isinstance(m, LinearizableMlp) for _, m in read_model(model).mlps) else None
     floor = model_estimate(_with_patterns(model, 'scaling', gelu), settings)['latency_s'][network]

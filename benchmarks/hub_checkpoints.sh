@@ -9,7 +9,7 @@
 # Usage: bash benchmarks/hub_checkpoints.sh [RUNS_DIR [RUN]]   (RUNS_DIR default runs/fmnist, as written by
 # fmnist_runs.sh; RUN, e.g. mu50_kd_more, does that one only; SECURE_IMAGES=N measures N images under MPC for every
 # checkpoint, default 1000 for the default tag and SECURE_OTHERS=100 for the others: the default's 1,000 took
-# about 40 minutes here)
+# about 40 minutes on a 2-core machine with AVX512, about 100 on a slower AVX2 one with other work beside it)
 set -euo pipefail
 RUNS=${1:-runs/fmnist}
 ONLY=${2:-}

@@ -269,11 +269,10 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
-        from ..secure.pricing import check_priceable
+        from ..secure.pricing import check_budgets, check_priceable
         check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
                         'run without a latency estimate (--no-latency), or with --engine crypten')
         if mode == 'search':
-            from ..secure.pricing import check_budgets
             check_budgets(model, cost_settings, cfg.budget_s, cfg.network)
     data_config = model_data_config(model)
     in_chans = data_config['input_size'][0]

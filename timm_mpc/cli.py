@@ -245,12 +245,14 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError('--client-address is for --engine spu (CrypTen parties meet at the rendezvous only)')
     engine = get_engine(settings.engine).load()
     extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
+    # what ends a party from a watchdog thread (the other party not met, or lost) reads as the command's errors do
+    extra['on_timeout'] = lambda message: print(f'timm-mpc party: error: {message}', file=sys.stderr, flush=True)
     torch.set_num_threads(args.threads or (1 if _on_loopback(args.rendezvous) else torch.get_num_threads()))
     if args.rank == 2 and not settings.dealer:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
         print(f'dealer: serving multiplication triples at {args.rendezvous}', flush=True)
-        run_dealer(args.rendezvous, settings)
+        run_dealer(args.rendezvous, settings, on_timeout=extra['on_timeout'])
         print('dealer: done', flush=True)
         return 0
     if args.rank == 0:

@@ -28,7 +28,7 @@ from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
+__all__ = ['PartyResult', 'report_on_stderr', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
            'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'watchdog']
 
 DEALER = 2
@@ -56,7 +56,7 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _report_on_stderr(message: str) -> None:
+def report_on_stderr(message: str) -> None:
     print(f'timm-mpc: error: {message}', file=sys.stderr, flush=True)
 
 
@@ -69,7 +69,7 @@ def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], N
     Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why).
     """
     def expire() -> None:
-        (on_expiry or _report_on_stderr)(message)
+        (on_expiry or report_on_stderr)(message)
         os._exit(2)
     timer = threading.Timer(seconds, expire)
     timer.daemon = True

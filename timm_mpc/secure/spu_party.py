@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..cost.profile import CostMeter, CostRow
-from .party import PartyResult, PeerError, agree, client_inputs, lost_peer, watchdog
+from .party import PartyResult, PeerError, agree, client_inputs, lost_peer, report_on_stderr, watchdog
 from .plan import SecurePlan
 from .secure_vit import CLIENT, OWNER, Backend, SecureViT
 from .settings import SecureSettings
@@ -104,7 +104,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         # brpc's connection retries have no overall bound of their own: the watchdog gives them one
         with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
             try:
-                session = SpuSession(rank, addresses, settings.protocol, settings.timeout_s, log_dir)
+                session = SpuSession(rank, addresses, settings.protocol, settings.timeout_s, log_dir,
+                                     on_timeout or report_on_stderr)
             except RuntimeError as e:
                 raise PeerError(f'{message} ({_message(e)})') from e
         if log is not None:

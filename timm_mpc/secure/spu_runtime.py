@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import sys
+import threading
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,6 +32,7 @@ SPU_FRACTION_BITS = 18  # SPU's default for its 64-bit ring
 
 _abandoned = 0  # links left open after a failure (see SpuSession.close)
 _LINK_DETAILS = re.compile(r'Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+)')
+_SEND_RETRY = re.compile(r'send request failed and retry, retry_count=(\d+),.*?(?:error msg \'([^\']*)\')?$')
 
 
 def import_spu() -> Tuple[Any, Any, Any, Any]:
@@ -54,11 +56,14 @@ class SpuSession:
         rank: 0 for the model owner, 1 for the client.
         addresses: ``HOST:PORT`` where each party listens (owner first).
         protocol: One of :data:`SPU_PROTOCOLS`.
-        timeout_s: Bound on meeting the other party and on every wait for a message.
+        timeout_s: Bound on meeting the other party, on every wait for a message and on failing to send one.
         log_dir: Where SPU writes this party's log, from which each run's traffic is read.
+        on_lost: Reports why the process ends when sending to the other party has failed for ``timeout_s``; the
+            process then exits with code 2 (see :class:`_SendWatch`).
     """
 
-    def __init__(self, rank: int, addresses: Sequence[str], protocol: str, timeout_s: float, log_dir: str) -> None:
+    def __init__(self, rank: int, addresses: Sequence[str], protocol: str, timeout_s: float, log_dir: str,
+                 on_lost: Callable[[str], None]) -> None:
         libspu, spu_api, self.frontend, self.jnp = import_spu()
         self.libspu = libspu
         self.rank = rank
@@ -73,6 +78,12 @@ class SpuSession:
         desc.http_timeout_ms = int(timeout_s * 1000)
         desc.connect_retry_interval_ms = 500
         desc.connect_retry_times = max(int(timeout_s * 2), 1)
+        # a send is retried once a second, for 10 s longer than the watch below waits for it
+        retry = desc.retry_opts
+        retry.retry_interval_ms = retry.max_retry_interval_ms = 1000
+        retry.retry_interval_incr_ms = 0
+        retry.max_retry = _SendWatch.retries(timeout_s) + 10
+        desc.retry_opts = retry
         for index, address in enumerate(addresses):
             desc.add_party(f'party{index}', address)
         self.link = libspu.link.create_brpc(desc, rank)
@@ -92,6 +103,7 @@ class SpuSession:
         self._compile_only = False
         self.rounds = 0
         self.bytes = 0.0
+        self._watch = _SendWatch(log.system_log_path, timeout_s, on_lost)
 
     @contextmanager
     def compile_only(self) -> Iterator[None]:
@@ -244,6 +256,7 @@ class SpuSession:
         crashes stopping or freeing a link whose peer is gone, even in the interpreter's teardown, so a process that
         ends after it must end through :func:`exit_if_links_abandoned`."""
         global _abandoned
+        self._watch.stop()
         try:
             if peer_alive:
                 self.link.stop_link()
@@ -251,6 +264,49 @@ class SpuSession:
                 _abandoned += 1
         finally:
             self._log.close()
+
+
+class _SendWatch(threading.Thread):
+    """Ends the process with a clear error once SPU has failed to send to the other party for ``timeout_s``.
+
+    When an asynchronous send runs out of retries, yacl (SPU 0.9.5's link) calls ``exit(-1)`` from its send thread,
+    and the process then crashes in its own teardown (SIGSEGV) without a word of why. The retries are logged, so
+    this thread reads SPU's log and ends the process first (reported by ``on_lost``, exit code 2), while the link
+    still retries (10 s longer). Like :func:`~timm_mpc.secure.party.watchdog`, ending the process is the only way
+    out: the blocked call cannot be interrupted from Python.
+    """
+
+    def __init__(self, log_path: str, timeout_s: float, on_lost: Callable[[str], None]) -> None:
+        super().__init__(name='timm-mpc-spu-send-watch', daemon=True)
+        self.limit = self.retries(timeout_s)
+        self.on_lost = on_lost
+        self._log = open(log_path)
+        self._log.seek(0, os.SEEK_END)  # the link is up: earlier retries were the meeting's
+        self._stopped = threading.Event()
+        self.start()
+
+    @staticmethod
+    def retries(timeout_s: float) -> int:
+        """Failed sends, one a second, after which the other party counts as lost."""
+        return max(int(timeout_s), 1)
+
+    def run(self) -> None:
+        while not self._stopped.wait(0.5):
+            for line in self._log.read().splitlines():
+                found = _SEND_RETRY.search(line)
+                if found and int(found.group(1)) >= self.limit:
+                    self.lost(found.group(2) or 'no answer')
+
+    def lost(self, why: str) -> None:
+        self.on_lost(f'lost the other party during the protocol (SPU could not send to it for {self.limit} s: {why})')
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=2)
+        self._log.close()
 
 
 def static_key(value: Any) -> Any:

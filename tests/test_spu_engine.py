@@ -218,6 +218,33 @@ def test_a_killed_owner_ends_the_client_with_a_clear_error_within_its_timeout():
     assert time.monotonic() - killed_at < 2 * 10 + 15
 
 
+def test_the_send_watch_counts_failed_sends_in_seconds_and_not_one_lost_request(tmp_path):
+    """What ends an SPU party before yacl's exit(-1) does: SPU's logged retries, read as seconds of failing."""
+    from timm_mpc.secure.spu_runtime import _SEND_RETRY, _SendWatch
+    line = ("2026-11-27 06:04:25.965 [info] [channel.cc:SendRequestWithRetry:362] send request failed and retry, "
+            "retry_count=3, max_retry=20, interval_ms=1000, message=[external/yacl~/yacl/link/transport/"
+            "interconnection_link.cc:56] cntl ErrorCode '112', http status code '0', response header '', response "
+            "body '', error msg '[E112]Not connected to 127.0.0.1:59339 yet, server_id=0'")
+    found = _SEND_RETRY.search(line)
+    assert found.group(1) == '3' and found.group(2) == '[E112]Not connected to 127.0.0.1:59339 yet, server_id=0'
+    (tmp_path / 'spu.log').write_text('')
+    lost = []
+    watch = _SendWatch(str(tmp_path / 'spu.log'), 10, lost.append)
+    try:
+        # a peer that refuses connections: a failed attempt a second, lost after 10 s of them
+        assert [watch.failed(n, 100.0 + n) for n in range(1, 12)] == [None] * 10 + [10.0]
+        # requests lost now and then in a healthy run (each sent again at once) never add up
+        assert all(watch.failed(1, 200.0 + 5 * k) is None for k in range(40))
+        # a silent peer: each attempt waits for the timeout, so the second failure comes 11 s after the first
+        assert watch.failed(1, 1000.0) is None and watch.failed(2, 1011.0) == 11.0
+        # a quiet spell longer than an attempt starts the count again
+        assert watch.failed(2, 2000.0) is None
+        assert _SendWatch.retries(10) == 20  # the link gives up 10 s after the watch
+    finally:
+        watch.stop()
+    assert lost == []
+
+
 def test_search_cost_table_priced_on_spu_predicts_an_spu_run(tmp_path):
     """The search's per-kind table measured on SPU SEMI2K prices a whole model as a real SPU run measures it, and
     differs from CrypTen's (the search and its budgets see the engine they were asked for)."""

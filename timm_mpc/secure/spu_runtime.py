@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -32,7 +33,7 @@ SPU_FRACTION_BITS = 18  # SPU's default for its 64-bit ring
 
 _abandoned = 0  # links left open after a failure (see SpuSession.close)
 _LINK_DETAILS = re.compile(r'Link details: total send bytes (\d+), recv bytes (\d+), send actions (\d+)')
-_SEND_RETRY = re.compile(r'send request failed and retry, retry_count=(\d+),.*?(?:error msg \'([^\']*)\')?$')
+_SEND_RETRY = re.compile(r"send request failed and retry, retry_count=(\d+),.*?message=(?:.*error msg '(.*)'|(.*))")
 
 
 def import_spu() -> Tuple[Any, Any, Any, Any]:
@@ -78,11 +79,10 @@ class SpuSession:
         desc.http_timeout_ms = int(timeout_s * 1000)
         desc.connect_retry_interval_ms = 500
         desc.connect_retry_times = max(int(timeout_s * 2), 1)
-        # a send is retried once a second, for 10 s longer than the watch below waits for it
-        retry = desc.retry_opts
+        retry = desc.retry_opts  # see _SendWatch
         retry.retry_interval_ms = retry.max_retry_interval_ms = 1000
         retry.retry_interval_incr_ms = 0
-        retry.max_retry = _SendWatch.retries(timeout_s) + 10
+        retry.max_retry = _SendWatch.retries(timeout_s)
         desc.retry_opts = retry
         for index, address in enumerate(addresses):
             desc.add_party(f'party{index}', address)
@@ -256,52 +256,79 @@ class SpuSession:
         crashes stopping or freeing a link whose peer is gone, even in the interpreter's teardown, so a process that
         ends after it must end through :func:`exit_if_links_abandoned`."""
         global _abandoned
-        self._watch.stop()
         try:
             if peer_alive:
-                self.link.stop_link()
-            else:
+                self.link.stop_link()  # sends FIN and waits for the peer's: the watch stays on until it returns
+                self._watch.stop()
+            else:  # the watch stays on for the abandoned link's retries, which would end the process anyway
                 _abandoned += 1
         finally:
             self._log.close()
 
 
 class _SendWatch(threading.Thread):
-    """Ends the process with a clear error once SPU has failed to send to the other party for ``timeout_s``.
+    """Ends the process with a clear error once SPU's sends to the other party have failed for ``timeout_s``.
 
     When an asynchronous send runs out of retries, yacl (SPU 0.9.5's link) calls ``exit(-1)`` from its send thread,
-    and the process then crashes in its own teardown (SIGSEGV) without a word of why. The retries are logged, so
-    this thread reads SPU's log and ends the process first (reported by ``on_lost``, exit code 2), while the link
-    still retries (10 s longer). Like :func:`~timm_mpc.secure.party.watchdog`, ending the process is the only way
-    out: the blocked call cannot be interrupted from Python.
+    and the process then crashes in its own teardown (SIGSEGV) without a word of why. Every failed attempt is
+    logged, so this thread reads SPU's log and ends the process first (reported by ``on_lost``, exit code 2), while
+    the link still retries. A failure counts from the first logged retry of a run of them (runs end after
+    ``timeout_s + 2`` s without one: an attempt at a silent peer takes ``timeout_s``), and only once one send has
+    failed twice, so one lost request in a healthy run ends nothing. Like :func:`~timm_mpc.secure.party.watchdog`,
+    ending the process is the only way out: the blocked call cannot be interrupted from Python.
+
+    SPU logs to one file per process (the last session's), so where one process holds two sessions (both parties
+    as threads, in tests) the last one's watch sees both links' retries and the first one's none; one suffices,
+    since either failure ends the process.
     """
 
     def __init__(self, log_path: str, timeout_s: float, on_lost: Callable[[str], None]) -> None:
         super().__init__(name='timm-mpc-spu-send-watch', daemon=True)
-        self.limit = self.retries(timeout_s)
+        self.timeout_s = timeout_s
         self.on_lost = on_lost
-        self._log = open(log_path)
+        self._failing_since: Optional[float] = None
+        self._last_failure = 0.0
+        self._log = open(log_path, errors='replace')
         self._log.seek(0, os.SEEK_END)  # the link is up: earlier retries were the meeting's
         self._stopped = threading.Event()
         self.start()
 
     @staticmethod
     def retries(timeout_s: float) -> int:
-        """Failed sends, one a second, after which the other party counts as lost."""
-        return max(int(timeout_s), 1)
+        """How often the link retries a send: once a second, for 10 s more than the watch waits (an attempt at a
+        peer that refuses connections fails at once)."""
+        return int(timeout_s) + 10
+
+    def failed(self, retry_count: int, now: float) -> Optional[float]:
+        """Note a logged retry; the seconds sending has failed for, once that means the other party is lost."""
+        if self._failing_since is None or now - self._last_failure > self.timeout_s + 2:
+            self._failing_since = now
+        self._last_failure = now
+        failing = now - self._failing_since
+        return failing if retry_count >= 2 and failing >= self.timeout_s else None
 
     def run(self) -> None:
+        partial = ''
         while not self._stopped.wait(0.5):
-            for line in self._log.read().splitlines():
+            try:
+                lines = (partial + self._log.read()).split('\n')
+            except (OSError, ValueError):  # closed by stop()
+                return
+            partial = lines.pop()  # a line SPU is still writing
+            for line in lines:
                 found = _SEND_RETRY.search(line)
-                if found and int(found.group(1)) >= self.limit:
-                    self.lost(found.group(2) or 'no answer')
+                failing = found and self.failed(int(found.group(1)), time.monotonic())
+                if failing:
+                    self.lost(failing, found.group(2) or found.group(3))
 
-    def lost(self, why: str) -> None:
-        self.on_lost(f'lost the other party during the protocol (SPU could not send to it for {self.limit} s: {why})')
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
+    def lost(self, failing_s: float, why: str) -> None:
+        try:
+            self.on_lost(f'lost the other party during the protocol (SPU could not send to it for {failing_s:.0f} '
+                         f's: {why.strip()})')
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(2)
 
     def stop(self) -> None:
         self._stopped.set()

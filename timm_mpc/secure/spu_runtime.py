@@ -325,10 +325,8 @@ class _SendWatch(threading.Thread):
         try:
             self.on_lost(f'lost the other party during the protocol (SPU could not send to it for {failing_s:.0f} '
                          f's: {why.strip()})')
-            sys.stdout.flush()
-            sys.stderr.flush()
         finally:
-            os._exit(2)
+            _end_process(2)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -358,9 +356,14 @@ def exit_if_links_abandoned(code: int) -> None:
     """End the process now with ``code`` (output flushed, no teardown) if a failed SPU session left its link open:
     tearing it down would crash the process after its error was reported."""
     if _abandoned:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _end_process(code)
+
+
+def _end_process(code: int) -> None:
+    """Exit with ``code`` at once, output flushed, without the teardown SPU's link crashes in."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class _Call:

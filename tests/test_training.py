@@ -407,8 +407,10 @@ def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(d
                  '--json', str(tmp_path / 'eval.json')]) == 0
     summary = json.loads((tmp_path / 'eval.json').read_text())['model']
     assert summary['secure_estimate']['rounds'] == estimate['rounds']
-    # a latency budget: each candidate pattern priced by its own dry run; the same search again (same seed)
-    budget_s = estimate['latency_s']['lan']
+    # a latency budget: each candidate pattern priced by its own dry run; the same search again (same seed). A dry
+    # run's seconds include measured compute, and this Swin's patterns differ by less than a loaded machine's noise
+    # (CI once priced all-Scaling 2% above mu50), so the budget leaves room above the floor.
+    budget_s = round(estimate['latency_s']['lan'] * 1.5, 3)
     assert main(['search', '--output', str(tmp_path / 'budget'), '--epochs', '1', '--mu', '0.5', '--budget-s',
                  str(budget_s), *kw]) == 0
     patterns = json.loads((tmp_path / 'budget' / 'patterns.json').read_text())['patterns']

@@ -293,6 +293,24 @@ def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
     assert 'train 1/1' in proc.stderr and '10/10' in proc.stderr  # 320 images / 2 processes / batch 16
 
 
+def test_progress_bars_follow_tqdm_environment_and_hide_on_other_ranks():
+    """TQDM_DISABLE=1 hides the bars (tqdm reads it at import, so in a fresh process); a rank other than the
+    first never shows one."""
+    import os
+    import subprocess
+    import sys
+    code = 'from timm_mpc.utils import progress; list(progress(range(3), {}, desc="the bar"))'
+
+    def stderr(show: bool, **env: str) -> str:
+        done = subprocess.run([sys.executable, '-c', code.format(show)], env=dict(os.environ, **env),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+    assert 'the bar: 100%' in stderr(True, TQDM_DISABLE='')
+    assert 'the bar' not in stderr(True, TQDM_DISABLE='1')
+    assert 'the bar' not in stderr(False, TQDM_DISABLE='')
+
+
 def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, capsys):
     """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
     teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,

@@ -8,8 +8,9 @@ from typing import Any, Dict, Iterator, Union
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
-__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root']
+__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root', 'progress']
 
 
 @contextmanager
@@ -54,3 +55,9 @@ def save_weights(state: Dict[str, torch.Tensor], path: Union[str, Path]) -> None
 def cache_root() -> Path:
     """Where timm-mpc caches what it measured or recorded: ``$TIMM_MPC_CACHE`` or ``~/.cache/timm_mpc``."""
     return Path(os.environ.get('TIMM_MPC_CACHE') or Path.home() / '.cache' / 'timm_mpc')
+
+
+def progress(iterable: Any = None, show: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar over ``iterable``, hidden where ``show`` is False. ``disable`` is passed only to hide it: an explicit
+    argument would override tqdm's ``TQDM_*`` environment defaults (``TQDM_DISABLE=1`` hides every bar)."""
+    return tqdm(iterable, **kwargs) if show else tqdm(iterable, disable=True, **kwargs)

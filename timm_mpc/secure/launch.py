@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from ..cost.profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
+from ..utils import progress
 from .engines import ENGINES, exit_after_failure, get_engine
 from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
 from .local_run import start_processes
@@ -176,19 +177,19 @@ class LocalParties:
         deadline: Optional[float] = None
         timeout_s = self.settings.timeout_s
         # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
-        progress = tqdm(total=layers, desc='secure inference', unit='layer', disable=not layers)
-        progress.set_postfix_str(f'images 0/{count}')
+        bar = progress(None, bool(layers), total=layers, desc='secure inference', unit='layer')
+        bar.set_postfix_str(f'images 0/{count}')
         done = 0
         try:
             while any(role not in outcomes for role in roles):
                 try:
                     role, status, value = self.results.get(timeout=0.5)
                     if status == 'layer':
-                        progress.update(value)
+                        bar.update(value)
                         continue
                     if status == 'batch':
                         done += value
-                        progress.set_postfix_str(f'images {done}/{count}')
+                        bar.set_postfix_str(f'images {done}/{count}')
                         continue
                     outcomes[role] = value
                     if status == 'error':
@@ -207,7 +208,7 @@ class LocalParties:
                     errors.append(f'parties {missing} still running {timeout_s:.0f} s after the failure; stopped')
                     break
         finally:
-            progress.close()
+            bar.close()
         if errors:
             self.stop()
             raise SecureInferenceError('secure inference failed: ' + ' | '.join(errors))

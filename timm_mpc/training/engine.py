@@ -29,7 +29,7 @@ from ..layers.pattern_state import checkpoint_state, is_pattern_key
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..reader import num_weights
 from ..search.binarize import searches_gelu
-from ..utils import save_weights
+from ..utils import progress, save_weights
 from .config import RunConfig
 from .data import DATASETS, build_dataset, build_loader, model_data_config
 from .losses import ArchitecturePenalty, TokenDistillationLoss
@@ -191,7 +191,7 @@ def _train_one_epoch(
     net.train()
     losses, parts = AverageMeter(), {}
     updates_per_epoch = len(loader)
-    bar = tqdm(loader, desc=f'{mode} {epoch + 1}/{num_epochs}', disable=not primary, dynamic_ncols=True)
+    bar = progress(loader, primary, desc=f'{mode} {epoch + 1}/{num_epochs}', dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device), y.to(device)
         if mixup is not None:

@@ -1,6 +1,7 @@
 """Small helpers shared across the package."""
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, Union
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root', 'progress']
+__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root', 'progress', 'end_process']
 
 
 @contextmanager
@@ -61,3 +62,11 @@ def progress(iterable: Any = None, show: bool = True, **kwargs: Any) -> tqdm:
     """A tqdm bar over ``iterable``, hidden where ``show`` is False. ``disable`` is passed only to hide it: an explicit
     argument would override tqdm's ``TQDM_*`` environment defaults (``TQDM_DISABLE=1`` hides every bar)."""
     return tqdm(iterable, **kwargs) if show else tqdm(iterable, disable=True, **kwargs)
+
+
+def end_process(code: int) -> None:
+    """Exit with ``code`` at once, output flushed, without teardown: for a process whose other threads are blocked in
+    C++ calls (a link to a lost peer) that cannot be interrupted, and whose teardown may crash."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..cost.profile import CostMeter, CostProfile
+from ..utils import end_process
 from .crypten_compat import import_crypten, set_process_group_timeout
 from .dry_run import dry_run
 from .offline import prefetch
@@ -70,7 +71,7 @@ def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], N
     """
     def expire() -> None:
         (on_expiry or report_on_stderr)(message)
-        os._exit(2)
+        end_process(2)
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()

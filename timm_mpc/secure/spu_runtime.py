@@ -15,7 +15,6 @@ SPU and JAX are imported when a session starts (``pip install -e ".[spu]"``).
 import hashlib
 import os
 import re
-import sys
 import threading
 import time
 import weakref
@@ -24,6 +23,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
+
+from ..utils import end_process
 
 __all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'static_key', 'SPU_PROTOCOLS',
            'SPU_FRACTION_BITS']
@@ -326,7 +327,7 @@ class _SendWatch(threading.Thread):
             self.on_lost(f'lost the other party during the protocol (SPU could not send to it for {failing_s:.0f} '
                          f's: {why.strip()})')
         finally:
-            _end_process(2)
+            end_process(2)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -356,14 +357,7 @@ def exit_if_links_abandoned(code: int) -> None:
     """End the process now with ``code`` (output flushed, no teardown) if a failed SPU session left its link open:
     tearing it down would crash the process after its error was reported."""
     if _abandoned:
-        _end_process(code)
-
-
-def _end_process(code: int) -> None:
-    """Exit with ``code`` at once, output flushed, without the teardown SPU's link crashes in."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        end_process(code)
 
 
 class _Call:

@@ -3,6 +3,7 @@ import argparse
 import json
 import shlex
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -246,7 +247,7 @@ def _party(args: argparse.Namespace) -> int:
     engine = get_engine(settings.engine).load()
     extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
     # what ends a party from a watchdog thread (the other party not met, or lost) reads as the command's errors do
-    extra['on_timeout'] = lambda message: print(f'timm-mpc party: error: {message}', file=sys.stderr, flush=True)
+    extra['on_timeout'] = partial(_print_error, 'party')
     torch.set_num_threads(args.threads or (1 if _on_loopback(args.rendezvous) else torch.get_num_threads()))
     if args.rank == 2 and not settings.dealer:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
@@ -417,13 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_error(command: str, error: object) -> None:
+    print(f'timm-mpc {command}: error: {error}', file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # how a measurement was made, for its record
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError, ImportError) as e:
-        print(f'timm-mpc {args.command}: error: {e}', file=sys.stderr)
+        _print_error(args.command, e)
         from .secure.engines import exit_after_failure
         exit_after_failure(2)
         return 2

@@ -1,6 +1,7 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
 import os
 import queue as queue_lib
+import random
 import socket
 import sys
 import time
@@ -8,10 +9,10 @@ import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from tqdm import tqdm
 
@@ -20,7 +21,7 @@ from ..layers.attn_kinds import import_kind_modules, kind_modules
 from ..utils import progress
 from .engines import ENGINES, exit_after_failure, get_engine
 from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
-from .local_run import start_processes
+from .local_run import process_context, start_processes
 from .dry_run import DryRun, dry_run
 from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, parse_memory, predicted_peak
 from .plan import SecurePlan, build_secure_plan, check_images
@@ -48,19 +49,26 @@ class SecureResult:
     predicted_peak: Optional[int] = None
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+_PORTS_RANDOM = random.SystemRandom()
+
+
+def _listen_ports() -> range:
+    """Ports a local run listens on: below the kernel's range for outgoing connections, which hands its ports to
+    every socket that connects and so could give the port chosen here to another process's connection before the
+    run binds it (a rare 'address in use' when several runs start at once)."""
+    try:
+        low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere the OS's range may differ, and a bind still checks the port
+    return range(max(1024, low - 12288), low) if low > 2048 else range(49152, 65536)
 
 
 def free_ports(count: int) -> List[int]:
-    """The first of ``count`` consecutive loopback ports that nothing listens on now, and the others."""
-    for _ in range(100):
-        first = free_port()
-        if first + count > 65535:
-            continue
+    """``count`` consecutive loopback ports, chosen at random below the range of outgoing connections, that nothing
+    listens on now."""
+    ports = _listen_ports()
+    for _ in range(200):
+        first = _PORTS_RANDOM.randrange(ports.start, ports.stop - count + 1)  # apart from a seeded random state
         try:
             with ExitStack() as stack:
                 for port in range(first, first + count):
@@ -69,7 +77,12 @@ def free_ports(count: int) -> List[int]:
             return list(range(first, first + count))
         except OSError:
             continue
-    raise OSError(f'found no {count} consecutive free ports on loopback')
+    raise OSError(f'found no {count} consecutive free ports on loopback in {ports.start}-{ports.stop - 1}')
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on now (:func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
@@ -150,7 +163,7 @@ class LocalParties:
     @classmethod
     def start(cls, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
               settings: SecureSettings, batch_size: Optional[int], session: bool = False) -> 'LocalParties':
-        ctx = mp.get_context('spawn')
+        ctx = process_context()
         results = ctx.Queue()
         rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
         # the owner's process is a daemon and cannot start the dry run's processes itself: they run here

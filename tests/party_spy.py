@@ -186,11 +186,10 @@ def run_spied_parties(plan: dict, state_dict: dict, images: torch.Tensor, settin
                       timeout: float = 180) -> None:
     """Run the real owner (recording its view), client and, for TTP, dealer as three processes; the owner's view
     goes to ``out_dir/owner_view.pt``, the client's logits to ``out_dir/client_logits.pt``."""
-    import torch.multiprocessing as mp
-
     from timm_mpc.secure.launch import free_port
+    from timm_mpc.secure.local_run import process_context
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    ctx = mp.get_context('spawn')
+    ctx = process_context()  # the parties' own way of starting: forked from a server with everything imported
     procs = [ctx.Process(target=_spied_owner, args=(rendezvous, plan, state_dict, settings, out_dir)),
              ctx.Process(target=_client, args=(rendezvous, images, settings, out_dir))]
     if settings['provider'] == 'TTP':

@@ -25,6 +25,7 @@ def test_convert_reports_changes_and_softmax_keeps_outputs(capsys):
     assert 'list of 12 layer patterns' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_convert_writes_weights_that_predict_runs_with_their_pattern(tmp_path, capsys):
     """convert --output, then the printed predict command on those weights: the pattern travels in the file, and
     the shipped examples are made the model's input (its size, its mean and std)."""
@@ -55,6 +56,7 @@ def test_unsupported_model_is_an_error_not_a_traceback(capsys):
     assert err.startswith('timm-mpc convert: error:') and 'ResNet' in err and 'Nothing was changed' in err
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, '-m', 'timm_mpc', 'info'], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and 'mpcvit_tiny' in result.stdout

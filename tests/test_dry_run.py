@@ -18,6 +18,7 @@ def _images(n):
     return random_images(n)
 
 
+@pytest.mark.slow
 def test_the_estimate_printed_before_a_run_is_what_the_run_costs(model, capsys, tmp_path, monkeypatch):
     """The dry run (zeros, the owner's own two processes) predicts the rounds and bytes of the real run exactly,
     and says so before the parties start."""
@@ -37,6 +38,7 @@ def test_the_estimate_printed_before_a_run_is_what_the_run_costs(model, capsys, 
     assert list((tmp_path / 'dry_runs').glob('*.json')), 'the dry run is cached on disk'
 
 
+@pytest.mark.slow
 def test_max_memory_chooses_the_largest_batch_that_fits(model, tmp_path, monkeypatch):
     monkeypatch.setenv('TIMM_MPC_CACHE', str(tmp_path))
     plan = build_secure_plan(model, SecureSettings())
@@ -51,6 +53,7 @@ def test_max_memory_chooses_the_largest_batch_that_fits(model, tmp_path, monkeyp
     assert result.logits.shape == (5, 10) and (result.logits - plain).abs().max() < 2e-2
 
 
+@pytest.mark.slow
 def test_a_batch_that_cannot_fit_is_refused_before_the_parties_start(model, tmp_path, monkeypatch):
     monkeypatch.setenv('TIMM_MPC_CACHE', str(tmp_path))
     from timm_mpc.secure import launch

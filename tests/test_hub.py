@@ -200,6 +200,7 @@ def _download_logits(repo: str, hub: LoopbackHub, tmp_path: Path) -> torch.Tenso
     return torch.load(tmp_path / 'logits.pt')
 
 
+@pytest.mark.slow
 def test_upload_and_download_through_loopback_hub(tmp_path):
     """publish() in this process (huggingface_hub sends small repos' files inside the commit here, since it
     would use Xet for LFS files), then an hf-hub: download through timm: identical logits."""
@@ -217,6 +218,7 @@ def test_upload_and_download_through_loopback_hub(tmp_path):
     assert (snapshot / 'config.json').is_file() and (snapshot / 'model.safetensors').is_file()
 
 
+@pytest.mark.slow
 def test_cli_upload_with_token_from_env_goes_through_lfs(tmp_path):
     """`timm-mpc publish` with HF_TOKEN and HF_ENDPOINT set, as a user runs it; without Xet, the weights take
     the Hub's LFS path (batch API, upload, verify) and the commit points at them."""
@@ -249,6 +251,7 @@ def test_pattern_grid_by_hand():
     ]
 
 
+@pytest.mark.slow
 def test_eval_and_publish_render_measured_card(debian_fmnist, tmp_path):
     """The measuring command's JSON (plain and secure accuracy, secure cost) becomes the card's figures."""
     model = _mpcvit()
@@ -305,6 +308,7 @@ def test_republishing_a_shipped_folder_keeps_its_card_and_weights(tmp_path):
         assert (out / name).read_bytes() == (folder / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     cache = tmp_path / 'hub'
     assert main(['seed-cache', *map(str, SHIPPED_FOLDERS), '--cache-dir', str(cache)]) == 0
@@ -358,6 +362,7 @@ class _NotOnThisHub(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('hub', ['unreachable', 'offline', 'unreachable, cached', 'without the repository'])
 def test_without_the_hub_the_published_weights_come_from_the_cache_or_the_checkout(tmp_path, hub):
     """The two-command quick start: where the Hub cannot give the weights (its host does not answer, HF_HUB_OFFLINE,

@@ -23,6 +23,7 @@ def toy(monkeypatch):
     return module
 
 
+@pytest.mark.slow
 def test_a_registered_kind_runs_in_plain_text_calibration_secure_inference_and_a_card(toy):
     torch.manual_seed(0)
     pattern = [['square_norm', 'scaling', 'square_norm', 'relu_softmax']] * 2

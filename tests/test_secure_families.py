@@ -12,6 +12,10 @@ from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predi
 from timm_mpc.secure.plan import (PlanError, SecurePlan, build_plan, build_secure_plan, normalization,
                                   swin_windows)
 
+pytestmark = pytest.mark.slow  # real party processes
+
+ENGINES = [pytest.param(dict(), id='crypten'),
+           pytest.param(dict(engine='spu', protocol='semi2k'), id='spu-semi2k', marks=pytest.mark.spu)]
 TOLERANCE = 2e-2  # largest logit error at 16 (CrypTen) and 18 (SPU) fractional bits, on logits of order one
 
 
@@ -47,7 +51,7 @@ def _deit_distilled():
     return _trained_like(model)
 
 
-@pytest.mark.parametrize('engine', [dict(), dict(engine='spu', protocol='semi2k')], ids=['crypten', 'spu-semi2k'])
+@pytest.mark.parametrize('engine', ENGINES)
 def test_deit_distilled_both_heads_and_the_distillation_token(engine):
     model = timm_mpc.convert_to_mpc(_deit_distilled(), [['softmax', 'relu_softmax', 'scaling', '2quad'], 'scaling'],
                                     gelu_pattern=['gelu', [1, 0] * 8 + [1, 0]], input_size=(3, 32, 32))
@@ -70,7 +74,7 @@ def _eva(**kwargs):
     return _trained_like(model.eval())
 
 
-@pytest.mark.parametrize('engine', [dict(), dict(engine='spu', protocol='semi2k')], ids=['crypten', 'spu-semi2k'])
+@pytest.mark.parametrize('engine', ENGINES)
 def test_eva02_rope_glu_and_layer_scale(engine):
     """eva02_tiny's layout: fused qkv with q and v biases, interleaved rotary embedding, GluMlp with SiLU."""
     model = timm_mpc.convert_to_mpc(_eva(init_values=0.5), [['softmax', 'relu_softmax', 'scaling'], ['scaling'] * 3])
@@ -109,7 +113,7 @@ def _swin():
     return model
 
 
-@pytest.mark.parametrize('engine', [dict(), dict(engine='spu', protocol='semi2k')], ids=['crypten', 'spu-semi2k'])
+@pytest.mark.parametrize('engine', ENGINES)
 def test_swin_shifted_windows_relative_position_bias_and_patch_merging(engine):
     """Swin: windows, a shifted block with its mask, the relative position bias (a shared secret weight), patch
     merging, average pooling of the token grid, and MPCViT+ GeLU tokens on a shifted block."""

@@ -35,6 +35,7 @@ def test_crypten_imports_with_the_onnx_stand_in():
     assert stand_in.registry is None or hasattr(stand_in, 'registry')
 
 
+@pytest.mark.slow
 def test_a_plain_import_crypten_after_timm_mpc_gets_timm_mpcs_crypten():
     """In a fresh process: `import crypten` alone fails on this PyTorch (CrypTen's ONNX import); after
     `import timm_mpc` it works, with the cryptographic randomness in place."""
@@ -288,6 +289,7 @@ def test_calibration_refuses_values_that_would_overflow():
         calibrate(model, images, SecureSettings())
 
 
+@pytest.mark.slow
 def test_truncation_failures_are_measured_per_image_and_operator():
     """The expected number of local-truncation failures, |x| / 2^64 summed over every truncated element."""
     from timm_mpc.secure.truncation import truncation_failures
@@ -304,6 +306,7 @@ def test_truncation_failures_are_measured_per_image_and_operator():
     assert truncation_failures(model, images)['by_op']['linear'] > 2 * measured['by_op']['linear']
 
 
+@pytest.mark.slow
 def test_a_failed_truncation_puts_the_logits_beyond_the_plans_bound():
     """Failures put where they fall (by magnitude) in a published checkpoint: each leaves the logits as they were
     or puts them far beyond the public bound, where secure_predict catches them."""

@@ -8,6 +8,8 @@ from timm_mpc.secure import SecureInferenceError, SecureSession, SecureSettings,
 
 from small_models import MIXED, random_images, small_mpcvit
 
+pytestmark = pytest.mark.slow  # real party processes
+
 
 @pytest.fixture(scope='module')
 def model():
@@ -18,11 +20,12 @@ def test_calls_of_a_session_reuse_its_processes_and_match_plain_text(model):
     images = random_images(5)
     with torch.no_grad():
         plain = model(images)
-    # a short timeout: the idle wait below outlasts it, so the owner must keep the dealer's connection alive
-    with SecureSession(model, SecureSettings(timeout_s=10)) as session:
+    # the idle wait below outlasts the timeout, so the owner must keep the dealer's connection alive (20 s: a
+    # message of this model takes milliseconds, even on a loaded machine)
+    with SecureSession(model, SecureSettings(timeout_s=20)) as session:
         first = session.predict(images[:2], return_result=True)
         pids = {role: p.pid for role, p in session._parties.procs.items()}
-        time.sleep(14)
+        time.sleep(25)  # idle for longer than the timeout
         second = session.predict(images[2:], batch_size=2, return_result=True)  # batches of 2 and 1: new sizes
         third = session.predict(images[:2], return_result=True)
         assert {role: p.pid for role, p in session._parties.procs.items()} == pids and session.calls == 3
@@ -45,11 +48,9 @@ def test_a_session_whose_owner_died_fails_its_next_call_clearly_and_ends(model):
     session = SecureSession(model, SecureSettings(timeout_s=10))
     session.predict(images[:1])
     session._parties.procs['owner'].kill()
-    t0 = time.monotonic()
     with pytest.raises(SecureInferenceError, match=r'party client failed: PeerError: lost the other party during the '
                                                    r'protocol'):
-        session.predict(images)
-    assert time.monotonic() - t0 < 60  # bounded by the timeout, not a hang
+        session.predict(images)  # bounded by the session's timeout (a hang would meet pytest's timeout)
     with pytest.raises(RuntimeError, match='this secure session is ended by a failed call'):
         session.predict(images)
     session.close()

@@ -17,6 +17,9 @@ from timm_mpc.secure.secure_vit import patchify
 
 from small_models import MIXED, small_mpcvit
 
+pytestmark = pytest.mark.slow  # real party processes
+
+
 @pytest.fixture(scope='module')
 def model():
     return small_mpcvit(embed_dim=32, attn_pattern=MIXED)
@@ -112,13 +115,12 @@ def _reveal_party(rank, rendezvous, method, values, out_dir):
 def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_path, method, leaks):
     """CrypTen's get_plain_text(dst=client) runs gloo's reduce, which leaves the non-receiving party a fully
     reduced chunk (about half of the values); timm-mpc's point-to-point reveal leaves it nothing."""
-    import torch.multiprocessing as mp
-
     from timm_mpc.secure.launch import free_port
+    from timm_mpc.secure.local_run import process_context
     values = torch.randn(8, 10, generator=torch.Generator().manual_seed(5))
     values = torch.round(values * 2 ** 16) / 2 ** 16  # exactly encodable
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    ctx = mp.get_context('spawn')
+    ctx = process_context()
     procs = [ctx.Process(target=_reveal_party, args=(r, rendezvous, method, values, str(tmp_path))) for r in (0, 1)]
     for p in procs:
         p.start()

@@ -251,30 +251,6 @@ def test_pattern_grid_by_hand():
     ]
 
 
-@pytest.mark.slow
-def test_eval_and_publish_render_measured_card(debian_fmnist, tmp_path):
-    """The measuring command's JSON (plain and secure accuracy, secure cost) becomes the card's figures."""
-    model = _mpcvit()
-    save_weights(checkpoint_state(model), tmp_path / 'w.safetensors')
-    measured = tmp_path / 'eval.json'
-    assert main(['eval', '--checkpoint', str(tmp_path / 'w.safetensors'), '--model-kwargs', json.dumps(TINY),
-                 '--secure-images', '2', '--secure-batch', '2', '--no-latency', '--json', str(measured)]) == 0
-    figures = json.loads(measured.read_text())
-    assert figures['plain']['images'] == 80 and figures['secure']['images'] == 2
-    assert figures['secure']['cost']['baseline']['heads'] == {'softmax': 8}
-    assert '--json' not in figures['plain']['command']
-    out = tmp_path / 'repo'
-    assert main(['publish', str(tmp_path / 'w.safetensors'), '--model-kwargs', json.dumps(TINY), '--repo',
-                 'me/mpcvit_tiny.measured', '--dry-run', str(out), '--results', str(measured)]) == 0
-    card = (out / 'README.md').read_text()
-    results = json.loads((out / 'results.json').read_text())
-    assert results['plain'] == figures['plain'] and results['secure'] == figures['secure']
-    assert f'| Plain text, float32 | {figures["plain"]["top1"]:.2f} |' in card
-    assert f'| {figures["secure"]["cost"]["model"]["rounds"]} |' in card
-    assert figures['plain']['command'] in card
-    assert '| 0 | RS | SC | SC | RS |' in card
-
-
 # The checkpoints shipped in the repository, in the published layout
 
 SHIPPED_FOLDERS = sorted(SHIPPED.iterdir()) if SHIPPED.is_dir() else []

@@ -1,5 +1,6 @@
 """Two real parties (separate processes over torch.distributed on loopback). Small models keep it fast."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_secure_predict_refuses_out_of_range_images_or_clamps_them():
         assert (logits - model(clamped)).abs().max() < 2e-2  # the clamped images' logits, not garbage
 
 
+def _offline():  # --pretrained reads the checkout at once: no Hub here to wait for (the run's cache as it is now)
+    return dict(os.environ, HF_HUB_OFFLINE='1')
+
+
 def _party_cmd(*args):
     return [sys.executable, '-m', 'timm_mpc', 'party', *args]
 
@@ -115,7 +120,9 @@ def _start(*args, **kwargs):
 def test_three_terminal_example_and_a_killed_owner(tmp_path):
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     common = ['--rendezvous', rendezvous, '--timeout', '60']  # the owner records the dealer requests first
-    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common)
+    # the default checkpoint (mu50) from the checkout: both owners below build the same plan, so the second finds
+    # the first's dry run in the run's cache
+    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common, env=_offline())
     dealer = _start('--rank', '2', *common)
     client = subprocess.run(_party_cmd('--rank', '1', '--batch', '2', '--batch-size', '1', '--json',
                                        str(tmp_path / 'client.json'), *common), capture_output=True, text=True, timeout=240)
@@ -132,9 +139,9 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     # the owner dies mid-protocol: the client must stop with a clear error, not hang
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     common = ['--rendezvous', rendezvous, '--timeout', '10']
-    # batches of one: the owner's dry run is of one image, and four batches are seconds of protocol to die in
-    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'mu50', *common),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # batches of one as above (the owner's dry run is cached), four of them: seconds of protocol to die in
+    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_offline())
     dealer = _start('--rank', '2', *common)
     client = _start('--rank', '1', '--batch', '4', '--batch-size', '1', *common)
     for line in owner.stdout:

@@ -13,6 +13,7 @@ from PIL import Image
 import timm_mpc  # noqa: F401  (registers the models)
 from timm_mpc.cli import main
 from timm_mpc.data import to_model_input
+from timm_mpc.hub import pattern_grid
 from timm_mpc.layers.linearizable_mlp import LinearizableMlp
 from timm_mpc.pattern import get_attn_pattern
 from timm_mpc.cost import estimate_latency, model_cost_table
@@ -341,9 +342,17 @@ def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, cap
     measured = json.loads((tmp_path / 'eval.json').read_text())
     assert measured['plain']['top1'] == pytest.approx(run['final']['test_top1'])
     assert measured['secure']['agreement'] == 100.0 and measured['secure']['images'] == 4
+    assert measured['plain']['images'] == 64 and '--json' not in measured['plain']['command']
+    assert measured['secure']['cost']['baseline']['heads'] == {'softmax': 6}
     folder = tmp_path / 'published'
     assert main(['publish', str(out / 'model.safetensors'), *model, '--repo', 'me/vit_tiny_patch16_224.fmnist_mu50_kd',
                  '--results', str(tmp_path / 'eval.json'), '--dry-run', str(folder)]) == 0
+    # the measuring command's JSON (plain and secure accuracy, secure cost) becomes the card's figures
+    card, results = (folder / 'README.md').read_text(), json.loads((folder / 'results.json').read_text())
+    assert results['plain'] == measured['plain'] and results['secure'] == measured['secure']
+    assert f'| Plain text, float32 | {measured["plain"]["top1"]:.2f} |' in card
+    assert f'| {measured["secure"]["cost"]["model"]["rounds"]} |' in card and measured['plain']['command'] in card
+    assert pattern_grid(run['model']['attn_pattern'], run['model'].get('gelu_pattern')) in card
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     trained = timm_mpc.create_mpc_model('vit_tiny_patch16_224', checkpoint=str(out / 'model.safetensors'), **vit).eval()
     images = torch.rand(2, 3, 32, 32)

@@ -6,11 +6,12 @@ import torch
 import timm_mpc
 from timm_mpc import convert_to_mpc
 
-FAMILIES = {
-    'vit_tiny_patch16_224': dict(reg_tokens=4, qk_norm=True, init_values=1e-5, qkv_bias=True),
-    'deit_tiny_distilled_patch16_224': dict(),
-    'eva02_tiny_patch14_224': dict(num_classes=10),  # the plain model ends in a LayerNorm: sum() has no gradient
-    'swin_tiny_patch4_window7_224': dict(depths=(2, 2, 2, 2)),
+FAMILIES = {  # two blocks (Swin: two stages) at 32x32 hold every path the conversion takes
+    'vit_tiny_patch16_224': dict(reg_tokens=4, qk_norm=True, init_values=1e-5, qkv_bias=True, img_size=32,
+                                 patch_size=8, depth=2),
+    'deit_tiny_distilled_patch16_224': dict(img_size=32, patch_size=8, depth=2),
+    'eva02_tiny_patch14_224': dict(num_classes=10, img_size=28, depth=2),  # ends in a LayerNorm: sum() has no gradient
+    'swin_tiny_patch4_window7_224': dict(img_size=32, window_size=4, depths=(2, 2), num_heads=(3, 6)),
 }
 KINDS = ['softmax', 'relu_softmax', 'scaling', '2quad', 'search']
 
@@ -24,12 +25,12 @@ def _unfused(model):
 
 @pytest.fixture(scope='module')
 def images():
-    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope='module', params=list(FAMILIES))
 def family(request, images):
-    """(name, original model, its logits with timm's unfused attention)."""
+    """(name, original model, its input, its logits with timm's unfused attention)."""
     torch.manual_seed(0)
     model = _unfused(timm.create_model(request.param, **FAMILIES[request.param])).eval()
     # non-zero biases, so a conversion that dropped one would show
@@ -37,20 +38,22 @@ def family(request, images):
         for name, p in model.named_parameters():
             if name.endswith(('q_bias', 'v_bias', 'qkv.bias', 'relative_position_bias_table')):
                 p.normal_(0, 0.5)
+    size = model.patch_embed.img_size
+    x = images[..., :size[0], :size[1]]
     with torch.no_grad():
-        logits = model(images)
-    return request.param, model, logits
+        logits = model(x)
+    return request.param, model, x, logits
 
 
 def _fresh(family):
-    name, model, logits = family
+    name, model, x, logits = family
     clone = _unfused(timm.create_model(name, **FAMILIES[name])).eval()
     clone.load_state_dict(model.state_dict())
-    return clone, logits
+    return clone, x, logits
 
 
-def test_softmax_conversion_reproduces_the_model_and_keeps_every_weight(family, images):
-    model, logits = _fresh(family)
+def test_softmax_conversion_reproduces_the_model_and_keeps_every_weight(family):
+    model, images, logits = _fresh(family)
     before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
     model, report = convert_to_mpc(model, 'softmax', return_report=True)
     after = model.state_dict()
@@ -63,8 +66,8 @@ def test_softmax_conversion_reproduces_the_model_and_keeps_every_weight(family, 
 
 
 @pytest.mark.parametrize('kind', KINDS)
-def test_every_kind_runs_forward_and_backward(family, images, kind):
-    model, logits = _fresh(family)
+def test_every_kind_runs_forward_and_backward(family, kind):
+    model, images, _ = _fresh(family)
     convert_to_mpc(model, kind)  # eval mode: stochastic depth would drop whole blocks from the gradient
     out = model(images[:1])
     assert torch.isfinite(out).all()
@@ -88,7 +91,7 @@ def test_every_kind_runs_forward_and_backward(family, images, kind):
             assert not torch.allclose(seen['weights'], seen['scores'].softmax(-1), atol=1e-3)
 
 def test_per_head_pattern_and_report(family):
-    model, _ = _fresh(family)
+    model, _, _ = _fresh(family)
     heads = [m.num_heads for m in model.modules() if type(m).__name__ in ('Attention', 'EvaAttention', 'WindowAttention')]
     pattern = [[('relu_softmax', 'scaling')[h % 2] for h in range(n)] for n in heads]
     model, report = convert_to_mpc(model, pattern, return_report=True)
@@ -98,13 +101,13 @@ def test_per_head_pattern_and_report(family):
 
 def test_activation_swap_and_mpcvit_plus_on_vit(images):
     model, report = convert_to_mpc(
-        timm.create_model('vit_tiny_patch16_224'), 'relu_softmax', act_layer='quad_gelu', gelu_pattern='search',
-        return_report=True)
-    assert len(report.activations) == 12 and all(new == 'QuadGELU' for _, _, new in report.activations)
-    assert len(report.mlps) == 12 and model.blocks[0].mlp.beta.shape == (1, 197, 1)
+        timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=3), 'relu_softmax',
+        act_layer='quad_gelu', gelu_pattern='search', return_report=True)
+    assert len(report.activations) == 3 and all(new == 'QuadGELU' for _, _, new in report.activations)
+    assert len(report.mlps) == 3 and model.blocks[0].mlp.beta.shape == (1, 17, 1)
     assert isinstance(model.blocks[0].mlp.act, timm_mpc.QuadGELU)
     model(images[:1]).sum().backward()
-    assert model.blocks[5].mlp.beta.grad is not None
+    assert model.blocks[2].mlp.beta.grad is not None
 
 
 def test_convert_then_load_original_weights_strictly():
@@ -115,8 +118,9 @@ def test_convert_then_load_original_weights_strictly():
 
 
 def test_created_with_timm_attn_layer_name(images):
-    model = timm.create_model('vit_tiny_patch16_224', attn_layer='relu_softmax', act_layer='quad_gelu')
-    assert timm_mpc.count_head_kinds(model) == {'relu_softmax': 36}
+    model = timm.create_model('vit_tiny_patch16_224', attn_layer='relu_softmax', act_layer='quad_gelu', img_size=32,
+                              patch_size=8, depth=2)
+    assert timm_mpc.count_head_kinds(model) == {'relu_softmax': 6}
     model(images[:1]).sum().backward()
 
 

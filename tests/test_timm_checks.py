@@ -38,7 +38,7 @@ def _input(model, batch=2):
 
 @pytest.mark.parametrize('name, pattern', CASES)
 def test_forward_backward_default_cfg(name, pattern):
-    model = _model(name, pattern)
+    model = _model(name, pattern, depth=2)  # the registered configuration but for depth: two blocks hold every path
     cfg = model.pretrained_cfg
     for key in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'first_conv', 'classifier'):
         assert key in cfg, key
@@ -54,14 +54,14 @@ def test_forward_backward_default_cfg(name, pattern):
 
 @pytest.mark.parametrize('name, pattern', CASES)
 def test_features_only_and_forward_intermediates(name, pattern):
-    model = _model(name, pattern).eval()
+    model = _model(name, pattern, depth=3).eval()
     x = _input(model)
     final, intermediates = model.forward_intermediates(x)
     with torch.no_grad():
         assert torch.allclose(final, model.forward_features(x), atol=1e-5)
     grid = model.patch_embed.grid_size
     assert len(intermediates) == len(model.blocks) and intermediates[0].shape == (2, model.embed_dim, *grid)
-    features = _model(name, pattern, features_only=True, out_indices=(0, -1)).eval()
+    features = _model(name, pattern, depth=3, features_only=True, out_indices=(0, -1)).eval()
     assert features.feature_info.channels() == [model.embed_dim] * 2
     with torch.no_grad():
         maps = features(x)

@@ -278,6 +278,61 @@ def test_the_public_plan_holds_schedules_not_statistics_and_refuses_what_it_does
             SecurePlan.from_dict(data)
 
 
+def _corrupt(wire, path, value):
+    """``wire`` with the field at ``path`` (slashes; list indices as numbers) set to ``value``."""
+    import copy
+    data = copy.deepcopy(wire)
+    *parents, last = [int(k) if k.isdigit() else k for k in path.split('/')]
+    target = data
+    for key in parents:
+        target = target[key]
+    target[last] = value
+    return data
+
+
+@pytest.mark.parametrize('path, value, match', [
+    ('logit_bound', float('inf'), 'plan.logit_bound must be a finite number, got inf'),
+    ('schedules/norm/scale', float('nan'), r'plan.schedules.norm.scale must be a finite number, got nan'),
+    ('schedules/norm/scale', 0.0, r'schedules.norm.scale must be a positive scale'),
+    ('schedules/norm/scale', -4.0, r'schedules.norm.scale must be a positive scale'),
+    ('blocks/0/attn/scale', float('nan'), 'must be a finite number'),
+    ('blocks/0/attn/scale', 0.0, r'blocks.0.attn.scale must be a positive scale'),
+    ('schedules/norm/iters', -1, r'plan.schedules.norm.iters must be a whole number from 0 to 2147483648, got -1'),
+    ('schedules/norm/iters', 10 ** 9, r'schedules.norm.iters 1000000000; accepted: 0 to 32'),
+    ('patch_size', [0, 0], r'plan patch_size must be whole numbers from 1 to 4096, got \[0, 0\]'),
+    ('embed_dim', -64, 'plan.embed_dim must be a whole number from 0 to'),
+    ('embed_dim', 0, 'plan embed_dim must be whole numbers from 1'),
+    ('num_classes', 10 ** 12, 'must be a whole number from 0 to 2147483648'),
+    ('params/head.weight', [10 ** 6, 10 ** 6], r'plan params hold .* accepted: 268435456 per parameter'),
+    ('blocks/0/norm1/eps', 0.0, r'plan blocks.0.norm1.eps must be in \(0, 1\)'),
+    ('blocks/0/attn/num_heads', 0, 'blocks.0.attn.num_heads must be whole numbers from 1'),
+    ('input_bounds', [[-1e300, 1e300]] * 3, r'input_bounds must lie in \[-2\^16, 2\^16\]'),
+    ('num_prefix_tokens', 3, 'num_prefix_tokens 3 is not cls_token'),
+    ('blocks/0/mlp/gelu_tokens', [2] * 17, 'gelu_tokens must be 0 or 1 for each of the 17 tokens'),
+])
+def test_a_corrupt_plan_is_refused_for_its_values(path, value, match):
+    """What a deviating owner could send in a well-typed plan: each refused with the field, the value and what is
+    accepted, before the client computes anything from it (one that went through gave a ZeroDivisionError or a
+    30-second wait)."""
+    import json
+    from timm_mpc.secure import PlanError, SecurePlan, build_secure_plan
+    model = timm.create_model('mpcvit_tiny', depth=1, img_size=16, embed_dim=64, gelu_pattern='linear',
+                              attn_pattern='relu_softmax')
+    wire = json.loads(json.dumps(build_secure_plan(model, SecureSettings()).to_dict()))
+    SecurePlan.from_dict(wire)  # the plan as sent is accepted
+    with pytest.raises(PlanError, match=match):
+        SecurePlan.from_dict(json.loads(json.dumps(_corrupt(wire, path, value))))  # JSON carries NaN and Infinity
+
+
+def test_a_plan_of_100000_blocks_is_refused_before_it_is_read():
+    import json
+    from timm_mpc.secure import PlanError, SecurePlan, build_secure_plan
+    model = timm.create_model('mpcvit_tiny', depth=1, img_size=16, embed_dim=64, attn_pattern='scaling')
+    wire = json.loads(build_secure_plan(model, SecureSettings()).to_json())
+    with pytest.raises(PlanError, match=r'plan blocks \(their number\) must be whole numbers from 1 to 256, got 100000'):
+        SecurePlan.from_dict({**wire, 'blocks': wire['blocks'] * 100_000})
+
+
 def test_calibration_refuses_values_that_would_overflow():
     model = timm.create_model('mpcvit_tiny', attn_pattern='relu_softmax').eval()
     images = torch.randn(2, 3, 32, 32)

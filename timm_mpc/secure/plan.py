@@ -68,6 +68,11 @@ __all__ = ['SecurePlan', 'BlockSpec', 'AttentionSpec', 'MlpSpec', 'MLP_KINDS', '
            'check_images', 'normalization', 'PLAN_VERSION']
 
 PLAN_VERSION = 5
+# what a plan may ask of the client, checked before anything is computed from it (SecurePlan.check)
+MAX_INT = 2 ** 31
+MAX_CHANNELS, MAX_IMAGE_SIDE, MAX_WIDTH, MAX_BLOCKS = 16, 4096, 2 ** 16, 256
+MAX_PARAMETER, MAX_WEIGHTS = 2 ** 28, 2 ** 31  # elements (ViT-L: 3e8 in all)
+MAX_ITERATIONS = 32  # Newton and exp iterations (the tables stop at 14; CrypTen's defaults are 3 to 10)
 """5: Swin (windows, patch merging, block paths); 4: DeiT's distillation token and head; 3: typed plan, kind
 constants as opts, every schedule."""
 
@@ -261,12 +266,17 @@ class SecurePlan:
             raise PlanError(f'a plan is a JSON object, got {type(data).__name__}')
         if data.get('version') != PLAN_VERSION:
             raise PlanError(f'plan version {data.get("version")!r}; this timm-mpc reads version {PLAN_VERSION}')
+        for name, bound in (('blocks', MAX_BLOCKS), ('params', 16 * MAX_BLOCKS)):  # before reading each one
+            if isinstance(data.get(name), (list, dict)) and len(data[name]) > bound:
+                raise PlanError(f'plan {name} (their number) must be whole numbers from 1 to {bound}, got '
+                                f'{len(data[name])}')
         plan = _decode(cls, data, 'plan')
         plan.check()
         return plan
 
     def check(self) -> None:
         """Consistency checks beyond types (see :meth:`from_dict`)."""
+        _check_sizes(self)
         c = self.input_size[0]
         if len(self.input_bounds) != c or any(len(b) != 2 or not b[0] < b[1] for b in self.input_bounds):
             raise PlanError(f'plan input_bounds must be one [low, high] pair per channel ({c}), '
@@ -304,6 +314,63 @@ class SecurePlan:
         if missing:
             raise PlanError(f'plan schedules miss {missing[:4]}{" ..." if len(missing) > 4 else ""}: every LayerNorm '
                             f'and every attention kind with a reciprocal needs one')
+
+
+def _check_sizes(plan: 'SecurePlan') -> None:
+    """Values in range before anything is computed from them: sizes at least 1 and bounded, parameters of
+    bounded size, positive scales and norms' epsilons, iteration counts within :data:`MAX_ITERATIONS`."""
+    def positive(path: str, values: Any, bound: int) -> None:
+        for value in (values if isinstance(values, list) else [values]):
+            if not 1 <= value <= bound:
+                raise PlanError(f'plan {path} must be whole numbers from 1 to {bound}, got {values}')
+    def scale(path: str, value: float) -> None:
+        if not 2.0 ** -64 <= value <= 2.0 ** 64:
+            raise PlanError(f'plan {path} must be a positive scale from 2^-64 to 2^64, got {value}')
+    def eps(path: str, norm: Optional[NormSpec]) -> None:
+        if norm is not None and not 0 < norm.eps < 1:
+            raise PlanError(f'plan {path}.eps must be in (0, 1), got {norm.eps}')
+    if len(plan.input_size) != 3 or len(plan.patch_size) != 2:
+        raise PlanError(f'plan input_size is (channels, height, width) and patch_size (height, width); got '
+                        f'{plan.input_size} and {plan.patch_size}')
+    positive('input_size', plan.input_size[:1], MAX_CHANNELS)
+    positive('input_size', plan.input_size[1:], MAX_IMAGE_SIDE)
+    positive('patch_size', plan.patch_size, MAX_IMAGE_SIDE)
+    if any(side < patch for side, patch in zip(plan.input_size[1:], plan.patch_size)):
+        raise PlanError(f'plan patch_size {plan.patch_size} is larger than the image {plan.input_size[1:]}')
+    positive('embed_dim', plan.embed_dim, MAX_WIDTH)
+    positive('num_classes', plan.num_classes, MAX_WIDTH)
+    positive('blocks (their number)', len(plan.blocks), MAX_BLOCKS)
+    if plan.num_prefix_tokens != int(plan.cls_token) + int(plan.dist_token) + plan.reg_tokens:
+        raise PlanError(f'plan num_prefix_tokens {plan.num_prefix_tokens} is not cls_token + dist_token + reg_tokens')
+    for name, shape in plan.params.items():
+        positive(f'params.{name}', shape or [1], MAX_WIDTH * MAX_WIDTH)
+    sizes = [math.prod(shape) for shape in plan.params.values()]
+    if any(size > MAX_PARAMETER for size in sizes) or sum(sizes) > MAX_WEIGHTS:
+        raise PlanError(f'plan params hold {sum(sizes)} weights, the largest {max(sizes, default=0)}; accepted: '
+                        f'{MAX_PARAMETER} per parameter, {MAX_WEIGHTS} in all')
+    for name in ('norm_pre', 'norm', 'fc_norm', 'patch_norm'):
+        eps(name, getattr(plan, name))
+    for blk in plan.blocks:
+        a, m = blk.attn, blk.mlp
+        positive(f'{blk.path}.attn.num_heads', a.num_heads, MAX_WIDTH)
+        positive(f'{blk.path}.attn.head_dim', a.head_dim, MAX_WIDTH)
+        positive(f'{blk.path}.mlp.hidden', m.hidden, 8 * MAX_WIDTH)
+        scale(f'{blk.path}.attn.scale', a.scale)
+        for part, norm in (('norm1', blk.norm1), ('norm2', blk.norm2), ('attn.q_norm', a.q_norm),
+                           ('attn.k_norm', a.k_norm), ('attn.norm', a.norm), ('mlp.norm', m.norm)):
+            eps(f'{blk.path}.{part}', norm)
+        if blk.merge is not None:
+            eps(f'{blk.merge.path}.norm', blk.merge.norm)
+        if m.gelu_tokens is not None and (len(m.gelu_tokens) != plan.tokens or set(m.gelu_tokens) - {0, 1}):
+            raise PlanError(f'plan {blk.path}.mlp.gelu_tokens must be 0 or 1 for each of the {plan.tokens} tokens')
+    for name, schedule in plan.schedules.items():
+        scale(f'schedules.{name}.scale', schedule.scale)
+        if schedule.iters > MAX_ITERATIONS:
+            raise PlanError(f'plan schedules.{name}.iters {schedule.iters}; accepted: 0 to {MAX_ITERATIONS}')
+    if plan.rope is not None and any(abs(v) > 1 for row in plan.rope for v in row):
+        raise PlanError('plan rope holds sines and cosines: values in [-1, 1]')
+    if any(abs(v) > 2.0 ** 16 for bounds in plan.input_bounds for v in bounds):
+        raise PlanError(f'plan input_bounds must lie in [-2^16, 2^16], got {plan.input_bounds}')
 
 
 def _check_window_chain(plan: 'SecurePlan') -> None:
@@ -355,7 +422,11 @@ def _decode(tp: Any, value: Any, path: str) -> Any:
         return {k: _decode(args[1], v, f'{path}.{k}') for k, v in value.items()}
     accepted = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[tp]
     if not isinstance(value, accepted) or (tp is not bool and isinstance(value, bool)):
-        raise PlanError(f'{path} must be {tp.__name__}, got {value!r}')
+        raise PlanError(f'{path} must be {tp.__name__}, got {str(value)[:80]!r}')
+    if tp is int and not 0 <= value <= MAX_INT:  # sizes, counts, iterations: none is negative
+        raise PlanError(f'{path} must be a whole number from 0 to {MAX_INT}, got {value}')
+    if tp is float and not math.isfinite(value):
+        raise PlanError(f'{path} must be a finite number, got {value}')
     return tp(value)
 
 

@@ -222,3 +222,118 @@ def _dealer(rendezvous, settings):
     from timm_mpc.secure import SecureSettings, run_dealer
     torch.set_num_threads(1)
     run_dealer(rendezvous, SecureSettings.from_dict(settings))
+
+
+DEVIATIONS = {
+    # CrypTen's own request for the client's next draws (what its TTPServer would answer), pickled as CrypTen sends it
+    'private_function': None,
+    # allowed names, off the plan: each returns the client's next draws (exactly, or to within 1) or moves its stream
+    'empty_product': ['additive', None, [[1, 0], [0, 4096], 'matmul'], {}],
+    'extra_wraps': ['wraps', None, [[4096]], {}],
+    'extra_B2A': ['B2A', None, [[4096]], {}],
+    'zero_size': ['square', None, [[0]], {}],
+    'reordered': 'swap',  # the plan's requests, two of them swapped
+    'oversized': ['square', None, [[2 ** 40]], {}],
+}
+
+
+def run_deviating_owner(plan, state_dict: dict, images: torch.Tensor, settings: dict, requests: dict, out_dir: str,
+                        deviation: str, timeout: float = 180) -> List[int]:
+    """The real client and dealer with an owner that records its view and commits ``DEVIATIONS[deviation]`` to the
+    dealer (a request before the plan's, or instead of them). Each process writes the error it ended with to
+    ``out_dir/<role>_error.txt``; returns the exit codes (owner, client, dealer)."""
+    from timm_mpc.secure.launch import free_port
+    from timm_mpc.secure.local_run import process_context
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    ctx = process_context()
+    procs = [ctx.Process(target=_deviating_owner, args=(rendezvous, plan, state_dict, settings, requests, out_dir,
+                                                        deviation)),
+             ctx.Process(target=_failing, args=('client', _client_run, out_dir, rendezvous, images, settings, requests)),
+             ctx.Process(target=_failing, args=('dealer', _dealer, out_dir, rendezvous, settings))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+def _failing(role, run, out_dir, *args):
+    try:
+        run(*args)
+    except BaseException as e:
+        with open(f'{out_dir}/{role}_error.txt', 'w') as f:
+            f.write(f'{type(e).__name__}: {e}')
+        raise SystemExit(2)
+
+
+def _client_run(rendezvous, images, settings, requests):
+    from timm_mpc.secure import SecureSettings, run_client
+    torch.set_num_threads(1)
+    run_client(rendezvous, images, SecureSettings.from_dict(settings), requests=requests)
+
+
+def _deviating_owner(rendezvous, plan, state_dict, settings, requests, out_dir, deviation):
+    from timm_mpc.secure import SecureSettings, run_owner
+    from timm_mpc.secure import dealer
+    torch.set_num_threads(1)
+    view = record_view()
+    honest = dealer.DealerLink.commit
+
+    def commit(self, call):
+        call = dealer._canonical(call)
+        extra = DEVIATIONS[deviation]
+        if deviation == 'private_function':
+            import crypten
+            comm = crypten.communicator.get()
+            comm.send_obj(dict(function='_get_additive_PRSS', device=None, args=((4096,),),
+                               kwargs=dict(remove_rank=True)), 2, self.group)
+            return
+        if extra == 'swap':
+            i = next(i for i in range(1, len(call)) if call[i] != call[0])
+            call[0], call[i] = call[i], call[0]
+        else:
+            call = [extra] + call
+        honest(self, call)
+    dealer.DealerLink.commit = commit
+    try:
+        _failing('owner', run_owner, out_dir, rendezvous, plan, state_dict, SecureSettings.from_dict(settings),
+                 None, None, requests)
+    finally:
+        torch.save(view.records, f'{out_dir}/owner_view.pt')
+
+
+def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settings: dict, limits: dict, out_dir: str,
+                            batch_size=None, timeout: float = 180) -> List[int]:
+    """The real owner (with ``OwnerLimits(**limits)``), client and dealer; each writes the error it ended with to
+    ``out_dir/<role>_error.txt``; returns the exit codes (owner, client, dealer)."""
+    from timm_mpc.secure.launch import free_port
+    from timm_mpc.secure.local_run import process_context
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    ctx = process_context()
+    procs = [ctx.Process(target=_failing, args=('owner', _limited_owner, out_dir, rendezvous, plan, state_dict,
+                                                settings, limits)),
+             ctx.Process(target=_failing, args=('client', _client_batches, out_dir, rendezvous, images, settings,
+                                                batch_size)),
+             ctx.Process(target=_failing, args=('dealer', _dealer, out_dir, rendezvous, settings))]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+    return [p.exitcode for p in procs]
+
+
+def _limited_owner(rendezvous, plan, state_dict, settings, limits):
+    from timm_mpc.secure import SecureSettings, run_owner
+    from timm_mpc.secure.party import OwnerLimits
+    torch.set_num_threads(1)
+    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), limits=OwnerLimits(**limits))
+
+
+def _client_batches(rendezvous, images, settings, batch_size):
+    from timm_mpc.secure import SecureSettings, run_client
+    torch.set_num_threads(1)
+    run_client(rendezvous, images, SecureSettings.from_dict(settings), batch_size=batch_size)

@@ -88,3 +88,25 @@ def test_malformed_files_and_options_are_clear_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(['predict', '--batch', batch])
         assert 'expected a whole number of at least 1' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command', ['predict', 'party'])
+@pytest.mark.parametrize('flags, match', [
+    (['--bandwidth-mbps', '0'], r'network lan: bandwidth 0 Mbit/s; accepted: more than 0'),
+    (['--rtt-ms', '-5'], r'network lan: round-trip time -5 ms; accepted: 0 ms or more'),
+    (['--network', 'wan', '--bandwidth-mbps', 'nan'], r'network wan: bandwidth nan Mbit/s'),
+])
+def test_network_options_are_refused_before_anything_runs(capsys, command, flags, match):
+    import re
+    args = ['party', '--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1'] if command == 'party' else ['predict']
+    assert main([*args, *flags]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and 'Traceback' not in err, err
+
+
+def test_images_of_another_float_dtype_run_as_float32(tmp_path):
+    import torch
+    from timm_mpc.cli import _load_images
+    torch.save(torch.rand(2, 3, 32, 32, dtype=torch.float64), tmp_path / 'images.pt')
+    images = _load_images(str(tmp_path / 'images.pt'))
+    assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32)

@@ -66,6 +66,14 @@ def test_a_batch_that_cannot_fit_is_refused_before_the_parties_start(model, tmp_
     with pytest.raises(MemoryBoundError, match=r'a batch of 2 images needs about .* more than the bound '
                                                r'\(max_memory\) of .*choose a smaller batch_size'):
         secure_predict(model, _images(2), max_memory=two - 1, batch_size=2)
+    # a batch of 64 beyond the bound is refused on the line through 1 and 2 images: no dry run of 64
+    from timm_mpc.secure.dry_run import _cache_key, default_cache_dir
+    with pytest.raises(MemoryBoundError, match=r'a batch of 64 images needs about .* more than the bound'):
+        secure_predict(model, _images(64), max_memory=two, batch_size=64)
+    key = _cache_key(build_secure_plan(model, SecureSettings()), SecureSettings(), 2)
+    assert (default_cache_dir() / f'{key}.json').exists()  # where the dry runs are cached (the one of 2 images)
+    key = _cache_key(build_secure_plan(model, SecureSettings()), SecureSettings(), 64)
+    assert not (default_cache_dir() / f'{key}.json').exists()
     assert not started
     with pytest.raises(ValueError, match='max_memory is predicted by a dry run, which the SPU engine has not'):
         secure_predict(model, _images(2), engine='spu', max_memory='8GiB')

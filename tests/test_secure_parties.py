@@ -175,13 +175,15 @@ def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
         client = subprocess.run(_party_cmd('--rank', '1', '--images', str(tmp_path / 'images.pt'), '--json',
                                            str(tmp_path / 'client.json'), *extra, *common),
                                 capture_output=True, text=True, timeout=240)
-        outcomes[name] = (client, owner.communicate(timeout=60), dealer.communicate(timeout=60))
-    client, (_, owner_err), _ = outcomes['x10']
+        outcomes[name] = (client, owner.communicate(timeout=60), dealer.communicate(timeout=60), dealer.returncode)
+    client, (_, owner_err), (_, dealer_err), dealer_code = outcomes['x10']
     assert client.returncode == 2 and 'refused' in client.stderr and 'leave the model\'s input range' in client.stderr
-    assert 'Traceback' not in client.stderr + owner_err
+    assert 'Traceback' not in client.stderr + owner_err + dealer_err
     assert 'the client refused the plan before sharing anything' in owner_err, owner_err[-2000:]
+    # the dealer does not end as after a finished protocol
+    assert dealer_code == 2 and 'the owner stopped the protocol after a failure' in dealer_err, dealer_err[-2000:]
     assert 'input size or input bounds' in owner_err and 'channel' not in owner_err  # nothing of the images' values
-    client, (_, owner_err), (_, dealer_err) = outcomes['x1e6 clamped']
+    client, (_, owner_err), (_, dealer_err), _ = outcomes['x1e6 clamped']
     assert client.returncode == 0, (client.stderr[-2000:], owner_err[-2000:], dealer_err[-1000:])
     logits = torch.tensor(json.loads((tmp_path / 'client.json').read_text())['logits'])
     with torch.no_grad():

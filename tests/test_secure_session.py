@@ -48,8 +48,8 @@ def test_a_session_whose_owner_died_fails_its_next_call_clearly_and_ends(model):
     session = SecureSession(model, SecureSettings(timeout_s=10))
     session.predict(images[:1])
     session._parties.procs['owner'].kill()
-    with pytest.raises(SecureInferenceError, match=r'party client failed: PeerError: lost the other party during the '
-                                                   r'protocol'):
+    with pytest.raises(SecureInferenceError, match=r'party client failed: PeerError: lost the other party '
+                                                   r'\(the owner\) during the protocol'):
         session.predict(images)  # bounded by the session's timeout (a hang would meet pytest's timeout)
     with pytest.raises(RuntimeError, match='this secure session is ended by a failed call'):
         session.predict(images)

@@ -7,10 +7,13 @@ difference of any two (mod 2^64); the logits the same way, and also through the 
 applied to a reconstructed head input; and any logit value held anywhere, encoded. The insecure
 owner-as-dealer setting is run through the same attacks, to show that they find a leak where there is one.
 """
+import re
+
 import pytest
 import torch
 
-from party_spy import best_reconstruction, held_values, record_view, recovered_values, run_spied_parties
+from party_spy import (DEVIATIONS, best_reconstruction, held_values, record_view, recovered_values,
+                       run_deviating_owner, run_parties_with_limits, run_spied_parties)
 from timm_mpc.data import calibration_examples
 from timm_mpc.secure import SecureSettings, build_secure_plan
 from timm_mpc.secure.secure_vit import patchify
@@ -82,6 +85,32 @@ def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(mode
     assert found['logits_held'] == 0, found  # the reveal itself still leaves nothing at the owner
 
 
+@pytest.mark.parametrize('deviation', list(DEVIATIONS))
+def test_a_deviating_owner_cannot_read_the_clients_draws_through_the_dealer(model, tmp_path, deviation):
+    """An owner that asks the dealer for anything but the plan's requests (each way of reading the client's draws
+    that CrypTen's dealer allowed) is caught before the client shares its images: the client stops with a clear
+    error, the dealer serves nothing and exits non-zero, and the owner's record holds nothing of the image."""
+    from timm_mpc.secure.launch import dealer_requests
+    images = _images(model, 1)
+    settings = SecureSettings(timeout_s=60)
+    plan = build_secure_plan(model, settings)
+    requests = dealer_requests(plan, settings, 1, None)
+    codes = run_deviating_owner(plan, plan.owner_weights(model), images, settings.to_dict(), requests,
+                                str(tmp_path), deviation)
+    errors = {role: (tmp_path / f'{role}_error.txt').read_text() for role in ('owner', 'client', 'dealer')}
+    assert codes == [2, 2, 2], (codes, errors)
+    if deviation in ('private_function', 'oversized'):  # refused by the dealer on its form: the client is told why
+        assert 'the dealer refused the owner\'s requests before serving any' in errors['client'], errors
+    else:  # well-formed, off the plan: the client finds the digest differs
+        assert 'requests that this plan does not make' in errors['client'], errors
+        assert 'the client found that the owner\'s requests differ from its plan' in errors['dealer'], errors
+    assert 'the client stopped before sharing its images' in errors['owner'], errors
+    view = torch.load(tmp_path / 'owner_view.pt')
+    patches = patchify(images, model.patch_embed.patch_size)
+    chance = best_reconstruction(view, torch.randn(patches.shape, generator=torch.Generator().manual_seed(3)))
+    assert best_reconstruction(view, patches) < max(0.3, 1.5 * chance)
+
+
 @pytest.mark.parametrize('batch', [1, 8])
 def test_owner_holds_no_logit_after_the_reveal(model, tmp_path, batch):
     images = _images(model, batch)
@@ -129,3 +158,26 @@ def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_pat
     assert [p.exitcode for p in procs] == [0, 0]
     held = held_values(torch.load(tmp_path / 'view.pt'), values)
     assert (held >= 0.4) if leaks else (held == 0), held
+
+
+@pytest.mark.parametrize('limits, batch_size, match', [
+    (dict(max_batch_size=2), None, 'a batch of 3 images; the owner accepts at most 2 per batch'),
+    (dict(max_images=2), 1, '3 images; the owner accepts at most 2 per run'),
+    (dict(max_memory=2 ** 20), 1, r"a batch of 1 images would need about [\d.]+ GiB of the owner's memory; its bound is "
+                                  r"0.00 GiB"),
+])
+def test_the_owner_refuses_batches_beyond_its_bounds_before_any_dry_run(model, tmp_path, limits, batch_size, match):
+    """A client announcing more than the owner accepts (per batch, per run, or in memory) is refused with the figure
+    before the owner dry-runs that size or anything is shared; the dealer ends with an error too."""
+    from timm_mpc.secure.dry_run import _cache_key, default_cache_dir
+    images = _images(model, 3)
+    settings = SecureSettings(timeout_s=60)
+    plan = build_secure_plan(model, settings)
+    codes = run_parties_with_limits(plan, plan.owner_weights(model), images, settings.to_dict(), limits,
+                                    str(tmp_path), batch_size)
+    errors = {role: (tmp_path / f'{role}_error.txt').read_text() for role in ('owner', 'client', 'dealer')}
+    assert codes == [2, 2, 2], (codes, errors)
+    assert 'the owner refused the client\'s batches before any work' in errors['client'], errors
+    assert re.search(match, errors['client']) and re.search(match, errors['owner']), errors
+    assert 'the owner stopped the protocol after a failure' in errors['dealer'], errors
+    assert not (default_cache_dir() / f'{_cache_key(plan, settings, 3)}.json').exists()  # no dry run of the batch

@@ -133,7 +133,7 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
                  model: Optional[torch.nn.Module] = None) -> torch.Tensor:
     """Images from a ``.pt`` file (a tensor, or a dict with an ``images`` tensor), or the shipped Fashion-MNIST
     examples (as ``model``'s input: its size and normalization); the first ``batch`` of them. Checked as a finite
-    float ``(B, C, H, W)`` tensor."""
+    float ``(B, C, H, W)`` tensor, returned as float32."""
     from .secure.plan import check_image_tensor
     if path:
         try:
@@ -154,6 +154,7 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
     else:
         images, _ = example_images()
     check_image_tensor(images, f'{what} {path or "(the shipped examples)"}')
+    images = images.float()  # float64 or float16 files: the model's and the parties' dtype, before anything runs
     return images[:batch] if batch else images
 
 
@@ -164,6 +165,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .secure.plan import check_images
 
     settings = _settings(args)
+    networks = _networks(args)  # checked before anything runs
     model = resolve_model(args)
     images = _load_images(args.images, args.batch, model=model)
     print(f'{args.model}: heads {count_head_kinds(model)}; {images.shape[0]} images; owner and client as two local '
@@ -173,7 +175,7 @@ def _predict(args: argparse.Namespace) -> int:
                             max_memory=args.max_memory)
     with torch.no_grad():
         plain = model(check_images(result.plan, images, clamp=args.clamp_images))
-    profile = result.profile.to_dict(_networks(args))
+    profile = result.profile.to_dict(networks)
     print(format_profile(profile, args.network))
     acc = compare_logits(result.logits, plain)
     print(f'secure vs plain text: top-1 agreement {acc["top1_agreement"]:.0%}, max |logit error| '
@@ -188,7 +190,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _protocol_line(settings: Any) -> str:
     """How the run makes its multiplication triples, in words."""
     if settings.engine == 'crypten':
-        dealer = 'a dealer process' if settings.secure else 'the owner as dealer (insecure)'
+        dealer = 'a dealer process' if settings.dealer else 'the owner as dealer (insecure)'
         return f'triples from {dealer} (CrypTen, {settings.provider})'
     how = 'no dealer' if settings.secure else 'the owner as dealer (insecure)'
     return f'SPU {settings.protocol.upper()} ({how})'
@@ -198,10 +200,11 @@ def _bench(args: argparse.Namespace) -> int:
     from .secure.bench import baseline_of, format_comparison, format_profile, run_bench, write_json
 
     settings = _settings(args)
+    networks = _networks(args)  # checked before anything runs
     model = resolve_model(args)
     images = _load_images(args.images, args.batch, model=model)
     configs = {'baseline': baseline_of(model), 'model': model}
-    report = run_bench(configs, images, settings, _networks(args), check=args.check,
+    report = run_bench(configs, images, settings, networks, check=args.check,
                        calibration_images=_calibration(args), clamp_images=args.clamp_images)
     report['model'] = args.model
     print(format_profile(report['results']['model']['profile'], args.network))
@@ -232,10 +235,12 @@ def _on_loopback(rendezvous: str) -> bool:
 def _party(args: argparse.Namespace) -> int:
     from .secure.bench import format_profile
     from .secure.engines import get_engine
-    from .secure.party import run_dealer
+    from .secure.memory import available_memory
+    from .secure.party import OwnerLimits, run_dealer
     from .secure.plan import build_secure_plan
 
     settings = _settings(args)
+    networks = _networks(args)  # checked before anything runs
     if not settings.secure:
         flags = f'--provider {settings.provider}' if settings.engine == 'crypten' else \
             f'--engine {settings.engine} --protocol {settings.protocol}'
@@ -266,7 +271,8 @@ def _party(args: argparse.Namespace) -> int:
         print(f'owner: {args.model}, heads {count_head_kinds(model)}; waiting for the client'
               f'{" and the dealer" if settings.dealer else ""} at {args.rendezvous} ({_protocol_line(settings)})',
               flush=True)
-        result = engine.run_owner(args.rendezvous, plan, state, settings, log=_log, **extra)
+        limits = OwnerLimits(args.max_batch_size, args.max_images, args.max_memory or available_memory())
+        result = engine.run_owner(args.rendezvous, plan, state, settings, log=_log, limits=limits, **extra)
         print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
               f'{result.profile.wall_s:.2f} s; the owner sent its share of the logits to the client and holds no '
               f'logit itself')
@@ -275,7 +281,7 @@ def _party(args: argparse.Namespace) -> int:
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
     result = engine.run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images,
                                batch_size=args.batch_size, **extra)
-    profile = result.profile.to_dict(_networks(args))
+    profile = result.profile.to_dict(networks)
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
     if result.implausible:
@@ -411,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(party, option=True)
     _add_secure_args(party)
     _add_batch_size_arg(party)
+    party.add_argument('--max-batch-size', type=_positive_int, default=32,
+                       help='owner: the largest batch a client may announce (default 32), refused before any work')
+    party.add_argument('--max-images', type=_positive_int, default=1024,
+                       help='owner: the most images a client may announce for one run (default 1024)')
+    party.add_argument('--max-memory', type=_memory_size, default=None,
+                       help='owner: bound on the predicted memory of the largest batch\'s dry run, e.g. 8GiB '
+                            '(default: this machine\'s available memory)')
     party.set_defaults(func=_party)
 
     add_training_commands(sub)

@@ -5,6 +5,7 @@ The dealer's cost (the multiplication triples, an offline phase that CrypTen run
 apart from the two parties': its traffic is not in the rows, and the time the owner waited for it is
 taken out of the compute time of the latency estimates.
 """
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,13 @@ class NetworkSetting:
     name: str
     rtt_s: float
     bandwidth_bps: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rtt_s) and self.rtt_s >= 0):
+            raise ValueError(f'network {self.name}: round-trip time {self.rtt_s * 1e3:g} ms; accepted: 0 ms or more')
+        if not (math.isfinite(self.bandwidth_bps) and self.bandwidth_bps > 0):
+            raise ValueError(f'network {self.name}: bandwidth {self.bandwidth_bps / 1e6:g} Mbit/s; accepted: more '
+                             f'than 0')
 
     def latency(self, compute_s: float, rounds: int, bytes_sent: float) -> float:
         """``compute + rounds × RTT + bytes / bandwidth`` in seconds."""

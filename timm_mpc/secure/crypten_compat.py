@@ -1,4 +1,5 @@
-"""The one place where timm-mpc imports CrypTen, with the two changes it needs.
+"""The one place where timm-mpc imports CrypTen, with the changes it needs (the dealer's loop is timm-mpc's own:
+:mod:`timm_mpc.secure.dealer`).
 
 1. CrypTen 0.4.1 (its last release) imports ``torch.onnx._internal.registration`` at import time for its
    ONNX converter, and that module no longer exists in current PyTorch, so ``import crypten`` fails.
@@ -12,9 +13,7 @@
    from SHAKE-128 keyed by the generator's full 64-bit seed and a per-generator call counter (the parties and
    the dealer draw in the same order, as CrypTen already requires), and the dealer's seeds from
    ``os.urandom``.
-3. The dealer answers a list of requests at once (``TTPServer.batch``), in order, exactly as it would one by one:
-   the owner's offline phase (:mod:`timm_mpc.secure.offline`).
-4. Beaver products with two local products per party instead of three (:func:`use_fused_beaver`), and the
+3. Beaver products with two local products per party instead of three (:func:`use_fused_beaver`), and the
    client's triple sizes from shapes: CrypTen's TTP provider multiplies the client's random ``a`` and ``b``
    in full only to learn the size of ``c``. On a CPU every local product of 64-bit shares is an int64 matmul,
    the largest part of a linear layer's time.
@@ -166,20 +165,8 @@ def _use_cryptographic_randomness() -> None:
                 if getattr(module, name, None) is original:
                     setattr(module, name, replacements[name])
     TTPServer._setup_generators = _dealer_seeds
-    TTPServer.batch = _dealer_batch
     TrustedThirdParty.generate_additive_triple = _additive_triple
     rng._timm_mpc_randomness = True
-
-
-def _dealer_batch(self: Any, requests: Any) -> torch.Tensor:
-    """``TTPServer.batch``: answer each ``(function, device, args, kwargs)`` request in order, as one flat tensor."""
-    results = []
-    for function, device, args, kwargs in requests:
-        if function not in ('additive', 'square', 'binary', 'wraps', 'B2A'):  # CrypTen's TTP_FUNCTIONS
-            raise ValueError(f'the dealer does not serve {function!r}')
-        self.device = device
-        results.append(getattr(self, function)(*args, **kwargs).reshape(-1))
-    return torch.cat(results) if results else torch.zeros(0, dtype=torch.long)
 
 
 def product_shape(size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> torch.Size:

@@ -107,7 +107,9 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
             result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
                                        on_batch=lambda n: results.put((role, 'batch', n)),
-                                       on_layer=lambda: results.put((role, 'layer', 1)), **link)
+                                       on_layer=lambda: results.put((role, 'layer', 1)),
+                                       **({} if payload['requests'] is None else dict(requests=payload['requests'])),
+                                       **link)
         else:
             run_dealer(rendezvous, settings_, on_timeout=report_timeout)
             result = None
@@ -167,9 +169,10 @@ class LocalParties:
         results = ctx.Queue()
         rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
         # the owner's process is a daemon and cannot start the dry run's processes itself: they run here
-        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=dealer_requests(
-                        plan, settings, images.shape[0], batch_size)),
-                    'client': dict(images=images, batch_size=batch_size)}
+        # the client's own record of the plan's dealer requests: the same dry runs (one user runs both parties here)
+        requests = dealer_requests(plan, settings, images.shape[0], batch_size)
+        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
+                    'client': dict(images=images, batch_size=batch_size, requests=requests)}
         roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
         commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
         modules = kind_modules()
@@ -268,7 +271,9 @@ def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tenso
                  ) -> Tuple[torch.Tensor, Optional[int], Optional[DryRun], Optional[int]]:
     """Before the parties start a call: the images checked against the plan (float32, on the CPU), a warning if the
     settings are not private, the batch size (the largest that fits ``max_memory`` when none is given), the dry
-    run of the first batch and the predicted peak memory of a local run, printed as an estimate. Without
+    run of the first batch and the predicted peak memory of a local run, printed as an estimate. A batch of more
+    than two images is first checked on the line through the dry runs of one and two, so that a batch that cannot
+    fit is refused before its own dry run. Without
     ``max_memory`` the peak is checked against the machine's available memory where ``check_available`` (not when
     the parties are up already: a session's later calls).
 
@@ -291,9 +296,14 @@ def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tenso
     if bound is not None and batch_size is None:
         batch_size = fit_batch_size(measure, count, bound, settings.dealer)
     first = batch_sizes(count, batch_size)[0]
-    estimate = measure(first)
-    peak = predicted_peak(estimate, settings.dealer)
     limit = bound if bound is not None else available_memory() if check_available else None
+    peak = None
+    if limit is not None and first > 2:  # the line through 1 and 2 images, before a dry run of the whole batch
+        one, two = (predicted_peak(measure(n), settings.dealer) for n in (1, 2))
+        peak = one + max(two - one, 0) * (first - 1)
+    if peak is None or peak <= limit:
+        estimate = measure(first)
+        peak = predicted_peak(estimate, settings.dealer)
     if limit is not None and peak > limit:
         what = 'the bound (max_memory)' if bound is not None else "this machine's available memory"
         how = ('leave batch_size out to let max_memory choose the largest that fits' if bound is not None else

@@ -4,10 +4,10 @@ CrypTen's TTP client asks the dealer for each multiplication triple (and square,
 moment it is used, one round trip each: about 700 requests for one ``mpcvit_tiny`` image, which the owner
 waits for in the middle of the online phase. Which requests an inference makes depends only on the public
 plan, the settings and the batch size, never on the data: the owner records the sequence once, by running
-the same computation on zeros in two processes of its own (:func:`~.dry_run.dry_run`, cached on disk), and asks
-the dealer for all of it in large batches (``TTPServer.batch``, see :mod:`.crypten_compat`) before the online phase starts
-(:func:`prefetch`). The dealer computes exactly what it would have computed request by request, in the same
-order, so every share is the same; only the round trips are gone.
+the same computation on zeros in two processes of its own (:func:`~.dry_run.dry_run`, cached on disk), commits the
+sequence to the dealer, which serves it (once the client approved it, :mod:`.dealer`) in large batches before the
+online phase starts (:func:`prefetch`). The dealer computes exactly what it would have computed request by request,
+in the same order, so every share is the same; only the round trips are gone.
 
 What each party learns does not change: the dealer sees the same request sizes, now all at once.
 """
@@ -50,17 +50,17 @@ def _chunks(requests: List[Request]) -> List[List[Request]]:
     return chunks
 
 
-def prefetch(client: Any, requests: List[Request]) -> None:
+def prefetch(client: Any, link: Any, requests: List[Request]) -> None:
     """Serve ``requests`` from the dealer's batched answers: fetch the first batch now (the offline phase) and
-    each next one when the previous is used up. ``client`` is CrypTen's TTP client of the owner; a request
-    that is not the next recorded one (it never should be) goes to the dealer on its own."""
-    live = client.ttp_request
+    each next one when the previous is used up. ``client`` is CrypTen's TTP client of the owner, ``link`` its
+    :class:`~.dealer.DealerLink` (the requests committed there); a request that is not the next recorded one is
+    an error (the dealer would not serve it)."""
     pending: Deque[List[Request]] = deque(_chunks(requests))
     ready: Deque[Tuple[Request, torch.Tensor]] = deque()
 
     def fetch() -> None:
         chunk = pending.popleft()
-        flat = live('batch', None, chunk)
+        flat = link.serve(len(chunk))
         offset = 0
         for request in chunk:
             shape = _result_shape(request[0], request[2], request[3])
@@ -73,9 +73,8 @@ def prefetch(client: Any, requests: List[Request]) -> None:
         asked = (function, None if device is None else str(device), tuple(args), kwargs)
         if ready and _same(ready[0][0], asked):
             return ready.popleft()[1]
-        ready.clear()  # off the recorded path: the dealer's order no longer matches the batches
-        pending.clear()
-        return live(function, device, *args, **kwargs)
+        raise RuntimeError(f'the protocol asked the dealer for {function} {args} where the dry run recorded '
+                           f'{ready[0][0] if ready else "nothing more"}: the plan and the dry run disagree')
 
     if pending and pending[0]:
         fetch()

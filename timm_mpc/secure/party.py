@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,21 +22,20 @@ import torch
 from ..cost.profile import CostMeter, CostProfile
 from ..utils import end_process
 from .crypten_compat import import_crypten, set_process_group_timeout
+from .dealer import DEALER, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
+from .engines import get_engine
+from .errors import DealerError, PeerError
+from .memory import format_bytes, predicted_peak
 from .offline import prefetch
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
+__all__ = ['PartyResult', 'OwnerLimits', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
            'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'report_on_stderr', 'watchdog']
 
-DEALER = 2
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
-
-
-class PeerError(RuntimeError):
-    """The other party could not be reached, stopped answering, or broke the protocol."""
 
 
 @dataclass
@@ -127,32 +125,6 @@ def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
     return x.encoder.decode(share + comm.recv(torch.empty_like(share), src=1 - dst))
 
 
-def _meter_dealer(comm: Any) -> Dict[str, float]:
-    """Count the owner's exchanges with the dealer apart from the two parties' own traffic.
-
-    CrypTen's TTP client asks the dealer for each triple during the run and logs that traffic with the
-    parties'; here each request's rounds and bytes are taken out of the party's counters and tallied, with
-    the time the owner waited for it, as the dealer's (offline-phase) cost.
-    """
-    from crypten.mpc.provider.ttp_provider import TTPClient
-    client = TTPClient.get()
-    request = client.ttp_request
-    tally = dict(requests=0, bytes=0.0, time_s=0.0)
-
-    def metered(*args: Any, **kwargs: Any) -> Any:
-        rounds, sent, t0 = comm.comm_rounds, comm.comm_bytes, time.perf_counter()
-        try:
-            return request(*args, **kwargs)
-        finally:
-            tally['requests'] += 1
-            tally['bytes'] += comm.comm_bytes - sent
-            tally['time_s'] += time.perf_counter() - t0
-            comm.comm_rounds, comm.comm_bytes = rounds, sent
-
-    client.ttp_request = metered
-    return tally
-
-
 def lost_peer(message: str) -> bool:
     """Whether an engine's error message says that the other party is gone or stopped answering."""
     return any(s in message.lower() for s in ('connect', 'timed out', 'timeout', 'closed', 'reset by peer',
@@ -195,9 +167,34 @@ def _client_verdict(data: Any, images: torch.Tensor, clamp: bool,
     return dict(accepted=True, batches=batch_sizes(int(images.shape[0]), batch_size)), plan, images
 
 
+@dataclass
+class OwnerLimits:
+    """What the owner accepts of the batches a client announces, checked before any dry run or share: images per
+    batch and per run, and the predicted peak memory of the largest batch's dry run (bytes; from the dry runs of
+    one and two images, for engines with dry runs). None: no bound."""
+    max_batch_size: Optional[int] = None
+    max_images: Optional[int] = None
+    max_memory: Optional[int] = None
+
+    def refusal(self, batches: List[int], plan: SecurePlan, settings: SecureSettings) -> Optional[str]:
+        """Why ``batches`` exceed these limits, or None."""
+        largest, total = max(batches), sum(batches)
+        if self.max_batch_size is not None and largest > self.max_batch_size:
+            return f'a batch of {largest} images; the owner accepts at most {self.max_batch_size} per batch'
+        if self.max_images is not None and total > self.max_images:
+            return f'{total} images; the owner accepts at most {self.max_images} per run'
+        if self.max_memory is not None and get_engine(settings.engine).dry_run:
+            one, two = (predicted_peak(dry_run(plan, settings, n), dealer=False) for n in (1, 2))
+            peak = one + max(two - one, 0) * (largest - 1)
+            if peak > self.max_memory:
+                return (f'a batch of {largest} images would need about {format_bytes(peak)} of the owner\'s memory; '
+                        f'its bound is {format_bytes(self.max_memory)}')
+        return None
+
+
 def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettings, plan: Optional[SecurePlan],
-          images: Optional[torch.Tensor], clamp: bool,
-          batch_size: Optional[int]) -> Tuple[SecurePlan, Optional[torch.Tensor], List[int]]:
+          images: Optional[torch.Tensor], clamp: bool, batch_size: Optional[int],
+          limits: Optional[OwnerLimits] = None) -> Tuple[SecurePlan, Optional[torch.Tensor], List[int]]:
     """What the parties agree on before anything secret is shared, over any engine's link (``exchange(obj, src)``
     sends a JSON value from party ``src`` to the other and returns it on both): the same settings, the owner's plan
     read back and accepted by the client with its images checked against it, and the client's batch sizes.
@@ -217,7 +214,14 @@ def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettin
             raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
                              f'{verdict.get("detail", verdict["reason"])}')
         raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
-    return plan, images, _checked_batches(answer.get('batches'), 'answer')
+    batches = _checked_batches(answer.get('batches'), 'answer')
+    refusal = limits.refusal(batches, plan, settings) if rank == OWNER and limits is not None else None
+    refusal = exchange(refusal, OWNER)  # the owner's verdict on the batches, before any dry run or share
+    if refusal is not None:
+        if rank == CLIENT:
+            raise PeerError(f'the owner refused the client\'s batches before any work: {str(refusal)[:300]}')
+        raise ValueError(f'refused the client\'s batches before any dry run: {refusal}')
+    return plan, images, batches
 
 
 class SessionLink:
@@ -259,36 +263,34 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
          requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
-         on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None) -> PartyResult:
+         on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
+         limits: Optional[OwnerLimits] = None) -> PartyResult:
     crypten = _init(rank, rendezvous, settings, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
         log(f'{ROLES[rank]}: connected to the other party; running the protocol')
+    link = DealerLink(comm) if settings.dealer and rank == OWNER else None
     try:
-        dealer = _meter_dealer(comm) if settings.dealer and rank == OWNER else None
-        plan, images, batches = agree(partial(_exchange_json, crypten), rank, settings, plan, images, clamp, batch_size)
-        offline = dealer is not None and settings.offline_phase
+        dealer = None if link is None else link.tally
+        plan, images, batches = agree(partial(_exchange_json, crypten), rank, settings, plan, images, clamp, batch_size,
+                                      limits)
+        checked = settings.dealer and settings.offline_phase  # the dealer serves what the client approved
         requests = {**(requests or {})}
-        if dealer is not None:
+        if link is not None:
             from crypten.mpc.provider.ttp_provider import TTPClient
-            ttp, live = TTPClient.get(), TTPClient.get().ttp_request
+            ttp = TTPClient.get()
+            ttp.ttp_request = link.live  # offline_phase=False (insecure): one request at a time, during the inference
         # the weights are shared once; then the batches run one after another in this session
         program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict)
         program.on_layer = on_layer
         first = True
         while True:
-            if offline:  # the owner records what each batch size asks of the dealer (cached), before any image
-                t0 = time.perf_counter()
-                for size in sorted(set(batches) - set(requests)):
-                    requests[size] = dry_run(plan, settings, size).requests
-                dealer['record_s'] = time.perf_counter() - t0
-                if log is not None:  # what the client's batches will cost, before any image is shared
-                    log(f'owner: {dry_run(plan, settings, batches[0]).summary()} (dry run)')
+            if checked:  # before any image: the owner's dry runs (cached), the dealer's digest checked by the client
+                _approve_dealer(crypten, rank, plan, settings, batches, requests, link, log)
             logits, profile, start = [], None, 0
             for index, size in enumerate(batches):
-                if offline:  # this batch's triples, fetched before its images are shared
-                    ttp.ttp_request = live
-                    prefetch(ttp, requests[size])
+                if checked and link is not None:  # this batch's triples, fetched before its images are shared
+                    prefetch(ttp, link, requests[size])
                 if index or not first:  # the profile is the first batch's; the dealer's tally the session's first
                     program.meter = CostMeter(comm)
                 meter = program.meter
@@ -309,26 +311,57 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             if session is None:
                 return result
             session.deliver(result)
-            request = session.next_request(
-                None if dealer is None else partial(live, 'batch', None, []), settings.timeout_s / 4)
-            if rank == OWNER and request is not None:
+            request = session.next_request(None if link is None else link.keepalive, settings.timeout_s / 4)
+            if request is not None:
                 requests.update(request.get('requests') or {})
             images, batches = _next_batches(crypten, rank, plan, request, clamp)
             if batches is None:
                 return result
             first = False
-    except RuntimeError as e:
-        if isinstance(e, PeerError):
+    except BaseException as e:
+        if link is not None:  # the dealer ends with an error too, not as after a finished protocol
+            link.abort(f'{type(e).__name__}: {_first_line(e)}')
+        if not isinstance(e, RuntimeError) or isinstance(e, PeerError):
             raise
-        message = str(e)
-        if lost_peer(message):
-            raise PeerError(f'lost the other party during the protocol ({type(e).__name__}: {_first_line(e)})') from e
+        if lost_peer(str(e)):
+            raise PeerError(f'lost the other party (the {ROLES[1 - rank]}) during the protocol '
+                            f'({type(e).__name__}: {_first_line(e)})') from e
         raise
     finally:
         try:
             crypten.uninit()
         except Exception:  # the peer may be gone already; nothing left to release
             pass
+
+
+def _approve_dealer(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings, batches: List[int],
+                    requests: Dict[int, List[Any]], link: Optional[DealerLink], log: Optional[Callable[[str], None]]) -> None:
+    """The dealer requests of this call, agreed before the client shares an image: the owner records them (dry runs,
+    cached) and commits them to the dealer; the client derives them from its own copy of the plan and checks the
+    dealer's digest of the committed ones; both learn the client's verdict. Raises on a refusal or a difference."""
+    t0 = time.perf_counter()
+    for size in sorted(set(batches) - set(requests)):
+        requests[size] = dry_run(plan, settings, size).requests
+    call = [request for size in batches for request in requests[size]]
+    verdict: Optional[str] = None
+    if rank == OWNER:
+        link.tally['record_s'] = time.perf_counter() - t0
+        if log is not None:  # what the client's batches will cost, before any image is shared
+            log(f'owner: {dry_run(plan, settings, batches[0]).summary()} (dry run)')
+        link.commit(call)
+    else:
+        try:
+            verify_dealer(crypten.communicator.get(), call)
+            verdict = 'approved'
+            if log is not None:
+                log(f'client: the dealer serves the {len(call)} requests of the plan, nothing else; sharing the images')
+        except DealerError as e:
+            verdict, refusal = str(e), e
+    verdict = _exchange_json(crypten, verdict, CLIENT)
+    if verdict != 'approved':
+        if rank == CLIENT:
+            raise refusal
+        raise DealerError(f'the client stopped before sharing its images: {str(verdict)[:300]}')
 
 
 def _merged_profile(crypten: Any, rank: int, profile: CostProfile, dealer: Optional[Dict[str, float]]) -> CostProfile:
@@ -345,7 +378,8 @@ def _merged_profile(crypten: Any, rank: int, profile: CostProfile, dealer: Optio
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
               settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
               on_timeout: Optional[Callable[[str], None]] = None,
-              requests: Optional[Dict[int, List[Any]]] = None, session: Optional[SessionLink] = None) -> PartyResult:
+              requests: Optional[Dict[int, List[Any]]] = None, session: Optional[SessionLink] = None,
+              limits: Optional[OwnerLimits] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs (and the
     sizes of the client's batches).
 
@@ -353,19 +387,21 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
     line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
     inference at that size (:func:`timm_mpc.secure.dry_run.dry_run`); sizes the client asks for that are
     missing are recorded here once they are known. ``session``: serve a session's further requests (see
-    :class:`SessionLink`); the result returned is its last.
+    :class:`SessionLink`); the result returned is its last. ``limits``: what the owner accepts of the client's
+    batches (:class:`OwnerLimits`), refused before any dry run.
     """
     plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout,
-                requests=requests, session=session)
+                requests=requests, session=session, limits=limits)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
-               on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None) -> PartyResult:
+               on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
+               requests: Optional[Dict[int, List[Any]]] = None) -> PartyResult:
     """Run party 1, the client: contributes the images and alone receives the logits.
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
@@ -374,32 +410,34 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     after another in the same session (the weights are shared once); ``on_batch(n)`` is called after each, and
     ``on_layer()`` after each block and the head of each batch (:meth:`SecureViT.layer_steps` per batch).
     The cost profile is the first batch's. ``session``: serve a session's further requests (:class:`SessionLink`).
+    Before sharing the images the client checks that the dealer serves exactly the requests its own copy of the
+    plan makes: ``requests`` (batch size -> those of one inference, as :func:`~.dry_run.dry_run` records them) for
+    the sizes it has, a dry run here for the others.
     """
     images = client_inputs(images, settings, batch_size)
-    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log,
-                on_timeout=on_timeout, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session)
+    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log, on_timeout=on_timeout,
+                requests=requests, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:
     """Run the dealer of multiplication triples (``provider='TTP'``), rank 2, until the owner is done.
 
     The dealer must be neither party: it knows every triple, so together with either party it would open
-    the other party's inputs. It sees only the sizes of the triples it is asked for.
+    the other party's inputs. It sees only the sizes of the triples it is asked for, and serves only the requests
+    the client approved (:mod:`.dealer`).
+
+    Raises:
+        DealerError: the owner asked for anything else, the client refused the owner's requests, or a party was lost
+            before the protocol ended.
     """
     if not settings.dealer:
         raise ValueError(f'the dealer (rank 2) serves CrypTen with provider TTP; these settings use '
                          f'{settings.engine} with provider {settings.provider}')
     crypten = _init(DEALER, rendezvous, settings, on_timeout)
+    from crypten.mpc.provider.ttp_provider import TTPServer
     comm = crypten.communicator.get()
-    receive = comm.recv_obj
-    last: list = [None]
-
-    def recorded(*args: Any, **kwargs: Any) -> Any:
-        last[0] = receive(*args, **kwargs)
-        return last[0]
-    comm.recv_obj = recorded  # CrypTen's server returns quietly when it loses the owner: tell that from the end
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)  # the server calls crypten.init() again: a no-op
-        crypten.mpc.provider.TTPServer()  # serves triples until the owner says it is done
-    if last[0] != 'terminate':
-        raise PeerError('the dealer lost the owner before the protocol ended')
+    # CrypTen's dealer functions and its seeding of the parties' generators, without its loop (which runs any name)
+    server = TTPServer.__new__(TTPServer)
+    server.ttp_group, server.comm_group, server.device = comm.ttp_group, comm.ttp_comm_group, 'cpu'
+    server._setup_generators()
+    serve_dealer(server, settings)

@@ -87,9 +87,9 @@ class SecureSession:
             # a session dropped unclosed does not leave its processes running
             self._finalizer = weakref.finalize(self, LocalParties.terminate, self._parties.procs)
         else:
-            self._parties.commands['owner'].put(dict(requests=dealer_requests(self.plan, self.settings, count,
-                                                                              batch_size)))
-            self._parties.commands['client'].put(dict(images=images, batch_size=batch_size))
+            requests = dealer_requests(self.plan, self.settings, count, batch_size)
+            self._parties.commands['owner'].put(dict(requests=requests))
+            self._parties.commands['client'].put(dict(images=images, batch_size=batch_size, requests=requests))
         try:
             outcomes = self._parties.collect(['owner', 'client'], self.plan, count, batch_size)
         except BaseException:  # a failed or interrupted call: the parties' state is unknown, so they end

@@ -55,7 +55,8 @@ class SecureSettings:
         provider: Source of multiplication triples, one of :data:`PROVIDERS`.
         timeout_s: Bound on any wait for the other party (rendezvous included), in seconds.
         offline_phase: The owner fetches the dealer's triples for a whole inference before the images are
-            shared, in a few large batches, instead of one round trip per triple during it.
+            shared, in a few large batches, and the client checks first that they are the ones its plan makes;
+            False (cost comparisons only, insecure: it warns) asks for one triple at a time during the inference.
         fused_beaver: Beaver products with two local products per party instead of CrypTen's three (the same
             shares; see :func:`timm_mpc.secure.crypten_compat.use_fused_beaver`).
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
@@ -111,23 +112,33 @@ class SecureSettings:
             raise ValueError(f'timeout_s must be a number of seconds in (0, 86400], got {self.timeout_s}')
 
     @property
+    def _owner_deals(self) -> bool:
+        return self.provider == INSECURE_PROVIDER or self.protocol in get_engine(self.engine).insecure_protocols
+
+    @property
     def secure(self) -> bool:
-        """False for the owner-as-dealer benchmark settings, which give the owner the client's data."""
-        return self.provider != INSECURE_PROVIDER and self.protocol not in get_engine(self.engine).insecure_protocols
+        """False for the settings that give the owner the client's data: the owner as dealer, or a dealer asked
+        during the inference (``offline_phase=False``), whose requests the client cannot check in time."""
+        return not self._owner_deals and not (self.dealer and not self.offline_phase)
 
     @property
     def dealer(self) -> bool:
         """Whether a dealer process outside both parties deals the multiplication triples."""
-        return self.secure and get_engine(self.engine).dealer
+        return not self._owner_deals and get_engine(self.engine).dealer
 
     def describe_insecurity(self) -> str:
+        if not self._owner_deals:
+            return ('offline_phase=False: the owner asks the dealer for each triple after the client\'s images are '
+                    'shared, so the client cannot check those requests first, and a deviating owner can ask for the '
+                    'client\'s random draws and open its image and logits; use it to measure cost only, never on real '
+                    'data')
         what = f'provider {INSECURE_PROVIDER}' if self.provider == INSECURE_PROVIDER else \
             f'{get_engine(self.engine).title} {self.protocol}'
         return (f'{what}: the model owner deals its own multiplication triples and can open the client\'s image and '
                 f'logits; use it to measure cost only, never on real data')
 
     def warn_if_insecure(self) -> None:
-        """Warn (on every run) that the owner-as-dealer setting is not private."""
+        """Warn (on every run) that the settings are not private."""
         if not self.secure:
             warnings.warn(self.describe_insecurity(), InsecureSettingWarning, stacklevel=3)
 
@@ -157,7 +168,7 @@ class SecureSettings:
         cfg.functions.sqrt_nr_iters = self.sqrt_nr_iters
         cfg.functions.max_method = self.max_method
         cfg.functions.erf_iterations = self.erf_iterations
-        cfg.mpc.provider = 'TTP' if self.secure else 'TFP'
+        cfg.mpc.provider = 'TTP' if self.dealer else 'TFP'
         cfg.communicator.verbose = True  # count rounds and bytes
         from .crypten_compat import use_fused_beaver
         use_fused_beaver(self.fused_beaver)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..cost.profile import CostMeter, CostRow
-from .party import PartyResult, PeerError, agree, client_inputs, lost_peer, report_on_stderr, watchdog
+from .party import ROLES, OwnerLimits, PartyResult, PeerError, agree, client_inputs, lost_peer, report_on_stderr, watchdog
 from .plan import SecurePlan
 from .secure_vit import CLIENT, OWNER, Backend, SecureViT
 from .settings import SecureSettings
@@ -95,7 +95,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
          log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
          on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None,
-         on_timeout: Optional[Callable[[str], None]] = None) -> PartyResult:
+         on_timeout: Optional[Callable[[str], None]] = None, limits: Optional[OwnerLimits] = None) -> PartyResult:
     addresses = spu_addresses(rendezvous, client_address)
     log_dir = tempfile.mkdtemp(prefix='timm-mpc-spu-')
     session = None
@@ -111,7 +111,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         if log is not None:
             log(f'{"owner" if rank == OWNER else "client"}: connected to the other party over SPU ({settings.protocol})')
         exchange = partial(_exchange, session)
-        plan, images, batches = agree(exchange, rank, settings, plan, images, clamp, batch_size)
+        plan, images, batches = agree(exchange, rank, settings, plan, images, clamp, batch_size, limits)
         program = SecureViT(plan, settings, CostMeter(session), state_dict, SpuBackend(session))
         program.on_layer = on_layer
         logits, profile, start, compiled = [], None, 0, set()
@@ -142,7 +142,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             raise
         message = _message(e)
         if lost_peer(message):
-            raise PeerError(f'lost the other party during the protocol ({message})') from e
+            raise PeerError(f'lost the other party (the {ROLES[1 - rank]}) during the protocol ({message})') from e
         raise RuntimeError(f'SPU failed: {message}') from e
     finally:
         if session is not None:
@@ -152,14 +152,14 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
 
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: SecureSettings,
               log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
-              client_address: Optional[str] = None, **_: Any) -> PartyResult:
+              client_address: Optional[str] = None, limits: Optional[OwnerLimits] = None, **_: Any) -> PartyResult:
     """Run party 0, the model owner, on SPU: contributes the weights and the plan, learns nothing but the costs (and
     the sizes of the client's batches). ``on_timeout`` reports why the process ends when the other party is not met
     in time (default: a line on stderr); the process then exits with code 2."""
     plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, client_address=client_address,
-                on_timeout=on_timeout)
+                on_timeout=on_timeout, limits=limits)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,

@@ -1,0 +1,288 @@
+"""The dealer (rank 2) and the parties' links to it: the dealer serves exactly the requests the client approved.
+
+CrypTen's ``TTPServer`` runs ``getattr(self, function)`` on whatever the owner sends, so a deviating owner could
+ask for the client's next generator draws (a private function, a degenerate product, an extra wrap) and open
+every value the client shares. Here the dealer serves one fixed sequence per call instead:
+
+1. the owner *commits* the requests of the call (what its dry run recorded for the client's batch sizes);
+2. the dealer checks their form and sends their digest to the client, and nothing else;
+3. the client derives the same sequence from its own copy of the plan (:func:`~.dry_run.dry_run`) and tells the
+   dealer whether the digests match, before its images are shared;
+4. only then the dealer serves, in order, the next requests of that sequence and nothing beyond it.
+
+Messages are JSON in CrypTen's framing (a size, then the bytes) and never unpickled: CrypTen's own shutdown message
+(a pickled ``'terminate'``) is recognised by its bytes. With ``offline_phase=False`` (an insecure setting that
+warns) the owner asks for each request during the inference, after the images are shared: the dealer then checks
+each request's form only.
+"""
+import hashlib
+import json
+import pickle
+import time
+from collections import deque
+from typing import Any, Deque, Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .errors import DealerError
+from .secure_vit import CLIENT, OWNER
+
+__all__ = ['DEALER', 'DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
+           'verify_dealer']
+
+DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A')  # CrypTen's TTP_FUNCTIONS, nothing private
+PRODUCT_OPS = ('mul', 'matmul', 'conv1d', 'conv2d', 'conv_transpose1d', 'conv_transpose2d')
+FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny commits about 100 kB)
+MAX_DIM = 2 ** 31
+_TERMINATE = pickle.dumps('terminate')  # CrypTen's shutdown message from the owner, compared, never unpickled
+DEALER = 2
+
+
+def _canonical(requests: Sequence[Any]) -> List[Any]:
+    """Requests as JSON values (tuples and sizes as lists), the form the digest and the wire use."""
+    return json.loads(json.dumps([list(r) for r in requests]))
+
+
+def request_digest(requests: Sequence[Any]) -> str:
+    """SHA-256 of the requests' canonical JSON: what the dealer tells the client it will serve."""
+    data = json.dumps(_canonical(requests), sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+def _size(value: Any, what: str) -> List[int]:
+    if not (isinstance(value, list) and len(value) <= 8 and
+            all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DIM for d in value)):
+        raise DealerError(f'{what} is not a size (a list of up to 8 whole numbers from 0 to 2^31): {str(value)[:80]}')
+    numel = 1
+    for d in value:
+        numel *= d
+    if numel >= MAX_DIM:
+        raise DealerError(f'{what} has {numel} elements; the dealer serves fewer than 2^31 per request')
+    return value
+
+
+def check_requests(requests: Any) -> List[List[Any]]:
+    """The form of a list of requests ``[function, device, args, kwargs]``: a function the dealer serves, the CPU,
+    sizes of whole numbers, a product op of torch. Raises :class:`DealerError` naming the first that is not."""
+    if not isinstance(requests, list):
+        raise DealerError(f'the requests are not a list: {type(requests).__name__}')
+    for index, request in enumerate(requests):
+        where = f'request {index}'
+        if not (isinstance(request, list) and len(request) == 4 and isinstance(request[2], list)
+                and isinstance(request[3], dict)):
+            raise DealerError(f'{where} is not [function, device, args, kwargs]: {str(request)[:80]}')
+        function, device, args, kwargs = request
+        if function not in DEALER_FUNCTIONS:
+            raise DealerError(f'{where} asks for {str(function)[:40]!r}; the dealer serves {list(DEALER_FUNCTIONS)}')
+        if device not in (None, 'cpu'):
+            raise DealerError(f'{where} names device {str(device)[:40]!r}; the dealer serves the CPU')
+        if function == 'additive':
+            if len(args) < 3 or args[2] not in PRODUCT_OPS:
+                raise DealerError(f'{where}: an additive triple needs two sizes and one of {list(PRODUCT_OPS)}')
+            _size(args[0], f'{where}\'s first size'), _size(args[1], f'{where}\'s second size')
+        elif function == 'binary':
+            if len(args) != 2 or kwargs:
+                raise DealerError(f'{where}: a binary triple takes two sizes')
+            _size(args[0], f'{where}\'s first size'), _size(args[1], f'{where}\'s second size')
+        elif len(args) != 1 or kwargs:
+            raise DealerError(f'{where}: {function} takes one size')
+        else:
+            _size(args[0], f'{where}\'s size')
+    return requests
+
+
+def _send_bytes(data: bytes, dst: int, group: Any) -> None:
+    dist.send(torch.tensor(len(data), dtype=torch.int32), dst, group=group)
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.int8), dst, group=group)
+
+
+def _recv_bytes(src: int, group: Any) -> bytes:
+    size = torch.tensor(0, dtype=torch.int32)
+    dist.recv(size, src, group=group)
+    if not 0 < int(size) <= FRAME_LIMIT:
+        raise DealerError(f'the {("owner", "client", "dealer")[src]} announced a message of {int(size)} bytes; '
+                          f'accepted: 1 to {FRAME_LIMIT}')
+    data = torch.empty(int(size), dtype=torch.int8)
+    dist.recv(data, src, group=group)
+    return data.numpy().tobytes()
+
+
+def _send_json(obj: Any, dst: int, group: Any) -> int:
+    data = json.dumps(obj).encode()
+    _send_bytes(data, dst, group)
+    return len(data) + 4
+
+
+def _recv_json(src: int, group: Any) -> Any:
+    data = _recv_bytes(src, group)
+    if data == _TERMINATE:
+        return 'terminate'
+    try:
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise DealerError(f'the {("owner", "client", "dealer")[src]} sent a message that is not JSON ({len(data)} '
+                          f'bytes; a pickled CrypTen request?)') from None
+
+
+class DealerLink:
+    """The owner's link to the dealer: commit a call's requests, then fetch their answers in order.
+
+    ``tally`` counts the exchanges apart from the parties' own traffic (requests, bytes, seconds waited), for the
+    cost profile's dealer row."""
+
+    def __init__(self, comm: Any) -> None:
+        self.group = comm.ttp_group
+        self.tally: Dict[str, float] = dict(requests=0, bytes=0.0, time_s=0.0)
+
+    def _exchange(self, message: Dict[str, Any], counted: bool = True) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            sent = _send_json(message, DEALER, self.group)
+            size = torch.tensor(0, dtype=torch.int64)
+            dist.recv(size, DEALER, group=self.group)
+            flat = torch.empty(int(size), dtype=torch.int64)
+            dist.recv(flat, DEALER, group=self.group)
+        except RuntimeError as e:
+            raise _lost_dealer(e) from e
+        if not counted:
+            return flat
+        self.tally['requests'] += 1
+        self.tally['bytes'] += sent + 8 * (flat.numel() + 1)
+        self.tally['time_s'] += time.perf_counter() - t0
+        return flat
+
+    def commit(self, requests: Sequence[Any]) -> None:
+        """The requests of the next call, which the dealer shows the client (as a digest) before serving any."""
+        try:
+            _send_json(dict(commit=_canonical(requests)), DEALER, self.group)
+        except RuntimeError as e:
+            raise _lost_dealer(e) from e
+
+    def serve(self, count: int) -> torch.Tensor:
+        """The owner's shares for the next ``count`` committed requests, flat, in order."""
+        return self._exchange(dict(serve=count))
+
+    def keepalive(self) -> None:
+        """An empty request while a session waits: the dealer waits for the owner with a bounded timeout."""
+        self._exchange(dict(serve=0), counted=False)
+
+    def abort(self, reason: str) -> None:
+        """Tell the dealer that the owner stops after a failure (best effort: the dealer may be gone)."""
+        try:
+            _send_json(dict(abort=reason[:300]), DEALER, self.group)
+        except RuntimeError:
+            pass
+
+    def live(self, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """One request during the inference (``offline_phase=False``, insecure): CrypTen's ``ttp_request``."""
+        request = [function, None if device is None else str(device), list(args), kwargs]
+        return self._exchange(dict(live=_canonical([request])[0]))
+
+
+def verify_dealer(comm: Any, expected: Sequence[Any]) -> None:
+    """The client's check, before it shares its images: the dealer is about to serve exactly ``expected`` (the
+    requests its own copy of the plan makes). Tells the dealer the verdict; raises :class:`DealerError` on a
+    difference or a refusal by the dealer."""
+    try:
+        told = _recv_json(DEALER, comm.ttp_group)
+    except DealerError:
+        raise
+    except RuntimeError as e:
+        raise _lost_dealer(e) from e
+    if not isinstance(told, dict):
+        raise DealerError(f'the dealer sent {str(told)[:80]} instead of the digest of the owner\'s requests')
+    if 'refused' in told:
+        raise DealerError(f'the dealer refused the owner\'s requests before serving any: {str(told["refused"])[:300]}')
+    ok = told.get('digest') == request_digest(expected) and told.get('count') == len(expected)
+    _send_json(dict(accepted=ok), DEALER, comm.ttp_group)
+    if not ok:
+        raise DealerError(f'the owner asked the dealer for requests that this plan does not make ({told.get("count")} '
+                          f'requests against the {len(expected)} of the plan, or the same number with other '
+                          f'functions or sizes): stopped before sharing the images')
+
+
+def serve_dealer(server: Any, settings: Any) -> None:
+    """The dealer's loop: serve the owner's committed calls, each once the client approved its digest, until the
+    owner ends the protocol. ``server`` is CrypTen's ``TTPServer`` state (generators seeded); its public functions
+    compute the answers. Raises :class:`DealerError` on anything else the owner or the client sends."""
+    pending: Deque[List[Any]] = deque()
+    group = server.ttp_group
+    awaiting = [True]  # the client waits for the digest of the next call: a refusal goes to it first
+    try:
+        _serve(server, settings, group, pending, awaiting)
+    except DealerError as e:
+        if awaiting[0]:
+            try:
+                _send_json(dict(refused=str(e)), CLIENT, group)
+            except RuntimeError:  # the client is gone too
+                pass
+        raise
+
+
+def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], awaiting: List[bool]) -> None:
+    while True:
+        message = _recv_from(OWNER, group)
+        if message == 'terminate':
+            return
+        if not (isinstance(message, dict) and len(message) == 1):
+            raise DealerError(f'the owner sent {str(message)[:80]}; the dealer serves commit, serve and live messages')
+        (kind, value), = message.items()
+        if kind == 'commit':
+            if pending:
+                raise DealerError(f'the owner committed new requests with {len(pending)} of the last call unserved')
+            requests = check_requests(value)
+            try:
+                _send_json(dict(digest=request_digest(requests), count=len(requests)), CLIENT, group)
+            except RuntimeError as e:
+                raise _lost(CLIENT, e) from e
+            awaiting[0] = False
+            verdict = _recv_from(CLIENT, group)
+            if not (isinstance(verdict, dict) and verdict.get('accepted') is True):
+                raise DealerError('the client found that the owner\'s requests differ from its plan: nothing served')
+            pending.extend(requests)
+        elif kind == 'serve':
+            if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= len(pending)):
+                raise DealerError(f'the owner asked for {str(value)[:40]} requests; {len(pending)} are committed')
+            _answer(server, [pending.popleft() for _ in range(value)], group)
+            awaiting[0] = awaiting[0] or (value > 0 and not pending)
+        elif kind == 'abort':
+            raise DealerError(f'the owner stopped the protocol after a failure: {str(value)[:300]}')
+        elif kind == 'live' and not settings.offline_phase:
+            _answer(server, check_requests([value]), group)
+        else:
+            raise DealerError(f'the owner sent a {str(kind)[:40]!r} message; the dealer serves commit and serve'
+                              + ('' if settings.offline_phase else ' and live') + ' messages')
+
+
+def _lost_dealer(error: RuntimeError) -> DealerError:
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DealerError(f'lost the dealer during the protocol ({detail[:200]})')
+
+
+def _lost(party: int, error: RuntimeError) -> DealerError:
+    """gloo's error when a peer's connection closed or its timeout passed, as the dealer reports it."""
+    detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return DealerError(f'the dealer lost the {("owner", "client")[party]} before the protocol ended ({detail[:200]})')
+
+
+def _recv_from(party: int, group: Any) -> Any:
+    try:
+        return _recv_json(party, group)
+    except DealerError:
+        raise
+    except RuntimeError as e:
+        raise _lost(party, e) from e
+
+
+def _answer(server: Any, requests: List[List[Any]], group: Any) -> None:
+    results = []
+    for function, device, args, kwargs in requests:
+        server.device = device or 'cpu'
+        results.append(getattr(server, function)(*args, **kwargs).reshape(-1))
+    flat = torch.cat(results) if results else torch.zeros(0, dtype=torch.int64)
+    try:
+        dist.send(torch.tensor(flat.numel(), dtype=torch.int64), OWNER, group=group)
+        dist.send(flat, OWNER, group=group)
+    except RuntimeError as e:
+        raise _lost(OWNER, e) from e

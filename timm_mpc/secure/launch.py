@@ -186,12 +186,14 @@ class LocalParties:
                 batch_size: Optional[int] = None) -> Dict[str, Any]:
         """Wait for what ``roles`` report next ('ok' with a result, 'closed'), with a progress bar over the layers of
         every batch of a call of ``count`` images (none without a ``plan``); raise naming every party that failed,
-        died or outlived a failure by the timeout (the processes are stopped then)."""
+        died or outlived a failure by twice the timeout (the processes are stopped then)."""
         layers = len(batch_sizes(count, batch_size)) * SecureViT.layer_steps(plan) if plan is not None and count else 0
         outcomes: Dict[str, Any] = {}
         errors: List[str] = []
         deadline: Optional[float] = None
-        timeout_s = self.settings.timeout_s
+        # the others fail on their next message, at the latest when a wait times out; the client may wait on the
+        # dealer while the dealer waits on the owner: two timeouts, and headroom to report
+        timeout_s = 2 * self.settings.timeout_s + 5
         # progress over the layers of every batch (a converted ImageNet-size model takes minutes per layer)
         bar = progress(None, bool(layers), total=layers, desc='secure inference', unit='layer')
         bar.set_postfix_str(f'images 0/{count}')
@@ -210,7 +212,6 @@ class LocalParties:
                     outcomes[role] = value
                     if status == 'error':
                         errors.append(f'party {role} failed: {value.strip()}')
-                        # the others will fail on their next message; give them the timeout to say so
                         deadline = deadline or time.monotonic() + timeout_s
                 except queue_lib.Empty:
                     dead = [r for r, p in self.procs.items() if r not in outcomes and p.exitcode is not None]

@@ -186,21 +186,29 @@ def run_spied_parties(plan: dict, state_dict: dict, images: torch.Tensor, settin
                       timeout: float = 180) -> None:
     """Run the real owner (recording its view), client and, for TTP, dealer as three processes; the owner's view
     goes to ``out_dir/owner_view.pt``, the client's logits to ``out_dir/client_logits.pt``."""
+    procs = [(_spied_owner, (plan, state_dict, settings, out_dir)), (_client, (images, settings, out_dir))]
+    if settings['provider'] == 'TTP':
+        procs.append((_dealer, (settings,)))
+    codes = run_processes(procs, timeout)
+    assert codes == [0] * len(procs), codes
+
+
+def run_processes(targets, timeout: float = 180) -> List[int]:
+    """``(function, args)`` each in a process of its own, started as the parties start (forked from a server with
+    everything imported) and called with a fresh loopback rendezvous first; their exit codes once all ended (a
+    process still running after ``timeout`` is killed)."""
     from timm_mpc.secure.launch import free_port
     from timm_mpc.secure.local_run import process_context
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    ctx = process_context()  # the parties' own way of starting: forked from a server with everything imported
-    procs = [ctx.Process(target=_spied_owner, args=(rendezvous, plan, state_dict, settings, out_dir)),
-             ctx.Process(target=_client, args=(rendezvous, images, settings, out_dir))]
-    if settings['provider'] == 'TTP':
-        procs.append(ctx.Process(target=_dealer, args=(rendezvous, settings)))
+    ctx = process_context()
+    procs = [ctx.Process(target=target, args=(rendezvous, *args)) for target, args in targets]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout)
         if p.is_alive():
             p.kill()
-    assert [p.exitcode for p in procs] == [0] * len(procs), [p.exitcode for p in procs]
+    return [p.exitcode for p in procs]
 
 
 def _spied_owner(rendezvous, plan, state_dict, settings, out_dir):
@@ -242,26 +250,15 @@ def run_deviating_owner(plan, state_dict: dict, images: torch.Tensor, settings: 
     """The real client and dealer with an owner that records its view and commits ``DEVIATIONS[deviation]`` to the
     dealer (a request before the plan's, or instead of them). Each process writes the error it ended with to
     ``out_dir/<role>_error.txt``; returns the exit codes (owner, client, dealer)."""
-    from timm_mpc.secure.launch import free_port
-    from timm_mpc.secure.local_run import process_context
-    rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    ctx = process_context()
-    procs = [ctx.Process(target=_deviating_owner, args=(rendezvous, plan, state_dict, settings, requests, out_dir,
-                                                        deviation)),
-             ctx.Process(target=_failing, args=('client', _client_run, out_dir, rendezvous, images, settings, requests)),
-             ctx.Process(target=_failing, args=('dealer', _dealer, out_dir, rendezvous, settings))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    return [p.exitcode for p in procs]
+    return run_processes([(_deviating_owner, (plan, state_dict, settings, requests, out_dir, deviation)),
+                          (_failing_party, ('client', _client_run, out_dir, images, settings, requests)),
+                          (_failing_party, ('dealer', _dealer, out_dir, settings))], timeout)
 
 
-def _failing(role, run, out_dir, *args):
+def _failing_party(rendezvous, role, run, out_dir, *args):
+    """Run a party (``run(rendezvous, *args)``); the error it ends with goes to ``out_dir/<role>_error.txt``."""
     try:
-        run(*args)
+        run(rendezvous, *args)
     except BaseException as e:
         with open(f'{out_dir}/{role}_error.txt', 'w') as f:
             f.write(f'{type(e).__name__}: {e}')
@@ -298,8 +295,8 @@ def _deviating_owner(rendezvous, plan, state_dict, settings, requests, out_dir, 
         honest(self, call)
     dealer.DealerLink.commit = commit
     try:
-        _failing('owner', run_owner, out_dir, rendezvous, plan, state_dict, SecureSettings.from_dict(settings),
-                 None, None, requests)
+        _failing_party(rendezvous, 'owner', run_owner, out_dir, plan, state_dict, SecureSettings.from_dict(settings),
+                       None, None, requests)
     finally:
         torch.save(view.records, f'{out_dir}/owner_view.pt')
 
@@ -308,22 +305,9 @@ def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settin
                             batch_size=None, timeout: float = 180) -> List[int]:
     """The real owner (with ``OwnerLimits(**limits)``), client and dealer; each writes the error it ended with to
     ``out_dir/<role>_error.txt``; returns the exit codes (owner, client, dealer)."""
-    from timm_mpc.secure.launch import free_port
-    from timm_mpc.secure.local_run import process_context
-    rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    ctx = process_context()
-    procs = [ctx.Process(target=_failing, args=('owner', _limited_owner, out_dir, rendezvous, plan, state_dict,
-                                                settings, limits)),
-             ctx.Process(target=_failing, args=('client', _client_batches, out_dir, rendezvous, images, settings,
-                                                batch_size)),
-             ctx.Process(target=_failing, args=('dealer', _dealer, out_dir, rendezvous, settings))]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-        if p.is_alive():
-            p.kill()
-    return [p.exitcode for p in procs]
+    return run_processes([(_failing_party, ('owner', _limited_owner, out_dir, plan, state_dict, settings, limits)),
+                          (_failing_party, ('client', _client_batches, out_dir, images, settings, batch_size)),
+                          (_failing_party, ('dealer', _dealer, out_dir, settings))], timeout)
 
 
 def _limited_owner(rendezvous, plan, state_dict, settings, limits):

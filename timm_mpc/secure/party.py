@@ -32,8 +32,8 @@ from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'OwnerLimits', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER', 'agree',
-           'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'report_on_stderr', 'watchdog']
+__all__ = ['PartyResult', 'OwnerLimits', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER',
+           'agree', 'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'report_on_stderr', 'watchdog']
 
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
 

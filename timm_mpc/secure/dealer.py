@@ -37,6 +37,7 @@ FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny c
 MAX_DIM = 2 ** 31
 _TERMINATE = pickle.dumps('terminate')  # CrypTen's shutdown message from the owner, compared, never unpickled
 DEALER = 2
+_ROLE = ('owner', 'client', 'dealer')  # by rank, in messages
 
 
 def _canonical(requests: Sequence[Any]) -> List[Any]:
@@ -101,7 +102,7 @@ def _recv_bytes(src: int, group: Any) -> bytes:
     size = torch.tensor(0, dtype=torch.int32)
     dist.recv(size, src, group=group)
     if not 0 < int(size) <= FRAME_LIMIT:
-        raise DealerError(f'the {("owner", "client", "dealer")[src]} announced a message of {int(size)} bytes; '
+        raise DealerError(f'the {_ROLE[src]} announced a message of {int(size)} bytes; '
                           f'accepted: 1 to {FRAME_LIMIT}')
     data = torch.empty(int(size), dtype=torch.int8)
     dist.recv(data, src, group=group)
@@ -121,7 +122,7 @@ def _recv_json(src: int, group: Any) -> Any:
     try:
         return json.loads(data.decode())
     except (UnicodeDecodeError, ValueError):
-        raise DealerError(f'the {("owner", "client", "dealer")[src]} sent a message that is not JSON ({len(data)} '
+        raise DealerError(f'the {_ROLE[src]} sent a message that is not JSON ({len(data)} '
                           f'bytes; a pickled CrypTen request?)') from None
 
 
@@ -263,7 +264,7 @@ def _lost_dealer(error: RuntimeError) -> DealerError:
 def _lost(party: int, error: RuntimeError) -> DealerError:
     """gloo's error when a peer's connection closed or its timeout passed, as the dealer reports it."""
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return DealerError(f'the dealer lost the {("owner", "client")[party]} before the protocol ended ({detail[:200]})')
+    return DealerError(f'the dealer lost the {_ROLE[party]} before the protocol ended ({detail[:200]})')
 
 
 def _recv_from(party: int, group: Any) -> Any:

@@ -23,7 +23,8 @@ from .engines import ENGINES, exit_after_failure, get_engine
 from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
 from .local_run import process_context, start_processes
 from .dry_run import DryRun, dry_run
-from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, parse_memory, predicted_peak
+from .memory import (MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory,
+                     predicted_peak)
 from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT
 from .settings import SecureSettings
@@ -300,8 +301,7 @@ def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tenso
     limit = bound if bound is not None else available_memory() if check_available else None
     peak = None
     if limit is not None and first > 2:  # the line through 1 and 2 images, before a dry run of the whole batch
-        one, two = (predicted_peak(measure(n), settings.dealer) for n in (1, 2))
-        peak = one + max(two - one, 0) * (first - 1)
+        peak = line_peak(lambda n: predicted_peak(measure(n), settings.dealer), first)
     if peak is None or peak <= limit:
         estimate = measure(first)
         peak = predicted_peak(estimate, settings.dealer)

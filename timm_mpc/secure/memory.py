@@ -66,6 +66,13 @@ def predicted_peak(dry: DryRun, dealer: bool) -> int:
     return peak
 
 
+def line_peak(peak_of: Callable[[int], int], batch: int) -> int:
+    """The peak at ``batch`` images on the line through ``peak_of(1)`` and ``peak_of(2)`` (two small dry runs), so
+    that a batch that cannot fit is refused before a dry run of its own size."""
+    one = peak_of(1)
+    return one if batch == 1 else one + max(peak_of(2) - one, 0) * (batch - 1)
+
+
 def fit_batch_size(measure: Callable[[int], DryRun], count: int, max_memory: int, dealer: bool) -> int:
     """The largest batch size, at most ``count``, whose predicted peak fits ``max_memory``.
 

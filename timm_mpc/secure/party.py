@@ -26,7 +26,7 @@ from .dealer import DEALER, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
 from .engines import get_engine
 from .errors import DealerError, PeerError
-from .memory import format_bytes, predicted_peak
+from .memory import format_bytes, line_peak
 from .offline import prefetch
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
@@ -184,8 +184,7 @@ class OwnerLimits:
         if self.max_images is not None and total > self.max_images:
             return f'{total} images; the owner accepts at most {self.max_images} per run'
         if self.max_memory is not None and get_engine(settings.engine).dry_run:
-            one, two = (predicted_peak(dry_run(plan, settings, n), dealer=False) for n in (1, 2))
-            peak = one + max(two - one, 0) * (largest - 1)
+            peak = line_peak(lambda n: dry_run(plan, settings, n).peak_rss[OWNER], largest)
             if peak > self.max_memory:
                 return (f'a batch of {largest} images would need about {format_bytes(peak)} of the owner\'s memory; '
                         f'its bound is {format_bytes(self.max_memory)}')

@@ -7,8 +7,13 @@ process holds: every tensor it sends or receives and every collective buffer aft
 and the triples a dealer's seed lets it draw, or the triples it deals itself) and every share it assigns
 to a secret-shared tensor. :func:`best_reconstruction` and :func:`recovered_values` are the attacks.
 """
+import functools
+import os
+import socket
 import sys
-from typing import Callable, Iterable, List, Sequence
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,10 +26,17 @@ _RNG = ('generate_random_ring_element', 'generate_kbit_random_tensor')
 
 
 class View:
-    """Every int64 value a party's process held (as flat copies), for the attacker to search."""
+    """Every int64 value a party's process held (as flat copies), for the attacker to search; and every buffer it
+    received, of any type, as (dtype, bytes) in order: what the other processes sent it."""
 
     def __init__(self) -> None:
         self.records: List[torch.Tensor] = []
+        self.received: List[Tuple[str, bytes]] = []
+        self.listening: List[str] = []
+
+    def add_received(self, buffer: object) -> None:
+        if isinstance(buffer, torch.Tensor):
+            self.received.append((str(buffer.dtype), buffer.detach().contiguous().view(-1).numpy().tobytes()))
 
     def add(self, value: object) -> None:
         if isinstance(value, torch.Tensor):
@@ -38,12 +50,14 @@ class View:
 class _RecordOnWait:
     """A non-blocking operation's handle: the buffers are recorded once the operation has completed."""
 
-    def __init__(self, work, view: View, buffers: list) -> None:
-        self._work, self._view, self._buffers = work, view, buffers
+    def __init__(self, work, view: View, buffers: list, received: bool) -> None:
+        self._work, self._view, self._buffers, self._received = work, view, buffers, received
 
     def wait(self, *args, **kwargs):
         done = self._work.wait(*args, **kwargs)
         self._view.add(self._buffers)
+        if self._received:
+            self._view.add_received(self._buffers[0])
         return done
 
     def __getattr__(self, name: str):
@@ -56,9 +70,12 @@ def _wrap_dist(view: View, name: str) -> None:
     def spied(*args, **kwargs):
         result = original(*args, **kwargs)
         buffers = list(args) + list(kwargs.values())
+        received = name in ('recv', 'irecv')
         if result is not None and hasattr(result, 'wait'):  # isend, irecv, async_op=True
-            return _RecordOnWait(result, view, buffers)
+            return _RecordOnWait(result, view, buffers, received)
         view.add(buffers)
+        if received:
+            view.add_received(buffers[0])
         return result
     setattr(dist, name, spied)
 
@@ -85,10 +102,44 @@ def _wrap_share(view: View, cls: type) -> None:
     cls.share = property(prop.fget, setter)
 
 
+def listening_sockets() -> List[str]:
+    """``address:port`` of every TCP socket of this process that listens (read from /proc, as ``ss -ltp`` does)."""
+    inodes = set()
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            target = os.readlink(f'/proc/self/fd/{fd}')
+        except OSError:
+            continue
+        if target.startswith('socket:['):
+            inodes.add(target[8:-1])
+    found = []
+    for table, family in (('/proc/self/net/tcp', socket.AF_INET), ('/proc/self/net/tcp6', socket.AF_INET6)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == '0A' and fields[9] in inodes:  # LISTEN
+                    address, port = fields[1].split(':')
+                    raw = bytes.fromhex(address)
+                    if family == socket.AF_INET6:  # four little-endian 32-bit words
+                        raw = b''.join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    else:
+                        raw = raw[::-1]
+                    found.append(f'{socket.inet_ntop(family, raw)}:{int(port, 16)}')
+    return found
+
+
 def record_view() -> View:
-    """Instrument this process (before its party starts) and return the view that fills as it runs."""
+    """Instrument this process (before its party starts) and return the view that fills as it runs, with the
+    sockets the process listens on once its links are up."""
+    from timm_mpc.secure import party
     from timm_mpc.secure.crypten_compat import import_crypten
     import_crypten()
+    admit_peers = party._admit_peers
+
+    def spied_admit(*args, **kwargs):  # the links are up: every listener this process opened exists
+        view.listening.extend(listening_sockets())
+        return admit_peers(*args, **kwargs)
+    party._admit_peers = spied_admit
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
     view = View()
     for name in _DIST_OPS:
@@ -184,24 +235,46 @@ def held_values(view: Sequence[torch.Tensor], secret: torch.Tensor) -> float:
 
 def run_spied_parties(plan: dict, state_dict: dict, images: torch.Tensor, settings: dict, out_dir: str,
                       timeout: float = 180) -> None:
-    """Run the real owner (recording its view), client and, for TTP, dealer as three processes; the owner's view
-    goes to ``out_dir/owner_view.pt``, the client's logits to ``out_dir/client_logits.pt``."""
+    """Run the real owner, client and, for TTP, dealer as three processes, each recording its view; each view goes
+    to ``out_dir/<role>_view.pt`` (:func:`load_view`), the client's logits to ``out_dir/client_logits.pt``."""
     procs = [(_spied_owner, (plan, state_dict, settings, out_dir)), (_client, (images, settings, out_dir))]
     if settings['provider'] == 'TTP':
-        procs.append((_dealer, (settings,)))
+        procs.append((_spied_dealer, (settings, out_dir)))
     codes = run_processes(procs, timeout)
     assert codes == [0] * len(procs), codes
 
 
-def run_processes(targets, timeout: float = 180) -> List[int]:
+def save_view(view: View, path: str) -> None:
+    torch.save(dict(records=view.records, received=view.received, listening=view.listening), path)
+
+
+def load_view(path) -> View:
+    view = View()
+    for name, value in torch.load(path).items():
+        setattr(view, name, value)
+    return view
+
+
+@functools.lru_cache(None)
+def secret_file() -> str:
+    """A secret file for the `timm-mpc party` processes of this test process (``--secret-file``)."""
+    from timm_mpc.secure.admission import write_secret
+    return str(write_secret(Path(tempfile.mkdtemp(prefix='timm-mpc-test-')) / 'run.secret'))
+
+
+def run_processes(targets, timeout: float = 180, secrets: Optional[Sequence[bytes]] = None) -> List[int]:
     """``(function, args)`` each in a process of its own, started as the parties start (forked from a server with
-    everything imported) and called with a fresh loopback rendezvous first; their exit codes once all ended (a
-    process still running after ``timeout`` is killed)."""
+    everything imported) and called with a fresh loopback rendezvous and the run's secret first (a new one, or
+    ``secrets[i]`` for process ``i``); their exit codes once all ended (a process still running after ``timeout`` is
+    killed)."""
+    from timm_mpc.secure.admission import new_secret
     from timm_mpc.secure.launch import free_port
     from timm_mpc.secure.local_run import process_context
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
+    secrets = secrets or [new_secret()] * len(targets)
     ctx = process_context()
-    procs = [ctx.Process(target=target, args=(rendezvous, *args)) for target, args in targets]
+    procs = [ctx.Process(target=target, args=(rendezvous, secret, *args))
+             for (target, args), secret in zip(targets, secrets)]
     for p in procs:
         p.start()
     for p in procs:
@@ -211,25 +284,33 @@ def run_processes(targets, timeout: float = 180) -> List[int]:
     return [p.exitcode for p in procs]
 
 
-def _spied_owner(rendezvous, plan, state_dict, settings, out_dir):
+def _spied_owner(rendezvous, secret, plan, state_dict, settings, out_dir):
     from timm_mpc.secure import SecureSettings, run_owner
     torch.set_num_threads(1)
     view = record_view()
-    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings))
-    torch.save(view.records, f'{out_dir}/owner_view.pt')
+    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret)
+    save_view(view, f'{out_dir}/owner_view.pt')
 
 
-def _client(rendezvous, images, settings, out_dir):
+def _client(rendezvous, secret, images, settings, out_dir):
     from timm_mpc.secure import SecureSettings, run_client
     torch.set_num_threads(1)
-    result = run_client(rendezvous, images, SecureSettings.from_dict(settings))
+    view = record_view()
+    result = run_client(rendezvous, images, SecureSettings.from_dict(settings), secret)
     torch.save(result.logits, f'{out_dir}/client_logits.pt')
+    save_view(view, f'{out_dir}/client_view.pt')
 
 
-def _dealer(rendezvous, settings):
+def _spied_dealer(rendezvous, secret, settings, out_dir):
+    view = record_view()
+    _dealer(rendezvous, secret, settings)
+    save_view(view, f'{out_dir}/dealer_view.pt')
+
+
+def _dealer(rendezvous, secret, settings):
     from timm_mpc.secure import SecureSettings, run_dealer
     torch.set_num_threads(1)
-    run_dealer(rendezvous, SecureSettings.from_dict(settings))
+    run_dealer(rendezvous, SecureSettings.from_dict(settings), secret)
 
 
 DEVIATIONS = {
@@ -255,23 +336,29 @@ def run_deviating_owner(plan, state_dict: dict, images: torch.Tensor, settings: 
                           (_failing_party, ('dealer', _dealer, out_dir, settings))], timeout)
 
 
-def _failing_party(rendezvous, role, run, out_dir, *args):
-    """Run a party (``run(rendezvous, *args)``); the error it ends with goes to ``out_dir/<role>_error.txt``."""
-    try:
-        run(rendezvous, *args)
-    except BaseException as e:
+def _failing_party(rendezvous, secret, role, run, out_dir, *args):
+    """Run a party (``run(rendezvous, secret, *args)``); the error it ends with goes to ``out_dir/<role>_error.txt``,
+    also when its watchdog ends it (a peer not met in time)."""
+    from timm_mpc.secure import party
+
+    def write(message):
         with open(f'{out_dir}/{role}_error.txt', 'w') as f:
-            f.write(f'{type(e).__name__}: {e}')
+            f.write(message)
+    party.report_on_stderr = lambda message: write(f'watchdog: {message}')
+    try:
+        run(rendezvous, secret, *args)
+    except BaseException as e:
+        write(f'{type(e).__name__}: {e}')
         raise SystemExit(2)
 
 
-def _client_run(rendezvous, images, settings, requests):
+def _client_run(rendezvous, secret, images, settings, requests):
     from timm_mpc.secure import SecureSettings, run_client
     torch.set_num_threads(1)
-    run_client(rendezvous, images, SecureSettings.from_dict(settings), requests=requests)
+    run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, requests=requests)
 
 
-def _deviating_owner(rendezvous, plan, state_dict, settings, requests, out_dir, deviation):
+def _deviating_owner(rendezvous, secret, plan, state_dict, settings, requests, out_dir, deviation):
     from timm_mpc.secure import SecureSettings, run_owner
     from timm_mpc.secure import dealer
     torch.set_num_threads(1)
@@ -295,10 +382,10 @@ def _deviating_owner(rendezvous, plan, state_dict, settings, requests, out_dir, 
         honest(self, call)
     dealer.DealerLink.commit = commit
     try:
-        _failing_party(rendezvous, 'owner', run_owner, out_dir, plan, state_dict, SecureSettings.from_dict(settings),
-                       None, None, requests)
+        _failing_party(rendezvous, secret, 'owner', lambda rendezvous, secret: run_owner(
+            rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret, requests=requests), out_dir)
     finally:
-        torch.save(view.records, f'{out_dir}/owner_view.pt')
+        save_view(view, f'{out_dir}/owner_view.pt')
 
 
 def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settings: dict, limits: dict, out_dir: str,
@@ -310,14 +397,65 @@ def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settin
                           (_failing_party, ('dealer', _dealer, out_dir, settings))], timeout)
 
 
-def _limited_owner(rendezvous, plan, state_dict, settings, limits):
+def _limited_owner(rendezvous, secret, plan, state_dict, settings, limits):
     from timm_mpc.secure import SecureSettings, run_owner
     from timm_mpc.secure.party import OwnerLimits
     torch.set_num_threads(1)
-    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), limits=OwnerLimits(**limits))
+    run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret, limits=OwnerLimits(**limits))
 
 
-def _client_batches(rendezvous, images, settings, batch_size):
+def _client_batches(rendezvous, secret, images, settings, batch_size):
     from timm_mpc.secure import SecureSettings, run_client
     torch.set_num_threads(1)
-    run_client(rendezvous, images, SecureSettings.from_dict(settings), batch_size=batch_size)
+    run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, batch_size=batch_size)
+
+
+def run_with_secrets(plan, state_dict: dict, images: torch.Tensor, settings: dict, out_dir: str,
+                     secrets: Sequence[bytes], client_host: Optional[str] = None, timeout: float = 180) -> List[int]:
+    """The real owner, client and dealer, given ``secrets`` (owner, client, dealer); with ``client_host`` the client
+    dials the owner's port at that address instead. Each writes the error it ended with to
+    ``out_dir/<role>_error.txt``; returns the exit codes (owner, client, dealer)."""
+    return run_processes([(_failing_party, ('owner', _limited_owner, out_dir, plan, state_dict, settings, {})),
+                          (_failing_party, ('client', _client_at, out_dir, images, settings, client_host)),
+                          (_failing_party, ('dealer', _dealer, out_dir, settings))], timeout, secrets)
+
+
+def _client_at(rendezvous, secret, images, settings, host):
+    from timm_mpc.secure import SecureSettings, run_client
+    torch.set_num_threads(1)
+    if host is not None:
+        rendezvous = f'tcp://{host}:{rendezvous.rsplit(":", 1)[1]}'
+    run_client(rendezvous, images, SecureSettings.from_dict(settings), secret)
+
+
+# imported by a session's party processes (as an attention-kind module is): the spy in each, its view saved as the
+# party hands a call's result over, so the record of each call is complete before the session goes on
+SESSION_SPY = '''
+from timm_mpc.secure import launch
+from party_spy import record_view, save_view
+_view = record_view()
+_deliver = launch.QueueLink.deliver
+
+
+def _spied_deliver(self, result):
+    save_view(_view, {out!r} + f'/{{self.role}}_view.pt')
+    _deliver(self, result)
+
+
+launch.QueueLink.deliver = _spied_deliver
+'''
+
+
+def spied_cli_command(view_path: str, *args: str) -> List[str]:
+    """The command line of ``timm-mpc ARGS`` in a process that records its view (to ``view_path`` when it ends)."""
+    tests = str(Path(__file__).parent)
+    return [sys.executable, '-c', f'import sys; sys.path.insert(0, {tests!r}); import party_spy; party_spy._spied_cli()',
+            view_path, *args]
+
+
+def _spied_cli() -> None:
+    from timm_mpc.cli import main
+    view = record_view()
+    code = main(sys.argv[2:])
+    save_view(view, sys.argv[1])
+    raise SystemExit(code)

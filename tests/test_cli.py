@@ -6,6 +6,8 @@ import pytest
 
 from timm_mpc.cli import main
 
+from party_spy import secret_file
+
 
 def test_info_lists_models_kinds_and_families(capsys):
     assert main(['info']) == 0
@@ -98,7 +100,8 @@ def test_malformed_files_and_options_are_clear_errors(tmp_path, capsys):
 ])
 def test_network_options_are_refused_before_anything_runs(capsys, command, flags, match):
     import re
-    args = ['party', '--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1'] if command == 'party' else ['predict']
+    args = ['party', '--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--secret-file', secret_file()] \
+        if command == 'party' else ['predict']
     assert main([*args, *flags]) == 2
     err = capsys.readouterr().err
     assert re.search(match, err) and 'Traceback' not in err, err

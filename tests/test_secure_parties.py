@@ -15,7 +15,9 @@ import timm_mpc
 from timm_mpc.cli import main
 from timm_mpc.secure import SecureSettings, secure_predict
 from timm_mpc.secure.launch import free_port
+from timm_mpc.secure.secure_vit import patchify
 
+from party_spy import best_reconstruction, held_values, load_view, secret_file, spied_cli_command
 from small_models import MIXED, random_images, small_mpcvit
 
 pytestmark = pytest.mark.slow  # real party processes
@@ -110,7 +112,7 @@ def _offline():  # --pretrained reads the checkout at once: no Hub here to wait 
 
 
 def _party_cmd(*args):
-    return [sys.executable, '-m', 'timm_mpc', 'party', *args]
+    return [sys.executable, '-m', 'timm_mpc', 'party', '--secret-file', secret_file(), *args]
 
 
 def _start(*args, **kwargs):
@@ -171,7 +173,10 @@ def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
         # a wait of the clamped run passed 20 s once in CI (a loaded machine; 2.3 s of protocol when idle): 60 s as
         # in the other parties' tests
         common = ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '60']
-        owner, dealer = _start(*owner_args, *common), _start('--rank', '2', *common)
+        # the owner's process records everything it holds (the spy on `timm-mpc party`)
+        owner = subprocess.Popen(spied_cli_command(str(tmp_path / f'owner_view_{factor:g}.pt'), *_party_cmd(
+            *owner_args, *common)[3:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        dealer = _start('--rank', '2', *common)
         client = subprocess.run(_party_cmd('--rank', '1', '--images', str(tmp_path / 'images.pt'), '--json',
                                            str(tmp_path / 'client.json'), *extra, *common),
                                 capture_output=True, text=True, timeout=240)
@@ -186,9 +191,16 @@ def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
     client, (_, owner_err), (_, dealer_err), _ = outcomes['x1e6 clamped']
     assert client.returncode == 0, (client.stderr[-2000:], owner_err[-2000:], dealer_err[-1000:])
     logits = torch.tensor(json.loads((tmp_path / 'client.json').read_text())['logits'])
+    clamped = (images * 1e6).clamp(-0.286 / 0.353, 0.714 / 0.353)
     with torch.no_grad():
-        plain = model((images * 1e6).clamp(-0.286 / 0.353, 0.714 / 0.353))
+        plain = model(clamped)
     assert (logits - plain).abs().max() < 2e-2
+    # what the owner's `timm-mpc party` process held: nothing of the client's (clamped) patches or its logits
+    view = load_view(tmp_path / 'owner_view_1e+06.pt').records
+    patches = patchify(clamped, model.patch_embed.patch_size)
+    chance = best_reconstruction(view, torch.randn(patches.shape, generator=torch.Generator().manual_seed(3)))
+    assert len(view) > 1000 and best_reconstruction(view, patches) < max(0.3, 1.5 * chance)
+    assert held_values(view, logits) == 0
 
 
 def test_client_against_a_suspended_owner_or_a_silent_listener_stops_within_its_timeout(tmp_path):
@@ -222,7 +234,7 @@ def test_client_against_a_suspended_owner_or_a_silent_listener_stops_within_its_
 
 def test_party_refuses_the_insecure_owner_as_dealer_setting(capsys):
     # refused before anything starts: in this process
-    assert main(['party', '--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE']) == 2
+    assert main(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE')[3:]) == 2
     assert 'refuses --provider TFP_INSECURE' in capsys.readouterr().err
 
 

@@ -14,9 +14,12 @@ import torch
 
 from timm_mpc.cli import main
 from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
+from timm_mpc.secure.admission import new_secret
 from timm_mpc.secure.engines import ENGINES, get_engine
 from timm_mpc.secure.launch import free_port
 from timm_mpc.secure.spu_party import spu_addresses
+
+from party_spy import secret_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.spu]  # real party processes; skipped only where SPU is not installed
 
@@ -84,12 +87,12 @@ def test_engine_and_protocol_are_checked_before_anything_starts():
 
 
 def _party_cmd(*args):
-    return [sys.executable, '-m', 'timm_mpc', 'party', '--engine', 'spu', *args]
+    return [sys.executable, '-m', 'timm_mpc', 'party', '--engine', 'spu', '--secret-file', secret_file(), *args]
 
 
 def test_party_refuses_semi2k_and_a_dealer_rank(capsys):
     # refused before anything starts: in this process
-    assert main(['party', '--engine', 'spu', '--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--protocol', 'semi2k']) == 2
+    assert main(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--protocol', 'semi2k')[3:]) == 2
     assert 'refuses --engine spu --protocol semi2k' in capsys.readouterr().err
     result = subprocess.run(_party_cmd('--rank', '2', '--rendezvous', 'tcp://127.0.0.1:1'),
                             capture_output=True, text=True, timeout=120)
@@ -179,10 +182,11 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
     settings = SecureSettings(engine='spu', protocol='cheetah', timeout_s=60)
     plan = build_secure_plan(model, settings)
     rendezvous, client_address = f'tcp://127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}'
-    owner = threading.Thread(target=spu_party.run_owner, args=(rendezvous, plan, plan.owner_weights(model), settings),
-                             kwargs=dict(client_address=client_address))
+    secret = new_secret()
+    owner = threading.Thread(target=spu_party.run_owner, kwargs=dict(client_address=client_address), args=(
+        rendezvous, plan, plan.owner_weights(model), settings, secret))
     owner.start()
-    result = spu_party.run_client(rendezvous, images, settings, client_address=client_address)
+    result = spu_party.run_client(rendezvous, images, settings, secret, client_address=client_address)
     owner.join(timeout=120)
     with torch.no_grad():
         assert (result.logits - model(images)).abs().max() < 2e-2

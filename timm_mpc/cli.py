@@ -233,6 +233,7 @@ def _on_loopback(rendezvous: str) -> bool:
 
 
 def _party(args: argparse.Namespace) -> int:
+    from .secure.admission import parse_rendezvous, read_secret
     from .secure.bench import format_profile
     from .secure.engines import get_engine
     from .secure.memory import available_memory
@@ -241,6 +242,8 @@ def _party(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
+    parse_rendezvous(args.rendezvous)
+    secret = read_secret(args.secret_file)
     if not settings.secure:
         flags = f'--provider {settings.provider}' if settings.engine == 'crypten' else \
             f'--engine {settings.engine} --protocol {settings.protocol}'
@@ -258,7 +261,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
         print(f'dealer: serving multiplication triples at {args.rendezvous}', flush=True)
-        run_dealer(args.rendezvous, settings, on_timeout=extra['on_timeout'])
+        run_dealer(args.rendezvous, settings, secret, on_timeout=extra['on_timeout'])
         print('dealer: done', flush=True)
         return 0
     if args.rank == 0:
@@ -272,14 +275,14 @@ def _party(args: argparse.Namespace) -> int:
               f'{" and the dealer" if settings.dealer else ""} at {args.rendezvous} ({_protocol_line(settings)})',
               flush=True)
         limits = OwnerLimits(args.max_batch_size, args.max_images, args.max_memory or available_memory())
-        result = engine.run_owner(args.rendezvous, plan, state, settings, log=_log, limits=limits, **extra)
+        result = engine.run_owner(args.rendezvous, plan, state, settings, secret, log=_log, limits=limits, **extra)
         print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
               f'{result.profile.wall_s:.2f} s; the owner sent its share of the logits to the client and holds no '
               f'logit itself')
         return 0
     images = _load_images(args.images, args.batch)
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
-    result = engine.run_client(args.rendezvous, images, settings, log=_log, clamp=args.clamp_images,
+    result = engine.run_client(args.rendezvous, images, settings, secret, log=_log, clamp=args.clamp_images,
                                batch_size=args.batch_size, **extra)
     profile = result.profile.to_dict(networks)
     print(format_profile(profile, args.network))
@@ -290,6 +293,14 @@ def _party(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(profile=profile, logits=result.logits.tolist()), f, indent=1)
+    return 0
+
+
+def _secret(args: argparse.Namespace) -> int:
+    from .secure.admission import write_secret
+    path = write_secret(args.file)
+    print(f'wrote a new secret to {path}: give it to the owner, the client and the dealer over a channel you trust '
+          f'(each runs timm-mpc party --secret-file {path.name})')
     return 0
 
 
@@ -407,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='0: model owner, 1: client, 2: dealer of multiplication triples (on a host that is '
                             'neither party\'s)')
     party.add_argument('--world-size', type=int, choices=[2], default=2, help='number of parties (two)')
-    party.add_argument('--rendezvous', required=True, help='tcp://HOST:PORT of the owner (rank 0)')
+    party.add_argument('--rendezvous', required=True,
+                       help='tcp://HOST:PORT where the owner (rank 0) listens, on that address only')
+    party.add_argument('--secret-file', required=True,
+                       help='the run\'s secret (`timm-mpc secret FILE` makes one), the same file for every party: '
+                            'each proves it holds it before anything is shared')
     party.add_argument('--threads', type=_positive_int, default=None,
                        help='torch threads of this party (default: 1 when the rendezvous is on loopback, as the '
                             'parties then share the cores, as in predict; else all of them)')
@@ -425,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='owner: bound on the predicted memory of the largest batch\'s dry run, e.g. 8GiB '
                             '(default: this machine\'s available memory)')
     party.set_defaults(func=_party)
+
+    secret = sub.add_parser('secret', help='write a new secret for the parties of a run (timm-mpc party --secret-file)')
+    secret.add_argument('file', help='where to write it (readable by you only; an existing file is never overwritten)')
+    secret.set_defaults(func=_secret)
 
     add_training_commands(sub)
     add_hub_commands(sub)

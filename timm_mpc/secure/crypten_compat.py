@@ -29,7 +29,7 @@ import os
 import sys
 import types
 from datetime import timedelta
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -222,6 +222,17 @@ def use_fused_beaver(on: bool) -> None:
     name = '__beaver_protocol'  # a module-level function: CrypTen's mul, matmul and convolutions look it up by name
     _CRYPTEN_BEAVER.setdefault(name, getattr(beaver, name))
     setattr(beaver, name, _fused_beaver if on else _CRYPTEN_BEAVER[name])
+
+
+def init_crypten(crypten: Any, on_links: Callable[[], None]) -> None:
+    """``crypten.init()``, with ``on_links()`` run once the process groups are up and before the parties' generator
+    seeds cross them (each party's to the next, and to the dealer): CrypTen's own init has no such point."""
+    crypten.comm._init(use_threads=False, init_ttp=crypten.mpc.ttp_required())
+    on_links()
+    if crypten.comm.get().get_rank() < crypten.comm.get().get_world_size():  # the dealer's seeds come to it
+        crypten._setup_prng()
+        if crypten.mpc.ttp_required():
+            crypten.mpc.provider.ttp_provider.TTPClient._init()
 
 
 def set_process_group_timeout(seconds: float) -> None:

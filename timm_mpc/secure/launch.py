@@ -23,6 +23,7 @@ from .engines import ENGINES, exit_after_failure, get_engine
 from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
 from .local_run import process_context, start_processes
 from .dry_run import DryRun, dry_run
+from .admission import new_secret
 from .memory import (MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory,
                      predicted_peak)
 from .plan import SecurePlan, build_secure_plan, check_images
@@ -102,17 +103,18 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         # a session's parties hand over each request's result and wait for the next (:mod:`.session`)
         link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(role, results, commands))
         if role == 'owner':
-            result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_,
+            result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, payload['secret'],
                                       on_timeout=report_timeout, requests=payload['requests'], **link)
         elif role == 'client':
-            result = engine.run_client(rendezvous, payload['images'], settings_, on_timeout=report_timeout,
+            result = engine.run_client(rendezvous, payload['images'], settings_, payload['secret'],
+                                       on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
                                        on_batch=lambda n: results.put((role, 'batch', n)),
                                        on_layer=lambda: results.put((role, 'layer', 1)),
                                        **({} if payload['requests'] is None else dict(requests=payload['requests'])),
                                        **link)
         else:
-            run_dealer(rendezvous, settings_, on_timeout=report_timeout)
+            run_dealer(rendezvous, settings_, payload['secret'], on_timeout=report_timeout)
             result = None
         if link:
             results.put((role, 'closed', None))  # its results went out with each request
@@ -172,13 +174,15 @@ class LocalParties:
         # the owner's process is a daemon and cannot start the dry run's processes itself: they run here
         # the client's own record of the plan's dealer requests: the same dry runs (one user runs both parties here)
         requests = dealer_requests(plan, settings, images.shape[0], batch_size)
-        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests),
-                    'client': dict(images=images, batch_size=batch_size, requests=requests)}
+        secret = new_secret()  # the run's, handed to each process over its own pipe
+        payloads = {'owner': dict(plan=plan, state_dict=state_dict, requests=requests, secret=secret),
+                    'client': dict(images=images, batch_size=batch_size, requests=requests, secret=secret),
+                    'dealer': dict(secret=secret)}
         roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
         commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
         modules = kind_modules()
         procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
-            role, rendezvous, settings.to_dict(), payloads.get(role, {}), results, modules, commands.get(role)))
+            role, rendezvous, settings.to_dict(), payloads[role], results, modules, commands.get(role)))
             for role in roles}
         start_processes(list(procs.values()), modules)
         return cls(procs, results, commands, settings)

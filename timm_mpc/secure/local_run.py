@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing
 
 from ..layers.attn_kinds import import_kind_modules, kind_modules
+from .admission import bind_rendezvous
 from .crypten_compat import import_crypten
 from .settings import SecureSettings
 
@@ -68,7 +69,8 @@ def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
     parent's attention kinds."""
     torch.set_num_threads(1)
     import_kind_modules(modules)
-    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE=str(world_size), RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
+    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      DISTRIBUTED_BACKEND='gloo')  # its links listen on loopback
     crypten = import_crypten()
     settings_ = SecureSettings.from_dict(settings)
     settings_.apply(crypten)

@@ -2,12 +2,14 @@
 
 The owner holds the weights and the plan, the client holds the images, and the dealer (CrypTen's trusted
 third party, ``provider='TTP'``) deals the multiplication triples; they meet over torch.distributed (gloo)
-at a rendezvous address. The owner sends the public plan to the client, the client checks its images
+at a rendezvous address, each listening on its own address only, and admit each other by a per-run secret
+(:mod:`.admission`). The owner sends the public plan to the client, the client checks its images
 against it before sharing anything, both share their secrets and run the plan, and the owner sends its
 share of the logits to the client alone, which adds the two shares. Every wait is bounded by the
 settings' timeout: the rendezvous by a watchdog, every message after it by the process groups' timeout.
 """
 import json
+import math
 import os
 import sys
 import threading
@@ -21,8 +23,9 @@ import torch
 
 from ..cost.profile import CostMeter, CostProfile
 from ..utils import end_process
-from .crypten_compat import import_crypten, set_process_group_timeout
-from .dealer import DEALER, DealerLink, serve_dealer, verify_dealer
+from .admission import admit, bind_rendezvous, check_secret
+from .crypten_compat import import_crypten, init_crypten, set_process_group_timeout
+from .dealer import DEALER, FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
 from .engines import get_engine
 from .errors import DealerError, PeerError
@@ -33,7 +36,8 @@ from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
 
 __all__ = ['PartyResult', 'OwnerLimits', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER',
-           'agree', 'batch_sizes', 'check_batch_size', 'client_inputs', 'lost_peer', 'report_on_stderr', 'watchdog']
+           'agree', 'batch_sizes', 'check_batch_size', 'client_inputs', 'decode_json', 'lost_peer', 'report_on_stderr',
+           'watchdog']
 
 ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
 
@@ -79,10 +83,13 @@ def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], N
         timer.cancel()
 
 
-def _init(rank: int, rendezvous: str, settings: SecureSettings,
+def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
           on_timeout: Optional[Callable[[str], None]] = None) -> Any:
-    """Meet the other party (and the dealer) within ``settings.timeout_s``; return the initialized ``crypten``."""
-    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
+    """Meet the other party (and the dealer) within ``settings.timeout_s``, listening on this party's own address
+    only, and admit each of them by the run's ``secret`` (:mod:`.admission`); return the initialized ``crypten``."""
+    check_secret(secret)
+    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE='2', RANK=str(rank),
+                      DISTRIBUTED_BACKEND='gloo')
     set_process_group_timeout(settings.timeout_s)
     crypten = import_crypten()
     settings.apply(crypten)
@@ -90,10 +97,34 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings,
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
     with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
         try:
-            crypten.init()
+            init_crypten(crypten, partial(_admit_peers, rank, secret, settings))
+        except PeerError:
+            raise
         except Exception as e:
             raise PeerError(f'{message} ({type(e).__name__}: {_first_line(e)})') from e
     return crypten
+
+
+def _admit_peers(rank: int, secret: bytes, settings: SecureSettings) -> None:
+    """Each pair of this run's processes proves, both ways, that it holds ``secret``, before anything else passes."""
+    import torch.distributed as dist
+    world = 3 if settings.dealer else 2
+    for first, second in ((OWNER, CLIENT), (OWNER, DEALER), (CLIENT, DEALER)):
+        if rank not in (first, second) or second >= world:
+            continue
+        peer = second if rank == first else first
+
+        def recv(size: int, peer: int = peer) -> bytes:
+            data = torch.empty(size, dtype=torch.uint8)
+            dist.recv(data, peer)
+            return data.numpy().tobytes()
+        try:
+            admit(lambda data, peer=peer: dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), peer), recv,
+                  secret, ROLES[rank], ROLES[peer], first=rank == first)
+        except RuntimeError as e:
+            if isinstance(e, PeerError):
+                raise
+            raise PeerError(f'lost the {ROLES[peer]} while admitting it ({_first_line(e)})') from e
 
 
 def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
@@ -107,9 +138,19 @@ def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
         size = torch.zeros(1, dtype=torch.long)
     dist.broadcast(size, src, group=group)
     if crypten.communicator.get().get_rank() != src:
+        if not 0 < int(size) <= FRAME_LIMIT:  # a deviating peer's size: refused before any allocation
+            raise PeerError(f'the {ROLES[src]} announced a message of {int(size)} bytes; accepted: 1 to {FRAME_LIMIT}')
         data = torch.zeros(int(size.item()), dtype=torch.uint8)
     dist.broadcast(data, src, group=group)
-    return json.loads(bytes(data.tolist()).decode())
+    return decode_json(data.numpy().tobytes(), ROLES[src])
+
+
+def decode_json(data: bytes, peer: str) -> Any:
+    """A JSON message from ``peer`` (any engine's link), or PeerError: it is never run as code."""
+    try:
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise PeerError(f'the {peer} sent a message that is not JSON ({len(data)} bytes)') from None
 
 
 def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
@@ -199,6 +240,8 @@ def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettin
     read back and accepted by the client with its images checked against it, and the client's batch sizes.
     Returns the plan, the client's checked images (None for the owner) and the batch sizes."""
     owner_settings = exchange(settings.to_dict() if rank == OWNER else None, OWNER)
+    if not isinstance(owner_settings, dict):
+        raise PeerError(f'the owner sent {str(owner_settings)[:80]} where its secure settings belong')
     own = settings.to_dict()
     differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
     if differ:
@@ -208,19 +251,28 @@ def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettin
     if rank == CLIENT:
         verdict, plan, images = _client_verdict(sent, images, clamp, batch_size)
     answer = exchange(None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'}, CLIENT)
+    if not (isinstance(answer, dict) and isinstance(answer.get('accepted'), bool)):
+        raise PeerError(f'the client sent {str(answer)[:80]} where its verdict on the plan belongs')
     if not answer['accepted']:
         if rank == CLIENT:
             raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
                              f'{verdict.get("detail", verdict["reason"])}')
         raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
     batches = _checked_batches(answer.get('batches'), 'answer')
+    _bound_batches(exchange, rank, batches, plan, settings, limits)
+    return plan, images, batches
+
+
+def _bound_batches(exchange: Callable[[Any, int], Any], rank: int, batches: List[int], plan: SecurePlan,
+                   settings: SecureSettings, limits: Optional[OwnerLimits]) -> None:
+    """The owner's verdict on the client's batches (:class:`OwnerLimits`), told to the client before any dry run or
+    share; raises at both parties on a refusal."""
     refusal = limits.refusal(batches, plan, settings) if rank == OWNER and limits is not None else None
-    refusal = exchange(refusal, OWNER)  # the owner's verdict on the batches, before any dry run or share
+    refusal = exchange(refusal, OWNER)
     if refusal is not None:
         if rank == CLIENT:
             raise PeerError(f'the owner refused the client\'s batches before any work: {str(refusal)[:300]}')
         raise ValueError(f'refused the client\'s batches before any dry run: {refusal}')
-    return plan, images, batches
 
 
 class SessionLink:
@@ -235,10 +287,11 @@ class SessionLink:
         raise NotImplementedError
 
 
-def _next_batches(crypten: Any, rank: int, plan: SecurePlan, request: Optional[Dict[str, Any]],
-                  clamp: bool) -> Tuple[Optional[torch.Tensor], Optional[List[int]]]:
-    """A session's next request: the client's checked images and its batch sizes, which it tells the owner
-    (None, None: the session ends)."""
+def _next_batches(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings,
+                  request: Optional[Dict[str, Any]], clamp: bool,
+                  limits: Optional[OwnerLimits]) -> Tuple[Optional[torch.Tensor], Optional[List[int]]]:
+    """A session's next request: the client's checked images and its batch sizes, which it tells the owner, who
+    checks them against its limits (None, None: the session ends)."""
     images, sent = None, None
     if rank == CLIENT and request is not None:
         images = check_images(plan, request['images'], clamp=clamp)
@@ -246,7 +299,9 @@ def _next_batches(crypten: Any, rank: int, plan: SecurePlan, request: Optional[D
     batches = _exchange_json(crypten, sent, CLIENT)
     if batches is None:
         return None, None
-    return images, _checked_batches(batches, 'request')
+    batches = _checked_batches(batches, 'request')
+    _bound_batches(partial(_exchange_json, crypten), rank, batches, plan, settings, limits)
+    return images, batches
 
 
 def _checked_batches(batches: Any, what: str) -> List[int]:
@@ -257,14 +312,14 @@ def _checked_batches(batches: Any, what: str) -> List[int]:
     return batches
 
 
-def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
+def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, plan: Optional[SecurePlan],
          state_dict: Optional[Dict[str, torch.Tensor]], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
          requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
          on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
          limits: Optional[OwnerLimits] = None) -> PartyResult:
-    crypten = _init(rank, rendezvous, settings, on_timeout)
+    crypten = _init(rank, rendezvous, settings, secret, on_timeout)
     comm = crypten.communicator.get()
     if log is not None:
         log(f'{ROLES[rank]}: connected to the other party; running the protocol')
@@ -313,7 +368,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
             request = session.next_request(None if link is None else link.keepalive, settings.timeout_s / 4)
             if request is not None:
                 requests.update(request.get('requests') or {})
-            images, batches = _next_batches(crypten, rank, plan, request, clamp)
+            images, batches = _next_batches(crypten, rank, plan, settings, request, clamp, limits)
             if batches is None:
                 return result
             first = False
@@ -372,18 +427,34 @@ def _merged_profile(crypten: Any, rank: int, profile: CostProfile, dealer: Optio
     owner_part = _exchange_json(crypten, mine if rank == OWNER else None, OWNER)
     client_part = _exchange_json(crypten, mine if rank == CLIENT else None, CLIENT)
     other = client_part if rank == OWNER else owner_part
+    _check_counters(other, ROLES[1 - rank], len(profile.rows), len(profile.setup))
     return CostProfile.merge_parties(profile, other['rows'], other['setup'], owner_part['dealer'],
                                      owner_part['dealer_s'])
 
 
+def _check_counters(part: Any, peer: str, rows: int, setup: int) -> None:
+    """The other party's cost counters as the protocol sends them: non-negative finite numbers, one per row (and
+    the dealer's tally, from the owner), or PeerError."""
+    def numbers(values: Any, count: Optional[int]) -> bool:
+        return isinstance(values, list) and (count is None or len(values) == count) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values)
+    dealer = part.get('dealer') if isinstance(part, dict) else None
+    if not (isinstance(part, dict) and numbers(part.get('rows'), rows) and numbers(part.get('setup'), setup)
+            and (dealer is None or isinstance(dealer, dict) and numbers(list(dealer.values()), None))
+            and (part.get('dealer_s') is None or numbers(part.get('dealer_s'), rows))):
+        raise PeerError(f'the {peer} sent cost counters that are not {rows} and {setup} non-negative numbers '
+                        f'(and the dealer\'s tally): {str(part)[:120]}')
+
+
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor],
-              settings: SecureSettings, log: Optional[Callable[[str], None]] = None,
+              settings: SecureSettings, secret: bytes, log: Optional[Callable[[str], None]] = None,
               on_timeout: Optional[Callable[[str], None]] = None,
               requests: Optional[Dict[int, List[Any]]] = None, session: Optional[SessionLink] = None,
               limits: Optional[OwnerLimits] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs (and the
     sizes of the client's batches).
 
+    ``secret``: the run's secret, which every party proves it holds before anything is shared (:mod:`.admission`).
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
     line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
     inference at that size (:func:`timm_mpc.secure.dry_run.dry_run`); sizes the client asks for that are
@@ -393,17 +464,18 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
     """
     plan.check()
     settings.warn_if_insecure()
-    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, on_timeout=on_timeout,
+    return _run(OWNER, rendezvous, settings, secret, plan, state_dict, None, log=log, on_timeout=on_timeout,
                 requests=requests, session=session, limits=limits)
 
 
-def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
+def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, secret: bytes,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
                on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
                requests: Optional[Dict[int, List[Any]]] = None) -> PartyResult:
-    """Run party 1, the client: contributes the images and alone receives the logits.
+    """Run party 1, the client: contributes the images and alone receives the logits. ``secret``: the run's, as
+    for :func:`run_owner`.
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
     owner's plan (shape, public input bounds) before anything is shared; with ``clamp`` values outside the
@@ -416,16 +488,17 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     the sizes it has, a dry run here for the others.
     """
     images = client_inputs(images, settings, batch_size)
-    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log, on_timeout=on_timeout,
+    return _run(CLIENT, rendezvous, settings, secret, None, None, images, clamp=clamp, log=log, on_timeout=on_timeout,
                 requests=requests, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session)
 
 
-def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[Callable[[str], None]] = None) -> None:
+def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes,
+               on_timeout: Optional[Callable[[str], None]] = None) -> None:
     """Run the dealer of multiplication triples (``provider='TTP'``), rank 2, until the owner is done.
 
     The dealer must be neither party: it knows every triple, so together with either party it would open
     the other party's inputs. It sees only the sizes of the triples it is asked for, and serves only the requests
-    the client approved (:mod:`.dealer`).
+    the client approved (:mod:`.dealer`), after both proved they hold the run's ``secret``.
 
     Raises:
         DealerError: the owner asked for anything else, the client refused the owner's requests, or a party was lost
@@ -434,7 +507,7 @@ def run_dealer(rendezvous: str, settings: SecureSettings, on_timeout: Optional[C
     if not settings.dealer:
         raise ValueError(f'the dealer (rank 2) serves CrypTen with provider TTP; these settings use '
                          f'{settings.engine} with provider {settings.provider}')
-    crypten = _init(DEALER, rendezvous, settings, on_timeout)
+    crypten = _init(DEALER, rendezvous, settings, secret, on_timeout)
     from crypten.mpc.provider.ttp_provider import TTPServer
     comm = crypten.communicator.get()
     # CrypTen's dealer functions and its seeding of the parties' generators, without its loop (which runs any name)

@@ -7,7 +7,7 @@ their correlations between themselves with oblivious transfer and homomorphic en
 makes the owner deal them (its trusted first party), which lets the owner open the client's data, so SEMI2K runs
 measure cost only and warn. The parties talk over SPU's link (brpc): each listens on an address of its own, the
 owner on the rendezvous ``tcp://HOST:PORT``, the client on ``client_address`` (default: the same host, the next
-port). Every wait is bounded by the settings' timeout (meeting the other party included).
+port), and they admit each other by the run's secret (:mod:`.admission`) before anything else. Every wait is bounded by the settings' timeout (meeting the other party included).
 """
 import json
 import shutil
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from ..cost.profile import CostMeter, CostRow
-from .party import ROLES, OwnerLimits, PartyResult, PeerError, agree, client_inputs, lost_peer, report_on_stderr, watchdog
+from .admission import admit, check_secret
+from .party import (ROLES, OwnerLimits, PartyResult, PeerError, agree, client_inputs, decode_json, lost_peer,
+                    report_on_stderr, watchdog)
 from .plan import SecurePlan
 from .secure_vit import CLIENT, OWNER, Backend, SecureViT
 from .settings import SecureSettings
@@ -73,7 +75,12 @@ def _exchange(session: SpuSession, obj: Any, src: int) -> Any:
     if session.rank == src:
         session.send(json.dumps(obj).encode())
         return obj
-    return json.loads(session.recv().decode())
+    return decode_json(session.recv(), ROLES[src])
+
+
+def _admit(rank: int, secret: bytes, session: SpuSession) -> None:
+    """The other party proves it holds the run's secret, and this one too, before SPU's runtime starts."""
+    admit(session.send, lambda size: session.recv(), secret, ROLES[rank], ROLES[1 - rank], first=rank == OWNER)
 
 
 def _compile(program: SecureViT, session: SpuSession, size: int) -> float:
@@ -90,12 +97,13 @@ def _compile(program: SecureViT, session: SpuSession, size: int) -> float:
     return time.perf_counter() - t0
 
 
-def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[SecurePlan],
+def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, plan: Optional[SecurePlan],
          state_dict: Optional[dict], images: Optional[torch.Tensor], clamp: bool = False,
          log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
          on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None,
          on_timeout: Optional[Callable[[str], None]] = None, limits: Optional[OwnerLimits] = None) -> PartyResult:
+    check_secret(secret)
     addresses = spu_addresses(rendezvous, client_address)
     log_dir = tempfile.mkdtemp(prefix='timm-mpc-spu-')
     session = None
@@ -105,7 +113,9 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
             try:
                 session = SpuSession(rank, addresses, settings.protocol, settings.timeout_s, log_dir,
-                                     on_timeout or report_on_stderr)
+                                     on_timeout or report_on_stderr, partial(_admit, rank, secret))
+            except PeerError:
+                raise
             except RuntimeError as e:
                 raise PeerError(f'{message} ({_message(e)})') from e
         if log is not None:
@@ -150,19 +160,20 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, plan: Optional[Se
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
-def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: SecureSettings,
+def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: SecureSettings, secret: bytes,
               log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
               client_address: Optional[str] = None, limits: Optional[OwnerLimits] = None, **_: Any) -> PartyResult:
     """Run party 0, the model owner, on SPU: contributes the weights and the plan, learns nothing but the costs (and
     the sizes of the client's batches). ``on_timeout`` reports why the process ends when the other party is not met
-    in time (default: a line on stderr); the process then exits with code 2."""
+    in time (default: a line on stderr); the process then exits with code 2. ``secret``: the run's, which each party
+    proves it holds before anything is shared (:mod:`.admission`)."""
     plan.check()
     settings.warn_if_insecure()
-    return _run(OWNER, rendezvous, settings, plan, state_dict, None, log=log, client_address=client_address,
+    return _run(OWNER, rendezvous, settings, secret, plan, state_dict, None, log=log, client_address=client_address,
                 on_timeout=on_timeout, limits=limits)
 
 
-def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
+def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, secret: bytes,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
@@ -170,5 +181,5 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings,
     """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
     :func:`timm_mpc.secure.party.run_client`)."""
     images = client_inputs(images, settings, batch_size)
-    return _run(CLIENT, rendezvous, settings, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
+    return _run(CLIENT, rendezvous, settings, secret, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
                 on_batch=on_batch, on_layer=on_layer, client_address=client_address, on_timeout=on_timeout)

@@ -62,10 +62,12 @@ class SpuSession:
         log_dir: Where SPU writes this party's log, from which each run's traffic is read.
         on_lost: Reports why the process ends when sending to the other party has failed for ``timeout_s``; the
             process then exits with code 2 (see :class:`_SendWatch`).
+        admit: Admits the other party once the link is up, before SPU's runtime exchanges anything over it
+            (:func:`~timm_mpc.secure.admission.admit`).
     """
 
     def __init__(self, rank: int, addresses: Sequence[str], protocol: str, timeout_s: float, log_dir: str,
-                 on_lost: Callable[[str], None]) -> None:
+                 on_lost: Callable[[str], None], admit: Callable[['SpuSession'], None]) -> None:
         libspu, spu_api, self.frontend, self.jnp = import_spu()
         self.libspu = libspu
         self.rank = rank
@@ -88,6 +90,7 @@ class SpuSession:
         for index, address in enumerate(addresses):
             desc.add_party(f'party{index}', address)
         self.link = libspu.link.create_brpc(desc, rank)
+        admit(self)
         config = libspu.RuntimeConfig(protocol=getattr(libspu.ProtocolKind, protocol.upper()),
                                       field=libspu.FieldType.FM64, fxp_fraction_bits=SPU_FRACTION_BITS)
         config.enable_pphlo_profile = True  # SPU logs each run's traffic: the cost meter reads it

@@ -19,7 +19,7 @@ from timm_mpc.secure.engines import ENGINES, get_engine
 from timm_mpc.secure.launch import free_port
 from timm_mpc.secure.spu_party import spu_addresses
 
-from party_spy import secret_file
+from party_spy import listening_sockets, secret_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.spu]  # real party processes; skipped only where SPU is not installed
 
@@ -174,7 +174,9 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
         tensor = make(self, value, shape, src)
         if not self._compile_only:  # (the compile pass shares nothing)
             kept.append((self.rank, src, self.runtime.get_var(tensor.name)))
+            listening.extend(listening_sockets())  # both parties' links are up (one process: both parties' sockets)
         return tensor
+    listening = []
     monkeypatch.setattr(SpuSession, '_recv_share', spied_recv)
     monkeypatch.setattr(SpuSession, 'share', spied_share)
     model = _model(depth=1, embed_dim=16, img_size=8, attn_pattern='scaling')
@@ -190,6 +192,7 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
     owner.join(timeout=120)
     with torch.no_grad():
         assert (result.logits - model(images)).abs().max() < 2e-2
+    assert listening and all(a.startswith('127.0.0.1:') for a in listening), listening  # SPU's links: loopback only
     patches = patchify(images, plan.patch_size)
     owner_got = [share for rank, share in received if rank == 0]
     client_got = [share for rank, share in received if rank == 1]
@@ -272,3 +275,30 @@ def test_search_refuses_an_unknown_engine_or_protocol_before_training(tmp_path, 
         err = capsys.readouterr().err
         assert expected in err and 'accepted' in err
     assert not (tmp_path / 's').exists()
+
+
+def test_a_party_with_another_secret_is_refused_before_spu_starts():
+    """SPU's parties admit each other by the run's secret, over SPU's own link, before its runtime starts: an owner
+    and a client holding different secrets are both refused, each told why."""
+    import threading
+    from timm_mpc.secure import build_secure_plan
+    from timm_mpc.secure import spu_party
+    from timm_mpc.secure.errors import PeerError
+    model = _model(depth=1, embed_dim=16, img_size=8, attn_pattern='scaling')
+    settings = SecureSettings(engine='spu', protocol='cheetah', timeout_s=60)
+    plan = build_secure_plan(model, settings)
+    rendezvous, client_address = f'tcp://127.0.0.1:{free_port()}', f'127.0.0.1:{free_port()}'
+    errors = {}
+
+    def owner():
+        try:
+            spu_party.run_owner(rendezvous, plan, plan.owner_weights(model), settings, new_secret(),
+                                client_address=client_address)
+        except PeerError as e:
+            errors['owner'] = str(e)
+    thread = threading.Thread(target=owner)
+    thread.start()
+    with pytest.raises(PeerError, match='the owner refused this party\'s proof of the run\'s secret'):
+        spu_party.run_client(rendezvous, _images(1, 8), settings, new_secret(), client_address=client_address)
+    thread.join(timeout=120)
+    assert 'the client did not prove that it holds this run\'s secret' in errors.get('owner', ''), errors

@@ -138,3 +138,32 @@ def test_weights_and_model_args_must_agree_on_the_pattern(tmp_path):
     assert timm_mpc.count_head_kinds(loaded) == {'scaling': 8}
     with pytest.raises(timm_mpc.PatternError, match=r"weights hold head pattern \[\['scaling'.*attn_pattern='softmax'"):
         timm.create_model('mpcvit_tiny', pretrained=True, attn_pattern='softmax', **file, **SMALL)
+
+
+@pytest.mark.slow  # a fresh Python process
+def test_import_timm_mpc_registers_the_models_and_loads_nothing_else():
+    """`import timm_mpc` and building a model leave CrypTen, SPU, JAX, matplotlib, jinja2 and timm-mpc's secure and
+    training rooms unloaded, and no import hook installed."""
+    import subprocess
+    import sys
+    code = ('import sys, timm; hooks = list(sys.meta_path); import timm_mpc; timm.create_model("mpcvit_tiny"); '
+            'print([m for m in ("crypten", "spu", "jax", "matplotlib", "jinja2", "timm_mpc.training", '
+            '"timm_mpc.secure") if m in sys.modules], sys.meta_path == hooks)')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split('\n')[-2] == '[] True', (done.stdout, done.stderr[-1500:])
+
+
+def test_the_package_alone_needs_no_extra_and_a_missing_extra_names_its_install(monkeypatch):
+    """`pip install timm-mpc` pulls neither CrypTen (whose install needs an environment variable) nor SPU, matplotlib
+    or jinja2; they come with extras, and code that needs one that is missing says which `pip install` brings it."""
+    import importlib.metadata
+    import sys
+
+    from timm_mpc.utils import import_extra
+    core = [r for r in importlib.metadata.requires('timm-mpc') if 'extra ==' not in r]
+    assert core and not [r for r in core if r.split('=')[0].split('>')[0].strip() in
+                         ('crypten', 'spu', 'matplotlib', 'jinja2')], core
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # as if not installed
+    with pytest.raises(ImportError, match=r'plotting needs matplotlib, which is not installed: '
+                                          r'pip install "timm-mpc\[train\]"'):
+        import_extra('matplotlib', 'plotting')

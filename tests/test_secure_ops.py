@@ -36,12 +36,12 @@ def test_crypten_imports_with_the_onnx_stand_in():
 
 
 @pytest.mark.slow
-def test_a_plain_import_crypten_after_timm_mpc_gets_timm_mpcs_crypten():
+def test_a_plain_import_crypten_after_timm_mpc_secure_gets_timm_mpcs_crypten():
     """In a fresh process: `import crypten` alone fails on this PyTorch (CrypTen's ONNX import); after
-    `import timm_mpc` it works, with the cryptographic randomness in place."""
+    `import timm_mpc.secure` it works, with the cryptographic randomness in place."""
     import subprocess
     import sys
-    code = ('import timm_mpc, crypten; from crypten.common import rng; '
+    code = ('import timm_mpc.secure, crypten; from crypten.common import rng; '
             'from timm_mpc.secure.crypten_compat import random_ring_element as r; '
             'assert rng.generate_random_ring_element is r; crypten.init(); '
             'print(crypten.cryptensor([1.5, 2.0]).mul(2).get_plain_text().tolist())')

@@ -1,11 +1,15 @@
 """timm-mpc: MPC-friendly Vision Transformers for timm.
 
 Importing the package registers the ``mpcvit_*`` models, the ``mpc_converted`` architecture (a converted model of
-any supported family, as published) and the MPC-friendly attention and activation layer names with timm.
+any supported family, as published) and the MPC-friendly attention and activation layer names with timm, and
+nothing else: secure inference (:mod:`timm_mpc.secure`, CrypTen), training (:mod:`timm_mpc.training`), the cost
+model and the Hub tools load when they are first used (the names below from them too, on first access).
 """
+import importlib
+from typing import Any
+
 from .convert import SUPPORTED_ATTENTION, ConversionReport, convert_to_mpc
 from .converted import CONVERTED_ARCH
-from .cost import estimate_latency
 from .factory import create_mpc_model
 from .layers import (
     ATTN_KINDS, GELU_PATTERNS, SEARCH, AttnKind, HeadKinds, KindContext, LinearizableMlp, MPCAttention,
@@ -16,13 +20,20 @@ from .layers import (
 from .models import MPCViT, MPCViTBlock, PretrainedWeightsError, checkpoint_filter_fn
 from .pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern, set_attn_pattern, set_gelu_pattern
 from .reader import FAMILIES, read_model, support_table
-from .search import binarize_budget, binarize_gelu, binarize_mu
-from .secure.crypten_compat import install_import_hook
-from .training import RunConfig, TokenDistillationLoss, train_model
+from .search.binarize import binarize_budget, binarize_gelu, binarize_mu
 from .version import __version__
 
 register_timm_layers()
-install_import_hook()  # a plain `import crypten` gets timm-mpc's CrypTen (see timm_mpc.secure.crypten_compat)
+
+# public names of the heavier rooms, imported on first access (PEP 562): `import timm_mpc` stays light
+_LAZY = {'estimate_latency': 'timm_mpc.cost', 'RunConfig': 'timm_mpc.training',
+         'TokenDistillationLoss': 'timm_mpc.training', 'train_model': 'timm_mpc.training'}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 __all__ = [
     '__version__', 'convert_to_mpc', 'ConversionReport', 'SUPPORTED_ATTENTION', 'CONVERTED_ARCH', 'create_mpc_model',

@@ -1,4 +1,5 @@
 """Small helpers shared across the package."""
+import importlib
 import json
 import os
 import sys
@@ -11,7 +12,25 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root', 'progress', 'end_process']
+__all__ = ['inference_pass', 'parse_json', 'read_json', 'save_weights', 'cache_root', 'progress', 'end_process',
+           'import_extra']
+
+# the extra of pyproject.toml that installs each optional dependency
+EXTRAS = {'crypten': 'secure', 'spu': 'spu', 'jax': 'spu', 'matplotlib': 'train', 'jinja2': 'hub'}
+
+
+def import_extra(module: str, what: str) -> Any:
+    """Import ``module``, an optional dependency, or raise an ImportError that names the ``pip install`` of the extra
+    that brings it (``what`` needs it)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        root = module.split('.')[0]
+        if e.name is None or e.name.split('.')[0] != root:  # something it imports is broken: not a missing extra
+            raise
+        extra = EXTRAS[root]
+        raise ImportError(f'{what} needs {root}, which is not installed: pip install "timm-mpc[{extra}]" (in a '
+                          f'checkout: pip install -e ".[{extra}]"; see the README\'s install notes)') from e
 
 
 @contextmanager

@@ -7,6 +7,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from timm.models import get_pretrained_cfg
 
 from ..layers.attn_kinds import BASELINE_KIND, SEARCH, get_attn_kind, list_attn_kinds
+from ..utils import import_extra
 
 __all__ = ['DATASET_CARDS', 'CARD_TEMPLATE', 'pattern_grid', 'render_card']
 
@@ -158,6 +159,7 @@ def render_card(results: Dict[str, Any], repo_id: str, create_name: Optional[str
         summary = (f'An MPC-friendly `{model["architecture"]}` image classifier{for_data}: each attention head is '
                    f'{" or ".join(_title(k) for k in model["head_kinds"])}, chosen by the MPCViT search, so that '
                    f'two-party secure inference (the model owner keeps the weights, the client the image) is cheap.')
+    import_extra('jinja2', 'a model card')  # huggingface_hub renders its templates with it
     card = ModelCard.from_template(
         card_data, template_path=str(CARD_TEMPLATE),
         name=name, summary=summary, model=model, dataset=dataset, plain=plain, secure=secure,

@@ -1,7 +1,10 @@
 """Two-party secure inference of timm ViTs with CrypTen.
 
-Nothing here imports CrypTen until a secure computation runs (see :mod:`.crypten_compat`).
+Nothing here imports CrypTen until a secure computation runs; importing this package installs timm-mpc's changes
+to CrypTen for this process: a later ``import crypten`` gets them, and a CrypTen imported before is patched
+(:mod:`.crypten_compat`).
 """
+from .crypten_compat import install_import_hook
 from .calibration import FixedPointRangeError, calibrate
 from .dry_run import DryRun, dry_run
 from .launch import SecureInferenceError, SecureResult, secure_predict
@@ -12,6 +15,8 @@ from .plan import (
 )
 from .session import SecureSession
 from .settings import InsecureSettingWarning, SecureSettings
+
+install_import_hook()  # before any party, dry run or user code imports CrypTen in this process
 
 __all__ = [
     'secure_predict', 'SecureSession', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',

@@ -33,6 +33,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
+from ..utils import import_extra
+
 __all__ = ['import_crypten', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
            'use_fused_beaver', 'product_shape']
 
@@ -50,7 +52,7 @@ def import_crypten() -> Any:
     """Import and return ``crypten`` with the changes above (a plain ``import crypten`` after ``import timm_mpc``
     gets the same: :func:`install_import_hook`)."""
     install_import_hook()
-    return importlib.import_module('crypten')
+    return import_extra('crypten', 'secure inference (the CrypTen engine)')
 
 
 class _CryptenLoader(importlib.abc.Loader):

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from ..utils import end_process
+from ..utils import end_process, import_extra
 
 __all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'static_key', 'SPU_PROTOCOLS',
            'SPU_FRACTION_BITS']
@@ -39,14 +39,12 @@ _SEND_RETRY = re.compile(r"send request failed and retry, retry_count=(\d+),.*?m
 
 def import_spu() -> Tuple[Any, Any, Any, Any]:
     """``(libspu, spu.api, spu.utils.frontend, jax.numpy)``, or an ImportError that says how to install them."""
-    try:
-        import jax
-        import jax.numpy as jnp
-        import spu.api as spu_api
-        import spu.libspu as libspu
-        from spu.utils import frontend
-    except ImportError as e:
-        raise ImportError(f'the SPU engine needs spu 0.9.5 and jax: pip install -e ".[spu]" ({e})') from e
+    import_extra('spu', 'the SPU engine')
+    import jax
+    import jax.numpy as jnp
+    import spu.api as spu_api
+    import spu.libspu as libspu
+    from spu.utils import frontend
     jax.config.update('jax_platforms', 'cpu')
     return libspu, spu_api, frontend, jnp
 

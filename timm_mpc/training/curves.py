@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
+from ..utils import import_extra
+
 __all__ = ['load_histories', 'plot_curves']
 
 
@@ -28,7 +30,7 @@ def load_histories(paths: Sequence[str]) -> List[Dict[str, Any]]:
 
 def plot_curves(runs: List[Dict[str, Any]], out: str, title: str = 'Learning curves') -> None:
     """Two panels: test top-1 and training loss against the epoch, one line per run."""
-    import matplotlib
+    matplotlib = import_extra('matplotlib', 'plotting')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 

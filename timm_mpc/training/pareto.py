@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from ..layers.attn_kinds import SEARCH_KINDS
+from ..utils import import_extra
 
 __all__ = ['load_runs', 'pareto_table', 'plot_pareto']
 
@@ -71,7 +72,7 @@ def pareto_table(rows: List[Dict[str, Any]]) -> str:
 
 def plot_pareto(rows: List[Dict[str, Any]], out: str, title: str = 'Accuracy against secure latency') -> None:
     """Two panels (LAN, WAN) of test top-1 against estimated secure latency, one labelled point per run."""
-    import matplotlib
+    matplotlib = import_extra('matplotlib', 'plotting')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 

@@ -167,3 +167,13 @@ def test_the_package_alone_needs_no_extra_and_a_missing_extra_names_its_install(
     with pytest.raises(ImportError, match=r'plotting needs matplotlib, which is not installed: '
                                           r'pip install "timm-mpc\[train\]"'):
         import_extra('matplotlib', 'plotting')
+
+
+def test_timms_private_api_is_used_in_the_adapter_module_only():
+    """A timm release that moves a private name breaks timm_mpc/timm_adapter.py and nothing else."""
+    import re
+    from pathlib import Path
+    root = Path(timm_mpc.__file__).parent
+    private = re.compile(r'timm\.(models|layers)\._|\._model_args|_ACT_LAYER_DEFAULT')
+    found = sorted({str(p.relative_to(root)) for p in root.rglob('*.py') if private.search(p.read_text())})
+    assert found == ['timm_adapter.py'], found

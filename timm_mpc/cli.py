@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 import timm
 import torch
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config
 
 from . import __version__
 from .convert import convert_to_mpc

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from timm.layers import Mlp, get_act_layer
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config
 from torch import nn
 
 from .layers.linearizable_mlp import GeluPattern, LinearizableMlp

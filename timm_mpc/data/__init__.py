@@ -6,7 +6,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config
 from torch import nn
 
 __all__ = ['FASHION_MNIST_CLASSES', 'FASHION_MNIST_DATA_CONFIG', 'model_data_config', 'to_model_input',

@@ -11,8 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import timm
 import torch
-from timm.layers import create_act
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config
 from torch import nn
 
 from ..converted import CONVERTED_ARCH
@@ -23,6 +22,7 @@ from ..layers.register import attn_layer_names
 from ..models.mpcvit import MPCViT
 from ..pattern import get_attn_pattern, get_gelu_pattern
 from ..reader import read_model
+from ..timm_adapter import activation_layers
 from ..utils import inference_pass
 
 __all__ = ['hub_model_args', 'check_rebuild']
@@ -105,7 +105,7 @@ def _replaced_activation(parts: Any) -> Optional[str]:
     if len(acts) != 1:
         return None
     act = acts.pop()
-    return next((n for n, cls in create_act._ACT_LAYER_DEFAULT.items() if cls is act), None)
+    return next((n for n, cls in activation_layers().items() if cls is act), None)
 
 
 def check_rebuild(model: nn.Module, architecture: str, model_args: Dict[str, Any]) -> None:

@@ -9,14 +9,14 @@ from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from huggingface_hub import HfApi, get_token
-from timm.models._hub import save_config_for_hf
-from timm.models._input import get_model_input_config
+from timm.models import get_model_input_config
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..layers.pattern_state import checkpoint_state
 from ..reader import num_weights
+from ..timm_adapter import save_config_for_hf
 from ..utils import inference_pass, save_weights
 from .cache import require_org_name
 from .card import render_card

@@ -5,10 +5,10 @@ timm has no plugin entry points, so this runs on ``import timm_mpc``. Afterwards
 """
 from typing import Dict, Type
 
-from timm.layers import create_act
 from timm.models import vision_transformer
 from torch import nn
 
+from ..timm_adapter import activation_layers
 from .activations import QuadGELU
 from .attention import (
     MPCAttention, Quad2Attention, ReLUSoftmaxAttention, ScalingAttention, SearchAttention, SoftmaxAttention,
@@ -48,7 +48,7 @@ def register_timm_layers() -> None:
         RuntimeError: timm already maps one of the names to a different layer.
     """
     for table, names in ((vision_transformer.ATTN_LAYERS, attn_layer_names()),
-                         (create_act._ACT_LAYER_DEFAULT, ACT_LAYER_NAMES)):
+                         (activation_layers(), ACT_LAYER_NAMES)):
         for name, layer in names.items():
             if table.get(name, layer) is not layer:
                 raise RuntimeError(f'timm already defines layer name {name!r} as {table[name]}; not overriding it')

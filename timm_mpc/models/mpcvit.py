@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from timm.layers import Attention, DropPath, LayerScale, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_state_dict, resume_checkpoint
-from timm.models._builder import resolve_pretrained_cfg
+from timm.models import resolve_pretrained_cfg
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import AverageMeter, CheckpointSaver, NativeScaler, accuracy

@@ -131,3 +131,19 @@ def test_corrupt_head_pattern_in_checkpoint_is_refused(tmp_path):
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(PretrainedWeightsError, match='checkpoint file for mpcvit_tiny not found: .*nope.pth.tar'):
         timm.create_model('mpcvit_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope.pth.tar')))
+
+
+@pytest.mark.parametrize('num_classes, in_chans', [(0, 3), (5, 1)])
+def test_pretrained_weights_load_for_another_head_or_input_as_timms_do(tmp_path, num_classes, in_chans):
+    """timm's idioms: num_classes=0 gives the feature extractor (the head dropped), another class count a fresh
+    head, in_chans=1 the first convolution summed over its input channels; every other weight as published."""
+    source = timm.create_model('mpcvit_tiny', attn_pattern='scaling').eval()
+    path = tmp_path / 'weights.safetensors'
+    safetensors.torch.save_file(source.state_dict(), str(path))
+    model = timm.create_model('mpcvit_tiny', pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                              pretrained_cfg_overlay=dict(file=str(path))).eval()
+    assert model.num_classes == num_classes and model.patch_embed.proj.in_channels == in_chans
+    torch.testing.assert_close(model.blocks[3].attn.qkv.weight, source.blocks[3].attn.qkv.weight)
+    torch.testing.assert_close(model.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(1, keepdim=True)
+                               if in_chans == 1 else source.patch_embed.proj.weight)
+    assert model(torch.randn(2, in_chans, 32, 32)).shape == ((2, model.embed_dim) if num_classes == 0 else (2, 5))

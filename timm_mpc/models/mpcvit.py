@@ -269,9 +269,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: MPCViT) -> Dict[str,
         f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}'
         for k, v in state_dict.items()
         if k in expected and not is_pattern_key(k) and not k.startswith(adaptable) and v.shape != expected[k].shape]
-    # a checkpoint may hold either tensor of a pattern (older ones hold one); the layers fill in the other
-    missing = [k for k in expected if k not in state_dict and not is_pattern_key(k)]
-    unexpected = [k for k in state_dict if k not in expected]
+    # a checkpoint may hold either tensor of a pattern (older ones hold one); the layers fill in the other. The
+    # classifier of another class count (or none: num_classes=0) is timm's to drop after this filter
+    missing = [k for k in expected if k not in state_dict and not is_pattern_key(k) and not k.startswith(adaptable)]
+    unexpected = [k for k in state_dict if k not in expected and not k.startswith(adaptable)]
     if mismatched or missing or unexpected:
         arch = (f'depth {len(model.blocks)}, dim {model.embed_dim}, '
                 f'{model.blocks[0].attn.num_heads} heads, {model.num_tokens} tokens')

@@ -203,7 +203,7 @@ def _reveal_party(rank, rendezvous, method, values, out_dir):
     import os
 
     from timm_mpc.secure.crypten_compat import import_crypten
-    from timm_mpc.secure.party import reveal_to
+    from timm_mpc.secure.ops import reveal_to
     view = record_view() if rank == 0 else None
     os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
     crypten = import_crypten()

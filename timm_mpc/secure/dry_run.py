@@ -21,8 +21,9 @@ from ..cost.profile import NETWORKS, CostMeter, NetworkSetting
 from ..utils import cache_root
 from .local_run import init_local, run_local
 from .offline import Request, request_numel
+from .ops import reveal_to
 from .plan import SecurePlan
-from .secure_vit import SecureViT
+from .secure_vit import CLIENT, SecureViT
 from .settings import SecureSettings
 
 __all__ = ['DryRun', 'dry_run', 'default_cache_dir']
@@ -107,7 +108,6 @@ def _dry_run_process(rank: int, world_size: int, rendezvous: str, results: Any, 
     try:
         crypten, settings_ = init_local(rank, world_size, rendezvous, settings, modules)
         from crypten.mpc.provider.tfp_provider import TrustedFirstParty
-        from .party import CLIENT, reveal_to
         requests: List[Request] = []
         if rank == 0:
             for method, function in _PROVIDER_TO_DEALER.items():

@@ -6,12 +6,14 @@ multiplications do not depend on each other they are stacked into one, so they c
 import math
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from .settings import SecureSettings
 
 __all__ = [
     'linear', 'layer_norm', 'inv_sqrt', 'inv_sqrt_domain', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu',
     'newton_schedule', 'gelu_exp_iterations', 'gelu_bound', 'INV_SQRT_DOMAIN', 'INV_SQRT_CUBIC', 'RECIPROCAL_DOMAIN',
-    'GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS',
+    'GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS', 'reveal_to',
 ]
 
 # GELU(x) = relu(x) - |x| * Phi(-|x|), and |x| * Phi(-|x|) ≈ 0.5 |x| exp(-A |x| - B x²): a two-parameter
@@ -204,3 +206,16 @@ def gelu(x, settings: SecureSettings, exp_iterations: Optional[int] = None):
     with crypten.cfg.temp_override({'functions.exp_iterations': exp_iterations or settings.gelu_exp_iterations}):
         tail = abs_x * exponent.exp()
     return relu_x - tail.mul(0.5)
+
+
+def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
+    """Open the secret-shared ``x`` to party ``dst`` only: the other party sends its share point to point.
+
+    CrypTen's ``get_plain_text(dst=...)`` goes through ``torch.distributed.reduce``, which gloo runs as a ring
+    reduce-scatter and gather: the non-receiving party keeps a fully reduced chunk (about half of the values).
+    """
+    share = x.share.contiguous()
+    if comm.get_rank() != dst:
+        comm.send(share, dst)
+        return None
+    return x.encoder.decode(share + comm.recv(torch.empty_like(share), src=1 - dst))

@@ -31,6 +31,7 @@ from .engines import get_engine
 from .errors import DealerError, PeerError
 from .memory import format_bytes, line_peak
 from .offline import prefetch
+from .ops import reveal_to
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
 from .secure_vit import CLIENT, OWNER, SecureViT
 from .settings import SecureSettings
@@ -151,19 +152,6 @@ def decode_json(data: bytes, peer: str) -> Any:
         return json.loads(data.decode())
     except (UnicodeDecodeError, ValueError):
         raise PeerError(f'the {peer} sent a message that is not JSON ({len(data)} bytes)') from None
-
-
-def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
-    """Open the secret-shared ``x`` to party ``dst`` only: the other party sends its share point to point.
-
-    CrypTen's ``get_plain_text(dst=...)`` goes through ``torch.distributed.reduce``, which gloo runs as a ring
-    reduce-scatter and gather: the non-receiving party keeps a fully reduced chunk (about half of the values).
-    """
-    share = x.share.contiguous()
-    if comm.get_rank() != dst:
-        comm.send(share, dst)
-        return None
-    return x.encoder.decode(share + comm.recv(torch.empty_like(share), src=1 - dst))
 
 
 def lost_peer(message: str) -> bool:
@@ -382,10 +370,24 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
                             f'({type(e).__name__}: {_first_line(e)})') from e
         raise
     finally:
+        _release(crypten, failed=sys.exc_info()[0] is not None, seconds=settings.timeout_s)
+
+
+def _release(crypten: Any, failed: bool, seconds: float) -> None:
+    """CrypTen's teardown. After a failure it is bounded (``seconds`` at most): gloo's teardown can wait on an
+    operation still pending with a lost peer, up to that operation's own timeout, and the error must reach the
+    caller first; a teardown still running then is left to the process's end."""
+    def uninit() -> None:
         try:
             crypten.uninit()
         except Exception:  # the peer may be gone already; nothing left to release
             pass
+    if not failed:
+        uninit()
+        return
+    worker = threading.Thread(target=uninit, daemon=True)
+    worker.start()
+    worker.join(min(seconds, 5.0))
 
 
 def _approve_dealer(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings, batches: List[int],

@@ -25,7 +25,7 @@ from typing import Any, Deque, Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import DealerError
+from .errors import DealerError, PeerError
 from .secure_vit import CLIENT, OWNER
 
 __all__ = ['DEALER', 'DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
@@ -115,15 +115,22 @@ def _send_json(obj: Any, dst: int, group: Any) -> int:
     return len(data) + 4
 
 
+def decode_json(data: bytes, peer: str) -> Any:
+    """A JSON message from ``peer`` (over any engine's link), or PeerError: it is never run as code."""
+    try:
+        return json.loads(data.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise PeerError(f'the {peer} sent a message that is not JSON ({len(data)} bytes)') from None
+
+
 def _recv_json(src: int, group: Any) -> Any:
     data = _recv_bytes(src, group)
     if data == _TERMINATE:
         return 'terminate'
     try:
-        return json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError):
-        raise DealerError(f'the {_ROLE[src]} sent a message that is not JSON ({len(data)} '
-                          f'bytes; a pickled CrypTen request?)') from None
+        return decode_json(data, _ROLE[src])
+    except PeerError as e:
+        raise DealerError(f'{e}; a pickled CrypTen request?') from None
 
 
 class DealerLink:

@@ -25,7 +25,7 @@ from ..cost.profile import CostMeter, CostProfile
 from ..utils import end_process
 from .admission import admit, bind_rendezvous, check_secret
 from .crypten_compat import import_crypten, init_crypten, set_process_group_timeout
-from .dealer import DEALER, FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
+from .dealer import DEALER, FRAME_LIMIT, DealerLink, decode_json, serve_dealer, verify_dealer
 from .dry_run import dry_run
 from .engines import get_engine
 from .errors import DealerError, PeerError
@@ -144,14 +144,6 @@ def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
         data = torch.zeros(int(size.item()), dtype=torch.uint8)
     dist.broadcast(data, src, group=group)
     return decode_json(data.numpy().tobytes(), ROLES[src])
-
-
-def decode_json(data: bytes, peer: str) -> Any:
-    """A JSON message from ``peer`` (any engine's link), or PeerError: it is never run as code."""
-    try:
-        return json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError):
-        raise PeerError(f'the {peer} sent a message that is not JSON ({len(data)} bytes)') from None
 
 
 def lost_peer(message: str) -> bool:

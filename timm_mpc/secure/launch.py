@@ -4,11 +4,13 @@ import queue as queue_lib
 import random
 import socket
 import sys
+import threading
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from functools import partial
+from multiprocessing.connection import wait as wait_for_pipes
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -87,21 +89,33 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], results: Any,
+class PartyReports:
+    """A party's reports to the process that started it, over a pipe of its own: a process killed while it writes
+    takes only its own channel down (a queue shared by the parties would keep its write lock, and every other
+    party's report would wait on it for ever)."""
+
+    def __init__(self, role: str, pipe: Any) -> None:
+        self.role, self.pipe, self.lock = role, pipe, threading.Lock()
+
+    def put(self, status: str, value: Any) -> None:
+        with self.lock:  # the watchdog's thread may report while the protocol's thread does
+            self.pipe.send((status, value))
+
+
+def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], pipe: Any,
                    kind_modules: Tuple[str, ...] = (), commands: Any = None) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
     import_kind_modules(kind_modules)  # attention kinds registered outside timm-mpc, as in the parent
+    reports = PartyReports(role, pipe)
 
     def report_timeout(message: str) -> None:  # the watchdog ends this process right after
-        results.put((role, 'error', message))
-        results.close()
-        results.join_thread()
+        reports.put('error', message)
 
     try:
         settings_ = SecureSettings.from_dict(settings)
         engine = get_engine(settings_.engine).load()
         # a session's parties hand over each request's result and wait for the next (:mod:`.session`)
-        link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(role, results, commands))
+        link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(reports, commands))
         if role == 'owner':
             result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, payload['secret'],
                                       on_timeout=report_timeout, requests=payload['requests'], **link)
@@ -109,21 +123,20 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
             result = engine.run_client(rendezvous, payload['images'], settings_, payload['secret'],
                                        on_timeout=report_timeout,
                                        batch_size=payload['batch_size'],
-                                       on_batch=lambda n: results.put((role, 'batch', n)),
-                                       on_layer=lambda: results.put((role, 'layer', 1)),
+                                       on_batch=lambda n: reports.put('batch', n),
+                                       on_layer=lambda: reports.put('layer', 1),
                                        **({} if payload['requests'] is None else dict(requests=payload['requests'])),
                                        **link)
         else:
             run_dealer(rendezvous, settings_, payload['secret'], on_timeout=report_timeout)
             result = None
         if link:
-            results.put((role, 'closed', None))  # its results went out with each request
+            reports.put('closed', None)  # its results went out with each request
         else:
-            results.put((role, 'ok', by_value(result)))
+            reports.put('ok', by_value(result))
     except BaseException as e:  # report every failure to the parent, then exit non-zero
-        results.put((role, 'error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}'))
-        results.close()  # the report reaches the parent before an engine that cannot be torn down ends the process
-        results.join_thread()
+        # sent before an engine that cannot be torn down ends the process
+        reports.put('error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}')
         exit_after_failure(1)
         raise SystemExit(1)
 
@@ -136,14 +149,15 @@ def by_value(result: Optional[PartyResult]) -> Optional[PartyResult]:
 
 
 class QueueLink(SessionLink):
-    """A session party's link to the process that started it: results out, requests in, over two queues."""
+    """A session party's link to the process that started it: results out over its reports, requests in over a
+    queue of its own."""
 
-    def __init__(self, role: str, results: Any, commands: Any) -> None:
-        self.role, self.results, self.commands = role, results, commands
+    def __init__(self, reports: PartyReports, commands: Any) -> None:
+        self.reports, self.commands = reports, commands
         self.parent = os.getppid()
 
     def deliver(self, result: PartyResult) -> None:
-        self.results.put((self.role, 'ok', by_value(result)))
+        self.reports.put('ok', by_value(result))
 
     def next_request(self, keepalive: Optional[Any], interval_s: float) -> Optional[Dict[str, Any]]:
         while True:
@@ -158,10 +172,10 @@ class QueueLink(SessionLink):
 
 @dataclass
 class LocalParties:
-    """The processes of a local secure run (owner, client, dealer where the engine has one), their result queue, and,
-    for a session, each party's queue of requests."""
+    """The processes of a local secure run (owner, client, dealer where the engine has one), the read end of each
+    one's reports (:class:`PartyReports`), and, for a session, each party's queue of requests."""
     procs: Dict[str, Any]
-    results: Any
+    reports: Dict[str, Any]
     commands: Dict[str, Any]
     settings: SecureSettings
 
@@ -169,7 +183,6 @@ class LocalParties:
     def start(cls, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], images: torch.Tensor,
               settings: SecureSettings, batch_size: Optional[int], session: bool = False) -> 'LocalParties':
         ctx = process_context()
-        results = ctx.Queue()
         rendezvous = f'tcp://127.0.0.1:{free_ports(2)[0]}'  # SPU's client listens on the next port
         # the owner's process is a daemon and cannot start the dry run's processes itself: they run here
         # the client's own record of the plan's dealer requests: the same dry runs (one user runs both parties here)
@@ -181,11 +194,14 @@ class LocalParties:
         roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
         commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
         modules = kind_modules()
+        pipes = {role: ctx.Pipe(duplex=False) for role in roles}
         procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
-            role, rendezvous, settings.to_dict(), payloads[role], results, modules, commands.get(role)))
+            role, rendezvous, settings.to_dict(), payloads[role], pipes[role][1], modules, commands.get(role)))
             for role in roles}
         start_processes(list(procs.values()), modules)
-        return cls(procs, results, commands, settings)
+        for _, sender in pipes.values():  # a party's pipe ends (EOF here) when its process does
+            sender.close()
+        return cls(procs, {role: reader for role, (reader, _) in pipes.items()}, commands, settings)
 
     def collect(self, roles: List[str], plan: Optional[SecurePlan] = None, count: int = 0,
                 batch_size: Optional[int] = None) -> Dict[str, Any]:
@@ -196,6 +212,7 @@ class LocalParties:
         outcomes: Dict[str, Any] = {}
         errors: List[str] = []
         deadline: Optional[float] = None
+        ended = set()
         # the others fail on their next message, at the latest when a wait times out; the client may wait on the
         # dealer while the dealer waits on the owner: two timeouts, and headroom to report
         timeout_s = 2 * self.settings.timeout_s + 5
@@ -205,26 +222,35 @@ class LocalParties:
         done = 0
         try:
             while any(role not in outcomes for role in roles):
-                try:
-                    role, status, value = self.results.get(timeout=0.5)
+                waiting = {self.reports[role]: role for role in roles if role not in outcomes}
+                ready = wait_for_pipes(list(waiting), timeout=0.5)
+                for pipe in ready:
+                    role = waiting[pipe]
+                    try:
+                        status, value = pipe.recv()
+                    except EOFError:  # its process ended: its exit code below
+                        self.procs[role].join(timeout=5)
+                        ended.add(role)
+                        continue
                     if status == 'layer':
                         bar.update(value)
-                        continue
-                    if status == 'batch':
+                    elif status == 'batch':
                         done += value
                         bar.set_postfix_str(f'images {done}/{count}')
-                        continue
-                    outcomes[role] = value
-                    if status == 'error':
-                        errors.append(f'party {role} failed: {value.strip()}')
-                        deadline = deadline or time.monotonic() + timeout_s
-                except queue_lib.Empty:
-                    dead = [r for r, p in self.procs.items() if r not in outcomes and p.exitcode is not None]
-                    for role in dead:
-                        outcomes[role] = None
-                        errors.append(f'party {role} exited with code {self.procs[role].exitcode} without a result')
-                    if dead:
-                        deadline = deadline or time.monotonic() + timeout_s
+                    else:
+                        outcomes[role] = value
+                        if status == 'error':
+                            errors.append(f'party {role} failed: {value.strip()}')
+                            deadline = deadline or time.monotonic() + timeout_s
+                # a process that ended with nothing left unread (its pipe may still be open in a process forked
+                # beside it, so an end of file need not come)
+                dead = [r for r in waiting.values() if r not in outcomes and self.procs[r].exitcode is not None
+                        and (r in ended or not self.reports[r].poll())]
+                for role in dead:
+                    outcomes[role] = None
+                    errors.append(f'party {role} exited with code {self.procs[role].exitcode} without a result')
+                if dead:
+                    deadline = deadline or time.monotonic() + timeout_s
                 if deadline is not None and time.monotonic() > deadline:
                     missing = [r for r in roles if r not in outcomes]
                     errors.append(f'parties {missing} still running {timeout_s:.0f} s after the failure; stopped')

@@ -324,6 +324,21 @@ def test_a_corrupt_plan_is_refused_for_its_values(path, value, match):
         SecurePlan.from_dict(json.loads(json.dumps(_corrupt(wire, path, value))))  # JSON carries NaN and Infinity
 
 
+def test_the_plan_the_client_reads_is_the_owners_byte_for_byte():
+    """The plan read back from the wire serializes exactly as the owner's (no 4 for a 4.0): the client's dry runs
+    of it are then the owner's, found in the cache on one machine instead of run again."""
+    import json
+    from timm_mpc.secure import SecurePlan, build_secure_plan
+    from timm_mpc.secure.dry_run import _cache_key
+    from small_models import MIXED, random_images, small_mpcvit
+    settings = SecureSettings()
+    plan = build_secure_plan(small_mpcvit(attn_pattern=MIXED), settings, random_images(4))  # calibrated schedules
+    assert plan.schedules
+    read = SecurePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert json.dumps(read.to_dict(), sort_keys=True) == json.dumps(plan.to_dict(), sort_keys=True)
+    assert _cache_key(read, settings, 2) == _cache_key(plan, settings, 2)
+
+
 def test_a_plan_of_100000_blocks_is_refused_before_it_is_read():
     import json
     from timm_mpc.secure import PlanError, SecurePlan, build_secure_plan

@@ -693,7 +693,7 @@ def _schedule(low: Optional[float], high: Optional[float], domain: Dict[int, Tup
     if not settings.range_scaling or high is None:
         return Schedule(scale=1.0, iters=default_iters)
     scale, iters = ops.newton_schedule(low, high * margin, domain, min(domain))
-    return Schedule(scale=scale, iters=iters)
+    return Schedule(scale=float(scale), iters=iters)  # a float as read back: the client's plan is the owner's, byte for byte
 
 
 def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],

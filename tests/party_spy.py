@@ -438,24 +438,9 @@ _deliver = launch.QueueLink.deliver
 
 
 def _spied_deliver(self, result):
-    save_view(_view, {out!r} + f'/{{self.role}}_view.pt')
+    save_view(_view, {out!r} + f'/{{self.reports.role}}_view.pt')
     _deliver(self, result)
 
 
 launch.QueueLink.deliver = _spied_deliver
 '''
-
-
-def spied_cli_command(view_path: str, *args: str) -> List[str]:
-    """The command line of ``timm-mpc ARGS`` in a process that records its view (to ``view_path`` when it ends)."""
-    tests = str(Path(__file__).parent)
-    return [sys.executable, '-c', f'import sys; sys.path.insert(0, {tests!r}); import party_spy; party_spy._spied_cli()',
-            view_path, *args]
-
-
-def _spied_cli() -> None:
-    from timm_mpc.cli import main
-    view = record_view()
-    code = main(sys.argv[2:])
-    save_view(view, sys.argv[1])
-    raise SystemExit(code)

@@ -17,7 +17,8 @@ from timm_mpc.secure import SecureSettings, secure_predict
 from timm_mpc.secure.launch import free_port
 from timm_mpc.secure.secure_vit import patchify
 
-from party_spy import best_reconstruction, held_values, load_view, secret_file, spied_cli_command
+from cli_process import CliProcess
+from party_spy import best_reconstruction, held_values, load_view, secret_file
 from small_models import MIXED, random_images, small_mpcvit
 
 pytestmark = pytest.mark.slow  # real party processes
@@ -111,12 +112,20 @@ def _offline():  # --pretrained reads the checkout at once: no Hub here to wait 
     return dict(os.environ, HF_HUB_OFFLINE='1')
 
 
+def _party_args(*args):
+    return ['party', '--secret-file', secret_file(), *args]
+
+
 def _party_cmd(*args):
-    return [sys.executable, '-m', 'timm_mpc', 'party', '--secret-file', secret_file(), *args]
+    return [sys.executable, '-m', 'timm_mpc', *_party_args(*args)]
 
 
-def _start(*args, **kwargs):
+def _start(*args, **kwargs):  # the console script in a fresh interpreter, as a user starts it
     return subprocess.Popen(_party_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _party(*args, **kwargs):  # the CLI's main in a process forked with everything imported (tests/cli_process.py)
+    return CliProcess(*_party_args(*args), **kwargs)
 
 
 def test_three_terminal_example_and_a_killed_owner(tmp_path):
@@ -142,13 +151,10 @@ def test_three_terminal_example_and_a_killed_owner(tmp_path):
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     common = ['--rendezvous', rendezvous, '--timeout', '10']
     # batches of one as above (the owner's dry run is cached), four of them: seconds of protocol to die in
-    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_offline())
-    dealer = _start('--rank', '2', *common)
-    client = _start('--rank', '1', '--batch', '4', '--batch-size', '1', *common)
-    for line in owner.stdout:
-        if 'connected to the other party' in line:
-            break
+    owner = _party('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common)
+    dealer = _party('--rank', '2', *common)
+    client = _party('--rank', '1', '--batch', '4', '--batch-size', '1', *common)
+    owner.wait_for_output('connected to the other party', timeout=120)
     time.sleep(2)  # into the protocol: the client has shared its images and waits on the owner
     owner.kill()
     _, err = client.communicate(timeout=120)  # a bound on the wait: the client's own is about 2 x --timeout
@@ -174,22 +180,21 @@ def test_party_client_refuses_out_of_range_images_or_clamps_them(tmp_path):
         # in the other parties' tests
         common = ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '60']
         # the owner's process records everything it holds (the spy on `timm-mpc party`)
-        owner = subprocess.Popen(spied_cli_command(str(tmp_path / f'owner_view_{factor:g}.pt'), *_party_cmd(
-            *owner_args, *common)[3:]), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        dealer = _start('--rank', '2', *common)
-        client = subprocess.run(_party_cmd('--rank', '1', '--images', str(tmp_path / 'images.pt'), '--json',
-                                           str(tmp_path / 'client.json'), *extra, *common),
-                                capture_output=True, text=True, timeout=240)
-        outcomes[name] = (client, owner.communicate(timeout=60), dealer.communicate(timeout=60), dealer.returncode)
-    client, (_, owner_err), (_, dealer_err), dealer_code = outcomes['x10']
-    assert client.returncode == 2 and 'refused' in client.stderr and 'leave the model\'s input range' in client.stderr
-    assert 'Traceback' not in client.stderr + owner_err + dealer_err
+        owner = _party(*owner_args, *common, view_path=str(tmp_path / f'owner_view_{factor:g}.pt'))
+        dealer = _party('--rank', '2', *common)
+        client = _party('--rank', '1', '--images', str(tmp_path / 'images.pt'), '--json', str(tmp_path / 'client.json'),
+                        *extra, *common)
+        outcomes[name] = (client, client.communicate(timeout=240), owner.communicate(timeout=60),
+                          dealer.communicate(timeout=60), dealer.returncode)
+    client, (_, client_err), (_, owner_err), (_, dealer_err), dealer_code = outcomes['x10']
+    assert client.returncode == 2 and 'refused' in client_err and 'leave the model\'s input range' in client_err
+    assert 'Traceback' not in client_err + owner_err + dealer_err
     assert 'the client refused the plan before sharing anything' in owner_err, owner_err[-2000:]
     # the dealer does not end as after a finished protocol
     assert dealer_code == 2 and 'the owner stopped the protocol after a failure' in dealer_err, dealer_err[-2000:]
     assert 'input size or input bounds' in owner_err and 'channel' not in owner_err  # nothing of the images' values
-    client, (_, owner_err), (_, dealer_err), _ = outcomes['x1e6 clamped']
-    assert client.returncode == 0, (client.stderr[-2000:], owner_err[-2000:], dealer_err[-1000:])
+    client, (_, client_err), (_, owner_err), (_, dealer_err), _ = outcomes['x1e6 clamped']
+    assert client.returncode == 0, (client_err[-2000:], owner_err[-2000:], dealer_err[-1000:])
     logits = torch.tensor(json.loads((tmp_path / 'client.json').read_text())['logits'])
     clamped = (images * 1e6).clamp(-0.286 / 0.353, 0.714 / 0.353)
     with torch.no_grad():
@@ -207,42 +212,36 @@ def test_client_against_a_suspended_owner_or_a_silent_listener_stops_within_its_
     import signal
     import socket
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'scaling', '--rendezvous', rendezvous,
+    owner = _party('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'scaling', '--rendezvous', rendezvous,
                    '--timeout', '60')
     listener = socket.socket()
     listener.bind(('127.0.0.1', 0))
     listener.listen()  # accepts connections (the kernel does), never answers
     try:
-        for line in owner.stdout:
-            if 'waiting for the client' in line:
-                break
+        owner.wait_for_output('waiting for the client', timeout=120)
         time.sleep(1)  # the owner listens: suspended there, it accepts connections and never answers
         owner.send_signal(signal.SIGSTOP)
         for address in (rendezvous, f'tcp://127.0.0.1:{listener.getsockname()[1]}'):
-            client = _start('--rank', '1', '--rendezvous', address, '--timeout', '4')
-            for line in client.stdout:  # from the moment it starts to meet the owner (not Python's start-up)
-                if 'meeting the owner' in line:
-                    break
+            client = _party('--rank', '1', '--rendezvous', address, '--timeout', '4')
             _, err = client.communicate(timeout=120)  # a bound on the wait: the client gives up after its --timeout
             assert client.returncode == 2 and 'could not meet the other party and the dealer' in err, err[-2000:]
     finally:
         listener.close()
         owner.send_signal(signal.SIGCONT)
         owner.kill()
-        owner.communicate()
 
 
 def test_party_refuses_the_insecure_owner_as_dealer_setting(capsys):
     # refused before anything starts: in this process
-    assert main(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE')[3:]) == 2
+    assert main(_party_args('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE')) == 2
     assert 'refuses --provider TFP_INSECURE' in capsys.readouterr().err
 
 
 def test_unreachable_rendezvous_is_a_clear_error_within_the_timeout():
-    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3'),
-                            capture_output=True, text=True, timeout=120)  # a bound on the wait: a hang meets it
-    assert result.returncode == 2
-    assert 'could not meet the other party' in result.stderr and 'within 3 s' in result.stderr
+    client = _party('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3')
+    _, err = client.communicate(timeout=120)  # a bound on the wait: a hang meets it
+    assert client.returncode == 2
+    assert 'could not meet the other party' in err and 'within 3 s' in err, err[-2000:]
 
 
 def test_bench_writes_per_layer_costs_and_ratios(tmp_path, capsys):
@@ -346,5 +345,5 @@ def test_the_readme_secure_predict_example_runs_as_a_script_without_a_main_guard
     script.write_text(example + "print('script ran', flush=True)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count('script ran') == 1 and 'tensor(' in done.stdout
+    assert done.stdout.count('script ran') == 1 and 'tensor([9]) tensor([9])' in done.stdout  # as the README says
     assert 'bootstrapping' not in done.stderr

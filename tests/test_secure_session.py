@@ -20,12 +20,12 @@ def test_calls_of_a_session_reuse_its_processes_and_match_plain_text(model):
     images = random_images(5)
     with torch.no_grad():
         plain = model(images)
-    # the idle wait below outlasts the timeout, so the owner must keep the dealer's connection alive (20 s: a
+    # the idle wait below outlasts the timeout, so the owner must keep the dealer's connection alive (10 s: a
     # message of this model takes milliseconds, even on a loaded machine)
-    with SecureSession(model, SecureSettings(timeout_s=20)) as session:
+    with SecureSession(model, SecureSettings(timeout_s=10)) as session:
         first = session.predict(images[:2], return_result=True)
         pids = {role: p.pid for role, p in session._parties.procs.items()}
-        time.sleep(25)  # idle for longer than the timeout
+        time.sleep(12)  # idle for longer than the timeout
         second = session.predict(images[2:], batch_size=2, return_result=True)  # batches of 2 and 1: new sizes
         third = session.predict(images[:2], return_result=True)
         assert {role: p.pid for role, p in session._parties.procs.items()} == pids and session.calls == 3

@@ -3,8 +3,6 @@
 CHEETAH (dealer-free) runs a tiny model; SEMI2K (the owner deals: cost only) a small one. SPU's OT setup and
 per-operation programs make even tiny CHEETAH runs take tens of seconds on two cores.
 """
-import subprocess
-import sys
 import time
 import warnings
 
@@ -19,6 +17,7 @@ from timm_mpc.secure.engines import ENGINES, get_engine
 from timm_mpc.secure.launch import free_port
 from timm_mpc.secure.spu_party import spu_addresses
 
+from cli_process import CliProcess
 from party_spy import listening_sockets, secret_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.spu]  # real party processes; skipped only where SPU is not installed
@@ -86,23 +85,27 @@ def test_engine_and_protocol_are_checked_before_anything_starts():
     assert spu_addresses('tcp://10.0.0.1:5000', 'client.lan:7000') == ['10.0.0.1:5000', 'client.lan:7000']
 
 
-def _party_cmd(*args):
-    return [sys.executable, '-m', 'timm_mpc', 'party', '--engine', 'spu', '--secret-file', secret_file(), *args]
+def _party_args(*args):
+    return ['party', '--engine', 'spu', '--secret-file', secret_file(), *args]
+
+
+def _party(*args):  # the CLI's main in a process forked with everything imported (tests/cli_process.py)
+    return CliProcess(*_party_args(*args))
 
 
 def test_party_refuses_semi2k_and_a_dealer_rank(capsys):
     # refused before anything starts: in this process
-    assert main(_party_cmd('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--protocol', 'semi2k')[3:]) == 2
+    assert main(_party_args('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--protocol', 'semi2k')) == 2
     assert 'refuses --engine spu --protocol semi2k' in capsys.readouterr().err
-    result = subprocess.run(_party_cmd('--rank', '2', '--rendezvous', 'tcp://127.0.0.1:1'),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and 'has no dealer' in result.stderr
+    dealer = _party('--rank', '2', '--rendezvous', 'tcp://127.0.0.1:1')
+    _, err = dealer.communicate(timeout=120)
+    assert dealer.returncode == 2 and 'has no dealer' in err, err[-2000:]
 
 
 def test_a_client_without_its_owner_stops_within_its_timeout():
-    result = subprocess.run(_party_cmd('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3'),
-                            capture_output=True, text=True, timeout=120)  # a bound on the wait: a hang meets it
-    assert result.returncode == 2 and 'could not meet the other party' in result.stderr, result.stderr[-2000:]
+    client = _party('--rank', '1', '--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--timeout', '3')
+    _, err = client.communicate(timeout=120)  # a bound on the wait: a hang meets it
+    assert client.returncode == 2 and 'could not meet the other party' in err, err[-2000:]
 
 
 def test_two_terminal_spu_parties_and_bench(tmp_path, capsys):
@@ -110,16 +113,15 @@ def test_two_terminal_spu_parties_and_bench(tmp_path, capsys):
     port = free_port()
     common = ['--rendezvous', f'tcp://127.0.0.1:{port}', '--client-address', f'127.0.0.1:{free_port()}',
               '--protocol', 'cheetah', '--timeout', '60']
-    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--model-kwargs',
-                                        '{"depth": 1, "embed_dim": 16, "img_size": 8}', '--pattern', 'scaling',
-                                        *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    owner = _party('--rank', '0', '--model', 'mpcvit_tiny', '--model-kwargs',
+                   '{"depth": 1, "embed_dim": 16, "img_size": 8}', '--pattern', 'scaling', *common)
     images = tmp_path / 'images.pt'
     torch.save(_images(1, 8), images)
-    client = subprocess.run(_party_cmd('--rank', '1', '--images', str(images), *common),
-                            capture_output=True, text=True, timeout=300)
+    client = _party('--rank', '1', '--images', str(images), *common)
+    client_out, client_err = client.communicate(timeout=300)
     out, err = owner.communicate(timeout=60)
-    assert owner.returncode == 0 and client.returncode == 0, err[-2000:] + client.stderr[-2000:]
-    assert 'predicted classes' in client.stdout and 'holds no logit' in out
+    assert owner.returncode == 0 and client.returncode == 0, err[-2000:] + client_err[-2000:]
+    assert 'predicted classes' in client_out and 'holds no logit' in out
 
     report = tmp_path / 'bench.json'
     with pytest.warns(InsecureSettingWarning):
@@ -207,13 +209,9 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
 def test_a_killed_owner_ends_the_client_with_a_clear_error_within_its_timeout():
     common = ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--client-address', f'127.0.0.1:{free_port()}',
               '--timeout', '10']
-    owner = subprocess.Popen(_party_cmd('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'softmax', *common),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = subprocess.Popen(_party_cmd('--rank', '1', '--batch', '8', *common), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    for line in owner.stdout:
-        if 'connected to the other party' in line:
-            break
+    owner = _party('--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'softmax', *common)
+    client = _party('--rank', '1', '--batch', '8', *common)
+    owner.wait_for_output('connected to the other party', timeout=120)
     time.sleep(3)  # into the protocol: the client has shared its images and waits on the owner
     owner.kill()
     _, err = client.communicate(timeout=120)  # a bound on the wait: the client's own is about 2 x --timeout

@@ -298,23 +298,21 @@ def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
 
 
 @pytest.mark.slow
-def test_progress_bars_follow_tqdm_environment_and_hide_on_other_ranks():
-    """TQDM_DISABLE=1 hides the bars (tqdm reads it at import, so in a fresh process); a rank other than the
-    first never shows one."""
+def test_progress_bars_follow_tqdm_environment_and_hide_on_other_ranks(capsys):
+    """A rank other than the first never shows a bar; TQDM_DISABLE=1 hides them all (tqdm reads it at import, so in
+    a fresh process)."""
     import os
     import subprocess
     import sys
-    code = ('from timm_mpc.utils import progress; list(progress(range(3), True, desc="first rank")); '
-            'list(progress(range(3), False, desc="other rank"))')
-
-    def stderr(**env: str) -> str:
-        done = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env),
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stderr
-    shown = stderr(TQDM_DISABLE='')
+    from timm_mpc.utils import progress
+    list(progress(range(3), True, desc='first rank'))
+    list(progress(range(3), False, desc='other rank'))
+    shown = capsys.readouterr().err
     assert 'first rank: 100%' in shown and 'other rank' not in shown
-    assert 'rank' not in stderr(TQDM_DISABLE='1')
+    code = 'from timm_mpc.utils import progress; list(progress(range(3), True, desc="first rank"))'
+    done = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, TQDM_DISABLE='1'),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and 'rank' not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.slow

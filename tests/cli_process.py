@@ -2,7 +2,7 @@
 once (:func:`timm_mpc.secure.local_run.process_context`, the server local parties start from): the CLI's own
 ``main``, its argument parsing, output and exit code, over real links, without a fresh interpreter's imports
 (about 9 s of a core each on a 2-core machine). The environment is the server's, as it was when the run started.
-Tests about the console script itself start a fresh interpreter (the README's three terminals, the module entry
+Tests about the console script itself start a fresh interpreter (the three terminals of docs/secure.md, the module entry
 point)."""
 import os
 import subprocess

@@ -317,7 +317,7 @@ def test_progress_bars_follow_tqdm_environment_and_hide_on_other_ranks(capsys):
 
 @pytest.mark.slow
 def test_the_recipe_on_your_own_timm_vit_end_to_end(debian_fmnist, tmp_path, capsys):
-    """The README's own-ViT example on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
+    """The own-ViT example of docs/training.md on a tiny configuration: vit_tiny_patch16_224 at 32×32 on Fashion-MNIST, a
     teacher run of the same architecture, the search, μ = 0.5, retraining with distillation from the teacher,
     evaluation in plain text and under MPC, publishing to a folder and loading it back the timm way."""
     vit = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)  # the classes: the dataset's, then the weights'

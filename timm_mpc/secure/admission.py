@@ -11,7 +11,7 @@ refused, and told so, before the plan, the settings or any share is sent. The se
 client and the dealer out of band (:func:`write_secret`, ``timm-mpc secret``), or made here for a local run.
 
 This closes the door to strangers; it does not protect the links themselves: whoever can read or rewrite the
-traffic between admitted parties can still read or corrupt the run (see the README's *Security*).
+traffic between admitted parties can still read or corrupt the run (see docs/security.md).
 """
 import hashlib
 import hmac

@@ -1,5 +1,5 @@
-"""The README's table of the published checkpoints, from their measured results.json (written by
-hub_checkpoints.sh). Measures nothing.
+"""The table of the published checkpoints (docs/models.md), from their measured results.json (written by
+hub_checkpoints.sh), printed and written to benchmarks/results/pretrained.md. Measures nothing.
 
     python benchmarks/hub_table.py [checkpoints/timm-mpc]
 """
@@ -33,12 +33,15 @@ def row(name: str, results: dict) -> str:
 
 def main() -> None:
     root = Path(sys.argv[1] if len(sys.argv) > 1 else 'checkpoints/timm-mpc')
-    print('| tag | heads RS/SC/SM | top-1 (%) | under MPC (%, agreement, max logit error) | images under MPC | rounds | '
-          'MB | dealer MB | LAN (s) | all-Softmax LAN (s) | saving |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
-    for tag in ORDER:
-        name = f'mpcvit_tiny.{tag}'
-        print(row(name, json.loads((root / name / 'results.json').read_text())))
+    lines = ['| tag | heads RS/SC/SM | top-1 (%) | under MPC (%, agreement, max logit error) | images under MPC | rounds | '
+             'MB | dealer MB | LAN (s) | all-Softmax LAN (s) | saving |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+    lines += [row(f'mpcvit_tiny.{tag}', json.loads((root / f'mpcvit_tiny.{tag}' / 'results.json').read_text()))
+              for tag in ORDER]
+    table = '\n'.join(lines) + '\n'
+    print(table, end='')
+    out = Path(__file__).parent / 'results' / 'pretrained.md'
+    out.write_text(table)
 
 
 if __name__ == '__main__':

@@ -85,7 +85,8 @@ def test_fx_trace_and_compile_without_graph_breaks(name, pattern):
 
 @pytest.mark.slow
 def test_compile_with_inductor_gives_eager_logits():
-    model = _model('mpcvit_small', 'mpcvit_plus', depth=2).eval()  # every kind and GeLU token kind: inductor's work grows with depth
+    # one block of four heads holds every kind and both GeLU token kinds: inductor's work grows with the graph
+    model = _model('mpcvit_tiny', 'mpcvit_plus', depth=1).eval()
     x = _input(model)
     with torch.no_grad():
         eager = model(x)

@@ -101,6 +101,12 @@ class PartyReports:
         with self.lock:  # the watchdog's thread may report while the protocol's thread does
             self.pipe.send((status, value))
 
+    def wait_for_release(self, timeout_s: float) -> None:
+        """After the last report, stay until every party has reported (the parent closes the pipe) or ``timeout_s``
+        passes: a party that ends at once can leave the other's last message unanswered (SPU's link retries an
+        unanswered closing message until it gives up, long after a run that succeeded)."""
+        self.pipe.poll(timeout_s)
+
 
 def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], pipe: Any,
                    kind_modules: Tuple[str, ...] = (), commands: Any = None) -> None:
@@ -134,6 +140,7 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
             reports.put('closed', None)  # its results went out with each request
         else:
             reports.put('ok', by_value(result))
+        reports.wait_for_release(settings_.timeout_s)
     except BaseException as e:  # report every failure to the parent, then exit non-zero
         # sent before an engine that cannot be torn down ends the process
         reports.put('error', f'{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}')
@@ -194,7 +201,7 @@ class LocalParties:
         roles = ['owner', 'client'] + (['dealer'] if settings.dealer else [])
         commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
         modules = kind_modules()
-        pipes = {role: ctx.Pipe(duplex=False) for role in roles}
+        pipes = {role: ctx.Pipe() for role in roles}  # reports in; closed here: every party may end
         procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
             role, rendezvous, settings.to_dict(), payloads[role], pipes[role][1], modules, commands.get(role)))
             for role in roles}
@@ -263,7 +270,10 @@ class LocalParties:
         return outcomes
 
     def stop(self) -> None:
-        """Wait a little for the processes to end, then end them."""
+        """Release the processes (:meth:`PartyReports.wait_for_release`), wait a little for them to end, then end
+        them."""
+        for pipe in self.reports.values():
+            pipe.close()
         for p in self.procs.values():
             p.join(timeout=5)
         self.terminate(self.procs)

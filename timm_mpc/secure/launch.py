@@ -103,8 +103,8 @@ class PartyReports:
 
     def wait_for_release(self, timeout_s: float) -> None:
         """After the last report, stay until every party has reported (the parent closes the pipe) or ``timeout_s``
-        passes: a party that ends at once can leave the other's last message unanswered (SPU's link retries an
-        unanswered closing message until it gives up, long after a run that succeeded)."""
+        passes: a party that ended at once could leave the other still closing its link to it (SPU's link then
+        retries until it gives up, long after a run that succeeded)."""
         self.pipe.poll(timeout_s)
 
 

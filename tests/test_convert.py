@@ -75,8 +75,9 @@ def test_every_kind_runs_forward_and_backward(family, kind):
     grads = [p.grad for n, p in model.named_parameters() if n.endswith('qkv.weight') or n.endswith('q_proj.weight')]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     if kind == 'search':
-        alphas = [p for n, p in model.named_parameters() if n.endswith('heads.alpha')]
+        alphas = [b for n, b in model.named_buffers() if n.endswith('heads.alpha')]
         assert alphas and all(a.grad is not None for a in alphas)
+        assert {id(a) for a in alphas} == {id(t) for t in timm_mpc.layers.searched_tensors(model)}
     # the kind is what the real forward path uses: the weights of the first attention layer are that kind's
     heads = next(m for m in model.modules() if isinstance(m, timm_mpc.HeadKinds))
     seen = {}

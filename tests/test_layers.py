@@ -8,7 +8,7 @@ from timm.layers import Attention, Mlp
 import timm_mpc
 from timm_mpc.layers import (
     HeadKinds, LinearizableMlp, MPCAttention, QuadGELU, quad2_weights, relu_softmax_weights, scaling_weights,
-    softmax_weights,
+    searched_tensors, softmax_weights,
 )
 
 SCORES = torch.tensor([[[[1.0, -2.0, 3.0], [0.0, 0.0, 0.0]]]])  # (B=1, H=1, Nq=2, Nk=3)
@@ -52,6 +52,21 @@ def test_search_mode_mixes_relu_softmax_and_scaling_with_alpha():
     assert torch.allclose(out[:, 1:], relu_softmax_weights(scores[:, 1:]))
     out.sum().backward()
     assert heads.alpha.grad is not None and heads.alpha.grad.shape == (1, 2, 1, 1)
+
+
+@pytest.mark.parametrize('pattern', ['search', 'relu_softmax'])
+def test_searched_values_are_buffers_that_stay_trainable_leaves_across_moves(pattern):
+    """α and β are no parameters (a fixed pattern leaves them unused, and timm's tests and DDP want a gradient for
+    every parameter); in search mode they stay leaves that require a gradient after a dtype or device move."""
+    model = timm.create_model('mpcvit_tiny', depth=2, attn_pattern=pattern, gelu_pattern=pattern.replace('relu_softmax', 'gelu'))
+    assert not any(n.endswith(('.alpha', '.beta')) for n, _ in model.named_parameters())
+    model.to(torch.float64)
+    searched = searched_tensors(model)
+    assert len(searched) == (4 if pattern == 'search' else 0)
+    assert all(t.is_leaf and t.requires_grad and t.dtype == torch.float64 for t in searched)
+    model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).sum().backward()
+    assert all(t.grad is not None for t in searched)
+    torch.optim.SGD(searched or [torch.zeros(1, requires_grad=True)], lr=0.1)  # an optimizer takes them
 
 
 @pytest.mark.parametrize('bad', [torch.tensor([1.5, 0.0]), torch.tensor([-0.1, 0.5]), torch.tensor([float('nan'), 0.])])

@@ -9,6 +9,7 @@ import timm_mpc
 from timm_mpc.hub.card import pattern_grid, render_card
 from timm_mpc.hub.publish import model_facts
 import timm_mpc.layers.attn_kinds as registry
+from timm_mpc.layers import searched_tensors
 from timm_mpc.secure import SecureSettings, build_secure_plan, calibrate, secure_predict
 
 SMALL = dict(depth=2, img_size=16, embed_dim=64, num_heads=4)
@@ -97,16 +98,20 @@ def test_timm_gelu_and_torch_gelu_are_calibrated_alike():
 
 
 def test_an_optimizer_built_before_loading_a_search_checkpoint_trains_what_the_model_uses():
+    """Loading fills α in place: an optimizer that holds it (α is a buffer, see PatternState) trains the tensor the
+    forward pass reads, and after the load it requires a gradient and is among the model's searched tensors."""
     torch.manual_seed(0)
     source = timm.create_model('mpcvit_tiny', attn_pattern='search', **SMALL)
     with torch.no_grad():
         for blk in source.blocks:
             blk.attn.heads.alpha.uniform_(0.2, 0.8)
     model = timm.create_model('mpcvit_tiny', attn_pattern='softmax', **SMALL)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     alpha = model.blocks[0].attn.heads.alpha
+    optimizer = torch.optim.SGD([*model.parameters(), *(blk.attn.heads.alpha for blk in model.blocks)], lr=1.0)
+    assert not alpha.requires_grad and not searched_tensors(model)
     model.load_state_dict(source.state_dict())
     assert model.blocks[0].attn.heads.alpha is alpha and torch.equal(alpha, source.blocks[0].attn.heads.alpha)
+    assert alpha.requires_grad and any(t is alpha for t in searched_tensors(model))
     assert timm_mpc.count_head_kinds(model) == {'search': 8}
     before = alpha.detach().clone()
     model(torch.randn(2, 3, 16, 16)).square().sum().backward()

@@ -1,8 +1,8 @@
 """timm's own model checks for the registered models, in every head pattern.
 
-torch.jit.script is not among them: TorchScript cannot compile the registry's dispatch to each kind's Python
-function (timm itself skips scripting for models whose layers dispatch that way; torch.compile and torch.fx,
-checked here, are PyTorch's supported paths).
+timm's own tests/test_models.py runs in CI as well (.ci/timm_models). torch.jit.script is not among the checks:
+TorchScript cannot compile the registry's dispatch to each kind's Python function, so CI puts mpcvit_* in timm's
+own TorchScript exclusions (torch.compile and torch.fx, checked here, are PyTorch's supported paths).
 """
 import pytest
 import timm
@@ -47,9 +47,17 @@ def test_forward_backward_default_cfg(name, pattern):
     out = model(_input(model))
     assert out.shape == (2, model.num_classes) and torch.isfinite(out).all()
     out.mean().backward()
-    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in model.parameters())  # as timm's backward test: α and β are buffers
     model.reset_classifier(0)
     assert model(_input(model)).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize('pattern', ['search', 'mpcvit_plus'])
+def test_built_on_the_meta_device_as_timm_checks_configs(pattern):
+    """timm's factory ``device`` argument reaches every tensor, the pattern's too (timm checks configs on meta)."""
+    model = _model('mpcvit_tiny', pattern, depth=2, device='meta')
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {'meta'}
+    assert model(torch.randn(1, 3, 32, 32, device='meta')).shape == (1, 10)
 
 
 @pytest.mark.parametrize('name, pattern', CASES)

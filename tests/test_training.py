@@ -275,7 +275,8 @@ def test_search_gelu_needs_keep_fraction(debian_fmnist, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
-    """Two CPU processes (gloo) under torchrun, as timm trains on several GPUs: each takes half the data."""
+    """Two CPU processes (gloo) under torchrun, as timm trains on several GPUs: each takes half the data. A search
+    (MPCViT+), so α and β, buffers that DDP does not average, train too."""
     import os
     import socket
     import subprocess
@@ -286,7 +287,8 @@ def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
     build_dataset('fashion_mnist', 'train')  # fills $TIMM_MPC_CACHE from the test's files for the subprocesses
     out = tmp_path / 'ddp'
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(port),
-           '-m', 'timm_mpc', 'train', '--output', str(out), '--epochs', '1', '--batch-size', '16', '--workers', '0',
+           '-m', 'timm_mpc', 'search', '--search-gelu', '--gelu-keep', '0.5', '--lam', '1e-2',
+           '--output', str(out), '--epochs', '1', '--batch-size', '16', '--workers', '0',
            '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--no-latency',
            '--model-kwargs', json.dumps(dict(TINY, depth=1))]
     env = dict(os.environ, OMP_NUM_THREADS='1')
@@ -294,7 +296,9 @@ def test_distributed_data_parallel_with_torchrun(debian_fmnist, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     run = json.loads((out / 'run.json').read_text())
     assert run['world_size'] == 2 and len(run['history']) == 1
-    assert 'train 1/1' in proc.stderr and '10/10' in proc.stderr  # 320 images / 2 processes / batch 16
+    assert 'search 1/1' in proc.stderr and '10/10' in proc.stderr  # 320 images / 2 processes / batch 16
+    found = json.loads((out / 'patterns.json').read_text())
+    assert any(a != 1.0 for row in found['alpha'] for a in row) and any(b != 1.0 for row in found['beta'] for b in row)
 
 
 @pytest.mark.slow

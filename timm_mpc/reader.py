@@ -21,7 +21,6 @@ from .layers.attention import MPCAttention
 from .layers.eva_attention import MPCEvaAttention
 from .layers.head_kinds import HeadKinds
 from .layers.mpc_attention import MPCAttentionMixin
-from .layers.pattern_state import is_pattern_key
 from .layers.swin_attention import MPCWindowAttention
 
 __all__ = ['Family', 'FAMILIES', 'register_family', 'ModelParts', 'read_model', 'support_table', 'MLP_TYPES',
@@ -145,5 +144,5 @@ def support_table() -> List[Dict[str, str]]:
 
 
 def num_weights(model: nn.Module) -> int:
-    """The model's parameter count without the searched pattern parameters (α, β), which are not weights."""
-    return sum(p.numel() for name, p in model.named_parameters() if not is_pattern_key(name))
+    """The model's parameter count (the searched α and β are buffers, not weights)."""
+    return sum(p.numel() for p in model.parameters())

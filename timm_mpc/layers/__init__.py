@@ -12,14 +12,14 @@ from .eva_attention import MPCEvaAttention
 from .head_kinds import HeadKinds, HeadPattern
 from .linearizable_mlp import GELU_PATTERNS, GeluPattern, LinearizableMlp
 from .mpc_attention import MPCAttentionMixin, split_attn_mask
-from .pattern_state import PatternState, is_pattern_key
+from .pattern_state import PatternState, is_pattern_key, searched_tensors
 from .register import ACT_LAYER_NAMES, attn_layer_names, register_timm_layers
 from .swin_attention import MPCWindowAttention
 
 __all__ = [
     'ATTN_KINDS', 'BASELINE_KIND', 'SEARCH', 'SEARCH_CODE', 'SEARCH_KINDS', 'GELU_PATTERNS', 'ACT_LAYER_NAMES', 'ACTIVATIONS',
     'AttnKind', 'KindContext', 'PatternError', 'register_attn_kind', 'get_attn_kind', 'list_attn_kinds', 'kind_modules',
-    'HeadKinds', 'HeadPattern', 'GeluPattern', 'LinearizableMlp', 'PatternState', 'is_pattern_key',
+    'HeadKinds', 'HeadPattern', 'GeluPattern', 'LinearizableMlp', 'PatternState', 'is_pattern_key', 'searched_tensors',
     'MPCAttentionMixin', 'MPCAttention', 'SoftmaxAttention', 'ReLUSoftmaxAttention', 'ScalingAttention',
     'Quad2Attention', 'SearchAttention', 'MPCEvaAttention', 'MPCWindowAttention',
     'QuadGELU', 'quad_gelu', 'activation_name', 'kind_code', 'kind_name', 'split_attn_mask',

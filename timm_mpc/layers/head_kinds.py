@@ -25,7 +25,7 @@ class HeadKinds(PatternState, nn.Module):
 
     * ``kinds`` (buffer, one integer per head): the kind's code (see :func:`timm_mpc.layers.get_attn_kind`),
       or :data:`SEARCH_CODE` for a head in search mode;
-    * ``alpha`` (parameter, shape ``(1, H, 1, 1)``): in search mode (MPCViT) the head computes
+    * ``alpha`` (buffer, shape ``(1, H, 1, 1)``, trained by the search): in search mode (MPCViT) the head computes
       ``alpha · ReLUSoftmax(s) + (1 − alpha) · Scaling(s)`` (:data:`SEARCH_KINDS`); a fixed head ignores it.
 
     The heads of one kind are grouped when the pattern is set (or loaded), so the forward pass has no
@@ -39,6 +39,7 @@ class HeadKinds(PatternState, nn.Module):
             pattern: HeadPattern = 'softmax',
             relu_eps: float = 1e-5,
             quad_c: float = 5.0,
+            device: Optional[torch.device] = None,
     ) -> None:
         """
         Args:
@@ -46,13 +47,14 @@ class HeadKinds(PatternState, nn.Module):
             pattern: A kind for all heads, ``'search'``, or a list of ``num_heads`` kinds.
             relu_eps: Added to the ReLU-Softmax denominator.
             quad_c: The shift ``c`` of 2Quad attention.
+            device: Where ``alpha`` and ``kinds`` live (timm's ``device`` factory argument; meta too).
         """
         super().__init__()
         self.num_heads = num_heads
         self.relu_eps = relu_eps
         self.quad_c = quad_c
-        self.alpha = nn.Parameter(torch.ones(1, num_heads, 1, 1))
-        self.register_buffer('kinds', torch.zeros(num_heads, dtype=torch.long))
+        self.register_buffer('alpha', torch.ones(1, num_heads, 1, 1, device=device))
+        self.register_buffer('kinds', torch.zeros(num_heads, dtype=torch.long, device=device))
         self.groups: Tuple[Tuple[str, Tuple[int, ...]], ...] = ()
         self.set_pattern(pattern)
 
@@ -93,23 +95,22 @@ class HeadKinds(PatternState, nn.Module):
         Raises:
             PatternError: an unknown kind, or a list whose length is not the number of heads.
         """
-        codes = torch.tensor(self.codes_of(pattern), dtype=torch.long)
+        codes = torch.tensor(self.codes_of(pattern), dtype=torch.long, device='cpu')  # read back at once: never on meta
         with torch.no_grad():
             self.kinds.copy_(codes)
             self.alpha.masked_fill_(codes.to(self.alpha.device).view(1, -1, 1, 1) == SEARCH_CODE, 1.0)
-        self.refresh()
+        self.refresh(codes)
 
     def set_alpha(self, alpha: torch.Tensor) -> None:
         """Put every head in search mode with the given α (``num_heads`` values in [0, 1]), in place."""
         self.enter_search(alpha, 'head')
 
-    def refresh(self) -> None:
+    def refresh(self, codes: Optional[torch.Tensor] = None) -> None:
         """Group the heads by kind from the ``kinds`` buffer (after it was set or loaded)."""
-        codes = self.kinds.tolist()
+        codes = (self.kinds if codes is None else codes).tolist()
         self.groups = tuple((kind_name(code), tuple(h for h, c in enumerate(codes) if c == code))
                             for code in sorted(set(codes)))
-        # α trains only where a head searches (DDP refuses parameters that get no gradient)
-        self.alpha.requires_grad_(any(kind == SEARCH for kind, _ in self.groups))
+        self.train_searched(any(kind == SEARCH for kind, _ in self.groups))
 
     def unused_state(self) -> Tuple[str, ...]:
         return () if any(kind == SEARCH for kind, _ in self.groups) else ('alpha',)

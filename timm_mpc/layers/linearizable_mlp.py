@@ -4,7 +4,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import Mlp
-from torch import nn
 
 from .attn_kinds import PatternError
 from .pattern_state import PatternState, check_unit_interval
@@ -29,7 +28,7 @@ class LinearizableMlp(PatternState, Mlp):
 
     A token with β = 1 is the plain MLP; with β = 0 it skips the activation and gets a ReLU after
     the second linear layer (MPCViT+). The ``gelu_tokens`` buffer holds the fixed 0/1 values, or -1 where β
-    is searched as the ``beta`` parameter; both always exist (see :class:`PatternState`). Parameter names
+    is searched as the ``beta`` buffer; both always exist (see :class:`PatternState`). Parameter names
     are ``Mlp``'s.
     """
     pattern_keys, attribute_name, search_value = ('gelu_tokens', 'beta'), 'mlp', _SEARCH_VALUE
@@ -62,7 +61,7 @@ class LinearizableMlp(PatternState, Mlp):
     def init_linearization(self, token_shape: Sequence[int], gelu_pattern: GeluPattern) -> None:
         self.token_shape: Tuple[int, ...] = tuple(int(t) for t in token_shape)
         device = self.fc1.weight.device
-        self.beta = nn.Parameter(torch.ones(self.beta_shape, device=device))
+        self.register_buffer('beta', torch.ones(self.beta_shape, device=device))
         self.register_buffer('gelu_tokens', torch.ones(self.beta_shape, device=device))
         self.mode = 'gelu'
         self.set_pattern(gelu_pattern)
@@ -107,8 +106,8 @@ class LinearizableMlp(PatternState, Mlp):
                     f'unknown GeLU pattern {gelu_pattern!r}; accepted: {list(GELU_PATTERNS)} or one 0/1 '
                     f'value per token (shape {self.token_shape})')
             value = {'gelu': 1.0, 'linear': 0.0, 'search': _SEARCH_VALUE}[gelu_pattern]
-            return torch.full(self.beta_shape, value)
-        values = torch.as_tensor(gelu_pattern, dtype=torch.float32).detach().cpu()
+            return torch.full(self.beta_shape, value, device='cpu')
+        values = torch.as_tensor(gelu_pattern, dtype=torch.float32, device='cpu').detach()
         if values.numel() != self.num_tokens:
             raise PatternError(
                 f'a GeLU pattern needs one value per token, shape {self.token_shape}; got shape {tuple(values.shape)}')
@@ -129,18 +128,18 @@ class LinearizableMlp(PatternState, Mlp):
             self.gelu_tokens.copy_(values)
             if isinstance(gelu_pattern, str) and gelu_pattern == 'search':
                 self.beta.fill_(1.0)
-        self.refresh()
+        self.refresh(values)
 
     def set_beta(self, beta: torch.Tensor) -> None:
         """Enter search mode with the given β (one value per token, in [0, 1]), in place."""
         self.enter_search(beta, 'token')
 
-    def refresh(self) -> None:
+    def refresh(self, codes: Optional[torch.Tensor] = None) -> None:
         """The forward path from the ``gelu_tokens`` buffer (after it was set or loaded)."""
-        tokens = self.gelu_tokens
+        tokens = self.gelu_tokens if codes is None else codes
         self.mode = 'search' if bool((tokens == _SEARCH_VALUE).all()) else 'gelu' if bool((tokens == 1).all()) \
             else 'mixed'
-        self.beta.requires_grad_(self.mode == 'search')  # β trains only in search mode (DDP refuses unused ones)
+        self.train_searched(self.mode == 'search')
 
     def unused_state(self) -> Tuple[str, ...]:
         return () if self.searching else ('beta',)

@@ -74,7 +74,8 @@ class MPCAttentionMixin:
     proj_drop: nn.Module
 
     def init_heads(self, num_heads: int, attn_pattern: HeadPattern, relu_eps: float, quad_c: float) -> None:
-        self.heads = HeadKinds(num_heads, attn_pattern, relu_eps=relu_eps, quad_c=quad_c)
+        device = next(self.parameters()).device  # where timm's device factory argument put the weights
+        self.heads = HeadKinds(num_heads, attn_pattern, relu_eps=relu_eps, quad_c=quad_c, device=device)
 
     def attend(
             self,

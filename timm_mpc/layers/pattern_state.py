@@ -1,5 +1,5 @@
 """Modules whose pattern is state: tensors that always exist, so loading a checkpoint only fills them in."""
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -7,7 +7,7 @@ import torch
 
 from .attn_kinds import PatternError
 
-__all__ = ['PatternState', 'check_unit_interval', 'is_pattern_key', 'checkpoint_state']
+__all__ = ['PatternState', 'check_unit_interval', 'is_pattern_key', 'checkpoint_state', 'searched_tensors']
 
 
 def check_unit_interval(name: str, value: torch.Tensor) -> None:
@@ -21,7 +21,12 @@ def check_unit_interval(name: str, value: torch.Tensor) -> None:
 
 class PatternState:
     """A module whose head or GeLU pattern lives in the tensors named by ``pattern_keys`` (a buffer of codes
-    and the searched parameter), allocated in ``__init__`` whatever the pattern.
+    and a buffer of searched values), allocated in ``__init__`` whatever the pattern.
+
+    The searched values (α, β) are buffers, not parameters: a fixed pattern does not use them, and a model's
+    parameters are the ones its forward pass trains (timm's tests and DDP require a gradient for each). In
+    search mode they require a gradient, and the search gives them to its optimizer itself (see
+    :func:`searched_tensors`).
 
     Loading a state dict copies into those tensors in place, like any weight, then calls ``refresh`` so the
     module regroups its forward pass. A checkpoint with neither (a plain timm one) leaves the pattern as it
@@ -39,8 +44,21 @@ class PatternState:
     def legacy_state(self, present: str, value: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def refresh(self) -> None:
+    def refresh(self, codes: Optional[torch.Tensor] = None) -> None:
+        """Regroup the forward pass from the codes buffer, or from ``codes``, the value just written to it (a
+        buffer on the meta device holds no data to read back)."""
         raise NotImplementedError
+
+    def train_searched(self, searching: bool) -> None:
+        """The searched buffer requires a gradient exactly in search mode, and stays a leaf the optimizer holds."""
+        getattr(self, self.pattern_keys[1]).detach_().requires_grad_(searching)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # a device or dtype move copies buffers through autograd: the searched one must come out a leaf again
+        module = super()._apply(fn, recurse)  # type: ignore[misc]
+        searched = getattr(self, self.pattern_keys[1])
+        self.train_searched(searched.requires_grad)
+        return module
 
     def unused_state(self) -> Tuple[str, ...]:
         """Pattern tensors the current pattern does not use, which a checkpoint need not hold."""
@@ -49,7 +67,7 @@ class PatternState:
     def enter_search(self, value: Any, per: str) -> None:
         """Search everywhere, starting from ``value`` (one value per ``per``, in [0, 1]), in place."""
         codes, searched = (getattr(self, key) for key in self.pattern_keys)
-        value = torch.as_tensor(value, dtype=torch.float32)
+        value = torch.as_tensor(value, dtype=torch.float32, device='cpu')
         name = self.pattern_keys[1]
         if value.numel() != searched.numel():
             raise PatternError(f'{name} needs one value per {per} ({searched.numel()}); got shape {tuple(value.shape)}')
@@ -57,7 +75,7 @@ class PatternState:
         with torch.no_grad():
             searched.copy_(value.reshape(searched.shape))
             codes.fill_(self.search_value)
-        self.refresh()
+        self.refresh(torch.full(codes.shape, self.search_value, dtype=codes.dtype, device='cpu'))
 
     def _load_from_state_dict(
             self,
@@ -104,3 +122,9 @@ def checkpoint_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     unused = {f'{name}.{key}' if name else key for name, m in model.named_modules() if isinstance(m, PatternState)
               for key in m.unused_state()}
     return {k: v for k, v in model.state_dict().items() if k not in unused}
+
+
+def searched_tensors(model: nn.Module) -> List[torch.Tensor]:
+    """The α and β buffers of ``model``'s search-mode heads and MLPs: what a search optimizes beside the weights."""
+    return [getattr(m, m.pattern_keys[1]) for m in model.modules()
+            if isinstance(m, PatternState) and getattr(m, m.pattern_keys[1]).requires_grad]

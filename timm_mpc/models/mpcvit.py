@@ -12,7 +12,7 @@ import re
 import socket
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Set, Type, Union
+from typing import Any, Dict, Optional, Sequence, Type, Union
 from urllib.parse import urlparse
 
 import torch
@@ -180,13 +180,6 @@ class MPCViT(VisionTransformer):
     def set_gelu_pattern(self, gelu_pattern: Union[GeluPattern, Sequence[GeluPattern]]) -> None:
         """Set every MLP's GeLU pattern in place (see :func:`timm_mpc.pattern.set_gelu_pattern`)."""
         set_gelu_pattern(self, gelu_pattern)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        # the architecture parameters α and β are searched, not regularised by weight decay
-        names = set(super().no_weight_decay())
-        names.update(n for n, _ in self.named_parameters() if is_pattern_key(n))
-        return names
 
 
 register_family(Family('MPCViT', 'mpcvit_*', MPCViT, Attention, MPCAttention, True))

@@ -57,7 +57,6 @@ from ..layers.eva_attention import MPCEvaAttention
 from ..layers.attn_kinds import SEARCH, PatternError, get_attn_kind
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..layers.swin_attention import MPCWindowAttention
-from ..layers.pattern_state import is_pattern_key
 from ..reader import FAMILIES, read_model
 from . import ops
 from .settings import SecureSettings
@@ -652,7 +651,7 @@ def _input_fields(model: nn.Module) -> Dict[str, Any]:
 
 
 def _params(model: nn.Module) -> Dict[str, List[int]]:
-    return {name: list(p.shape) for name, p in model.named_parameters() if not is_pattern_key(name)}
+    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def _swin_plan(model: SwinTransformer) -> SecurePlan:

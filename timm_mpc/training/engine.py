@@ -7,7 +7,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..factory import builds_mpc_attention, create_mpc_model
 from ..layers.attn_kinds import BASELINE_KIND, SEARCH
-from ..layers.pattern_state import checkpoint_state, is_pattern_key
+from ..layers.pattern_state import checkpoint_state, is_pattern_key, searched_tensors
 from ..pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern
 from ..reader import num_weights
 from ..search.binarize import searches_gelu
@@ -168,6 +168,17 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
     return summary
 
 
+def _average_over_ranks(tensors: List[torch.Tensor]) -> Callable[..., None]:
+    """An optimizer pre-step hook that averages the gradients of ``tensors`` over the ranks, as DDP does for
+    parameters (α and β are buffers), so every rank takes the same step."""
+    def hook(*_: Any) -> None:
+        for tensor in tensors:
+            if tensor.grad is not None:
+                dist.all_reduce(tensor.grad)
+                tensor.grad.div_(dist.get_world_size())
+    return hook
+
+
 def _train_one_epoch(
         net: nn.Module,
         loader: torch.utils.data.DataLoader,
@@ -187,7 +198,7 @@ def _train_one_epoch(
         primary: bool,
 ) -> Tuple[AverageMeter, Dict[str, AverageMeter]]:
     """One pass over ``loader``; returns the average loss and the average of each loss term."""
-    model = net.module.model if isinstance(net, nn.parallel.DistributedDataParallel) else net.model
+    trained = [p for group in optimizer.param_groups for p in group['params']]
     net.train()
     losses, parts = AverageMeter(), {}
     updates_per_epoch = len(loader)
@@ -214,11 +225,11 @@ def _train_one_epoch(
                                      f'learning rate (now {optimizer.param_groups[0]["lr"]:.3g}) or disable AMP')
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=model.parameters())
+            scaler(loss, optimizer, clip_grad=cfg.clip_grad, parameters=trained)
         else:
             loss.backward()
             if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
             optimizer.step()
         if penalty is not None:
             penalty.clamp_()
@@ -294,6 +305,11 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
         penalty = ArchitecturePenalty(model, cfg.lam, cfg.lam_beta, costs['head'], costs['token'])
 
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    searched = searched_tensors(model)
+    if searched:  # α and β are buffers (a fixed pattern has no use for them): the search optimizes them itself
+        optimizer.add_param_group(dict(params=searched, weight_decay=0.0))  # the L1 penalty is their regularizer
+        if world > 1:
+            optimizer.register_step_pre_hook(_average_over_ranks(searched))
     scaler = NativeScaler(device=device.type) if cfg.amp and cfg.amp_dtype == 'float16' else None
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched, num_epochs=cfg.epochs, warmup_epochs=min(cfg.warmup_epochs, cfg.epochs - 1),

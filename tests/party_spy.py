@@ -285,7 +285,8 @@ def run_processes(targets, timeout: float = 180, secrets: Optional[Sequence[byte
 
 
 def _spied_owner(rendezvous, secret, plan, state_dict, settings, out_dir):
-    from timm_mpc.secure import SecureSettings, run_owner
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_owner
     torch.set_num_threads(1)
     view = record_view()
     run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret)
@@ -293,7 +294,8 @@ def _spied_owner(rendezvous, secret, plan, state_dict, settings, out_dir):
 
 
 def _client(rendezvous, secret, images, settings, out_dir):
-    from timm_mpc.secure import SecureSettings, run_client
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_client
     torch.set_num_threads(1)
     view = record_view()
     result = run_client(rendezvous, images, SecureSettings.from_dict(settings), secret)
@@ -308,7 +310,8 @@ def _spied_dealer(rendezvous, secret, settings, out_dir):
 
 
 def _dealer(rendezvous, secret, settings):
-    from timm_mpc.secure import SecureSettings, run_dealer
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_dealer
     torch.set_num_threads(1)
     run_dealer(rendezvous, SecureSettings.from_dict(settings), secret)
 
@@ -353,13 +356,15 @@ def _failing_party(rendezvous, secret, role, run, out_dir, *args):
 
 
 def _client_run(rendezvous, secret, images, settings, requests):
-    from timm_mpc.secure import SecureSettings, run_client
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_client
     torch.set_num_threads(1)
     run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, requests=requests)
 
 
 def _deviating_owner(rendezvous, secret, plan, state_dict, settings, requests, out_dir, deviation):
-    from timm_mpc.secure import SecureSettings, run_owner
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_owner
     from timm_mpc.secure import dealer
     torch.set_num_threads(1)
     view = record_view()
@@ -398,14 +403,16 @@ def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settin
 
 
 def _limited_owner(rendezvous, secret, plan, state_dict, settings, limits):
-    from timm_mpc.secure import SecureSettings, run_owner
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_owner
     from timm_mpc.secure.party import OwnerLimits
     torch.set_num_threads(1)
     run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret, limits=OwnerLimits(**limits))
 
 
 def _client_batches(rendezvous, secret, images, settings, batch_size):
-    from timm_mpc.secure import SecureSettings, run_client
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_client
     torch.set_num_threads(1)
     run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, batch_size=batch_size)
 
@@ -421,7 +428,8 @@ def run_with_secrets(plan, state_dict: dict, images: torch.Tensor, settings: dic
 
 
 def _client_at(rendezvous, secret, images, settings, host):
-    from timm_mpc.secure import SecureSettings, run_client
+    from timm_mpc.secure import SecureSettings
+    from timm_mpc.secure.party import run_client
     torch.set_num_threads(1)
     if host is not None:
         rendezvous = f'tcp://{host}:{rendezvous.rsplit(":", 1)[1]}'

@@ -231,6 +231,38 @@ def test_client_against_a_suspended_owner_or_a_silent_listener_stops_within_its_
         owner.kill()
 
 
+def test_run_owner_client_and_dealer_run_their_party_in_a_child_process():
+    """The public ``run_*`` for a launcher of one's own: a real run through them (each party in a child process of
+    the caller's), then a client against a silent listener, whose party ends its own process to stop; the caller
+    gets the reason as an exception and goes on."""
+    import socket
+    import threading
+    from timm_mpc.secure import SecureInferenceError, build_secure_plan, run_client, run_dealer, run_owner
+    from timm_mpc.secure.admission import new_secret
+    from timm_mpc.secure.dry_run import dry_run
+    model, images, settings = small_mpcvit(attn_pattern=MIXED), random_images(2), SecureSettings()
+    plan = build_secure_plan(model, settings, images)
+    requests = {2: dry_run(plan, settings, 2).requests}
+    rendezvous, secret = f'tcp://127.0.0.1:{free_port()}', new_secret()
+    others = [threading.Thread(target=run_owner, args=(rendezvous, plan, plan.owner_weights(model), settings, secret),
+                               kwargs=dict(requests=requests), daemon=True),
+              threading.Thread(target=run_dealer, args=(rendezvous, settings, secret), daemon=True)]
+    for thread in others:
+        thread.start()
+    result = run_client(rendezvous, images, settings, secret, requests=requests)
+    for thread in others:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in others)
+    with torch.no_grad():
+        assert torch.equal(result.logits.argmax(-1), model(images).argmax(-1))
+
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen()  # accepts connections (the kernel does), never answers
+    with listener, pytest.raises(SecureInferenceError, match='could not meet the other party'):
+        run_client(f'tcp://127.0.0.1:{listener.getsockname()[1]}', images, SecureSettings(timeout_s=3), secret)
+
+
 def test_party_refuses_the_insecure_owner_as_dealer_setting(capsys):
     # refused before anything starts: in this process
     assert main(_party_args('--rank', '1', '--rendezvous', 'tcp://127.0.0.1:1', '--provider', 'TFP_INSECURE')) == 2

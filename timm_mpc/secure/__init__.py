@@ -9,7 +9,8 @@ from .calibration import FixedPointRangeError, calibrate
 from .dry_run import DryRun, dry_run
 from .launch import SecureInferenceError, SecureResult, secure_predict
 from .memory import MemoryBoundError, parse_memory
-from .party import PartyResult, PeerError, run_client, run_dealer, run_owner
+from .own_process import run_client, run_dealer, run_owner
+from .party import PartyResult, PeerError
 from .plan import (
     InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
 )

@@ -108,7 +108,7 @@ class PartyReports:
         self.pipe.poll(timeout_s)
 
 
-def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], pipe: Any,
+def party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload: Dict[str, Any], pipe: Any,
                    kind_modules: Tuple[str, ...] = (), commands: Any = None) -> None:
     torch.set_num_threads(1)  # two parties share the machine's cores
     import_kind_modules(kind_modules)  # attention kinds registered outside timm-mpc, as in the parent
@@ -122,9 +122,10 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
         engine = get_engine(settings_.engine).load()
         # a session's parties hand over each request's result and wait for the next (:mod:`.session`)
         link = {} if commands is None or role == 'dealer' else dict(session=QueueLink(reports, commands))
+        options = payload.get('options', {})  # a party of one's own (:mod:`.own_process`): its further arguments
         if role == 'owner':
             result = engine.run_owner(rendezvous, payload['plan'], payload['state_dict'], settings_, payload['secret'],
-                                      on_timeout=report_timeout, requests=payload['requests'], **link)
+                                      on_timeout=report_timeout, requests=payload['requests'], **link, **options)
         elif role == 'client':
             result = engine.run_client(rendezvous, payload['images'], settings_, payload['secret'],
                                        on_timeout=report_timeout,
@@ -132,7 +133,7 @@ def _party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload
                                        on_batch=lambda n: reports.put('batch', n),
                                        on_layer=lambda: reports.put('layer', 1),
                                        **({} if payload['requests'] is None else dict(requests=payload['requests'])),
-                                       **link)
+                                       **link, **options)
         else:
             run_dealer(rendezvous, settings_, payload['secret'], on_timeout=report_timeout)
             result = None
@@ -202,7 +203,7 @@ class LocalParties:
         commands = {role: ctx.Queue() for role in ('owner', 'client')} if session else {}
         modules = kind_modules()
         pipes = {role: ctx.Pipe() for role in roles}  # reports in; closed here: every party may end
-        procs = {role: ctx.Process(target=_party_process, daemon=True, args=(
+        procs = {role: ctx.Process(target=party_process, daemon=True, args=(
             role, rendezvous, settings.to_dict(), payloads[role], pipes[role][1], modules, commands.get(role)))
             for role in roles}
         start_processes(list(procs.values()), modules)

@@ -34,7 +34,7 @@ from timm_mpc.pattern import mu_pattern
 from timm_mpc.secure.bench import baseline_of, format_comparison, run_bench
 from timm_mpc.secure.launch import SecureInferenceError
 from timm_mpc.secure.settings import SecureSettings
-from timm_mpc.secure.truncation import truncation_failures
+from timm_mpc.secure.crypten.truncation import truncation_failures
 
 from report_io import add_report_args, earlier_report
 

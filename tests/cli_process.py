@@ -1,5 +1,5 @@
 """``timm-mpc ARGS`` as a process of its own, forked from the server that imported torch, timm, timm-mpc and CrypTen
-once (:func:`timm_mpc.secure.local_run.process_context`, the server local parties start from): the CLI's own
+once (:func:`timm_mpc.secure.processes.process_context`, the server local parties start from): the CLI's own
 ``main``, its argument parsing, output and exit code, over real links, without a fresh interpreter's imports
 (about 9 s of a core each on a 2-core machine). The environment is the server's, as it was when the run started.
 Tests about the console script itself start a fresh interpreter (the three terminals of docs/secure.md, the module entry
@@ -43,7 +43,7 @@ class CliProcess:
 
     def __init__(self, *args: str, view_path: Optional[str] = None) -> None:
         from timm_mpc.layers.attn_kinds import kind_modules
-        from timm_mpc.secure.local_run import process_context, start_processes
+        from timm_mpc.secure.processes import process_context, start_processes
         self.args = args
         folder = Path(tempfile.mkdtemp(prefix='timm-mpc-cli-'))
         self.out_path, self.err_path = folder / 'stdout.txt', folder / 'stderr.txt'

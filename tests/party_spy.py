@@ -131,8 +131,8 @@ def listening_sockets() -> List[str]:
 def record_view() -> View:
     """Instrument this process (before its party starts) and return the view that fills as it runs, with the
     sockets the process listens on once its links are up."""
-    from timm_mpc.secure import party
-    from timm_mpc.secure.crypten_compat import import_crypten
+    from timm_mpc.secure.crypten import party
+    from timm_mpc.secure.crypten.compat import import_crypten
     import_crypten()
     admit_peers = party._admit_peers
 
@@ -269,7 +269,7 @@ def run_processes(targets, timeout: float = 180, secrets: Optional[Sequence[byte
     killed)."""
     from timm_mpc.secure.admission import new_secret
     from timm_mpc.secure.launch import free_port
-    from timm_mpc.secure.local_run import process_context
+    from timm_mpc.secure.processes import process_context
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
     secrets = secrets or [new_secret()] * len(targets)
     ctx = process_context()
@@ -286,7 +286,7 @@ def run_processes(targets, timeout: float = 180, secrets: Optional[Sequence[byte
 
 def _spied_owner(rendezvous, secret, plan, state_dict, settings, out_dir):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_owner
+    from timm_mpc.secure.crypten.party import run_owner
     torch.set_num_threads(1)
     view = record_view()
     run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret)
@@ -295,7 +295,7 @@ def _spied_owner(rendezvous, secret, plan, state_dict, settings, out_dir):
 
 def _client(rendezvous, secret, images, settings, out_dir):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_client
+    from timm_mpc.secure.crypten.party import run_client
     torch.set_num_threads(1)
     view = record_view()
     result = run_client(rendezvous, images, SecureSettings.from_dict(settings), secret)
@@ -311,7 +311,7 @@ def _spied_dealer(rendezvous, secret, settings, out_dir):
 
 def _dealer(rendezvous, secret, settings):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_dealer
+    from timm_mpc.secure.crypten.party import run_dealer
     torch.set_num_threads(1)
     run_dealer(rendezvous, SecureSettings.from_dict(settings), secret)
 
@@ -342,7 +342,7 @@ def run_deviating_owner(plan, state_dict: dict, images: torch.Tensor, settings: 
 def _failing_party(rendezvous, secret, role, run, out_dir, *args):
     """Run a party (``run(rendezvous, secret, *args)``); the error it ends with goes to ``out_dir/<role>_error.txt``,
     also when its watchdog ends it (a peer not met in time)."""
-    from timm_mpc.secure import party
+    from timm_mpc.secure.crypten import party
 
     def write(message):
         with open(f'{out_dir}/{role}_error.txt', 'w') as f:
@@ -357,15 +357,15 @@ def _failing_party(rendezvous, secret, role, run, out_dir, *args):
 
 def _client_run(rendezvous, secret, images, settings, requests):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_client
+    from timm_mpc.secure.crypten.party import run_client
     torch.set_num_threads(1)
     run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, requests=requests)
 
 
 def _deviating_owner(rendezvous, secret, plan, state_dict, settings, requests, out_dir, deviation):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_owner
-    from timm_mpc.secure import dealer
+    from timm_mpc.secure.crypten.party import run_owner
+    from timm_mpc.secure.crypten import dealer
     torch.set_num_threads(1)
     view = record_view()
     honest = dealer.DealerLink.commit
@@ -404,15 +404,15 @@ def run_parties_with_limits(plan, state_dict: dict, images: torch.Tensor, settin
 
 def _limited_owner(rendezvous, secret, plan, state_dict, settings, limits):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_owner
-    from timm_mpc.secure.party import OwnerLimits
+    from timm_mpc.secure.crypten.party import run_owner
+    from timm_mpc.secure.protocol import OwnerLimits
     torch.set_num_threads(1)
     run_owner(rendezvous, plan, state_dict, SecureSettings.from_dict(settings), secret, limits=OwnerLimits(**limits))
 
 
 def _client_batches(rendezvous, secret, images, settings, batch_size):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_client
+    from timm_mpc.secure.crypten.party import run_client
     torch.set_num_threads(1)
     run_client(rendezvous, images, SecureSettings.from_dict(settings), secret, batch_size=batch_size)
 
@@ -429,7 +429,7 @@ def run_with_secrets(plan, state_dict: dict, images: torch.Tensor, settings: dic
 
 def _client_at(rendezvous, secret, images, settings, host):
     from timm_mpc.secure import SecureSettings
-    from timm_mpc.secure.party import run_client
+    from timm_mpc.secure.crypten.party import run_client
     torch.set_num_threads(1)
     if host is not None:
         rendezvous = f'tcp://{host}:{rendezvous.rsplit(":", 1)[1]}'

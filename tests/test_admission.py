@@ -9,8 +9,9 @@ import pytest
 import torch.distributed as dist
 
 from timm_mpc.cli import main
-from timm_mpc.secure.admission import (BOUND_SCHEME, MAC_BYTES, NONCE_BYTES, admit, bind_rendezvous, new_secret,
-                                       parse_rendezvous, read_secret)
+from timm_mpc.secure.admission import (
+    BOUND_SCHEME, MAC_BYTES, NONCE_BYTES, admit, bind_rendezvous, new_secret, parse_rendezvous, read_secret,
+)
 from timm_mpc.secure.errors import PeerError
 from timm_mpc.secure.launch import free_port
 

@@ -4,7 +4,7 @@ import warnings
 import pytest
 
 from timm_mpc.secure import InsecureSettingWarning, SecureSettings
-from timm_mpc.secure.dealer import DealerError, check_requests, request_digest
+from timm_mpc.secure.crypten.dealer import DealerError, check_requests, request_digest
 
 PLAN_LIKE = [  # the form a dry run records: (function, device, args, kwargs), sizes as tuples
     ('additive', None, ((1, 17, 64), (64, 192), 'matmul'), {}),

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from timm_mpc.cli import main
-from timm_mpc.secure import MemoryBoundError, SecureSettings, dry_run, parse_memory, secure_predict
-from timm_mpc.secure.memory import predicted_peak
+from timm_mpc.secure import MemoryBoundError, SecureSettings, parse_memory, secure_predict
+from timm_mpc.secure.crypten import dry_run
+from timm_mpc.secure.crypten.dry_run import predicted_peak
 from timm_mpc.secure.plan import build_secure_plan
 
 from small_models import MIXED, random_images, small_mpcvit
@@ -67,7 +68,7 @@ def test_a_batch_that_cannot_fit_is_refused_before_the_parties_start(model, tmp_
                                                r'\(max_memory\) of .*choose a smaller batch_size'):
         secure_predict(model, _images(2), max_memory=two - 1, batch_size=2)
     # a batch of 64 beyond the bound is refused on the line through 1 and 2 images: no dry run of 64
-    from timm_mpc.secure.dry_run import _cache_key, default_cache_dir
+    from timm_mpc.secure.crypten.dry_run import _cache_key, default_cache_dir
     with pytest.raises(MemoryBoundError, match=r'a batch of 64 images needs about .* more than the bound'):
         secure_predict(model, _images(64), max_memory=two, batch_size=64)
     key = _cache_key(build_secure_plan(model, SecureSettings()), SecureSettings(), 2)

@@ -7,8 +7,7 @@ from timm.layers import Attention, Mlp
 
 import timm_mpc
 from timm_mpc.layers import (
-    HeadKinds, LinearizableMlp, MPCAttention, QuadGELU, quad2_weights, relu_softmax_weights, scaling_weights,
-    searched_tensors, softmax_weights,
+    HeadKinds, LinearizableMlp, MPCAttention, QuadGELU, quad2_weights, relu_softmax_weights, scaling_weights, searched_tensors, softmax_weights,
 )
 
 SCORES = torch.tensor([[[[1.0, -2.0, 3.0], [0.0, 0.0, 0.0]]]])  # (B=1, H=1, Nq=2, Nk=3)

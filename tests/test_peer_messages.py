@@ -4,7 +4,10 @@ import pytest
 
 from timm_mpc.secure import SecureSettings, build_secure_plan
 from timm_mpc.secure.errors import PeerError
-from timm_mpc.secure.party import CLIENT, OWNER, OwnerLimits, _bound_batches, _check_counters, agree, decode_json
+from timm_mpc.secure.crypten.party import _check_counters
+from timm_mpc.secure.protocol import bound_batches
+from timm_mpc.secure.secure_vit import CLIENT, OWNER
+from timm_mpc.secure.protocol import OwnerLimits, agree, decode_json
 
 from small_models import random_images, small_mpcvit
 
@@ -41,11 +44,11 @@ def test_batches_beyond_the_owners_bound_are_refused_at_both_ends(plan):
     with the figure, and the client, told the refusal, stops before any work."""
     settings, limits = SecureSettings(), OwnerLimits(max_batch_size=2)
     with pytest.raises(ValueError, match='a batch of 3 images; the owner accepts at most 2 per batch'):
-        _bound_batches(_exchange_from([], OWNER), OWNER, [3], plan, settings, limits)
+        bound_batches(_exchange_from([], OWNER), OWNER, [3], plan, settings, limits)
     told = 'a batch of 3 images; the owner accepts at most 2 per batch'
     with pytest.raises(PeerError, match=f'the owner refused the client\'s batches before any work: {told}'):
-        _bound_batches(_exchange_from([told], CLIENT), CLIENT, [3], plan, settings, None)
-    _bound_batches(_exchange_from([None], CLIENT), CLIENT, [2], plan, settings, None)  # within the bound: no error
+        bound_batches(_exchange_from([told], CLIENT), CLIENT, [3], plan, settings, None)
+    bound_batches(_exchange_from([None], CLIENT), CLIENT, [2], plan, settings, None)  # within the bound: no error
 
 
 @pytest.mark.parametrize('part', [

@@ -9,8 +9,7 @@ import torch
 
 import timm_mpc
 from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
-from timm_mpc.secure.plan import (PlanError, SecurePlan, build_plan, build_secure_plan, normalization,
-                                  swin_windows)
+from timm_mpc.secure.plan import PlanError, SecurePlan, build_plan, build_secure_plan, normalization, swin_windows
 
 pytestmark = pytest.mark.slow  # real party processes
 

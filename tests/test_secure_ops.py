@@ -11,9 +11,10 @@ import torch.nn.functional as F
 import timm_mpc
 from timm_mpc.layers import quad2_weights, relu_softmax_weights
 from timm_mpc.secure import SecureSettings, UnsupportedModelError, build_plan, check_images
-from timm_mpc.secure import ops
+from timm_mpc.secure import approximations
+from timm_mpc.secure.crypten import ops
 from timm_mpc.secure.calibration import FixedPointRangeError, calibrate
-from timm_mpc.secure.crypten_compat import import_crypten
+from timm_mpc.secure.crypten.compat import apply_settings, import_crypten
 
 
 @pytest.fixture(scope='module')
@@ -21,7 +22,7 @@ def crypten(tmp_path_factory):
     crypten = import_crypten()
     os.environ.update(RENDEZVOUS=f'file://{tmp_path_factory.mktemp("rdv")}/store', WORLD_SIZE='1', RANK='0',
                       DISTRIBUTED_BACKEND='gloo')
-    SecureSettings(provider='TFP_INSECURE').apply(crypten)  # one process: nothing to deal, nobody to hide from
+    apply_settings(SecureSettings(provider='TFP_INSECURE'), crypten)  # one process: nothing to deal, nobody to hide from
     crypten.init()
     yield crypten
     crypten.uninit()
@@ -42,7 +43,7 @@ def test_a_plain_import_crypten_after_timm_mpc_secure_gets_timm_mpcs_crypten():
     import subprocess
     import sys
     code = ('import timm_mpc.secure, crypten; from crypten.common import rng; '
-            'from timm_mpc.secure.crypten_compat import random_ring_element as r; '
+            'from timm_mpc.secure.crypten.compat import random_ring_element as r; '
             'assert rng.generate_random_ring_element is r; crypten.init(); '
             'print(crypten.cryptensor([1.5, 2.0]).mul(2).get_plain_text().tolist())')
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
@@ -58,7 +59,7 @@ def test_crypten_draws_its_randomness_from_a_keyed_cryptographic_stream(crypten)
     import crypten.common.rng as rng
     import crypten.mpc.primitives.arithmetic as arithmetic
     import crypten.mpc.provider.ttp_provider as ttp_provider
-    from timm_mpc.secure.crypten_compat import _dealer_seeds, kbit_random_tensor, random_ring_element
+    from timm_mpc.secure.crypten.compat import _dealer_seeds, kbit_random_tensor, random_ring_element
     assert rng.generate_random_ring_element is random_ring_element is arithmetic.generate_random_ring_element
     assert ttp_provider.generate_kbit_random_tensor is kbit_random_tensor
     assert ttp_provider.TTPServer._setup_generators is _dealer_seeds
@@ -96,7 +97,7 @@ def _emulate_newton(kind, x, iters):
         return np.abs(y * x - 1)
 
 
-@pytest.mark.parametrize('kind, table', [('inv_sqrt', ops.INV_SQRT_DOMAIN), ('reciprocal', ops.RECIPROCAL_DOMAIN)])
+@pytest.mark.parametrize('kind, table', [('inv_sqrt', approximations.INV_SQRT_DOMAIN), ('reciprocal', approximations.RECIPROCAL_DOMAIN)])
 def test_newton_domain_tables_hold(kind, table):
     """Re-derive the domains by emulating CrypTen's iterations in float64."""
     for iters, (lo, hi) in table.items():
@@ -112,27 +113,27 @@ def test_cubic_inv_sqrt_domains_hold_in_fixed_point_and_end_where_they_say():
     """The cubic first guess and two-round Newton iterations, emulated with every product truncated: accurate to
     0.2% inside each table range, and no longer just below it (the ranges are as wide as they can be)."""
     def emulate(x, iters):
-        c3, c2, c1, c0 = ops.INV_SQRT_CUBIC[iters][2]
+        c3, c2, c1, c0 = approximations.INV_SQRT_CUBIC[iters][2]
         x2 = _fixed(x * x)
         y = _fixed(c3 * _fixed(x * x2)) + _fixed(c2 * x2) + _fixed(c1 * x) + c0
         for _ in range(iters):
             y = _fixed(1.5 * y) - _fixed(0.5 * _fixed(_fixed(x * y) * _fixed(y * y)))
         return np.abs(y * np.sqrt(x) - 1)
-    for iters, (lo, hi, _) in ops.INV_SQRT_CUBIC.items():
+    for iters, (lo, hi, _) in approximations.INV_SQRT_CUBIC.items():
         assert emulate(_fixed(np.logspace(math.log10(lo), math.log10(hi), 500)), iters).max() <= 2.5e-3, iters
         assert emulate(np.array([lo / 1.5]), iters)[0] > 2e-3, iters
     # for a range CrypTen's guess covers with 3 iterations, the cubic needs 2 rounds fewer than CrypTen's 8 + 3·3
-    domain = ops.inv_sqrt_domain('cubic')
-    assert ops.newton_schedule(0.1, 5.0, domain, 2)[1] * 2 + 2 < 8 + 3 * 3 - 2
+    domain = approximations.inv_sqrt_domain('cubic')
+    assert approximations.newton_schedule(0.1, 5.0, domain, 2)[1] * 2 + 2 < 8 + 3 * 3 - 2
 
 
 def test_newton_schedule_covers_the_range_with_fewest_iterations():
-    scale, iters = ops.newton_schedule(0.0005, 0.5, ops.INV_SQRT_DOMAIN, 3)
-    lo, hi = ops.INV_SQRT_DOMAIN[iters]
+    scale, iters = approximations.newton_schedule(0.0005, 0.5, approximations.INV_SQRT_DOMAIN, 3)
+    lo, hi = approximations.INV_SQRT_DOMAIN[iters]
     assert lo <= 0.0005 / scale and 0.5 / scale <= hi and math.log(scale, 4).is_integer()
-    lo_prev, hi_prev = ops.INV_SQRT_DOMAIN[iters - 1]
+    lo_prev, hi_prev = approximations.INV_SQRT_DOMAIN[iters - 1]
     assert not all(lo_prev <= v / s and v / s <= hi_prev for s in (4.0 ** k for k in range(-10, 10)) for v in (0.0005, 0.5))
-    assert ops.newton_schedule(1.0, 65.0, ops.RECIPROCAL_DOMAIN, 4)[1] < 10  # softmax sums need fewer than CrypTen's 10
+    assert approximations.newton_schedule(1.0, 65.0, approximations.RECIPROCAL_DOMAIN, 4)[1] < 10  # softmax sums need fewer than CrypTen's 10
 
 
 @pytest.mark.parametrize('fused', [True, False])
@@ -141,7 +142,7 @@ def test_beaver_products_are_exact_in_the_ring(crypten, fused):
     64-bit ring elements, the extreme values included (one process holds every share)."""
     import crypten.mpc.primitives.beaver as beaver
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
-    from timm_mpc.secure.crypten_compat import use_fused_beaver
+    from timm_mpc.secure.crypten.compat import use_fused_beaver
     torch.manual_seed(0)
     extremes = torch.tensor([2 ** 63 - 1, -(2 ** 63), -1, 0, 1])
     x = torch.randint(-(2 ** 63), 2 ** 63 - 1, (65, 192))
@@ -183,7 +184,7 @@ def test_secure_layer_norm_over_small_and_large_variances(crypten, spread):
     var = x.var(-1, unbiased=False)
     for method, batch in (('cubic', True), ('cubic', False), ('crypten', True)):
         s = SecureSettings(batch_independent=batch, inv_sqrt=method)
-        scale, iters = ops.newton_schedule(float(var.min()), float(var.max()), ops.inv_sqrt_domain(method), 2)
+        scale, iters = approximations.newton_schedule(float(var.min()), float(var.max()), approximations.inv_sqrt_domain(method), 2)
         got = ops.layer_norm(crypten.cryptensor(x), crypten.cryptensor(w), crypten.cryptensor(b), 1e-5, s, scale,
                              iters).get_plain_text()
         assert (got - F.layer_norm(x, (64,), w, b, 1e-5)).abs().max() < 2e-2, method
@@ -329,7 +330,7 @@ def test_the_plan_the_client_reads_is_the_owners_byte_for_byte():
     of it are then the owner's, found in the cache on one machine instead of run again."""
     import json
     from timm_mpc.secure import SecurePlan, build_secure_plan
-    from timm_mpc.secure.dry_run import _cache_key
+    from timm_mpc.secure.crypten.dry_run import _cache_key
     from small_models import MIXED, random_images, small_mpcvit
     settings = SecureSettings()
     plan = build_secure_plan(small_mpcvit(attn_pattern=MIXED), settings, random_images(4))  # calibrated schedules
@@ -362,7 +363,7 @@ def test_calibration_refuses_values_that_would_overflow():
 @pytest.mark.slow
 def test_truncation_failures_are_measured_per_image_and_operator():
     """The expected number of local-truncation failures, |x| / 2^64 summed over every truncated element."""
-    from timm_mpc.secure.truncation import truncation_failures
+    from timm_mpc.secure.crypten.truncation import truncation_failures
     torch.manual_seed(0)
     model = timm.create_model('mpcvit_tiny', depth=1, img_size=16, embed_dim=64,
                               attn_pattern=[['scaling', 'relu_softmax', 'scaling', 'softmax']]).eval()
@@ -380,7 +381,7 @@ def test_truncation_failures_are_measured_per_image_and_operator():
 def test_a_failed_truncation_puts_the_logits_beyond_the_plans_bound():
     """Failures put where they fall (by magnitude) in a published checkpoint: each leaves the logits as they were
     or puts them far beyond the public bound, where secure_predict catches them."""
-    from timm_mpc.secure.truncation import truncation_failures
+    from timm_mpc.secure.crypten.truncation import truncation_failures
     model = timm_mpc.create_mpc_model(
         'mpcvit_tiny', checkpoint='checkpoints/timm-mpc/mpcvit_tiny.fmnist_softmax/model.safetensors').eval()
     images, _ = timm_mpc.data.example_images()

@@ -239,7 +239,7 @@ def test_run_owner_client_and_dealer_run_their_party_in_a_child_process():
     import threading
     from timm_mpc.secure import SecureInferenceError, build_secure_plan, run_client, run_dealer, run_owner
     from timm_mpc.secure.admission import new_secret
-    from timm_mpc.secure.dry_run import dry_run
+    from timm_mpc.secure.crypten.dry_run import dry_run
     model, images, settings = small_mpcvit(attn_pattern=MIXED), random_images(2), SecureSettings()
     plan = build_secure_plan(model, settings, images)
     requests = {2: dry_run(plan, settings, 2).requests}

@@ -20,7 +20,7 @@ from party_spy import (DEVIATIONS, SESSION_SPY, best_reconstruction, held_values
 from timm_mpc.data import calibration_examples
 from timm_mpc.secure import SecureSettings, build_secure_plan
 from timm_mpc.secure.admission import MAC_BYTES, NONCE_BYTES, new_secret
-from timm_mpc.secure.dealer import _TERMINATE, PRODUCT_OPS
+from timm_mpc.secure.crypten.dealer import _TERMINATE, PRODUCT_OPS
 from timm_mpc.secure.secure_vit import patchify
 
 from small_models import MIXED, small_mpcvit
@@ -193,8 +193,8 @@ def test_a_deviating_owner_cannot_read_the_clients_draws_through_the_dealer(mode
 def _reveal_party(rank, rendezvous, method, values, out_dir):
     import os
 
-    from timm_mpc.secure.crypten_compat import import_crypten
-    from timm_mpc.secure.ops import reveal_to
+    from timm_mpc.secure.crypten.compat import import_crypten
+    from timm_mpc.secure.crypten.ops import reveal_to
     view = record_view() if rank == 0 else None
     os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
     crypten = import_crypten()
@@ -215,7 +215,7 @@ def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_pat
     """CrypTen's get_plain_text(dst=client) runs gloo's reduce, which leaves the non-receiving party a fully
     reduced chunk (about half of the values); timm-mpc's point-to-point reveal leaves it nothing."""
     from timm_mpc.secure.launch import free_port
-    from timm_mpc.secure.local_run import process_context
+    from timm_mpc.secure.processes import process_context
     values = torch.randn(8, 10, generator=torch.Generator().manual_seed(5))
     values = torch.round(values * 2 ** 16) / 2 ** 16  # exactly encodable
     rendezvous = f'tcp://127.0.0.1:{free_port()}'
@@ -239,7 +239,7 @@ def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_pat
 def test_the_owner_refuses_batches_beyond_its_bounds_before_any_dry_run(model, tmp_path, limits, batch_size, match):
     """A client announcing more than the owner accepts (per batch, per run, or in memory) is refused with the figure
     before the owner dry-runs that size or anything is shared; the dealer ends with an error too."""
-    from timm_mpc.secure.dry_run import _cache_key, default_cache_dir
+    from timm_mpc.secure.crypten.dry_run import _cache_key, default_cache_dir
     images = _images(model, 3)
     settings = SecureSettings(timeout_s=60)
     plan = build_secure_plan(model, settings)

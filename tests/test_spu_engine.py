@@ -15,7 +15,7 @@ from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predi
 from timm_mpc.secure.admission import new_secret
 from timm_mpc.secure.engines import ENGINES, get_engine
 from timm_mpc.secure.launch import free_port
-from timm_mpc.secure.spu_party import spu_addresses
+from timm_mpc.secure.spu.party import spu_addresses
 
 from cli_process import CliProcess
 from party_spy import listening_sockets, secret_file
@@ -143,7 +143,7 @@ def _ring(share, numel):
 
 
 def _decode(ring):
-    from timm_mpc.secure.spu_runtime import SPU_FRACTION_BITS
+    from timm_mpc.secure.spu.runtime import SPU_FRACTION_BITS
     return ring.double() / 2 ** SPU_FRACTION_BITS
 
 
@@ -161,9 +161,9 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
     runtime are not in this record."""
     import threading
     from timm_mpc.secure import build_secure_plan
-    from timm_mpc.secure import spu_party
+    from timm_mpc.secure.spu import party as spu_party
     from timm_mpc.secure.secure_vit import patchify
-    from timm_mpc.secure.spu_runtime import SpuSession
+    from timm_mpc.secure.spu.runtime import SpuSession
     received, kept = [], []
     recv_share, make = SpuSession._recv_share, SpuSession.share
 
@@ -221,7 +221,7 @@ def test_a_killed_owner_ends_the_client_with_a_clear_error_within_its_timeout():
 
 def test_the_send_watch_counts_failed_sends_in_seconds_and_not_one_lost_request(tmp_path):
     """What ends an SPU party before yacl's exit(-1) does: SPU's logged retries, read as seconds of failing."""
-    from timm_mpc.secure.spu_runtime import _SEND_RETRY, _SendWatch
+    from timm_mpc.secure.spu.runtime import _SEND_RETRY, _SendWatch
     line = ("2026-11-27 06:04:25.965 [info] [channel.cc:SendRequestWithRetry:362] send request failed and retry, "
             "retry_count=3, max_retry=20, interval_ms=1000, message=[external/yacl~/yacl/link/transport/"
             "interconnection_link.cc:56] cntl ErrorCode '112', http status code '0', response header '', response "
@@ -280,7 +280,7 @@ def test_a_party_with_another_secret_is_refused_before_spu_starts():
     and a client holding different secrets are both refused, each told why."""
     import threading
     from timm_mpc.secure import build_secure_plan
-    from timm_mpc.secure import spu_party
+    from timm_mpc.secure.spu import party as spu_party
     from timm_mpc.secure.errors import PeerError
     model = _model(depth=1, embed_dim=16, img_size=8, attn_pattern='scaling')
     settings = SecureSettings(engine='spu', protocol='cheetah', timeout_s=60)

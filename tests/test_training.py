@@ -18,8 +18,9 @@ from timm_mpc.layers.linearizable_mlp import LinearizableMlp
 from timm_mpc.pattern import get_attn_pattern
 from timm_mpc.cost import estimate_latency, model_cost_table
 from timm_mpc.search import binarize_budget, binarize_gelu, binarize_mu
-from timm_mpc.training import (ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod,
-                                load_runs)
+from timm_mpc.training import (
+    ArchitecturePenalty, TokenDistillationLoss, build_dataset, build_loader, data as data_mod, load_runs,
+)
 from timm_mpc.training.data import DatasetMissingError
 
 TINY = {'depth': 2, 'embed_dim': 32, 'num_heads': 4}
@@ -418,7 +419,8 @@ def test_a_converted_timm_model_starts_from_pretrained_weights_and_distils_from_
 def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(debian_fmnist, tmp_path, capsys):
     """The per-kind cost table prices ViT-shaped models only; a Swin is priced by dry runs of itself (CrypTen):
     searched with the cost-weighted penalty, binarized by mu, each pattern's estimate exact in rounds."""
-    from timm_mpc.secure import SecureSettings, build_secure_plan, dry_run
+    from timm_mpc.secure import SecureSettings, build_secure_plan
+    from timm_mpc.secure.crypten import dry_run
     swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
     kw = ['--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', json.dumps(swin), '--batch-size', '16',
           '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--warmup-epochs', '0',

@@ -12,10 +12,7 @@ from .convert import SUPPORTED_ATTENTION, ConversionReport, convert_to_mpc
 from .converted import CONVERTED_ARCH
 from .factory import create_mpc_model
 from .layers import (
-    ATTN_KINDS, GELU_PATTERNS, SEARCH, AttnKind, HeadKinds, KindContext, LinearizableMlp, MPCAttention,
-    MPCEvaAttention, MPCWindowAttention, PatternError, Quad2Attention, QuadGELU, ReLUSoftmaxAttention,
-    ScalingAttention, SearchAttention, SoftmaxAttention, get_attn_kind, quad_gelu, register_attn_kind,
-    register_timm_layers,
+    ATTN_KINDS, GELU_PATTERNS, SEARCH, AttnKind, HeadKinds, KindContext, LinearizableMlp, MPCAttention, MPCEvaAttention, MPCWindowAttention, PatternError, Quad2Attention, QuadGELU, ReLUSoftmaxAttention, ScalingAttention, SearchAttention, SoftmaxAttention, get_attn_kind, quad_gelu, register_attn_kind, register_timm_layers,
 )
 from .models import MPCViT, MPCViTBlock, PretrainedWeightsError, checkpoint_filter_fn
 from .pattern import count_head_kinds, get_attn_pattern, get_gelu_pattern, set_attn_pattern, set_gelu_pattern

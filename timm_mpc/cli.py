@@ -237,7 +237,8 @@ def _party(args: argparse.Namespace) -> int:
     from .secure.bench import format_profile
     from .secure.engines import get_engine
     from .secure.memory import available_memory
-    from .secure.party import OwnerLimits, run_dealer
+    from .secure.protocol import OwnerLimits
+    from .secure.crypten.party import run_dealer
     from .secure.plan import build_secure_plan
 
     settings = _settings(args)

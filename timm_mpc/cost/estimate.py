@@ -9,7 +9,7 @@ from ..layers.attn_kinds import SEARCH_KINDS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import get_attn_pattern, get_gelu_pattern
 from ..reader import read_model
-from .profile import NETWORKS, NetworkSetting
+from ..secure.profile import NETWORKS, NetworkSetting
 from .table import kind_cost_table
 
 MLP_TYPES_PRICED = (Mlp, LinearizableMlp)  # fc1, activation, fc2: what the probe model measures
@@ -94,7 +94,7 @@ def estimate_latency(
 
 
 def cost_table_shape(model: nn.Module,
-                     advice: str = 'price it by dry runs (timm_mpc.secure.pricing)') -> Dict[str, Any]:
+                     advice: str = 'price it by dry runs (timm_mpc.cost.pricing)') -> Dict[str, Any]:
     """The shapes :func:`kind_cost_table` measures for ``model``: a ViT's (one token sequence, blocks of one width
     with a plain MLP), as ``mpcvit_*``, a converted ViT or DeiT have.
 

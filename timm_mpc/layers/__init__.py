@@ -4,9 +4,7 @@ from .attention import (
     MPCAttention, Quad2Attention, ReLUSoftmaxAttention, ScalingAttention, SearchAttention, SoftmaxAttention,
 )
 from .attn_kinds import (
-    ATTN_KINDS, BASELINE_KIND, SEARCH, SEARCH_CODE, SEARCH_KINDS, AttnKind, KindContext, PatternError,
-    get_attn_kind, kind_code, kind_modules, kind_name, list_attn_kinds, quad2_weights, register_attn_kind,
-    relu_softmax_weights, scaling_weights, softmax_weights,
+    ATTN_KINDS, BASELINE_KIND, SEARCH, SEARCH_CODE, SEARCH_KINDS, AttnKind, KindContext, PatternError, get_attn_kind, kind_code, kind_modules, kind_name, list_attn_kinds, quad2_weights, register_attn_kind, relu_softmax_weights, scaling_weights, softmax_weights,
 )
 from .eva_attention import MPCEvaAttention
 from .head_kinds import HeadKinds, HeadPattern

@@ -42,7 +42,7 @@ def export_patterns(
     """Binarize ``supernet`` for every μ and budget; write ``<name>.safetensors`` and ``patterns.json``.
 
     Names are ``mu50`` for μ = 0.5 and ``budget_lan_9.5s`` for a 9.5 s LAN budget. Each binarized model's secure cost
-    is ``estimate(model)`` (e.g. :func:`timm_mpc.secure.pricing.model_estimate`, which prices any family), or, when
+    is ``estimate(model)`` (e.g. :func:`timm_mpc.cost.pricing.model_estimate`, which prices any family), or, when
     None, the per-kind cost ``table``'s (measured for the supernet's shapes when None). Budgets binarize with the
     table where one is given (:func:`binarize_budget`), else with ``estimate`` (:func:`binarize_budget_checked`).
 

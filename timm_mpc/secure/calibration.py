@@ -17,7 +17,7 @@ from ..layers.attn_kinds import SEARCH, get_attn_kind
 from ..layers.head_kinds import HeadKinds
 from ..reader import read_model
 from ..utils import inference_pass
-from .ops import GELU_MAX_EXP_ITERATIONS, gelu_bound, gelu_exp_iterations
+from .approximations import GELU_MAX_EXP_ITERATIONS, gelu_bound, gelu_exp_iterations
 from .settings import SecureSettings
 
 __all__ = ['calibrate', 'FixedPointRangeError', 'product_limit']

@@ -1,7 +1,8 @@
 """The table of MPC engines that run a secure plan: one :class:`Engine` record each.
 
 Adding an engine is one record and one module with ``run_owner(rendezvous, plan, state_dict, settings, ...)`` and
-``run_client(rendezvous, images, settings, ...)`` (the signatures of :mod:`.party`): ``secure_predict``, the CLI and
+``run_client(rendezvous, images, settings, ...)`` (the signatures of :mod:`.crypten.party`), in a subpackage of its
+own beside :mod:`.crypten` and :mod:`.spu`: ``secure_predict``, the CLI and
 the benchmarks choose it by name. Its tensors need the methods the plan's forward uses (see
 :class:`~timm_mpc.secure.secure_vit.Backend`).
 
@@ -16,7 +17,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 __all__ = ['Engine', 'ENGINES', 'get_engine', 'exit_after_failure', 'DEFAULT_ENGINE']
 
@@ -35,7 +36,8 @@ class Engine:
         insecure_protocols: Protocols in which one party deals the other's correlations, so it can open the other's
             data: they measure cost only (runs warn, ``timm-mpc party`` refuses them).
         dealer: Whether the secure protocol needs a dealer process besides the two parties.
-        dry_run: Whether a dry run (:mod:`.dry_run`, CrypTen's computation on zeros) predicts its cost and memory.
+        dry_run: The module whose ``dry_run(plan, settings, batch)`` predicts its cost and memory (CrypTen's
+            computation on zeros, :mod:`.crypten.dry_run`), or '' for none.
         sessions: Whether its parties serve a :class:`~.session.SecureSession`'s calls (``run_owner`` and
             ``run_client`` take a ``session`` link).
         requires: The module it imports and how to install it: ``(module, install line)``.
@@ -46,7 +48,7 @@ class Engine:
     protocols: Tuple[str, ...]
     insecure_protocols: Tuple[str, ...] = ()
     dealer: bool = False
-    dry_run: bool = False
+    dry_run: str = ''
     sessions: bool = False
     requires: Tuple[str, str] = ()
 
@@ -61,10 +63,15 @@ class Engine:
         self.check_installed()
         return importlib.import_module(self.module)
 
+    def run_dry(self, plan: Any, settings: Any, batch: int) -> Any:
+        """The engine's dry run of ``batch`` images (cached): its rounds, bytes and each process's peak memory."""
+        return importlib.import_module(self.dry_run).dry_run(plan, settings, batch)
+
 
 ENGINES: Dict[str, Engine] = {e.name: e for e in (
-    Engine('crypten', 'CrypTen', 'timm_mpc.secure.party', ('beaver',), dealer=True, dry_run=True, sessions=True),
-    Engine('spu', 'SPU', 'timm_mpc.secure.spu_party', ('cheetah', 'semi2k'), insecure_protocols=('semi2k',),
+    Engine('crypten', 'CrypTen', 'timm_mpc.secure.crypten.party', ('beaver',), dealer=True,
+           dry_run='timm_mpc.secure.crypten.dry_run', sessions=True),
+    Engine('spu', 'SPU', 'timm_mpc.secure.spu.party', ('cheetah', 'semi2k'), insecure_protocols=('semi2k',),
            requires=('spu', 'pip install -e ".[spu]" (spu 0.9.5, jax 0.4.34)')),
 )}
 

@@ -18,16 +18,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..cost.profile import CostProfile
+from .profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
 from ..utils import progress
 from .engines import ENGINES, exit_after_failure, get_engine
-from .party import PartyResult, PeerError, SessionLink, batch_sizes, check_batch_size, run_dealer
-from .local_run import process_context, start_processes
-from .dry_run import DryRun, dry_run
+from .protocol import PartyResult, SessionLink, batch_sizes, check_batch_size
+from .errors import PeerError
+from .crypten.party import run_dealer
+from .processes import process_context, start_processes
+from .crypten.dry_run import DryRun, dry_run
 from .admission import new_secret
-from .memory import (MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory,
-                     predicted_peak)
+from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory
+from .crypten.dry_run import predicted_peak
 from .plan import SecurePlan, build_secure_plan, check_images
 from .secure_vit import SecureViT
 from .settings import SecureSettings
@@ -336,13 +338,16 @@ def prepare_call(plan: SecurePlan, settings: SecureSettings, images: torch.Tenso
                              f'batch_size instead (engines with one: {[e for e, r in ENGINES.items() if r.dry_run]})')
         return images, batch_size, None, None
     measure = partial(dry_run, plan, settings)
+
+    def peak_of(batch: int) -> int:
+        return predicted_peak(measure(batch), settings.dealer)
     if bound is not None and batch_size is None:
-        batch_size = fit_batch_size(measure, count, bound, settings.dealer)
+        batch_size = fit_batch_size(peak_of, count, bound)
     first = batch_sizes(count, batch_size)[0]
     limit = bound if bound is not None else available_memory() if check_available else None
     peak = None
     if limit is not None and first > 2:  # the line through 1 and 2 images, before a dry run of the whole batch
-        peak = line_peak(lambda n: predicted_peak(measure(n), settings.dealer), first)
+        peak = line_peak(peak_of, first)
     if peak is None or peak <= limit:
         estimate = measure(first)
         peak = predicted_peak(estimate, settings.dealer)
@@ -383,7 +388,7 @@ def secure_predict(
     against the model's input bounds. ``model`` itself is not changed.
 
     Two-party truncation fails now and then (about one image in a thousand, see
-    :mod:`timm_mpc.secure.truncation`) and leaves a logit off by about 2^32. The client finds such images by the
+    :mod:`timm_mpc.secure.crypten.truncation`) and leaves a logit off by about 2^32. The client finds such images by the
     plan's public logit bound, and they are run again with fresh randomness (``settings.truncation_retries``
     times at most); logits still beyond the bound are an error, never returned.
 
@@ -401,7 +406,7 @@ def secure_predict(
         protocol: The engine's protocol; default: ``settings.protocol`` (or the engine's default).
         max_memory: A bound on the peak memory of the processes together (bytes, or a size such as ``'6GiB'``):
             without ``batch_size``, the images run in the largest batches that fit it. Predicted by a dry run
-            (:mod:`~timm_mpc.secure.dry_run`, CrypTen only), which also prints what one image will cost before the
+            (:mod:`~timm_mpc.secure.crypten.dry_run`, CrypTen only), which also prints what one image will cost before the
             parties start. Without a bound, a batch predicted to need more than the machine's available memory
             is refused.
 

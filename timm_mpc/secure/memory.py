@@ -1,24 +1,18 @@
 """The memory of a local secure run, predicted before its processes start: a bound (``max_memory``), the batch
 size that fits it, and a clear error when none does.
 
-The prediction adds up the processes :func:`~.launch.secure_predict` starts, from the dry runs (:mod:`.dry_run`):
-each party's measured peak, the owner's buffer of the dealer's answers and the dealer's own process (a base process
-and the answer it is building, at most :data:`~.offline.CHUNK_BYTES`, several times over while it is generated).
+The prediction of a batch comes from the engine's dry runs (CrypTen's: :func:`~.crypten.dry_run.predicted_peak`);
+here, the bound, the line through two small batches and the search for the batch that fits.
 ``benchmarks/secure_memory.py`` compares it with the measured peak.
 """
 import re
 from typing import Callable, Optional, Union
 
-from .dry_run import DryRun
-from .offline import CHUNK_BYTES
 
-__all__ = ['parse_memory', 'available_memory', 'predicted_peak', 'fit_batch_size', 'MemoryBoundError',
-           'format_bytes']
+__all__ = ['parse_memory', 'available_memory', 'line_peak', 'fit_batch_size', 'MemoryBoundError', 'format_bytes']
 
 _UNITS = {'': 1, 'b': 1, 'k': 10 ** 3, 'kb': 10 ** 3, 'kib': 2 ** 10, 'm': 10 ** 6, 'mb': 10 ** 6, 'mib': 2 ** 20,
           'g': 10 ** 9, 'gb': 10 ** 9, 'gib': 2 ** 30, 't': 10 ** 12, 'tb': 10 ** 12, 'tib': 2 ** 40}
-DEALER_ANSWER_COPIES = 3  # the dealer's answer while it is generated: the pieces, their concatenation, its send buffer
-OWNER_ANSWER_COPIES = 2  # the owner's received answer and the shares it is turned into
 
 
 class MemoryBoundError(ValueError):
@@ -56,16 +50,6 @@ def available_memory() -> Optional[int]:
     return None
 
 
-def predicted_peak(dry: DryRun, dealer: bool) -> int:
-    """Predicted peak resident memory of the processes of a local run of ``dry``'s batch together: owner, client
-    and, with ``dealer``, the dealer process and the owner's buffer of its answers."""
-    peak = dry.peak_rss[0] + dry.peak_rss[1]
-    if dealer:
-        answer = min(dry.dealer_bytes, CHUNK_BYTES)
-        peak += dry.base_rss[1] + DEALER_ANSWER_COPIES * answer + OWNER_ANSWER_COPIES * answer
-    return peak
-
-
 def line_peak(peak_of: Callable[[int], int], batch: int) -> int:
     """The peak at ``batch`` images on the line through ``peak_of(1)`` and ``peak_of(2)`` (two small dry runs), so
     that a batch that cannot fit is refused before a dry run of its own size."""
@@ -73,17 +57,17 @@ def line_peak(peak_of: Callable[[int], int], batch: int) -> int:
     return one if batch == 1 else one + max(peak_of(2) - one, 0) * (batch - 1)
 
 
-def fit_batch_size(measure: Callable[[int], DryRun], count: int, max_memory: int, dealer: bool) -> int:
+def fit_batch_size(peak_of: Callable[[int], int], count: int, max_memory: int) -> int:
     """The largest batch size, at most ``count``, whose predicted peak fits ``max_memory``.
 
-    ``measure(batch)`` is the dry run of a batch size (cached). The peak grows linearly with the batch: the dry
+    ``peak_of(batch)`` is the predicted peak of a batch size, from its dry run (cached). The peak grows linearly with the batch: the dry
     runs of 1 and 2 images give the line, and the batch it chooses is dry-run too and checked (smaller, by the line
     through its own figure, until it fits).
 
     Raises:
         MemoryBoundError: not even one image fits (the message gives the predicted figure).
     """
-    one = predicted_peak(measure(1), dealer)
+    one = peak_of(1)
     if one > max_memory:
         raise MemoryBoundError(
             f'one image needs about {format_bytes(one)} of memory (owner, client and dealer processes together), '
@@ -91,10 +75,10 @@ def fit_batch_size(measure: Callable[[int], DryRun], count: int, max_memory: int
             f'on two hosts (timm-mpc party)')
     if count == 1:
         return 1
-    per_image = max(predicted_peak(measure(2), dealer) - one, 1)
+    per_image = max(peak_of(2) - one, 1)
     batch = int(min(count, 1 + (max_memory - one) // per_image))
     while batch > 1:
-        peak = predicted_peak(measure(batch), dealer)
+        peak = peak_of(batch)
         if peak <= max_memory:
             break
         per_image = max((peak - one) / (batch - 1), 1)  # the line measured at this batch

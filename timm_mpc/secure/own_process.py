@@ -11,8 +11,8 @@ import torch
 
 from ..layers.attn_kinds import kind_modules
 from .launch import LocalParties, party_process
-from .local_run import process_context, start_processes
-from .party import OwnerLimits, PartyResult, client_inputs
+from .processes import process_context, start_processes
+from .protocol import OwnerLimits, PartyResult, client_inputs
 from .plan import SecurePlan
 from .settings import SecureSettings
 
@@ -52,7 +52,7 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
               secret: bytes, requests: Optional[Dict[int, List[Any]]] = None, limits: Optional[OwnerLimits] = None,
               client_address: Optional[str] = None) -> PartyResult:
     """Run party 0, the model owner, in a child process (see the engine's ``run_owner``, e.g.
-    :func:`timm_mpc.secure.party.run_owner`): it contributes the weights and the plan and learns nothing but the
+    :func:`timm_mpc.secure.crypten.party.run_owner`): it contributes the weights and the plan and learns nothing but the
     costs and the sizes of the client's batches.
 
     Args:
@@ -77,7 +77,7 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, 
                batch_size: Optional[int] = None, requests: Optional[Dict[int, List[Any]]] = None,
                client_address: Optional[str] = None) -> PartyResult:
     """Run party 1, the client, in a child process (see the engine's ``run_client``, e.g.
-    :func:`timm_mpc.secure.party.run_client`): it contributes the images and alone receives the logits.
+    :func:`timm_mpc.secure.crypten.party.run_client`): it contributes the images and alone receives the logits.
 
     The images are checked here first (a finite float tensor of four dimensions), against the owner's plan in the
     party before anything is shared (outside its input bounds: refused, or clamped with ``clamp``). ``batch_size``:
@@ -94,7 +94,7 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes) -> None:
     """Run the dealer of a CrypTen run (``provider='TTP'``, rank 2) in a child process until the owner is done (see
-    :func:`timm_mpc.secure.party.run_dealer`). It must be neither party.
+    :func:`timm_mpc.secure.crypten.party.run_dealer`). It must be neither party.
 
     Raises:
         ValueError: the settings have no dealer.

@@ -1,7 +1,7 @@
 """`SecureViT`: runs a plan on secret-shared weights and images, operator by operator, with costs.
 
 The same forward runs on every engine: a :class:`Backend` gives it the engine's secret tensors (sharing, concatenation)
-and its operators (:mod:`.ops` for CrypTen, :mod:`.spu_ops` for SPU); everything else is tensor methods that both
+and its operators (:mod:`.crypten.ops`, :mod:`.spu.ops`); everything else is tensor methods that both
 engines' tensors have.
 """
 from functools import partial
@@ -11,14 +11,12 @@ import torch
 from timm.layers.pos_embed_sincos import rope_rotate_half, rot
 from timm.models.swin_transformer import get_relative_position_index
 
-from ..cost.profile import CostMeter
 from ..layers.attn_kinds import KindContext, get_attn_kind
-from . import ops
-from .crypten_compat import import_crypten
+from .profile import CostMeter
 from .plan import AttentionSpec, BlockSpec, MergeSpec, MlpSpec, NormSpec, Schedule, SecurePlan, WindowSpec, swin_windows
 from .settings import SecureSettings
 
-__all__ = ['SecureViT', 'Backend', 'CryptenBackend', 'patchify']
+__all__ = ['SecureViT', 'Backend', 'patchify', 'OWNER', 'CLIENT']
 
 OWNER, CLIENT = 0, 1
 
@@ -33,9 +31,9 @@ def patchify(images: torch.Tensor, patch_size: List[int]) -> torch.Tensor:
 
 class Backend:
     """What :class:`SecureViT` needs from an engine beyond tensor methods: its operators (``ops``: ``linear``,
-    ``layer_norm``, ``reciprocal``, ``softmax`` and the activations, as in :mod:`.ops`), secret-sharing a
+    ``layer_norm``, ``reciprocal``, ``softmax`` and the activations, as in :mod:`.crypten.ops`), secret-sharing a
     party's value, and concatenation."""
-    ops: Any = ops
+    ops: Any
 
     def share(self, value: torch.Tensor, src: int) -> Any:
         """``value`` secret-shared by party ``src`` (the other party passes zeros of the same shape)."""
@@ -45,21 +43,8 @@ class Backend:
         raise NotImplementedError
 
 
-class CryptenBackend(Backend):
-    """CrypTen's secret tensors and timm-mpc's operators on them."""
-
-    def __init__(self) -> None:
-        self.crypten = import_crypten()
-
-    def share(self, value: torch.Tensor, src: int) -> Any:
-        return self.crypten.cryptensor(value, src=src)
-
-    def cat(self, tensors: Sequence[Any], dim: int) -> Any:
-        return self.crypten.cat(list(tensors), dim=dim)
-
-
 class SecureViT:
-    """A ViT plan evaluated under two-party MPC (CrypTen unless another ``backend`` is given).
+    """A ViT plan evaluated under two-party MPC on an engine's ``backend``.
 
     The owner (party 0) passes its model's state dict; the client (party 1) passes None and
     contributes only the images. Weights are secret-shared once (setup); each inference shares the
@@ -67,11 +52,11 @@ class SecureViT:
     """
 
     def __init__(self, plan: SecurePlan, settings: SecureSettings, meter: CostMeter,
-                 state_dict: Optional[Dict[str, torch.Tensor]] = None, backend: Optional[Backend] = None) -> None:
+                 state_dict: Optional[Dict[str, torch.Tensor]], backend: Backend) -> None:
         self.plan = plan
         self.settings = settings
         self.meter = meter
-        self.backend = backend or CryptenBackend()
+        self.backend = backend
         self.ops = self.backend.ops
         self.weights: Dict[str, Any] = {}
         self.on_layer: Optional[Callable[[], None]] = None  # called as each block (and the head) is done

@@ -14,7 +14,7 @@ from torch import nn
 
 from .engines import get_engine
 from .launch import LocalParties, SecureResult, dealer_requests, prepare_call, resolve_settings, run_with_retries
-from .party import PartyResult, check_batch_size
+from .protocol import PartyResult, check_batch_size
 from .plan import build_secure_plan
 from .settings import SecureSettings
 

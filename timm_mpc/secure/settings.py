@@ -58,9 +58,9 @@ class SecureSettings:
             shared, in a few large batches, and the client checks first that they are the ones its plan makes;
             False (cost comparisons only, insecure: it warns) asks for one triple at a time during the inference.
         fused_beaver: Beaver products with two local products per party instead of CrypTen's three (the same
-            shares; see :func:`timm_mpc.secure.crypten_compat.use_fused_beaver`).
+            shares; see :func:`timm_mpc.secure.crypten.compat.use_fused_beaver`).
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
-            public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.truncation`).
+            public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.crypten.truncation`).
         engine: The MPC engine, a name in :data:`~timm_mpc.secure.engines.ENGINES`. The approximation settings
             above are CrypTen's; SPU uses its own (exp, reciprocal, inverse square root, erf GeLU) at its default
             18 fractional bits, with the plan's calibrated LayerNorm scales.
@@ -158,17 +158,3 @@ class SecureSettings:
         if unknown:
             raise ValueError(f'unknown secure settings {sorted(unknown)}; accepted: {sorted(known)}')
         return cls(**values)
-
-    def apply(self, crypten: Any) -> None:
-        """Write these settings into ``crypten.cfg`` (before ``crypten.init()`` for the provider)."""
-        cfg = crypten.cfg
-        cfg.encoder.precision_bits = self.precision_bits
-        cfg.functions.exp_iterations = self.exp_iterations
-        cfg.functions.reciprocal_nr_iters = self.reciprocal_nr_iters
-        cfg.functions.sqrt_nr_iters = self.sqrt_nr_iters
-        cfg.functions.max_method = self.max_method
-        cfg.functions.erf_iterations = self.erf_iterations
-        cfg.mpc.provider = 'TTP' if self.dealer else 'TFP'
-        cfg.communicator.verbose = True  # count rounds and bytes
-        from .crypten_compat import use_fused_beaver
-        use_fused_beaver(self.fused_beaver)

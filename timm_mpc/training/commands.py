@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from ..cost import model_cost_table
     from ..search.export import export_patterns
-    from ..secure.pricing import model_estimate, priced_by_table
+    from ..cost.pricing import model_estimate, priced_by_table
     from .engine import train_model
     cfg = _config(args, attn_pattern='search', gelu_pattern='search' if args.search_gelu else None)
     if args.search_gelu and cfg.gelu_keep is None:
@@ -127,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
     model = create_mpc_model(args.model, pretrained=not args.checkpoint, checkpoint=args.checkpoint, **kwargs).eval()
     source = args.checkpoint or args.model
     if not args.no_latency:  # the estimate comes after the evaluation: refuse a model it cannot price now
-        from ..secure.pricing import check_priceable
+        from ..cost.pricing import check_priceable
         check_priceable(model, RunConfig().cost_settings(), 'evaluate it with --no-latency')
     data_config = model_data_config(model)
     ds = build_dataset(args.dataset, 'test', args.data_dir, args.download, data_config['input_size'][0],

@@ -162,7 +162,7 @@ def model_summary(model: nn.Module, cfg: RunConfig) -> Dict[str, Any]:
         summary['gelu_pattern'] = gelu
     searching = SEARCH in summary['head_kinds'] or searches_gelu(model)
     if cfg.estimate_latency and not searching:
-        from ..secure.pricing import model_estimate
+        from ..cost.pricing import model_estimate
         settings = cfg.cost_settings()
         summary['secure_estimate'] = dict(model_estimate(model, settings), engine=f'{settings.engine} {settings.protocol}')
     return summary
@@ -280,7 +280,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search' and SEARCH not in count_head_kinds(model):
         raise ValueError("a search needs a supernet: attn_pattern='search' (set for every head by default)")
     if cfg.estimate_latency or mode == 'search':  # priced at the end (a search binarizes by cost): refuse it now
-        from ..secure.pricing import check_budgets, check_priceable
+        from ..cost.pricing import check_budgets, check_priceable
         check_priceable(model, cost_settings, 'search it with --engine crypten' if mode == 'search' else
                         'run without a latency estimate (--no-latency), or with --engine crypten')
         if mode == 'search':
@@ -300,7 +300,7 @@ def train_model(cfg: RunConfig, mode: str = 'train', on_finish: Optional[Any] = 
     if mode == 'search':
         costs = dict(head=None, token=None)
         if cfg.cost_weighted:
-            from ..secure.pricing import model_head_costs
+            from ..cost.pricing import model_head_costs
             costs = model_head_costs(model, cost_settings, cfg.network)
         penalty = ArchitecturePenalty(model, cfg.lam, cfg.lam_beta, costs['head'], costs['token'])
 

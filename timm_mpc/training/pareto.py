@@ -12,7 +12,7 @@ __all__ = ['load_runs', 'pareto_table', 'plot_pareto']
 def _priced_now(run: Dict[str, Any], path: Path) -> Dict[str, Any]:
     """The run's fixed pattern priced by this machine's cost table (as its engine and protocol measure it here)."""
     from ..factory import create_mpc_model
-    from ..secure.pricing import model_estimate
+    from ..cost.pricing import model_estimate
     from .config import RunConfig
     from .data import DATASETS
     cfg = RunConfig.from_dict(run['config'])

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from ..utils import end_process, import_extra
+from ...utils import end_process, import_extra
 
 __all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'static_key', 'SPU_PROTOCOLS',
            'SPU_FRACTION_BITS']
@@ -276,7 +276,7 @@ class _SendWatch(threading.Thread):
     logged, so this thread reads SPU's log and ends the process first (reported by ``on_lost``, exit code 2), while
     the link still retries. A failure counts from the first logged retry of a run of them (runs end after
     ``timeout_s + 2`` s without one: an attempt at a silent peer takes ``timeout_s``), and only once one send has
-    failed twice, so one lost request in a healthy run ends nothing. Like :func:`~timm_mpc.secure.party.watchdog`,
+    failed twice, so one lost request in a healthy run ends nothing. Like :func:`~timm_mpc.secure.crypten.party.watchdog`,
     ending the process is the only way out: the blocked call cannot be interrupted from Python.
 
     SPU logs to one file per process (the last session's), so where one process holds two sessions (both parties

@@ -25,10 +25,11 @@ from typing import Any, Deque, Dict, List, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import DealerError, PeerError
-from .secure_vit import CLIENT, OWNER
+from ..errors import DealerError, PeerError
+from ..protocol import DEALER, decode_json
+from ..secure_vit import CLIENT, OWNER
 
-__all__ = ['DEALER', 'DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
+__all__ = ['DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
            'verify_dealer']
 
 DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A')  # CrypTen's TTP_FUNCTIONS, nothing private
@@ -36,7 +37,6 @@ PRODUCT_OPS = ('mul', 'matmul', 'conv1d', 'conv2d', 'conv_transpose1d', 'conv_tr
 FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny commits about 100 kB)
 MAX_DIM = 2 ** 31
 _TERMINATE = pickle.dumps('terminate')  # CrypTen's shutdown message from the owner, compared, never unpickled
-DEALER = 2
 _ROLE = ('owner', 'client', 'dealer')  # by rank, in messages
 
 
@@ -113,14 +113,6 @@ def _send_json(obj: Any, dst: int, group: Any) -> int:
     data = json.dumps(obj).encode()
     _send_bytes(data, dst, group)
     return len(data) + 4
-
-
-def decode_json(data: bytes, peer: str) -> Any:
-    """A JSON message from ``peer`` (over any engine's link), or PeerError: it is never run as code."""
-    try:
-        return json.loads(data.decode())
-    except (UnicodeDecodeError, ValueError):
-        raise PeerError(f'the {peer} sent a message that is not JSON ({len(data)} bytes)') from None
 
 
 def _recv_json(src: int, group: Any) -> Any:

@@ -1,5 +1,5 @@
 """The one place where timm-mpc imports CrypTen, with the changes it needs (the dealer's loop is timm-mpc's own:
-:mod:`timm_mpc.secure.dealer`).
+:mod:`timm_mpc.secure.crypten.dealer`).
 
 1. CrypTen 0.4.1 (its last release) imports ``torch.onnx._internal.registration`` at import time for its
    ONNX converter, and that module no longer exists in current PyTorch, so ``import crypten`` fails.
@@ -29,14 +29,17 @@ import os
 import sys
 import types
 from datetime import timedelta
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Sequence, Tuple
 
 import torch
 
-from ..utils import import_extra
+from ...layers.attn_kinds import import_kind_modules
+from ...utils import import_extra
+from ..admission import bind_rendezvous
+from ..settings import SecureSettings
 
-__all__ = ['import_crypten', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
-           'use_fused_beaver', 'product_shape']
+__all__ = ['import_crypten', 'apply_settings', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
+           'use_fused_beaver', 'product_shape', 'init_local']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -246,3 +249,35 @@ def set_process_group_timeout(seconds: float) -> None:
     """
     from torch.distributed import distributed_c10d
     distributed_c10d.default_pg_timeout = timedelta(seconds=seconds)
+
+
+def apply_settings(settings: Any, crypten: Any) -> None:
+    """Write ``settings`` (a :class:`~timm_mpc.secure.settings.SecureSettings`) into ``crypten.cfg``, before
+    ``crypten.init()`` for the provider."""
+    cfg = crypten.cfg
+    cfg.encoder.precision_bits = settings.precision_bits
+    cfg.functions.exp_iterations = settings.exp_iterations
+    cfg.functions.reciprocal_nr_iters = settings.reciprocal_nr_iters
+    cfg.functions.sqrt_nr_iters = settings.sqrt_nr_iters
+    cfg.functions.max_method = settings.max_method
+    cfg.functions.erf_iterations = settings.erf_iterations
+    cfg.mpc.provider = 'TTP' if settings.dealer else 'TFP'
+    cfg.communicator.verbose = True  # count rounds and bytes
+    use_fused_beaver(settings.fused_beaver)
+
+
+def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
+               modules: Sequence[str]) -> Tuple[Any, SecureSettings]:
+    """In a process of :func:`~timm_mpc.secure.processes.run_local`: CrypTen initialized as party ``rank`` of ``world_size`` with the
+    settings, the owner-as-dealer provider (no third process: these runs compute nothing secret), and the
+    parent's attention kinds."""
+    torch.set_num_threads(1)
+    import_kind_modules(modules)
+    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      DISTRIBUTED_BACKEND='gloo')  # its links listen on loopback
+    crypten = import_crypten()
+    settings_ = SecureSettings.from_dict(settings)
+    apply_settings(settings_, crypten)
+    crypten.cfg.mpc.provider = 'TFP'
+    crypten.init()
+    return crypten, settings_

@@ -1,7 +1,6 @@
-"""Local processes: starting them (:func:`start_processes`, for the parties of :func:`~.launch.secure_predict` too),
-and CrypTen computations the owner runs on its own, in processes of its own, with no dealer and no other party:
-the dry run of an inference (:mod:`.dry_run`) and measuring truncation failures (:mod:`.truncation`)."""
-import os
+"""Local processes: starting them from a fork server (:func:`start_processes`, for the parties of
+:func:`~.launch.secure_predict`), and computations the owner runs on its own in processes of its own, with no dealer
+and no other party (:func:`run_local`: CrypTen's dry run of an inference and its truncation measurement)."""
 import queue
 import sys
 import tempfile
@@ -12,15 +11,12 @@ from typing import Any, Callable, Iterator, Sequence, Tuple
 import torch
 import torch.multiprocessing
 
-from ..layers.attn_kinds import import_kind_modules, kind_modules
-from .admission import bind_rendezvous
-from .crypten_compat import import_crypten
-from .settings import SecureSettings
+from ..layers.attn_kinds import kind_modules
 
-__all__ = ['init_local', 'run_local', 'process_context', 'start_processes']
+__all__ = ['run_local', 'process_context', 'start_processes']
 
 # what every local process needs, imported once by the fork server instead of again by each process (seconds each)
-_PRELOAD = ('timm_mpc.secure.launch', 'timm_mpc.secure.dry_run', 'timm_mpc.secure.truncation', 'crypten')
+_PRELOAD = ('timm_mpc.secure.launch', 'timm_mpc.secure.crypten.dry_run', 'timm_mpc.secure.crypten.truncation', 'crypten')
 
 
 def process_context() -> Any:
@@ -60,23 +56,6 @@ def start_processes(procs: Sequence[Any], modules: Sequence[str]) -> None:
     with _main_module_hidden(tuple(modules)):
         for proc in procs:
             proc.start()
-
-
-def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
-               modules: Sequence[str]) -> Tuple[Any, SecureSettings]:
-    """In a process of :func:`run_local`: CrypTen initialized as party ``rank`` of ``world_size`` with the
-    settings, the owner-as-dealer provider (no third process: these runs compute nothing secret), and the
-    parent's attention kinds."""
-    torch.set_num_threads(1)
-    import_kind_modules(modules)
-    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      DISTRIBUTED_BACKEND='gloo')  # its links listen on loopback
-    crypten = import_crypten()
-    settings_ = SecureSettings.from_dict(settings)
-    settings_.apply(crypten)
-    crypten.cfg.mpc.provider = 'TFP'
-    crypten.init()
-    return crypten, settings_
 
 
 def run_local(target: Callable[..., None], args: Sequence[tuple], timeout_s: float, what: str) -> Any:

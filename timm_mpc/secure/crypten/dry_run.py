@@ -17,16 +17,18 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..cost.profile import NETWORKS, CostMeter, NetworkSetting
-from ..utils import cache_root
-from .local_run import init_local, run_local
-from .offline import Request, request_numel
+from ..profile import NETWORKS, CostMeter, NetworkSetting
+from ...utils import cache_root
+from .compat import init_local
+from ..processes import run_local
+from .offline import CHUNK_BYTES, Request, request_numel
 from .ops import reveal_to
-from .plan import SecurePlan
-from .secure_vit import CLIENT, SecureViT
-from .settings import SecureSettings
+from ..plan import SecurePlan
+from .backend import CryptenBackend
+from ..secure_vit import CLIENT, SecureViT
+from ..settings import SecureSettings
 
-__all__ = ['DryRun', 'dry_run', 'default_cache_dir']
+__all__ = ['DryRun', 'dry_run', 'default_cache_dir', 'predicted_peak']
 
 CACHE_VERSION = 3  # 3: cost and memory beside the requests
 RUN_S_PER_IMAGE = 10.0  # the dry run's time bound per image of mpcvit_tiny's size, beyond the settings' timeout
@@ -115,7 +117,7 @@ def _dry_run_process(rank: int, world_size: int, rendezvous: str, results: Any, 
         comm = crypten.communicator.get()
         plan_ = SecurePlan.from_dict(plan)
         meter = CostMeter(comm)
-        program = SecureViT(plan_, settings_, meter, None)
+        program = SecureViT(plan_, settings_, meter, None, CryptenBackend())
         base = _rss()
         requests.clear()  # only what an inference asks for
         stats = comm.get_communication_stats()
@@ -166,3 +168,19 @@ def dry_run(plan: SecurePlan, settings: SecureSettings, batch: int, cache_dir: O
     tmp.write_text(json.dumps(asdict(result)))
     tmp.replace(path)
     return result
+
+
+DEALER_ANSWER_COPIES = 3  # the dealer's answer while it is generated: the pieces, their concatenation, its send buffer
+OWNER_ANSWER_COPIES = 2  # the owner's received answer and the shares it is turned into
+
+
+def predicted_peak(dry: DryRun, dealer: bool) -> int:
+    """Predicted peak resident memory of the processes of a local run of ``dry``'s batch together: owner, client
+    and, with ``dealer``, the dealer process and the owner's buffer of its answers (the dealer's own process: a base
+    process and the answer it is building, at most :data:`~.offline.CHUNK_BYTES`, several times over while it is
+    generated)."""
+    peak = dry.peak_rss[0] + dry.peak_rss[1]
+    if dealer:
+        answer = min(dry.dealer_bytes, CHUNK_BYTES)
+        peak += dry.base_rss[1] + DEALER_ANSWER_COPIES * answer + OWNER_ANSWER_COPIES * answer
+    return peak

@@ -19,11 +19,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..cost.profile import CostMeter
-from .local_run import init_local, run_local
-from .plan import SecurePlan, build_secure_plan, check_images
-from .secure_vit import SecureViT, patchify
-from .settings import SecureSettings
+from ..profile import CostMeter
+from .compat import init_local
+from ..processes import run_local
+from ..plan import SecurePlan, build_secure_plan, check_images
+from .backend import CryptenBackend
+from ..secure_vit import SecureViT, patchify
+from ..settings import SecureSettings
 
 __all__ = ['truncation_failures']
 
@@ -77,7 +79,7 @@ def _measure(rank: int, world_size: int, rendezvous: str, results: Any, modules:
             return out
 
         ArithmeticSharedTensor.div_ = tallied
-        program = SecureViT(SecurePlan.from_dict(plan), settings_, meter, state_dict)
+        program = SecureViT(SecurePlan.from_dict(plan), settings_, meter, state_dict, CryptenBackend())
         with meter.section('input', 'share'):
             patches = crypten.cryptensor(patchify(images, plan['patch_size']), src=0)
         meter.expected.clear()  # sharing the weights and images is not part of an inference

@@ -1,21 +1,21 @@
 """What a model will cost under MPC, for the search, training and evaluation: from the per-kind cost table where it
 prices the model (ViT-shaped: one token sequence, blocks of one width with a plain MLP; :mod:`timm_mpc.cost`), else
-from dry runs of the model itself (:mod:`.dry_run`: any family the secure plan supports, CrypTen only).
+from dry runs of the model itself (:mod:`timm_mpc.secure.crypten.dry_run`: any family the secure plan supports, CrypTen only).
 """
 import copy
 from typing import Any, Dict, Optional, Sequence
 
 from torch import nn
 
-from ..cost import cost_table_shape, head_costs, model_cost_table, model_latency
-from ..cost.profile import NETWORKS
+from . import cost_table_shape, head_costs, model_cost_table, model_latency
+from ..secure.profile import NETWORKS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import set_attn_pattern, set_gelu_pattern
 from ..reader import read_model
-from .dry_run import dry_run
-from .engines import get_engine
-from .plan import build_plan, build_secure_plan
-from .settings import SecureSettings
+from ..secure.crypten.dry_run import dry_run
+from ..secure.engines import get_engine
+from ..secure.plan import build_plan, build_secure_plan
+from ..secure.settings import SecureSettings
 
 __all__ = ['priced_by_table', 'check_priceable', 'check_budgets', 'model_estimate', 'model_head_costs']
 

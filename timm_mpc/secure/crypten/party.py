@@ -14,74 +14,35 @@ import os
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..cost.profile import CostMeter, CostProfile
-from ..utils import end_process
-from .admission import admit, bind_rendezvous, check_secret
-from .crypten_compat import import_crypten, init_crypten, set_process_group_timeout
-from .dealer import DEALER, FRAME_LIMIT, DealerLink, decode_json, serve_dealer, verify_dealer
+from ..admission import admit, bind_rendezvous, check_secret
+from ..errors import DealerError, PeerError
+from ..plan import SecurePlan, check_images
+from ..profile import CostMeter, CostProfile
+from ..protocol import (
+    DEALER, ROLES, OwnerLimits, PartyResult, SessionLink, agree, batch_sizes, bound_batches, checked_batches,
+    client_inputs, decode_json, lost_peer, watchdog,
+)
+from ..secure_vit import CLIENT, OWNER, SecureViT
+from ..settings import SecureSettings
+from .backend import CryptenBackend
+from .compat import apply_settings, import_crypten, init_crypten, set_process_group_timeout
+from .dealer import FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
-from .engines import get_engine
-from .errors import DealerError, PeerError
-from .memory import format_bytes, line_peak
 from .offline import prefetch
 from .ops import reveal_to
-from .plan import PlanError, SecurePlan, check_image_tensor, check_images
-from .secure_vit import CLIENT, OWNER, SecureViT
-from .settings import SecureSettings
 
-__all__ = ['PartyResult', 'OwnerLimits', 'run_owner', 'run_client', 'run_dealer', 'PeerError', 'SessionLink', 'DEALER',
-           'agree', 'batch_sizes', 'check_batch_size', 'client_inputs', 'decode_json', 'lost_peer', 'report_on_stderr',
-           'watchdog']
-
-ROLES = {OWNER: 'owner', CLIENT: 'client', DEALER: 'dealer'}
-
-
-@dataclass
-class PartyResult:
-    """What a party ends with: the client's logits (None for the owner), the cost profile, and (client) the
-    images whose logits leave the plan's bound, the mark of a failed truncation: run those again."""
-    rank: int
-    logits: Optional[torch.Tensor]
-    profile: CostProfile
-    plan: SecurePlan
-    implausible: List[int] = field(default_factory=list)
+__all__ = ['run_owner', 'run_client', 'run_dealer']
 
 
 def _first_line(error: BaseException) -> str:
     """The message of a torch.distributed error without the C++ stack trace it carries."""
     lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(('frame #', 'Exception raised from'))]
     return lines[0] if lines else type(error).__name__
-
-
-def report_on_stderr(message: str) -> None:
-    print(f'timm-mpc: error: {message}', file=sys.stderr, flush=True)
-
-
-@contextmanager
-def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], None]]) -> Iterator[None]:
-    """End this process with ``message`` if the block has not finished after ``seconds``.
-
-    torch.distributed's store handshake has no bound of its own against a peer that accepts a connection and
-    never answers (a suspended process, a silent listener), and a blocked C++ call cannot be interrupted from
-    Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why).
-    """
-    def expire() -> None:
-        (on_expiry or report_on_stderr)(message)
-        end_process(2)
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
 
 
 def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
@@ -93,7 +54,7 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
                       DISTRIBUTED_BACKEND='gloo')
     set_process_group_timeout(settings.timeout_s)
     crypten = import_crypten()
-    settings.apply(crypten)
+    apply_settings(settings, crypten)
     others = 'the two parties' if rank == DEALER else 'the other party' + (' and the dealer' if settings.dealer else '')
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
     with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
@@ -146,127 +107,6 @@ def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
     return decode_json(data.numpy().tobytes(), ROLES[src])
 
 
-def lost_peer(message: str) -> bool:
-    """Whether an engine's error message says that the other party is gone or stopped answering."""
-    return any(s in message.lower() for s in ('connect', 'timed out', 'timeout', 'closed', 'reset by peer',
-                                              'broken pipe', 'eof'))
-
-
-def check_batch_size(batch_size: Optional[int]) -> None:
-    if batch_size is not None and not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f'batch_size must be a whole number of images, at least 1, or None; got {batch_size!r}')
-
-
-def client_inputs(images: torch.Tensor, settings: SecureSettings, batch_size: Optional[int]) -> torch.Tensor:
-    """The client's checks before it connects, on any engine: a finite float ``(B, C, H, W)`` tensor, a valid
-    batch size, and a warning if the settings are not private. Returns the images as float32, detached."""
-    check_image_tensor(images)
-    check_batch_size(batch_size)
-    settings.warn_if_insecure()
-    return images.detach().float()
-
-
-def batch_sizes(count: int, batch_size: Optional[int]) -> List[int]:
-    """The sizes of the batches ``count`` images run in, ``batch_size`` at most each (all at once if None)."""
-    size = batch_size or count
-    return [min(size, count - start) for start in range(0, count, size)]
-
-
-def _client_verdict(data: Any, images: torch.Tensor, clamp: bool,
-                    batch_size: Optional[int]) -> Tuple[Dict[str, Any], Optional[SecurePlan], Optional[torch.Tensor]]:
-    """The client's answer to the owner's plan (accepted with the batch sizes, or refused with a reason that says
-    nothing of the images' values or shape), the plan read back, and the images to share."""
-    try:
-        plan = SecurePlan.from_dict(data)
-    except PlanError as e:
-        return dict(accepted=False, reason=f'the client cannot run this plan ({e})'), None, None
-    try:
-        images = check_images(plan, images, clamp=clamp)
-    except ValueError as e:  # the details stay with the client: they describe its images
-        return dict(accepted=False, reason='the client\'s images do not fit the plan (input size or input bounds)',
-                    detail=str(e)), plan, None
-    return dict(accepted=True, batches=batch_sizes(int(images.shape[0]), batch_size)), plan, images
-
-
-@dataclass
-class OwnerLimits:
-    """What the owner accepts of the batches a client announces, checked before any dry run or share: images per
-    batch and per run, and the predicted peak memory of the largest batch's dry run (bytes; from the dry runs of
-    one and two images, for engines with dry runs). None: no bound."""
-    max_batch_size: Optional[int] = None
-    max_images: Optional[int] = None
-    max_memory: Optional[int] = None
-
-    def refusal(self, batches: List[int], plan: SecurePlan, settings: SecureSettings) -> Optional[str]:
-        """Why ``batches`` exceed these limits, or None."""
-        largest, total = max(batches), sum(batches)
-        if self.max_batch_size is not None and largest > self.max_batch_size:
-            return f'a batch of {largest} images; the owner accepts at most {self.max_batch_size} per batch'
-        if self.max_images is not None and total > self.max_images:
-            return f'{total} images; the owner accepts at most {self.max_images} per run'
-        if self.max_memory is not None and get_engine(settings.engine).dry_run:
-            peak = line_peak(lambda n: dry_run(plan, settings, n).peak_rss[OWNER], largest)
-            if peak > self.max_memory:
-                return (f'a batch of {largest} images would need about {format_bytes(peak)} of the owner\'s memory; '
-                        f'its bound is {format_bytes(self.max_memory)}')
-        return None
-
-
-def agree(exchange: Callable[[Any, int], Any], rank: int, settings: SecureSettings, plan: Optional[SecurePlan],
-          images: Optional[torch.Tensor], clamp: bool, batch_size: Optional[int],
-          limits: Optional[OwnerLimits] = None) -> Tuple[SecurePlan, Optional[torch.Tensor], List[int]]:
-    """What the parties agree on before anything secret is shared, over any engine's link (``exchange(obj, src)``
-    sends a JSON value from party ``src`` to the other and returns it on both): the same settings, the owner's plan
-    read back and accepted by the client with its images checked against it, and the client's batch sizes.
-    Returns the plan, the client's checked images (None for the owner) and the batch sizes."""
-    owner_settings = exchange(settings.to_dict() if rank == OWNER else None, OWNER)
-    if not isinstance(owner_settings, dict):
-        raise PeerError(f'the owner sent {str(owner_settings)[:80]} where its secure settings belong')
-    own = settings.to_dict()
-    differ = {k: (owner_settings.get(k), own[k]) for k in own if k != 'timeout_s' and owner_settings.get(k) != own[k]}
-    if differ:
-        raise PeerError(f'the parties use different secure settings (owner, client): {differ}')
-    sent = exchange(plan.to_dict() if rank == OWNER else None, OWNER)
-    verdict = None
-    if rank == CLIENT:
-        verdict, plan, images = _client_verdict(sent, images, clamp, batch_size)
-    answer = exchange(None if verdict is None else {k: v for k, v in verdict.items() if k != 'detail'}, CLIENT)
-    if not (isinstance(answer, dict) and isinstance(answer.get('accepted'), bool)):
-        raise PeerError(f'the client sent {str(answer)[:80]} where its verdict on the plan belongs')
-    if not answer['accepted']:
-        if rank == CLIENT:
-            raise ValueError(f'the client refused the owner\'s plan before sharing anything: '
-                             f'{verdict.get("detail", verdict["reason"])}')
-        raise PeerError(f'the client refused the plan before sharing anything: {answer["reason"]}')
-    batches = _checked_batches(answer.get('batches'), 'answer')
-    _bound_batches(exchange, rank, batches, plan, settings, limits)
-    return plan, images, batches
-
-
-def _bound_batches(exchange: Callable[[Any, int], Any], rank: int, batches: List[int], plan: SecurePlan,
-                   settings: SecureSettings, limits: Optional[OwnerLimits]) -> None:
-    """The owner's verdict on the client's batches (:class:`OwnerLimits`), told to the client before any dry run or
-    share; raises at both parties on a refusal."""
-    refusal = limits.refusal(batches, plan, settings) if rank == OWNER and limits is not None else None
-    refusal = exchange(refusal, OWNER)
-    if refusal is not None:
-        if rank == CLIENT:
-            raise PeerError(f'the owner refused the client\'s batches before any work: {str(refusal)[:300]}')
-        raise ValueError(f'refused the client\'s batches before any dry run: {refusal}')
-
-
-class SessionLink:
-    """How a party of a session (:class:`~.session.SecureSession`) talks to the process that started it: it hands
-    over each request's result and waits for the next request (None: the session ends), keeping the dealer's
-    connection alive while it waits (``keepalive``, called about every ``interval_s`` seconds)."""
-
-    def deliver(self, result: PartyResult) -> None:
-        raise NotImplementedError
-
-    def next_request(self, keepalive: Optional[Callable[[], None]], interval_s: float) -> Optional[Dict[str, Any]]:
-        raise NotImplementedError
-
-
 def _next_batches(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings,
                   request: Optional[Dict[str, Any]], clamp: bool,
                   limits: Optional[OwnerLimits]) -> Tuple[Optional[torch.Tensor], Optional[List[int]]]:
@@ -279,17 +119,9 @@ def _next_batches(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSet
     batches = _exchange_json(crypten, sent, CLIENT)
     if batches is None:
         return None, None
-    batches = _checked_batches(batches, 'request')
-    _bound_batches(partial(_exchange_json, crypten), rank, batches, plan, settings, limits)
+    batches = checked_batches(batches, 'request')
+    bound_batches(partial(_exchange_json, crypten), rank, batches, plan, settings, limits)
     return images, batches
-
-
-def _checked_batches(batches: Any, what: str) -> List[int]:
-    """The client's batch sizes as the owner received them in its ``what`` (answer, request), or PeerError."""
-    if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
-        raise PeerError(f'the client\'s {what} names no batch sizes (a list of whole numbers of at least 1): '
-                        f'{str(batches)[:80]}')
-    return batches
 
 
 def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, plan: Optional[SecurePlan],
@@ -315,7 +147,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
             ttp = TTPClient.get()
             ttp.ttp_request = link.live  # offline_phase=False (insecure): one request at a time, during the inference
         # the weights are shared once; then the batches run one after another in this session
-        program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict)
+        program = SecureViT(plan, settings, CostMeter(comm, dealer), state_dict, CryptenBackend())
         program.on_layer = on_layer
         first = True
         while True:
@@ -451,7 +283,7 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
     ``secret``: the run's secret, which every party proves it holds before anything is shared (:mod:`.admission`).
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
     line on stderr); the process then exits with code 2. ``requests``: batch size -> the dealer requests of one
-    inference at that size (:func:`timm_mpc.secure.dry_run.dry_run`); sizes the client asks for that are
+    inference at that size (:func:`timm_mpc.secure.crypten.dry_run.dry_run`); sizes the client asks for that are
     missing are recorded here once they are known. ``session``: serve a session's further requests (see
     :class:`SessionLink`); the result returned is its last. ``limits``: what the owner accepts of the client's
     batches (:class:`OwnerLimits`), refused before any dry run.

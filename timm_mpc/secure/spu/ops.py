@@ -1,4 +1,4 @@
-"""Secure operators for the SPU engine, with the signatures of :mod:`.ops`: each is one JAX function compiled by SPU,
+"""Secure operators for the SPU engine, with the signatures of :mod:`..crypten.ops`: each is one JAX function compiled by SPU,
 so it uses SPU's own approximations (exp, Goldschmidt reciprocal, inverse square root, erf).
 
 CrypTen's Newton schedules (iteration counts, input scales for the reciprocal) do not apply: SPU normalizes the
@@ -7,9 +7,9 @@ scale is kept: it lifts a small variance off the fixed-point floor before squari
 """
 from typing import Any, Optional
 
-from .ops import GELU_TAIL_A, GELU_TAIL_B
-from .settings import SecureSettings
-from .spu_runtime import static_key
+from ..approximations import GELU_TAIL_A, GELU_TAIL_B
+from ..settings import SecureSettings
+from .runtime import static_key
 
 __all__ = ['linear', 'layer_norm', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu']
 

@@ -16,7 +16,7 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import torch
 
-from .crypten_compat import product_shape
+from .compat import product_shape
 
 __all__ = ['prefetch', 'Request', 'request_numel', 'CHUNK_BYTES']
 

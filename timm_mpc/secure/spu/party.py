@@ -1,6 +1,6 @@
 """One party of the two-party protocol on SPU (the paper's engine): the model owner (rank 0) or the client (rank 1).
 
-The same roles as with CrypTen (:mod:`.party`): the owner secret-shares the weights and sends the public plan, the
+The same roles as with CrypTen (:mod:`..crypten.party`): the owner secret-shares the weights and sends the public plan, the
 client checks its images against the plan before sharing them, both run the plan's forward on SPU, and the owner
 sends its share of the logits to the client alone. There is no dealer: with CHEETAH (the default) the parties make
 their correlations between themselves with oblivious transfer and homomorphic encryption; with SEMI2K, SPU 0.9.5
@@ -20,22 +20,24 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from ..cost.profile import CostMeter, CostRow
-from .admission import admit, check_secret
-from .party import (ROLES, OwnerLimits, PartyResult, PeerError, agree, client_inputs, decode_json, lost_peer,
-                    report_on_stderr, watchdog)
-from .plan import SecurePlan
-from .secure_vit import CLIENT, OWNER, Backend, SecureViT
-from .settings import SecureSettings
-from .spu_runtime import SpuSession, exit_if_links_abandoned
-from . import spu_ops
+from ..profile import CostMeter, CostRow
+from ..admission import admit, check_secret
+from ..protocol import (
+    ROLES, OwnerLimits, PartyResult, agree, client_inputs, decode_json, lost_peer, report_on_stderr, watchdog,
+)
+from ..errors import PeerError
+from ..plan import SecurePlan
+from ..secure_vit import CLIENT, OWNER, Backend, SecureViT
+from ..settings import SecureSettings
+from .runtime import SpuSession, exit_if_links_abandoned
+from . import ops as spu_ops
 
 # exit_if_links_abandoned: the hook engines.exit_after_failure calls after a failure
 __all__ = ['run_owner', 'run_client', 'spu_addresses', 'SpuBackend', 'exit_if_links_abandoned']
 
 
 class SpuBackend(Backend):
-    """SPU's secret tensors (:class:`~timm_mpc.secure.spu_runtime.SpuTensor`) and :mod:`.spu_ops`."""
+    """SPU's secret tensors (:class:`~timm_mpc.secure.spu.runtime.SpuTensor`) and :mod:`.ops`."""
     ops = spu_ops
 
     def __init__(self, session: SpuSession) -> None:
@@ -179,7 +181,7 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, 
                on_batch: Optional[Callable[[int], None]] = None,
                on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None) -> PartyResult:
     """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
-    :func:`timm_mpc.secure.party.run_client`)."""
+    :func:`timm_mpc.secure.crypten.party.run_client`)."""
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, secret, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
                 on_batch=on_batch, on_layer=on_layer, client_address=client_address, on_timeout=on_timeout)

@@ -109,7 +109,7 @@ def test_network_options_are_refused_before_anything_runs(capsys, command, flags
 
 def test_images_of_another_float_dtype_run_as_float32(tmp_path):
     import torch
-    from timm_mpc.cli import _load_images
+    from timm_mpc.secure.commands import _load_images
     torch.save(torch.rand(2, 3, 32, 32, dtype=torch.float64), tmp_path / 'images.pt')
     images = _load_images(str(tmp_path / 'images.pt'))
     assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32)

@@ -291,7 +291,8 @@ def test_offline_cache_loads_the_default_checkpoint_by_every_name(tmp_path):
     default = SHIPPED / DEFAULT
     proc = _run_python(f'''
         import timm, torch, timm_mpc
-        from timm_mpc.cli import build_parser, resolve_model
+        from timm_mpc.cli import build_parser
+        from timm_mpc.command_args import resolve_model
         from timm_mpc.data import example_images
         images, _ = example_images()
         names = ['mpcvit_tiny', '{DEFAULT}', 'hf-hub:timm-mpc/{DEFAULT}',

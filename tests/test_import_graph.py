@@ -16,7 +16,7 @@ LAYERS = [
     (1, ['timm_mpc.layers']),
     (2, ['timm_mpc.reader', 'timm_mpc.pattern']),  # the one way to read a model, and its patterns
     (3, ['timm_mpc.models']),
-    (4, ['timm_mpc.convert', 'timm_mpc.converted', 'timm_mpc.factory']),
+    (4, ['timm_mpc.convert', 'timm_mpc.converted', 'timm_mpc.factory', 'timm_mpc.command_args']),
     (5, ['timm_mpc.secure']),  # secure/: what every engine shares (plan, settings, protocol, the forward)
     (6, ['timm_mpc.secure.crypten', 'timm_mpc.secure.spu']),  # one room per engine
     (7, ['timm_mpc.secure.__init__', 'timm_mpc.secure.launch', 'timm_mpc.secure.session', 'timm_mpc.secure.own_process',

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import timm_mpc
-from timm_mpc.secure.profile import NETWORKS
+from timm_mpc.profile import NETWORKS
 from timm_mpc.data import example_images
 from timm_mpc.pattern import mu_pattern
 from timm_mpc.secure import secure_predict

@@ -342,12 +342,12 @@ def run_deviating_owner(plan, state_dict: dict, images: torch.Tensor, settings: 
 def _failing_party(rendezvous, secret, role, run, out_dir, *args):
     """Run a party (``run(rendezvous, secret, *args)``); the error it ends with goes to ``out_dir/<role>_error.txt``,
     also when its watchdog ends it (a peer not met in time)."""
-    from timm_mpc.secure.crypten import party
+    from timm_mpc.secure import protocol
 
     def write(message):
         with open(f'{out_dir}/{role}_error.txt', 'w') as f:
             f.write(message)
-    party.report_on_stderr = lambda message: write(f'watchdog: {message}')
+    protocol.report_on_stderr = lambda message: write(f'watchdog: {message}')  # the watchdog's default report
     try:
         run(rendezvous, secret, *args)
     except BaseException as e:

@@ -4,7 +4,7 @@ import torch
 
 from timm_mpc.cli import main
 from timm_mpc.secure import MemoryBoundError, SecureSettings, parse_memory, secure_predict
-from timm_mpc.secure.crypten import dry_run
+from timm_mpc.secure.crypten.dry_run import dry_run
 from timm_mpc.secure.crypten.dry_run import predicted_peak
 from timm_mpc.secure.plan import build_secure_plan
 

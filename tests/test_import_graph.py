@@ -12,7 +12,7 @@ ROOT = Path(timm_mpc.__file__).parent
 
 # (rank, module prefixes): a module may import its own rank or lower; the longest matching prefix decides
 LAYERS = [
-    (0, ['timm_mpc.utils', 'timm_mpc.timm_adapter', 'timm_mpc.version', 'timm_mpc.data']),
+    (0, ['timm_mpc.utils', 'timm_mpc.timm_adapter', 'timm_mpc.version', 'timm_mpc.data', 'timm_mpc.profile']),
     (1, ['timm_mpc.layers']),
     (2, ['timm_mpc.reader', 'timm_mpc.pattern']),  # the one way to read a model, and its patterns
     (3, ['timm_mpc.models']),

@@ -420,7 +420,7 @@ def test_a_swin_is_searched_priced_by_dry_runs_and_evaluated_with_its_estimate(d
     """The per-kind cost table prices ViT-shaped models only; a Swin is priced by dry runs of itself (CrypTen):
     searched with the cost-weighted penalty, binarized by mu, each pattern's estimate exact in rounds."""
     from timm_mpc.secure import SecureSettings, build_secure_plan
-    from timm_mpc.secure.crypten import dry_run
+    from timm_mpc.secure.crypten.dry_run import dry_run
     swin = dict(img_size=32, window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=8)
     kw = ['--model', 'swin_tiny_patch4_window7_224', '--model-kwargs', json.dumps(swin), '--batch-size', '16',
           '--workers', '0', '--mixup', '0', '--cutmix', '0', '--auto-augment', 'none', '--warmup-epochs', '0',

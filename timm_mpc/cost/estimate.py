@@ -9,7 +9,7 @@ from ..layers.attn_kinds import SEARCH_KINDS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import get_attn_pattern, get_gelu_pattern
 from ..reader import read_model
-from ..secure.profile import NETWORKS, NetworkSetting
+from ..profile import NETWORKS, NetworkSetting
 from .table import kind_cost_table
 
 MLP_TYPES_PRICED = (Mlp, LinearizableMlp)  # fc1, activation, fc2: what the probe model measures

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 from torch import nn
 
 from . import cost_table_shape, head_costs, model_cost_table, model_latency
-from ..secure.profile import NETWORKS
+from ..profile import NETWORKS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import set_attn_pattern, set_gelu_pattern
 from ..reader import read_model

@@ -72,7 +72,7 @@ def kind_cost_table(
     :func:`timm_mpc.cost.estimate_latency` can price a whole model of any depth and pattern. Results are
     cached as JSON under ``cache_dir`` (see :func:`default_cache_dir`), keyed by shapes and settings.
     """
-    from ..secure.launch import secure_predict  # measuring runs the engine, which reports into secure.profile
+    from ..secure.launch import secure_predict  # measuring runs the engine, which reports into timm_mpc.profile
     from ..secure.settings import SecureSettings
     settings = settings or SecureSettings()
     key_data = dict(version=TABLE_VERSION, kinds=[k.name for k in list_attn_kinds()], img_size=img_size,

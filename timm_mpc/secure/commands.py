@@ -11,19 +11,28 @@ import torch
 from ..command_args import add_model_args, positive_int, print_error, resolve_model
 from ..data import calibration_examples, example_images
 from ..pattern import count_head_kinds
+from ..profile import NETWORKS, NetworkSetting
+from .admission import parse_rendezvous, read_secret, write_secret
+from .bench import baseline_of, compare_logits, format_comparison, format_profile, run_bench, write_json
+from .crypten.party import run_dealer
+from .engines import DEFAULT_ENGINE, ENGINES, get_engine
+from .launch import secure_predict
+from .memory import available_memory, parse_memory
+from .plan import build_secure_plan, check_image_tensor, check_images
+from .protocol import OwnerLimits
+from .settings import PROVIDERS, SecureSettings
 
 __all__ = ['add_secure_commands']
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .settings import SecureSettings
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
     # an insecure provider or protocol warns when it runs
-    return base(provider=args.provider, timeout_s=args.timeout, engine=args.engine, protocol=args.protocol)
+    return base(provider=args.provider, timeout_s=args.timeout, engine=args.engine, protocol=args.protocol,
+                weight_masks=args.weight_masks)
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
-    from .profile import NETWORKS, NetworkSetting
     nets = dict(NETWORKS)
     if args.rtt_ms is not None or args.bandwidth_mbps is not None:
         n = nets[args.network]
@@ -38,7 +47,6 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
     """Images from a ``.pt`` file (a tensor, or a dict with an ``images`` tensor), or the shipped Fashion-MNIST
     examples (as ``model``'s input: its size and normalization); the first ``batch`` of them. Checked as a finite
     float ``(B, C, H, W)`` tensor, returned as float32."""
-    from .plan import check_image_tensor
     if path:
         try:
             images = torch.load(path, weights_only=True)
@@ -63,10 +71,7 @@ def _load_images(path: Optional[str], batch: Optional[int] = None, what: str = '
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .secure import secure_predict
-    from .bench import compare_logits, format_profile
 
-    from .plan import check_images
 
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
@@ -101,7 +106,6 @@ def _protocol_line(settings: Any) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import baseline_of, format_comparison, format_profile, run_bench, write_json
 
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
@@ -137,13 +141,6 @@ def _on_loopback(rendezvous: str) -> bool:
 
 
 def _party(args: argparse.Namespace) -> int:
-    from .admission import parse_rendezvous, read_secret
-    from .bench import format_profile
-    from .engines import get_engine
-    from .memory import available_memory
-    from .protocol import OwnerLimits
-    from .crypten.party import run_dealer
-    from .plan import build_secure_plan
 
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
@@ -202,7 +199,6 @@ def _party(args: argparse.Namespace) -> int:
 
 
 def _secret(args: argparse.Namespace) -> int:
-    from .admission import write_secret
     path = write_secret(args.file)
     print(f'wrote a new secret to {path}: give it to the owner, the client and the dealer over a channel you trust '
           f'(each runs timm-mpc party --secret-file {path.name})')
@@ -216,7 +212,6 @@ def _add_batch_size_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _memory_size(text: str) -> int:
-    from .memory import parse_memory
     try:
         return parse_memory(text)
     except ValueError as e:
@@ -224,8 +219,6 @@ def _memory_size(text: str) -> int:
 
 
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
-    from .engines import DEFAULT_ENGINE, ENGINES
-    from .settings import PROVIDERS
     p.add_argument('--batch', type=positive_int, default=None,
                    help='number of images (default: all given; 4 for predict)')
     p.add_argument('--images', default=None, help='.pt file with a (B, C, H, W) tensor of images normalized with '
@@ -249,6 +242,9 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
     p.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
     p.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
+    p.add_argument('--weight-masks', action='store_true',
+                   help='CrypTen: mask the owner\'s weights once per session (each linear weight\'s difference opened '
+                        'when the weights are shared); every call then opens only its activations')
     p.add_argument('--json', default=None, help='write the figures to this JSON file')
 
 

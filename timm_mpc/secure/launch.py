@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .profile import CostProfile
+from ..profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
 from ..utils import progress
 from .engines import ENGINES, exit_after_failure, get_engine

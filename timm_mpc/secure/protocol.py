@@ -17,7 +17,7 @@ from .engines import get_engine
 from .errors import PeerError
 from .memory import format_bytes, line_peak
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
-from .profile import CostProfile
+from ..profile import CostProfile
 from .secure_vit import CLIENT, OWNER
 from .settings import SecureSettings
 

@@ -4,6 +4,7 @@ The same forward runs on every engine: a :class:`Backend` gives it the engine's 
 and its operators (:mod:`.crypten.ops`, :mod:`.spu.ops`); everything else is tensor methods that both
 engines' tensors have.
 """
+import math
 from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -12,7 +13,7 @@ from timm.layers.pos_embed_sincos import rope_rotate_half, rot
 from timm.models.swin_transformer import get_relative_position_index
 
 from ..layers.attn_kinds import KindContext, get_attn_kind
-from .profile import CostMeter
+from ..profile import CostMeter
 from .plan import AttentionSpec, BlockSpec, MergeSpec, MlpSpec, NormSpec, Schedule, SecurePlan, WindowSpec, swin_windows
 from .settings import SecureSettings
 
@@ -42,6 +43,10 @@ class Backend:
     def cat(self, tensors: Sequence[Any], dim: int) -> Any:
         raise NotImplementedError
 
+    def mask_weights(self, weights: Sequence[Any]) -> None:
+        """Mask ``weights`` (shared by the owner, each the second factor of its products) once for the session."""
+        raise NotImplementedError(f'{type(self).__name__} does not mask weights once per session')
+
 
 class SecureViT:
     """A ViT plan evaluated under two-party MPC on an engine's ``backend``.
@@ -67,14 +72,29 @@ class SecureViT:
             self._rope_tables = sin, cos, {False: rot(eye), True: rope_rotate_half(eye)}
         # Swin: each windowed block's public window partition and shift mask, derived once from the plan
         self._windows = {blk.path: swin_windows(blk.window) for blk in plan.blocks if blk.window is not None}
+        linear = self.linear_weights(plan)
         with meter.setup_phase(), meter.section('weights', 'share'):
             for name, shape in plan.params.items():
                 value = state_dict[name].detach().float() if state_dict is not None else torch.zeros(shape)
-                if name.endswith('.weight') and len(shape) == 2:
-                    value = value.t()  # linear weights are used as (in, out)
-                elif name == 'patch_embed.proj.weight':
-                    value = value.reshape(shape[0], -1).t()
+                if name in linear:
+                    value = value.reshape(shape[0], -1).t()  # used as (in, out)
                 self.weights[name] = self.backend.share(value.contiguous(), OWNER)
+
+    @staticmethod
+    def linear_weights(plan: SecurePlan) -> Dict[str, List[int]]:
+        """The weights that are the second factor of a product (the linear layers and the patch embedding), with the
+        shape they are shared in, ``[in, out]``, in the plan's order."""
+        linear = {}
+        for name, shape in plan.params.items():
+            if (name.endswith('.weight') and len(shape) == 2) or name == 'patch_embed.proj.weight':
+                linear[name] = [math.prod(shape[1:]), shape[0]]
+        return linear
+
+    def mask_weights(self) -> None:
+        """Mask the linear weights once for the session (``SecureSettings.weight_masks``): each later product with
+        one of them opens only its activations. Part of the setup, as sharing the weights is."""
+        with self.meter.setup_phase(), self.meter.section('weights', 'mask'):
+            self.backend.mask_weights([self.weights[name] for name in self.linear_weights(self.plan)])
 
     def w(self, name: str) -> Optional[Any]:
         return self.weights.get(name)

@@ -59,6 +59,10 @@ class SecureSettings:
             False (cost comparisons only, insecure: it warns) asks for one triple at a time during the inference.
         fused_beaver: Beaver products with two local products per party instead of CrypTen's three (the same
             shares; see :func:`timm_mpc.secure.crypten.compat.use_fused_beaver`).
+        weight_masks: The owner's weights are masked once per session (CrypTen): when they are shared, the dealer
+            deals a mask ``B`` for each linear layer's weight ``W`` alone and ``δ = W − B`` is opened once; every
+            product with ``W`` then opens only its activations (``ε = X − A`` with a fresh ``A``, the dealer dealing
+            ``A·B``). The same shares of the product; what a call sends shrinks by the weights' size.
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
             public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.crypten.truncation`).
         engine: The MPC engine, a name in :data:`~timm_mpc.secure.engines.ENGINES`. The approximation settings
@@ -82,6 +86,7 @@ class SecureSettings:
     timeout_s: float = 120.0
     offline_phase: bool = True
     fused_beaver: bool = True
+    weight_masks: bool = False
     truncation_retries: int = 2
     engine: str = DEFAULT_ENGINE
     protocol: Optional[str] = None
@@ -108,6 +113,9 @@ class SecureSettings:
             raise ValueError(f'unknown gelu method {self.gelu!r}; accepted: {list(GELU_METHODS)}')
         if not (isinstance(self.truncation_retries, int) and 0 <= self.truncation_retries <= 10):
             raise ValueError(f'truncation_retries must be a whole number from 0 to 10, got {self.truncation_retries!r}')
+        if self.weight_masks and self.engine != 'crypten':
+            raise ValueError(f'weight_masks is a setting of the CrypTen engine; engine {self.engine!r} shares its '
+                             f'weights its own way')
         if not 0 < self.timeout_s <= 86400:
             raise ValueError(f'timeout_s must be a number of seconds in (0, 86400], got {self.timeout_s}')
 

@@ -5,7 +5,7 @@ import torch
 
 from ..secure_vit import Backend
 from . import ops
-from .compat import import_crypten
+from .compat import import_crypten, mask_weights
 
 __all__ = ['CryptenBackend']
 
@@ -22,3 +22,6 @@ class CryptenBackend(Backend):
 
     def cat(self, tensors: Sequence[Any], dim: int) -> Any:
         return self.crypten.cat(list(tensors), dim=dim)
+
+    def mask_weights(self, weights: Sequence[Any]) -> None:
+        mask_weights(weights)

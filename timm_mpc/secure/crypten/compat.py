@@ -39,7 +39,7 @@ from ..admission import bind_rendezvous
 from ..settings import SecureSettings
 
 __all__ = ['import_crypten', 'apply_settings', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
-           'use_fused_beaver', 'product_shape', 'init_local']
+           'use_fused_beaver', 'product_shape', 'init_local', 'mask_weights']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -171,6 +171,9 @@ def _use_cryptographic_randomness() -> None:
                     setattr(module, name, replacements[name])
     TTPServer._setup_generators = _dealer_seeds
     TrustedThirdParty.generate_additive_triple = _additive_triple
+    from crypten.mpc.provider.tfp_provider import TrustedFirstParty
+    TrustedThirdParty.generate_weight_mask, TrustedThirdParty.generate_fixed_triple = _dealt_mask, _dealt_fixed_triple
+    TrustedFirstParty.generate_weight_mask, TrustedFirstParty.generate_fixed_triple = _owner_mask, _owner_fixed_triple
     rng._timm_mpc_randomness = True
 
 
@@ -195,6 +198,67 @@ def _additive_triple(self: Any, size0: Any, size1: Any, op: str, device: Any = N
     return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
 
 
+def _dealt_mask(self: Any, key: int, size: Any, device: Any = None) -> Any:
+    """A party's share of the session mask ``B`` of weight ``key`` (the dealer draws the same and keeps ``B`` for that
+    weight alone; it answers nothing)."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient
+    from crypten import communicator as comm
+    b = random_ring_element(size, generator=TTPClient.get().get_generator(device=device), device=device)
+    if comm.get().get_rank() == 0:
+        TTPClient.get().ttp_request('mask', device, key, size)
+    return ArithmeticSharedTensor.from_shares(b, precision=0)
+
+
+def _dealt_fixed_triple(self: Any, key: int, size0: Any, size1: Any, op: str, device: Any = None) -> Any:
+    """Shares of a fresh ``A`` and of ``A·B`` for the session mask ``B`` of weight ``key`` (``size1``, its size, is what
+    the dealer checks against the mask it keeps)."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient
+    from crypten import communicator as comm
+    generator = TTPClient.get().get_generator(device=device)
+    a = random_ring_element(size0, generator=generator, device=device)
+    if comm.get().get_rank() == 0:
+        c = TTPClient.get().ttp_request('fixed', device, key, size0, size1, op)
+    else:
+        c = random_ring_element(product_shape(size0, size1, op), generator=generator, device=device)
+    return tuple(ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, c))
+
+
+_OWNER_MASKS: Dict[int, torch.Tensor] = {}  # the owner-as-dealer's masks (TFP_INSECURE, and the dry run's processes)
+
+
+def _owner_mask(self: Any, key: int, size: Any, device: Any = None) -> Any:
+    """:func:`_dealt_mask` with the model owner as the dealer (CrypTen's trusted first party: cost only)."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    _OWNER_MASKS[key] = random_ring_element(size, device=device)
+    return ArithmeticSharedTensor(_OWNER_MASKS[key], precision=0, src=0)
+
+
+def _owner_fixed_triple(self: Any, key: int, size0: Any, size1: Any, op: str, device: Any = None) -> Any:
+    """:func:`_dealt_fixed_triple` with the model owner as the dealer."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    a = random_ring_element(size0, device=device)
+    c = getattr(torch, op)(a, _OWNER_MASKS[key])
+    return tuple(ArithmeticSharedTensor(t, precision=0, src=0) for t in (a, c))
+
+
+def mask_weights(weights: Sequence[Any]) -> None:
+    """Mask each weight (a CrypTen tensor, the second factor of its products) once for the session: the dealer's
+    mask ``B`` for it alone, and ``δ = W − B`` opened for all in one round. Its later products open only their
+    activations (:func:`_fused_beaver`)."""
+    import crypten
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.primitives.beaver import IgnoreEncodings
+    provider = crypten.mpc.get_default_provider()
+    shares = [w._tensor for w in weights]
+    masks = [provider.generate_weight_mask(key, w.size()) for key, w in enumerate(shares)]  # the CPU, as the plan says
+    with IgnoreEncodings(masks + shares):
+        deltas = ArithmeticSharedTensor.reveal_batch([w - b for w, b in zip(shares, masks)])
+    for key, (w, b, delta) in enumerate(zip(shares, masks, deltas)):
+        w.session_mask = (key, b.share, delta)
+
+
 def _fused_beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
     """CrypTen's Beaver protocol with two local products: with ``ε = x - a`` and ``δ = y - b`` opened, a party's
     share of ``x·y`` is ``c + ε·(b + δ) + a·δ`` for party 0 and ``c + ε·b + a·δ`` for the others, the same ring
@@ -207,12 +271,20 @@ def _fused_beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         return _CRYPTEN_BEAVER['__beaver_protocol'](op, x, y, *args, **kwargs)
     if x.device != y.device:
         raise ValueError(f'x lives on device {x.device} but y on device {y.device}')
-    a, b, c = crypten.mpc.get_default_provider().generate_additive_triple(x.size(), y.size(), op, device=x.device,
-                                                                          *args, **kwargs)
-    with IgnoreEncodings([a, b, x, y]):
-        epsilon, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
+    provider = crypten.mpc.get_default_provider()
     product = getattr(torch, op)
-    b_share = b._tensor + delta if comm.get().get_rank() == 0 else b._tensor
+    session_mask = getattr(y, 'session_mask', None)
+    if session_mask is not None and op == 'matmul' and not args and not kwargs:  # a weight masked once (mask_weights)
+        key, b_tensor, delta = session_mask
+        a, c = provider.generate_fixed_triple(key, x.size(), y.size(), op, device=x.device)
+        with IgnoreEncodings([a, x]):
+            epsilon = (x - a).reveal()
+    else:
+        a, b, c = provider.generate_additive_triple(x.size(), y.size(), op, device=x.device, *args, **kwargs)
+        with IgnoreEncodings([a, b, x, y]):
+            epsilon, delta = ArithmeticSharedTensor.reveal_batch([x - a, y - b])
+        b_tensor = b._tensor
+    b_share = b_tensor + delta if comm.get().get_rank() == 0 else b_tensor
     c._tensor += product(epsilon, b_share, *args, **kwargs)
     c._tensor += product(a._tensor, delta, *args, **kwargs)
     return c

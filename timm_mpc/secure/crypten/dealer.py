@@ -32,7 +32,8 @@ from ..secure_vit import CLIENT, OWNER
 __all__ = ['DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
            'verify_dealer']
 
-DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A')  # CrypTen's TTP_FUNCTIONS, nothing private
+DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A',  # CrypTen's TTP_FUNCTIONS, nothing private
+                    'mask', 'fixed')  # a weight's session mask, and the triples of its products (weight_masks)
 PRODUCT_OPS = ('mul', 'matmul', 'conv1d', 'conv2d', 'conv_transpose1d', 'conv_transpose2d')
 FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny commits about 100 kB)
 MAX_DIM = 2 ** 31
@@ -78,7 +79,16 @@ def check_requests(requests: Any) -> List[List[Any]]:
             raise DealerError(f'{where} asks for {str(function)[:40]!r}; the dealer serves {list(DEALER_FUNCTIONS)}')
         if device not in (None, 'cpu'):
             raise DealerError(f'{where} names device {str(device)[:40]!r}; the dealer serves the CPU')
-        if function == 'additive':
+        if function in ('mask', 'fixed'):
+            if not (len(args) == (2 if function == 'mask' else 4) and not kwargs and isinstance(args[0], int)
+                    and not isinstance(args[0], bool) and 0 <= args[0] < MAX_DIM):
+                raise DealerError(f'{where}: {function} takes a weight\'s number and '
+                                  + ('its size' if function == 'mask' else 'two sizes and matmul'))
+            if function == 'fixed' and args[3] != 'matmul':
+                raise DealerError(f'{where}: a fixed-mask triple is a matmul, not {str(args[3])[:20]!r}')
+            for size in args[1:] if function == 'mask' else args[1:3]:
+                _size(size, f'{where}\'s size')
+        elif function == 'additive':
             if len(args) < 3 or args[2] not in PRODUCT_OPS:
                 raise DealerError(f'{where}: an additive triple needs two sizes and one of {list(PRODUCT_OPS)}')
             _size(args[0], f'{where}\'s first size'), _size(args[1], f'{where}\'s second size')
@@ -208,6 +218,7 @@ def serve_dealer(server: Any, settings: Any) -> None:
     compute the answers. Raises :class:`DealerError` on anything else the owner or the client sends."""
     pending: Deque[List[Any]] = deque()
     group = server.ttp_group
+    server.masks = {}  # the session masks of the owner's weights (weight_masks), by weight
     awaiting = [True]  # the client waits for the digest of the next call: a refusal goes to it first
     try:
         _serve(server, settings, group, pending, awaiting)
@@ -275,11 +286,35 @@ def _recv_from(party: int, group: Any) -> Any:
         raise _lost(party, e) from e
 
 
+def _mask(server: Any, key: int, size: List[int]) -> torch.Tensor:
+    """Draw the session mask ``B`` of weight ``key`` as the parties do, and keep it for that weight alone: a mask is
+    made once per session, and only products with a matrix of its size use it."""
+    if key in server.masks:
+        raise DealerError(f'the owner asked for the mask of weight {key} again; a weight is masked once per session')
+    server.masks[key] = server._get_additive_PRSS(size)
+    return torch.zeros(0, dtype=torch.int64)  # the parties draw their shares: nothing to send
+
+
+def _fixed(server: Any, key: int, size0: List[int], size1: List[int], op: str) -> torch.Tensor:
+    """Party 0's share of ``A·B`` for a fresh ``A`` and the session mask ``B`` of weight ``key``."""
+    mask = server.masks.get(key)
+    if mask is None or list(mask.shape) != list(size1):
+        raise DealerError(f'the owner asked for a product with the mask of weight {key} for a matrix of size '
+                          f'{size1}, which ' + ('no weight has' if mask is None else f'is not its {list(mask.shape)}'))
+    c = getattr(torch, op)(server._get_additive_PRSS(size0), mask)
+    return c - server._get_additive_PRSS(c.size(), remove_rank=True)
+
+
+_OWN_FUNCTIONS = dict(mask=_mask, fixed=_fixed)
+
+
 def _answer(server: Any, requests: List[List[Any]], group: Any) -> None:
     results = []
     for function, device, args, kwargs in requests:
         server.device = device or 'cpu'
-        results.append(getattr(server, function)(*args, **kwargs).reshape(-1))
+        own = _OWN_FUNCTIONS.get(function)
+        answer = own(server, *args) if own is not None else getattr(server, function)(*args, **kwargs)
+        results.append(answer.reshape(-1))
     flat = torch.cat(results) if results else torch.zeros(0, dtype=torch.int64)
     try:
         dist.send(torch.tensor(flat.numel(), dtype=torch.int64), OWNER, group=group)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..profile import NETWORKS, CostMeter, NetworkSetting
+from ...profile import NETWORKS, CostMeter, NetworkSetting
 from ...utils import cache_root
 from .compat import init_local
 from ..processes import run_local
@@ -93,7 +93,8 @@ def _peak_rss() -> int:
 
 # CrypTen's provider methods and the dealer functions the TTP provider asks for in their place
 _PROVIDER_TO_DEALER = {'generate_additive_triple': 'additive', 'square': 'square', 'generate_binary_triple': 'binary',
-                       'wrap_rng': 'wraps', 'B2A_rng': 'B2A'}
+                       'wrap_rng': 'wraps', 'B2A_rng': 'B2A', 'generate_weight_mask': 'mask',
+                       'generate_fixed_triple': 'fixed'}
 
 
 def _recording(method: Any, function: str, requests: List[Request]) -> Any:
@@ -118,6 +119,8 @@ def _dry_run_process(rank: int, world_size: int, rendezvous: str, results: Any, 
         plan_ = SecurePlan.from_dict(plan)
         meter = CostMeter(comm)
         program = SecureViT(plan_, settings_, meter, None, CryptenBackend())
+        if settings_.weight_masks:
+            program.mask_weights()  # the session's setup (its requests: offline.mask_requests)
         base = _rss()
         requests.clear()  # only what an inference asks for
         stats = comm.get_communication_stats()

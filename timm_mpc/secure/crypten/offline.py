@@ -16,9 +16,12 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import torch
 
+from ..plan import SecurePlan
+from ..secure_vit import SecureViT
+from ..settings import SecureSettings
 from .compat import product_shape
 
-__all__ = ['prefetch', 'Request', 'request_numel', 'CHUNK_BYTES']
+__all__ = ['prefetch', 'Request', 'request_numel', 'mask_requests', 'CHUNK_BYTES']
 
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
 CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
@@ -32,9 +35,22 @@ def request_numel(request: Request) -> int:
 def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
     if function == 'additive':
         return product_shape(*args, **kwargs)
+    if function == 'fixed':
+        return product_shape(*args[1:])
+    if function == 'mask':
+        return torch.Size([0])  # the parties draw their shares of a weight's mask: the dealer sends nothing
     if function == 'binary':
         return torch.broadcast_shapes(torch.Size(args[0]), torch.Size(args[1]))
     return torch.Size(args[0])  # square, wraps, B2A: the size asked for
+
+
+def mask_requests(plan: SecurePlan, settings: SecureSettings) -> List[Request]:
+    """The requests that mask the owner's weights once per session (``weight_masks``; none without it), in the order
+    :meth:`~timm_mpc.secure.secure_vit.SecureViT.mask_weights` makes them: a session's first call commits them before
+    its inferences' own."""
+    if not settings.weight_masks:
+        return []
+    return [('mask', None, (key, shape), {}) for key, shape in enumerate(SecureViT.linear_weights(plan).values())]
 
 
 def _chunks(requests: List[Request]) -> List[List[Request]]:

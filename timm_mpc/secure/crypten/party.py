@@ -22,7 +22,7 @@ import torch
 from ..admission import admit, bind_rendezvous, check_secret
 from ..errors import DealerError, PeerError
 from ..plan import SecurePlan, check_images
-from ..profile import CostMeter, CostProfile
+from ...profile import CostMeter, CostProfile
 from ..protocol import (
     DEALER, ROLES, OwnerLimits, PartyResult, SessionLink, agree, batch_sizes, bound_batches, checked_batches,
     client_inputs, decode_json, lost_peer, watchdog,
@@ -33,7 +33,7 @@ from .backend import CryptenBackend
 from .compat import apply_settings, import_crypten, init_crypten, set_process_group_timeout
 from .dealer import FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
-from .offline import prefetch
+from .offline import mask_requests, prefetch
 from .ops import reveal_to
 
 __all__ = ['run_owner', 'run_client', 'run_dealer']
@@ -151,8 +151,13 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
         program.on_layer = on_layer
         first = True
         while True:
+            setup = mask_requests(plan, settings) if first else []  # the session's weight masks, on its first call
             if checked:  # before any image: the owner's dry runs (cached), the dealer's digest checked by the client
-                _approve_dealer(crypten, rank, plan, settings, batches, requests, link, log)
+                _approve_dealer(crypten, rank, plan, settings, batches, requests, link, log, setup)
+            if setup:
+                if checked and link is not None:
+                    prefetch(ttp, link, setup)
+                program.mask_weights()
             logits, profile, start = [], None, 0
             for index, size in enumerate(batches):
                 if checked and link is not None:  # this batch's triples, fetched before its images are shared
@@ -215,14 +220,16 @@ def _release(crypten: Any, failed: bool, seconds: float) -> None:
 
 
 def _approve_dealer(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings, batches: List[int],
-                    requests: Dict[int, List[Any]], link: Optional[DealerLink], log: Optional[Callable[[str], None]]) -> None:
+                    requests: Dict[int, List[Any]], link: Optional[DealerLink], log: Optional[Callable[[str], None]],
+                    setup: List[Any]) -> None:
     """The dealer requests of this call, agreed before the client shares an image: the owner records them (dry runs,
-    cached) and commits them to the dealer; the client derives them from its own copy of the plan and checks the
-    dealer's digest of the committed ones; both learn the client's verdict. Raises on a refusal or a difference."""
+    cached) and commits them to the dealer, after the session's ``setup`` requests on its first call (the weights'
+    masks, from the plan); the client derives them from its own copy of the plan and checks the dealer's digest of
+    the committed ones; both learn the client's verdict. Raises on a refusal or a difference."""
     t0 = time.perf_counter()
     for size in sorted(set(batches) - set(requests)):
         requests[size] = dry_run(plan, settings, size).requests
-    call = [request for size in batches for request in requests[size]]
+    call = list(setup) + [request for size in batches for request in requests[size]]
     verdict: Optional[str] = None
     if rank == OWNER:
         link.tally['record_s'] = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..profile import CostMeter
+from ...profile import CostMeter
 from .compat import init_local
 from ..processes import run_local
 from ..plan import SecurePlan, build_secure_plan, check_images

@@ -20,7 +20,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 import torch
 
-from ..profile import CostMeter, CostRow
+from ...profile import CostMeter, CostRow
 from ..admission import admit, check_secret
 from ..protocol import (
     ROLES, OwnerLimits, PartyResult, agree, client_inputs, decode_json, lost_peer, report_on_stderr, watchdog,

@@ -50,8 +50,8 @@ def _images(model, batch):
     return images.flip(0)[:batch]  # not the owner's calibration images in the same order
 
 
-def _owner_view(model, images, provider, tmp_path):
-    settings = SecureSettings(provider=provider, timeout_s=60)
+def _owner_view(model, images, provider, tmp_path, **settings):
+    settings = SecureSettings(provider=provider, timeout_s=60, **settings)
     plan = build_secure_plan(model, settings)
     state = plan.owner_weights(model)
     run_spied_parties(plan, state, images, settings.to_dict(), str(tmp_path))
@@ -89,7 +89,9 @@ def _only_names_and_sizes(request):
     whole numbers) and a product's name, and the kwargs names and numbers: no value of any tensor."""
     function, device, args, kwargs = request
     shapes = [a for a in args if isinstance(a, list)]
-    return (function in ('additive', 'square', 'binary', 'wraps', 'B2A') and device == 'cpu'
+    if function in ('mask', 'fixed'):  # weight_masks: a weight's number, then shapes (and matmul)
+        function, args = 'additive', args[1:] if isinstance(args[0], int) and 0 <= args[0] < 2 ** 31 else args
+    return (function in ('additive', 'square', 'binary', 'wraps', 'B2A') and device in ('cpu', None)
             and all(isinstance(a, list) or a in PRODUCT_OPS for a in args)
             and all(isinstance(v, int) and 0 <= v < 2 ** 31 for shape in shapes for v in shape)
             and all(isinstance(v, (int, str, bool)) for v in kwargs.values()))
@@ -118,6 +120,46 @@ def _attacks(model, images, view, logits):
     )
 
 
+def _client_and_dealer_learn_nothing(model, images, tmp_path):
+    """The client's view of the run: its own patches (the attack works on this record), none of the weights; the
+    dealer's: the admission and requests of names and sizes only."""
+    client = load_view(tmp_path / 'client_view.pt').records
+    assert best_reconstruction(client, patchify(images, model.patch_embed.patch_size)) > 0.999
+    state = build_secure_plan(model, SecureSettings()).owner_weights(model)
+    weights = {name: w.flatten(1) for name, w in state.items()  # each kind of matrix once: patches, first block, head
+               if w.dim() >= 2 and w.numel() >= 64 and (not name.startswith('blocks.') or name.startswith('blocks.0.'))}
+    assert len(weights) >= 6, list(weights)
+    found = {name: (max(best_reconstruction(client, w), best_reconstruction(client, w.t())), _chance(client, w))
+             for name, w in weights.items()}
+    print('client, weight and chance:', found)
+    assert all(got < max(0.3, 1.5 * chance) for got, chance in found.values()), found
+
+    admission, messages, other = _dealer_messages(load_view(tmp_path / 'dealer_view.pt').received)
+    assert other == [], other
+    assert admission == [NONCE_BYTES, 1 + MAC_BYTES] * 2  # the dealer answers the owner's, then the client's
+    commits = [m['commit'] for m in messages if isinstance(m, dict) and 'commit' in m]
+    assert commits and all(_only_names_and_sizes(r) for call in commits for r in call), commits[0][:3]
+    assert all(m == 'terminate' or set(m) <= {'commit', 'serve', 'accepted'} for m in messages), messages[:5]
+    return commits
+
+
+def test_with_weights_masked_once_the_owner_client_and_dealer_still_learn_nothing(model, tmp_path):
+    """weight_masks: the client now receives each weight's difference from its session mask (once), and each
+    product opens only activations; the same attacks on the same records find nothing more."""
+    images = _images(model, 2)
+    with torch.no_grad():
+        plain = model(images)
+    view, logits = _owner_view(model, images, 'TTP', tmp_path, weight_masks=True)
+    assert (logits - plain).abs().max() < 0.05 and len(view) > 1000
+    found = _attacks(model, images, view, logits)
+    print('owner, weight_masks:', found)
+    assert found['image'] < max(0.3, 1.5 * found['image_chance']), found
+    assert max(found['logits_direct'], found['logits_via_head']) < CHANCE_MATCH and found['logits_held'] == 0, found
+    commits = _client_and_dealer_learn_nothing(model, images, tmp_path)
+    functions = [r[0] for r in commits[0]]
+    assert 'mask' in functions and 'fixed' in functions and 'additive' in functions  # the masks were in use
+
+
 def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(model, tmp_path):
     images = _images(model, 2)
     with torch.no_grad():
@@ -131,25 +173,7 @@ def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(mode
     assert found['image'] < max(0.3, 1.5 * found['image_chance']), found
     assert max(found['logits_direct'], found['logits_via_head']) < CHANCE_MATCH and found['logits_held'] == 0, found
 
-    # the client's view of the same run: its own patches (the attack works on this record), none of the weights
-    client = load_view(tmp_path / 'client_view.pt').records
-    assert best_reconstruction(client, patchify(images, model.patch_embed.patch_size)) > 0.999
-    state = build_secure_plan(model, SecureSettings()).owner_weights(model)
-    weights = {name: w.flatten(1) for name, w in state.items()  # each kind of matrix once: patches, first block, head
-               if w.dim() >= 2 and w.numel() >= 64 and (not name.startswith('blocks.') or name.startswith('blocks.0.'))}
-    assert len(weights) >= 6, list(weights)
-    found = {name: (max(best_reconstruction(client, w), best_reconstruction(client, w.t())), _chance(client, w))
-             for name, w in weights.items()}
-    print('client (TTP), weight and chance:', found)
-    assert all(got < max(0.3, 1.5 * chance) for got, chance in found.values()), found
-
-    # the dealer's view: all it received is the admission and requests of names and sizes
-    admission, messages, other = _dealer_messages(load_view(tmp_path / 'dealer_view.pt').received)
-    assert other == [], other
-    assert admission == [NONCE_BYTES, 1 + MAC_BYTES] * 2  # the dealer answers the owner's, then the client's
-    commits = [m['commit'] for m in messages if isinstance(m, dict) and 'commit' in m]
-    assert commits and all(_only_names_and_sizes(r) for call in commits for r in call), commits[0][:3]
-    assert all(m == 'terminate' or set(m) <= {'commit', 'serve', 'accepted'} for m in messages), messages[:5]
+    _client_and_dealer_learn_nothing(model, images, tmp_path)
 
     # every process of the run listened on loopback only (the rendezvous address), and each did listen
     for role in ('owner', 'client', 'dealer'):

@@ -14,8 +14,8 @@ from .command_args import model_kwargs, print_error
 from .convert import convert_to_mpc
 from .hub.commands import add_hub_commands
 from .layers.attn_kinds import list_attn_kinds
-from .layers.register import ACT_LAYER_NAMES, attn_layer_names
 from .layers.pattern_state import checkpoint_state
+from .layers.register import ACT_LAYER_NAMES, attn_layer_names
 from .pattern import parse_attn_pattern, parse_gelu_pattern
 from .reader import read_model, support_table
 from .secure.commands import add_secure_commands

@@ -8,8 +8,8 @@ from ..layers.activations import activation_name
 from ..layers.attn_kinds import SEARCH_KINDS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import get_attn_pattern, get_gelu_pattern
-from ..reader import read_model
 from ..profile import NETWORKS, NetworkSetting
+from ..reader import read_model
 from .table import kind_cost_table
 
 MLP_TYPES_PRICED = (Mlp, LinearizableMlp)  # fc1, activation, fc2: what the probe model measures

@@ -7,15 +7,15 @@ from typing import Any, Dict, Optional, Sequence
 
 from torch import nn
 
-from . import cost_table_shape, head_costs, model_cost_table, model_latency
-from ..profile import NETWORKS
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import set_attn_pattern, set_gelu_pattern
+from ..profile import NETWORKS
 from ..reader import read_model
 from ..secure.crypten.dry_run import dry_run
 from ..secure.engines import get_engine
 from ..secure.plan import build_plan, build_secure_plan
 from ..secure.settings import SecureSettings
+from . import cost_table_shape, head_costs, model_cost_table, model_latency
 
 __all__ = ['priced_by_table', 'check_priceable', 'check_budgets', 'model_estimate', 'model_head_costs']
 

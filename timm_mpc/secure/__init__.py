@@ -4,17 +4,17 @@ Nothing here imports CrypTen until a secure computation runs; importing this pac
 to CrypTen for this process: a later ``import crypten`` gets them, and a CrypTen imported before is patched
 (:mod:`.crypten.compat`).
 """
-from .crypten.compat import install_import_hook
 from .calibration import FixedPointRangeError, calibrate
+from .crypten.compat import install_import_hook
 from .crypten.dry_run import DryRun, dry_run
+from .errors import PeerError
 from .launch import SecureInferenceError, SecureResult, secure_predict
 from .memory import MemoryBoundError, parse_memory
 from .own_process import run_client, run_dealer, run_owner
-from .protocol import PartyResult
-from .errors import PeerError
 from .plan import (
     InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
 )
+from .protocol import PartyResult
 from .session import SecureSession
 from .settings import InsecureSettingWarning, SecureSettings
 

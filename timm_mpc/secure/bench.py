@@ -12,8 +12,8 @@ from timm.layers import Mlp
 from ..layers.attn_kinds import BASELINE_KIND
 from ..layers.linearizable_mlp import LinearizableMlp
 from ..pattern import count_head_kinds, get_attn_pattern, set_attn_pattern
-from ..reader import read_model
 from ..profile import NETWORKS, CostProfile, NetworkSetting
+from ..reader import read_model
 from ..utils import inference_pass
 from .launch import SecureResult, secure_predict
 from .plan import check_images

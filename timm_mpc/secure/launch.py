@@ -18,19 +18,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..profile import CostProfile
 from ..layers.attn_kinds import import_kind_modules, kind_modules
+from ..profile import CostProfile
 from ..utils import progress
-from .engines import ENGINES, exit_after_failure, get_engine
-from .protocol import PartyResult, SessionLink, batch_sizes, check_batch_size
-from .errors import PeerError
-from .crypten.party import run_dealer
-from .processes import process_context, start_processes
-from .crypten.dry_run import DryRun, dry_run
 from .admission import new_secret
-from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory
+from .crypten.dry_run import DryRun, dry_run
 from .crypten.dry_run import predicted_peak
+from .crypten.party import run_dealer
+from .engines import ENGINES, exit_after_failure, get_engine
+from .errors import PeerError
+from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory
 from .plan import SecurePlan, build_secure_plan, check_images
+from .processes import process_context, start_processes
+from .protocol import PartyResult, SessionLink, batch_sizes, check_batch_size
 from .secure_vit import SecureViT
 from .settings import SecureSettings
 

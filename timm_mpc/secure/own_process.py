@@ -11,9 +11,9 @@ import torch
 
 from ..layers.attn_kinds import kind_modules
 from .launch import LocalParties, party_process
+from .plan import SecurePlan
 from .processes import process_context, start_processes
 from .protocol import OwnerLimits, PartyResult, client_inputs
-from .plan import SecurePlan
 from .settings import SecureSettings
 
 __all__ = ['run_owner', 'run_client', 'run_dealer']

@@ -12,12 +12,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..profile import CostProfile
 from ..utils import end_process
 from .engines import get_engine
 from .errors import PeerError
 from .memory import format_bytes, line_peak
 from .plan import PlanError, SecurePlan, check_image_tensor, check_images
-from ..profile import CostProfile
 from .secure_vit import CLIENT, OWNER
 from .settings import SecureSettings
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from .engines import get_engine
 from .launch import LocalParties, SecureResult, dealer_requests, prepare_call, resolve_settings, run_with_retries
-from .protocol import PartyResult, check_batch_size
 from .plan import build_secure_plan
+from .protocol import PartyResult, check_batch_size
 from .settings import SecureSettings
 
 __all__ = ['SecureSession']

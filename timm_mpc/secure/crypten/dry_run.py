@@ -19,14 +19,14 @@ import torch
 
 from ...profile import NETWORKS, CostMeter, NetworkSetting
 from ...utils import cache_root
-from .compat import init_local
-from ..processes import run_local
-from .offline import CHUNK_BYTES, Request, request_numel
-from .ops import reveal_to
 from ..plan import SecurePlan
-from .backend import CryptenBackend
+from ..processes import run_local
 from ..secure_vit import CLIENT, SecureViT
 from ..settings import SecureSettings
+from .backend import CryptenBackend
+from .compat import init_local
+from .offline import CHUNK_BYTES, Request, request_numel
+from .ops import reveal_to
 
 __all__ = ['DryRun', 'dry_run', 'default_cache_dir', 'predicted_peak']
 

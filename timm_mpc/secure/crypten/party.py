@@ -19,10 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ...profile import CostMeter, CostProfile
 from ..admission import admit, bind_rendezvous, check_secret
 from ..errors import DealerError, PeerError
 from ..plan import SecurePlan, check_images
-from ...profile import CostMeter, CostProfile
 from ..protocol import (
     DEALER, ROLES, OwnerLimits, PartyResult, SessionLink, agree, batch_sizes, bound_batches, checked_batches,
     client_inputs, decode_json, lost_peer, watchdog,

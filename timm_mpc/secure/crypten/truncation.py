@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from ...profile import CostMeter
-from .compat import init_local
-from ..processes import run_local
 from ..plan import SecurePlan, build_secure_plan, check_images
-from .backend import CryptenBackend
+from ..processes import run_local
 from ..secure_vit import SecureViT, patchify
 from ..settings import SecureSettings
+from .backend import CryptenBackend
+from .compat import init_local
 
 __all__ = ['truncation_failures']
 

@@ -22,15 +22,15 @@ import torch
 
 from ...profile import CostMeter, CostRow
 from ..admission import admit, check_secret
+from ..errors import PeerError
+from ..plan import SecurePlan
 from ..protocol import (
     ROLES, OwnerLimits, PartyResult, agree, client_inputs, decode_json, lost_peer, report_on_stderr, watchdog,
 )
-from ..errors import PeerError
-from ..plan import SecurePlan
 from ..secure_vit import CLIENT, OWNER, Backend, SecureViT
 from ..settings import SecureSettings
-from .runtime import SpuSession, exit_if_links_abandoned
 from . import ops as spu_ops
+from .runtime import SpuSession, exit_if_links_abandoned
 
 # exit_if_links_abandoned: the hook engines.exit_after_failure calls after a failure
 __all__ = ['run_owner', 'run_client', 'spu_addresses', 'SpuBackend', 'exit_if_links_abandoned']

@@ -68,36 +68,25 @@ def test_malformed_mask_requests_are_named(request_, match):
 
 @pytest.mark.slow
 def test_masked_weights_give_the_same_logits_and_open_only_activations(model):
-    """A real run (two parties and the dealer): the logits of plain text, the weights' differences opened once in
-    the setup, and each call then sends what the unmasked protocol sends less its weights' differences; the dry run
-    still predicts the call's rounds and bytes exactly."""
+    """Real runs (two parties and the dealer): a session with masked weights gives the logits of plain text; its first
+    call opens the weights' differences once, in the setup, and each call sends what the unmasked protocol sends less
+    those differences; its next call masks nothing; the dry run still predicts a call's rounds and bytes exactly."""
     images = random_images(3)
     with torch.no_grad():
         plain = model(images)
-    masked = secure_predict(model, images, settings=MASKED, return_result=True)
     unmasked = secure_predict(model, images, return_result=True)
-    for result in (masked, unmasked):
-        assert torch.equal(result.logits.argmax(-1), plain.argmax(-1)) and (result.logits - plain).abs().max() < 2e-2
-    weights = sum(math.prod(shape) for shape in SecureViT.linear_weights(build_secure_plan(model, MASKED, images)).values())
-    opened = {(r.layer, r.op): r for r in masked.profile.setup}[('weights', 'mask')]  # every δ, in one round
+    with SecureSession(model, MASKED) as session:
+        first = session.predict(images, return_result=True)
+        second = session.predict(images[:2], return_result=True)  # a new batch size: its own dry run
+    for result, expected in ((unmasked, plain), (first, plain), (second, plain[:2])):
+        assert torch.equal(result.logits.argmax(-1), expected.argmax(-1)), result
+        assert (result.logits - expected).abs().max() < 2e-2
+    weights = sum(math.prod(shape) for shape in SecureViT.linear_weights(first.plan).values())
+    opened = {(r.layer, r.op): r for r in first.profile.setup}[('weights', 'mask')]  # every δ, in one round
     assert opened.rounds == 1 and opened.bytes > 0 and opened.bytes % weights == 0
     # a call: the same rounds (ε and δ were opened together), and no δ any more
-    assert masked.profile.rounds == unmasked.profile.rounds
-    assert unmasked.profile.bytes - masked.profile.bytes == opened.bytes
-    assert (masked.estimate.rounds, masked.estimate.bytes) == (masked.profile.rounds, masked.profile.bytes)
-
-
-@pytest.mark.slow
-def test_a_session_masks_its_weights_on_its_first_call_only(model):
-    images = random_images(3)
-    with SecureSession(model, MASKED) as session:
-        first = session.predict(images[:2], return_result=True)
-        second = session.predict(images[2:], return_result=True)  # a new batch size: its own dry run
-        third = session.predict(images[:2], return_result=True)
-    assert ('weights', 'mask') in {(r.layer, r.op) for r in first.profile.setup}
-    assert not third.profile.setup and (third.profile.rounds, third.profile.bytes) == (first.profile.rounds,
-                                                                                          first.profile.bytes)
-    with torch.no_grad():
-        plain = model(images)
-    logits = torch.cat([first.logits, second.logits])
-    assert torch.equal(logits.argmax(-1), plain.argmax(-1)) and (logits - plain).abs().max() < 2e-2
+    assert first.profile.rounds == unmasked.profile.rounds
+    assert unmasked.profile.bytes - first.profile.bytes == opened.bytes
+    assert (first.estimate.rounds, first.estimate.bytes) == (first.profile.rounds, first.profile.bytes)
+    assert not second.profile.setup and (second.estimate.rounds, second.estimate.bytes) == (second.profile.rounds,
+                                                                                            second.profile.bytes)

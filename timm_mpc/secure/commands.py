@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import time
 from functools import partial
 from typing import Any, Dict, Optional
 
@@ -23,6 +24,12 @@ from .protocol import OwnerLimits
 from .settings import PROVIDERS, SecureSettings
 
 __all__ = ['add_secure_commands']
+
+SPU_LINGER_S = 5.0
+"""How long a ``timm-mpc party`` process of an SPU run stays after its party is done: SPU 0.9.5's link still talks
+to the peer after its own closing returned, and a party that ended at once left the other's closing unanswered,
+which the other then retried for its whole timeout and reported as a lost party. (Local parties stay until every
+party has reported, :meth:`~.launch.PartyReports.wait_for_release`.)"""
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -141,7 +148,6 @@ def _on_loopback(rendezvous: str) -> bool:
 
 
 def _party(args: argparse.Namespace) -> int:
-
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
     parse_rendezvous(args.rendezvous)
@@ -180,7 +186,8 @@ def _party(args: argparse.Namespace) -> int:
         result = engine.run_owner(args.rendezvous, plan, state, settings, secret, log=_log, limits=limits, **extra)
         print(f'owner: done; {result.profile.rounds} rounds, {result.profile.bytes / 1e6:.1f} MB, '
               f'{result.profile.wall_s:.2f} s; the owner sent its share of the logits to the client and holds no '
-              f'logit itself')
+              f'logit itself', flush=True)
+        _linger(settings)
         return 0
     images = _load_images(args.images, args.batch)
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
@@ -195,7 +202,14 @@ def _party(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(profile=profile, logits=result.logits.tolist()), f, indent=1)
+    sys.stdout.flush()
+    _linger(settings)
     return 0
+
+
+def _linger(settings: Any) -> None:
+    if settings.engine == 'spu':
+        time.sleep(min(SPU_LINGER_S, settings.timeout_s))  # see SPU_LINGER_S
 
 
 def _secret(args: argparse.Namespace) -> int:

@@ -22,8 +22,7 @@ from ..layers.attn_kinds import import_kind_modules, kind_modules
 from ..profile import CostProfile
 from ..utils import progress
 from .admission import new_secret
-from .crypten.dry_run import DryRun, dry_run
-from .crypten.dry_run import predicted_peak
+from .crypten.dry_run import DryRun, dry_run, predicted_peak
 from .crypten.party import run_dealer
 from .engines import ENGINES, exit_after_failure, get_engine
 from .errors import PeerError

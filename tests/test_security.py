@@ -91,7 +91,7 @@ def _only_names_and_sizes(request):
     shapes = [a for a in args if isinstance(a, list)]
     if function in ('mask', 'fixed'):  # weight_masks: a weight's number, then shapes (and matmul)
         function, args = 'additive', args[1:] if isinstance(args[0], int) and 0 <= args[0] < 2 ** 31 else args
-    return (function in ('additive', 'square', 'binary', 'wraps', 'B2A') and device in ('cpu', None)
+    return (function in ('additive', 'square', 'binary', 'wraps', 'B2A', 'sign') and device in ('cpu', None)
             and all(isinstance(a, list) or a in PRODUCT_OPS for a in args)
             and all(isinstance(v, int) and 0 <= v < 2 ** 31 for shape in shapes for v in shape)
             and all(isinstance(v, (int, str, bool)) for v in kwargs.values()))
@@ -143,21 +143,24 @@ def _client_and_dealer_learn_nothing(model, images, tmp_path):
     return commits
 
 
-def test_with_weights_masked_once_the_owner_client_and_dealer_still_learn_nothing(model, tmp_path):
+def test_with_weights_masked_once_and_fss_comparisons_the_parties_and_dealer_still_learn_nothing(model, tmp_path):
     """weight_masks: the client now receives each weight's difference from its session mask (once), and each
-    product opens only activations; the same attacks on the same records find nothing more."""
+    product opens only activations; fss_comparisons: each comparison opens its input plus the dealer's mask, and both
+    parties hold the dealer's keys (the owner's records hold its key, its mask shares and every opened value). The
+    same attacks on the same records find nothing more."""
     images = _images(model, 2)
     with torch.no_grad():
         plain = model(images)
-    view, logits = _owner_view(model, images, 'TTP', tmp_path, weight_masks=True)
+    view, logits = _owner_view(model, images, 'TTP', tmp_path, weight_masks=True, fss_comparisons=True)
     assert (logits - plain).abs().max() < 0.05 and len(view) > 1000
     found = _attacks(model, images, view, logits)
-    print('owner, weight_masks:', found)
+    print('owner, weight_masks and fss_comparisons:', found)
     assert found['image'] < max(0.3, 1.5 * found['image_chance']), found
     assert max(found['logits_direct'], found['logits_via_head']) < CHANCE_MATCH and found['logits_held'] == 0, found
     commits = _client_and_dealer_learn_nothing(model, images, tmp_path)
     functions = [r[0] for r in commits[0]]
-    assert 'mask' in functions and 'fixed' in functions and 'additive' in functions  # the masks were in use
+    assert {'mask', 'fixed', 'additive', 'sign'} <= set(functions)  # the masks and the comparison keys were in use
+    assert 'binary' not in functions  # no comparison by CrypTen's binary shares was left
 
 
 def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(model, tmp_path):

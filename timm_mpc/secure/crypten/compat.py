@@ -37,6 +37,7 @@ from ...layers.attn_kinds import import_kind_modules
 from ...utils import import_extra
 from ..admission import bind_rendezvous
 from ..settings import SecureSettings
+from .comparison import use_fss_comparisons
 
 __all__ = ['import_crypten', 'apply_settings', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
            'use_fused_beaver', 'product_shape', 'init_local', 'mask_weights']
@@ -336,6 +337,7 @@ def apply_settings(settings: Any, crypten: Any) -> None:
     cfg.mpc.provider = 'TTP' if settings.dealer else 'TFP'
     cfg.communicator.verbose = True  # count rounds and bytes
     use_fused_beaver(settings.fused_beaver)
+    use_fss_comparisons(settings.fss_comparisons)
 
 
 def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,

@@ -20,20 +20,24 @@ import json
 import pickle
 import time
 from collections import deque
-from typing import Any, Deque, Dict, List, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..dcf import sign_keys
 from ..errors import DealerError, PeerError
 from ..protocol import DEALER, decode_json
 from ..secure_vit import CLIENT, OWNER
+from .compat import random_ring_element
 
 __all__ = ['DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
            'verify_dealer']
 
 DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A',  # CrypTen's TTP_FUNCTIONS, nothing private
-                    'mask', 'fixed')  # a weight's session mask, and the triples of its products (weight_masks)
+                    'mask', 'fixed',  # a weight's session mask, and the triples of its products (weight_masks)
+                    'sign')  # the keys of a comparison (fss_comparisons)
 PRODUCT_OPS = ('mul', 'matmul', 'conv1d', 'conv2d', 'conv_transpose1d', 'conv_transpose2d')
 FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny commits about 100 kB)
 MAX_DIM = 2 ** 31
@@ -308,16 +312,45 @@ def _fixed(server: Any, key: int, size0: List[int], size1: List[int], op: str) -
 _OWN_FUNCTIONS = dict(mask=_mask, fixed=_fixed)
 
 
+def _sign(server: Any, size: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The keys of a comparison of ``size`` elements (:mod:`.comparison`): each party's mask share and root seeds
+    drawn from the generator the dealer shares with it, as the party draws them, then the client's share of the
+    masks' top bits; the owner gets its share of those top bits and the correction words, the client the words."""
+    size = torch.Size(size)
+    owner, client = server.generators[OWNER], server.generators[CLIENT]
+    mask0, seed0 = random_ring_element(size, generator=owner), random_ring_element((size.numel(), 2), generator=owner)
+    mask1, seed1 = random_ring_element(size, generator=client), random_ring_element((size.numel(), 2), generator=client)
+    top1 = random_ring_element(size, generator=client)
+    mask = (mask0 + mask1).reshape(-1).numpy().view(np.uint64)
+    words = torch.from_numpy(sign_keys(mask, seed0.numpy().view(np.uint64), seed1.numpy().view(np.uint64)).view(np.int64))
+    top0 = torch.from_numpy((mask >> np.uint64(63)).view(np.int64)) - top1.reshape(-1)
+    return torch.cat([top0, words]), words
+
+
 def _answer(server: Any, requests: List[List[Any]], group: Any) -> None:
-    results = []
+    """Compute the answers of ``requests`` and send them: the owner's, then (for comparisons) the client's."""
+    results, client_parts = [], []
     for function, device, args, kwargs in requests:
         server.device = device or 'cpu'
-        own = _OWN_FUNCTIONS.get(function)
-        answer = own(server, *args) if own is not None else getattr(server, function)(*args, **kwargs)
+        if function == 'sign':
+            answer, client_part = _sign(server, *args)
+            client_parts.append(client_part)
+        elif function in _OWN_FUNCTIONS:
+            answer = _OWN_FUNCTIONS[function](server, *args)
+        else:
+            answer = getattr(server, function)(*args, **kwargs)
         results.append(answer.reshape(-1))
-    flat = torch.cat(results) if results else torch.zeros(0, dtype=torch.int64)
+    _send_flat(torch.cat(results) if results else torch.zeros(0, dtype=torch.int64), OWNER, group)
+    if client_parts:  # the client knows from the requests which batches hold comparisons: it waits for these
+        _send_flat(torch.cat(client_parts), CLIENT, group, count=len(client_parts))
+
+
+def _send_flat(flat: torch.Tensor, party: int, group: Any, count: Optional[int] = None) -> None:
+    """Int64 answers after their number: to the owner that number alone, to the client also how many requests they
+    answer (it checks both against the requests it approved)."""
+    header = flat.numel() if count is None else [count, flat.numel()]
     try:
-        dist.send(torch.tensor(flat.numel(), dtype=torch.int64), OWNER, group=group)
-        dist.send(flat, OWNER, group=group)
+        dist.send(torch.tensor(header, dtype=torch.int64), party, group=group)
+        dist.send(flat, party, group=group)
     except RuntimeError as e:
-        raise _lost(OWNER, e) from e
+        raise _lost(party, e) from e

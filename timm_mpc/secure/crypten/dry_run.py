@@ -25,12 +25,12 @@ from ..secure_vit import CLIENT, SecureViT
 from ..settings import SecureSettings
 from .backend import CryptenBackend
 from .compat import init_local
-from .offline import CHUNK_BYTES, Request, request_numel
+from .offline import CHUNK_BYTES, Request, client_numel, request_numel
 from .ops import reveal_to
 
 __all__ = ['DryRun', 'dry_run', 'default_cache_dir', 'predicted_peak']
 
-CACHE_VERSION = 3  # 3: cost and memory beside the requests
+CACHE_VERSION = 4  # 3: cost and memory beside the requests; 4: comparison keys
 RUN_S_PER_IMAGE = 10.0  # the dry run's time bound per image of mpcvit_tiny's size, beyond the settings' timeout
 _MPCVIT_TINY_WORK = 65 * 7 * 256  # its tokens x blocks x width: the bound grows with a plan's
 
@@ -63,8 +63,8 @@ class DryRun:
 
     @property
     def dealer_bytes(self) -> int:
-        """Bytes the dealer sends the owner for the batch (int64 shares)."""
-        return 8 * sum(request_numel(r) for r in self.requests)
+        """Bytes the dealer sends the parties for the batch (int64 shares and comparison keys)."""
+        return 8 * sum(request_numel(r) + client_numel(r) for r in self.requests)
 
     def latency(self, network: NetworkSetting) -> float:
         """Estimated seconds of the batch's online phase, ``compute + rounds × RTT + bytes / bandwidth``."""
@@ -94,7 +94,7 @@ def _peak_rss() -> int:
 # CrypTen's provider methods and the dealer functions the TTP provider asks for in their place
 _PROVIDER_TO_DEALER = {'generate_additive_triple': 'additive', 'square': 'square', 'generate_binary_triple': 'binary',
                        'wrap_rng': 'wraps', 'B2A_rng': 'B2A', 'generate_weight_mask': 'mask',
-                       'generate_fixed_triple': 'fixed'}
+                       'generate_fixed_triple': 'fixed', 'generate_sign_keys': 'sign'}
 
 
 def _recording(method: Any, function: str, requests: List[Request]) -> Any:
@@ -184,6 +184,8 @@ def predicted_peak(dry: DryRun, dealer: bool) -> int:
     generated)."""
     peak = dry.peak_rss[0] + dry.peak_rss[1]
     if dealer:
-        answer = min(dry.dealer_bytes, CHUNK_BYTES)
+        largest = 8 * max((request_numel(r) + client_numel(r) for r in dry.requests), default=0)
+        answer = max(min(dry.dealer_bytes, CHUNK_BYTES), largest)  # a request is never split across batches
+        # the parties hold the received answer (the client its comparison keys) and what they turn it into
         peak += dry.base_rss[1] + DEALER_ANSWER_COPIES * answer + OWNER_ANSWER_COPIES * answer
     return peak

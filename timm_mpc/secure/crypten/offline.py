@@ -19,17 +19,25 @@ import torch
 from ..plan import SecurePlan
 from ..secure_vit import SecureViT
 from ..settings import SecureSettings
+from ..errors import DealerError
+from .comparison import sign_answer_numel, sign_client_numel
 from .compat import product_shape
 
-__all__ = ['prefetch', 'Request', 'request_numel', 'mask_requests', 'CHUNK_BYTES']
+__all__ = ['prefetch', 'prefetch_keys', 'Request', 'request_numel', 'client_numel', 'mask_requests', 'CHUNK_BYTES']
 
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
 CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
 
 
 def request_numel(request: Request) -> int:
-    """The elements of what the dealer answers to ``request`` (each an int64 share)."""
+    """The elements of what the dealer answers the owner to ``request`` (each an int64 share)."""
     return _result_shape(request[0], request[2], request[3]).numel()
+
+
+def client_numel(request: Request) -> int:
+    """The elements of what the dealer sends the client for ``request``: a comparison's correction words, else
+    nothing (the client draws its shares from the generator it shares with the dealer)."""
+    return sign_client_numel(request[2][0]) if request[0] == 'sign' else 0
 
 
 def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
@@ -39,6 +47,8 @@ def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
         return product_shape(*args[1:])
     if function == 'mask':
         return torch.Size([0])  # the parties draw their shares of a weight's mask: the dealer sends nothing
+    if function == 'sign':
+        return torch.Size([sign_answer_numel(args[0])])
     if function == 'binary':
         return torch.broadcast_shapes(torch.Size(args[0]), torch.Size(args[1]))
     return torch.Size(args[0])  # square, wraps, B2A: the size asked for
@@ -77,6 +87,7 @@ def prefetch(client: Any, link: Any, requests: List[Request]) -> None:
     def fetch() -> None:
         chunk = pending.popleft()
         flat = link.serve(len(chunk))
+        link.tally['bytes'] += 8 * sum(client_numel(request) for request in chunk)  # sent to the client alongside
         offset = 0
         for request in chunk:
             shape = _result_shape(request[0], request[2], request[3])
@@ -103,3 +114,38 @@ def _same(recorded: Request, asked: Request) -> bool:
             return [norm(v) for v in value]
         return value
     return norm(recorded) == norm(asked)
+
+
+def prefetch_keys(client: Any, comm: Any, requests: List[Request]) -> None:
+    """The client's side of :func:`prefetch` with comparisons by the dealer's keys: the dealer sends the client the
+    correction words of the comparisons in each batch it serves the owner (the batches of :func:`prefetch`, which the
+    client derives from the same requests); ``client.ttp_request`` then answers each ``sign`` request in order from
+    them. A message that is not the next batch's words (count or size) is an error."""
+    import torch.distributed as dist
+    from ..protocol import DEALER
+    batches: Deque[List[Request]] = deque(c for c in ([r for r in chunk if r[0] == 'sign'] for chunk in _chunks(requests)) if c)
+    ready: Deque[Tuple[Request, torch.Tensor]] = deque()
+
+    def fetch() -> None:
+        expected = batches.popleft()
+        header = torch.zeros(2, dtype=torch.int64)
+        dist.recv(header, DEALER, group=comm.ttp_group)
+        numels = [client_numel(r) for r in expected]
+        if header.tolist() != [len(expected), sum(numels)]:
+            raise DealerError(f'the dealer announced the keys of {int(header[0])} comparisons ({int(header[1])} words); '
+                              f'the approved requests make {len(expected)} ({sum(numels)} words) next')
+        flat = torch.empty(sum(numels), dtype=torch.int64)
+        dist.recv(flat, DEALER, group=comm.ttp_group)
+        for request, part in zip(expected, flat.split(numels)):
+            ready.append((request, part))
+
+    def served(function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not ready and batches:
+            fetch()
+        asked = (function, None if device is None else str(device), tuple(args), kwargs)
+        if ready and _same(ready[0][0], asked):
+            return ready.popleft()[1]
+        raise RuntimeError(f'the protocol asked for the keys of {function} {args} where the approved requests make '
+                           f'{ready[0][0] if ready else "no more"}: the plan and the dry run disagree')
+
+    client.ttp_request = served

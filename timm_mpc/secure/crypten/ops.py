@@ -10,6 +10,7 @@ import torch
 
 from ..approximations import GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC
 from ..settings import SecureSettings
+from .comparison import fss_comparisons_in_use
 
 __all__ = ['linear', 'layer_norm', 'inv_sqrt', 'reciprocal', 'softmax', 'gelu', 'quad_gelu', 'relu', 'silu', 'reveal_to']
 
@@ -65,11 +66,26 @@ def softmax(scores, iters: int, scale: float = 1.0, keep: Any = None):
     Swin masks them, within the range where the exp's limit approximation stays in [0, 1])."""
     if keep is not None:
         scores = scores + (keep - 1) * 100.0
-    shifted = scores - scores.max(-1, keepdim=True)[0]
+    shifted = scores - row_max(scores)
     numer = shifted.exp()
     if keep is not None:
         numer = numer * keep
     return numer * reciprocal(numer.sum(-1, keepdim=True), iters, scale)
+
+
+def row_max(x):
+    """The maximum over the last dimension (kept). With comparisons by the dealer's keys, a tree of pairwise maxima
+    ``b + relu(a - b)``: two rounds a level. CrypTen's ``max`` (its ``max_method``) also computes the one-hot argmax,
+    whose equality tests run on binary shares: kept for CrypTen's own comparisons, where the figures were measured."""
+    if not fss_comparisons_in_use():
+        return x.max(-1, keepdim=True)[0]
+    crypten = _crypten()
+    while x.size(-1) > 1:
+        half = x.size(-1) // 2
+        a, b = x[..., :half], x[..., half:2 * half]
+        pairs = b + (a - b).relu()
+        x = crypten.cat([pairs, x[..., 2 * half:]], dim=-1) if x.size(-1) % 2 else pairs
+    return x
 
 
 def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale: float = 1.0, iters: int = 3):

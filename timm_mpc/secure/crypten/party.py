@@ -33,7 +33,7 @@ from .backend import CryptenBackend
 from .compat import apply_settings, import_crypten, init_crypten, set_process_group_timeout
 from .dealer import FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
-from .offline import mask_requests, prefetch
+from .offline import mask_requests, prefetch, prefetch_keys
 from .ops import reveal_to
 
 __all__ = ['run_owner', 'run_client', 'run_dealer']
@@ -142,8 +142,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
                                       limits)
         checked = settings.dealer and settings.offline_phase  # the dealer serves what the client approved
         requests = {**(requests or {})}
+        from crypten.mpc.provider.ttp_provider import TTPClient
         if link is not None:
-            from crypten.mpc.provider.ttp_provider import TTPClient
             ttp = TTPClient.get()
             ttp.ttp_request = link.live  # offline_phase=False (insecure): one request at a time, during the inference
         # the weights are shared once; then the batches run one after another in this session
@@ -162,6 +162,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
             for index, size in enumerate(batches):
                 if checked and link is not None:  # this batch's triples, fetched before its images are shared
                     prefetch(ttp, link, requests[size])
+                elif checked and settings.fss_comparisons:  # the client's comparison keys, as the dealer serves them
+                    prefetch_keys(TTPClient.get(), comm, requests[size])
                 if index or not first:  # the profile is the first batch's; the dealer's tally the session's first
                     program.meter = CostMeter(comm)
                 meter = program.meter

@@ -1,0 +1,166 @@
+"""Distributed comparison functions (DCF): the dealer's keys for one-round secure comparisons.
+
+A DCF key pair for a point ``alpha`` and a payload ``beta`` (Boyle, Chandran, Gilboa, Gupta, Ishai, Kumar and
+Rathee, "Function Secret Sharing for Mixed-Mode and Fixed-Point Secure Computation", Eurocrypt 2021, Fig. 1) lets
+the two parties, each evaluating its own key on the same public ``x``, get additive shares (mod 2^64) of
+``beta · [x < alpha]``. Either key alone is pseudorandom: it tells its holder nothing of ``alpha`` or ``beta``.
+
+Keys are made and evaluated for many elements at once (one point per element). The pseudorandom generator is
+fixed-key AES-128 in Matyas–Meyer–Oseas form (``AES_k(s ⊕ c) ⊕ s ⊕ c``), from the ``cryptography`` package, over a
+whole layer's buffer per tree level; a seed's lowest bit is its control bit, as is usual.
+
+A key holds the holder's 128-bit seed (drawn by the dealer from the generator it shares with that party, so it
+never crosses a link) and the correction words, the same for both parties: for each of the ``bits`` levels a 128-bit
+seed correction, a 64-bit value correction and two control bits, and one final 64-bit correction:
+:func:`correction_words` int64 words per element.
+"""
+from typing import Tuple
+
+import numpy as np
+
+__all__ = ['dcf_keys', 'dcf_eval', 'correction_words', 'sign_keys', 'sign_eval', 'SEED_WORDS']
+
+SEED_WORDS = 2  # a 128-bit seed as two uint64
+_FIXED_KEY = bytes(range(16))  # public: the fixed-key PRG's security rests on AES as a random permutation
+_TWEAKS = np.array([0, 1, 2], dtype=np.uint64)  # in a seed's low word: left child, right child, the values
+_ONE = np.uint64(1)
+
+
+def _aes():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    return Cipher(algorithms.AES(_FIXED_KEY), modes.ECB())
+
+
+def _prg(blocks: np.ndarray) -> np.ndarray:
+    """``AES_k(b) ⊕ b`` for every 128-bit block of ``blocks`` (contiguous uint64, last axis 2; the seed ⊕ tweak of
+    Matyas–Meyer–Oseas): one AES pass over all of them."""
+    encryptor = _aes().encryptor()
+    out = np.frombuffer(encryptor.update(memoryview(blocks).cast('B')) + encryptor.finalize(), dtype=np.uint64)
+    return out.reshape(blocks.shape) ^ blocks
+
+
+def _expand(seeds: np.ndarray, tweaks: np.ndarray) -> np.ndarray:
+    """The blocks ``seed ⊕ tweak`` ``(k, N, 2)`` for seeds ``(N, 2)`` and low-word tweaks ``(k,)`` or ``(k, N)``."""
+    blocks = np.empty((tweaks.shape[0],) + seeds.shape, dtype=np.uint64)
+    blocks[...] = seeds
+    blocks[:, :, 0] ^= tweaks if tweaks.ndim == 2 else tweaks[:, None]
+    return blocks
+
+
+def correction_words(bits: int) -> int:
+    """The int64 words of one element's correction words for a ``bits``-bit domain: per level a seed correction
+    (two words) and a value correction (one), both levels' control bits packed into two words, the final one."""
+    return 3 * bits + 3
+
+
+def _layout(words: np.ndarray, n: int, bits: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Views of a flat key buffer, level by level so that each level's words are contiguous: the seed corrections
+    ``(bits, N, 2)``, the value corrections ``(bits, N)``, the packed control bits ``(2, N)``, the final ``(N,)``."""
+    seed_cw = words[:2 * bits * n].reshape(bits, n, 2)
+    v_cw = words[2 * bits * n:3 * bits * n].reshape(bits, n)
+    t_cw = words[3 * bits * n:(3 * bits + 2) * n].reshape(2, n)
+    return seed_cw, v_cw, t_cw, words[(3 * bits + 2) * n:]
+
+
+def _check_bits(bits: int) -> None:
+    if not (isinstance(bits, int) and 1 <= bits <= 64):
+        raise ValueError(f'a DCF domain has 1 to 64 bits, got {bits!r}')
+
+
+def dcf_keys(alpha: np.ndarray, beta: np.ndarray, seed0: np.ndarray, seed1: np.ndarray, bits: int) -> np.ndarray:
+    """Correction words of the DCF keys for ``beta · [x < alpha]`` on ``bits``-bit inputs, one point per element.
+
+    ``alpha`` (uint64 below ``2^bits``) and ``beta`` (uint64, the payload mod 2^64) have shape ``(N,)``; ``seed0`` and
+    ``seed1``, ``(N, 2)`` uint64, are the parties' root seeds (uniform). Returns ``N * correction_words(bits)`` uint64
+    words, flat, the same for both parties: party ``b``'s key is ``(seed_b, words)``."""
+    _check_bits(bits)
+    alpha, beta = np.asarray(alpha, dtype=np.uint64), np.asarray(beta, dtype=np.uint64)
+    n = alpha.shape[0]
+    if bits < 64 and np.any(alpha >> np.uint64(bits)):
+        raise ValueError(f'a DCF point must be below 2^{bits}')
+    words = np.zeros(n * correction_words(bits), dtype=np.uint64)
+    seed_cws, v_cws, t_cws, final = _layout(words, n, bits)
+    seeds = np.concatenate([seed0, seed1])  # both parties' seeds: one AES pass per level
+    seeds[:, 0] &= ~_ONE
+    t = np.concatenate([np.zeros(n, dtype=np.uint64), np.ones(n, dtype=np.uint64)])
+    v_alpha = np.zeros(n, dtype=np.uint64)
+    for level in range(bits):
+        a = (alpha >> np.uint64(bits - 1 - level)) & _ONE
+        right = a == 1
+        left, right_child, values = _prg(_expand(seeds, _TWEAKS))  # each (2N, 2)
+        child_t = [left[:, 0] & _ONE, right_child[:, 0] & _ONE]  # the children's control bits, then cleared
+        left[:, 0] ^= child_t[0]
+        right_child[:, 0] ^= child_t[1]
+        child_t = np.stack(child_t, axis=1)
+        right2 = np.concatenate([right, right])
+        keep = np.where(right2[:, None], right_child, left)
+        lose = np.where(right2[:, None], left, right_child)
+        keep_v = np.where(right2, values[:, 1], values[:, 0])
+        lose_v = np.where(right2, values[:, 0], values[:, 1])
+        sign = np.where(t[n:] == 1, np.uint64(2 ** 64 - 1), _ONE)  # (-1)^t1 mod 2^64
+        seed_cw = lose[:n] ^ lose[n:]
+        v_cw = sign * (lose_v[n:] - lose_v[:n] - v_alpha) + np.where(right, sign * beta, np.uint64(0))
+        v_alpha = v_alpha - keep_v[n:] + keep_v[:n] + sign * v_cw
+        t_left_cw = child_t[:n, 0] ^ child_t[n:, 0] ^ a ^ _ONE
+        t_right_cw = child_t[:n, 1] ^ child_t[n:, 1] ^ a
+        seed_cws[level], v_cws[level] = seed_cw, v_cw
+        t_cws[0] |= t_left_cw << np.uint64(level)
+        t_cws[1] |= t_right_cw << np.uint64(level)
+        keep_t_cw = np.where(right, t_right_cw, t_left_cw)
+        keep_t = np.where(right2, child_t[:, 1], child_t[:, 0])
+        seeds = keep ^ (np.concatenate([seed_cw, seed_cw]) * t[:, None])
+        t = keep_t ^ (t & np.concatenate([keep_t_cw, keep_t_cw]))
+    sign = np.where(t[n:] == 1, np.uint64(2 ** 64 - 1), _ONE)
+    final[:] = sign * (seeds[n:, 1] - seeds[:n, 1] - v_alpha)
+    return words
+
+
+def dcf_eval(party: int, seed: np.ndarray, words: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
+    """Party ``party``'s share (uint64, mod 2^64) of ``beta · [x < alpha]`` for public ``x`` ``(N,)`` below ``2^bits``,
+    from its key: its root ``seed`` ``(N, 2)`` and the correction ``words`` of :func:`dcf_keys`."""
+    _check_bits(bits)
+    x = np.asarray(x, dtype=np.uint64)
+    n = x.shape[0]
+    if words.shape != (n * correction_words(bits),) or seed.shape != (n, SEED_WORDS):
+        raise ValueError(f'a DCF key for {n} elements of {bits} bits has seeds ({n}, {SEED_WORDS}) and '
+                         f'{n * correction_words(bits)} words; got {seed.shape} and {words.shape}')
+    seed_cws, v_cws, t_cws, final = _layout(words, n, bits)
+    s = seed.copy()
+    s[:, 0] &= ~_ONE
+    t = np.full(n, party, dtype=np.uint64)
+    value = np.zeros(n, dtype=np.uint64)
+    tweaks = np.empty((2, n), dtype=np.uint64)
+    tweaks[1] = _TWEAKS[2]
+    for level in range(bits):
+        shift = np.uint64(bits - 1 - level)
+        go_right = (x >> shift) & _ONE
+        tweaks[0] = go_right
+        child, values = _prg(_expand(s, tweaks))  # the child on x's path, and the values
+        child_t = child[:, 0] & _ONE
+        child[:, 0] ^= child_t
+        value += np.where(go_right == 1, values[:, 1], values[:, 0]) + t * v_cws[level]
+        t_cw = (np.where(go_right == 1, t_cws[1], t_cws[0]) >> np.uint64(level)) & _ONE
+        s = child ^ (seed_cws[level] * t[:, None])
+        t = child_t ^ (t & t_cw)
+    value += s[:, 1] + t * final
+    return value if party == 0 else np.uint64(0) - value
+
+
+def sign_keys(mask: np.ndarray, seed0: np.ndarray, seed1: np.ndarray) -> np.ndarray:
+    """Correction words of the keys that give shares of ``[x < 0]`` (``x`` a signed 64-bit ring element) once
+    ``x + mask`` is opened: a 63-bit DCF at the mask's low bits, whose payload ``1 - 2 · msb(mask)`` folds the mask's top
+    bit in (the dealer also shares ``msb(mask)``: :func:`sign_eval` adds it)."""
+    mask = np.asarray(mask, dtype=np.uint64)
+    top = mask >> np.uint64(63)
+    return dcf_keys(mask & np.uint64(2 ** 63 - 1), _ONE - np.uint64(2) * top, seed0, seed1, 63)
+
+
+def sign_eval(party: int, seed: np.ndarray, words: np.ndarray, top_share: np.ndarray, opened: np.ndarray) -> np.ndarray:
+    """Party ``party``'s share of ``[x < 0]`` from the opened ``x + mask`` (uint64), its key, and its share of the
+    mask's top bit. With ``x + mask = 2^63·h + l``, ``x < 0`` exactly when ``h ⊕ msb(mask) ⊕ [l < mask mod 2^63]``
+    (the borrow of the low bits): ``msb(mask) ⊕ [l < ·]`` is what the payload and the top bit's share give, and the
+    public ``h`` flips it linearly. Exact on the whole ring, with no assumption on the range of ``x``."""
+    opened = np.asarray(opened, dtype=np.uint64)
+    high = opened >> np.uint64(63)
+    flipped = top_share + dcf_eval(party, seed, words, opened & np.uint64(2 ** 63 - 1), 63)
+    return (_ONE - np.uint64(2) * high) * flipped + (high if party == 0 else np.uint64(0))

@@ -71,6 +71,15 @@ def test_the_sign_of_a_masked_value_is_exact_on_the_whole_ring():
     opened = x + r
     got = sign_eval(0, seeds[0], words, top[0], opened) + sign_eval(1, seeds[1], words, top[1], opened)
     assert np.array_equal(got, (x >= TOP).astype(np.uint64))
+    # one key at many points: x + r - t gives the sign of x - t in the ring (CrypTen's x < t: [x - t < 0], which is
+    # x < t where x - t does not wrap), here for thresholds either side of 0 and at the extremes
+    thresholds = np.array([1, 2 ** 20, 2 ** 63 - 1, 2 ** 64 - 5, 2 ** 63], dtype=np.uint64)  # 1, 2^20, max, -5, min
+    points = opened[None, :] - thresholds[:, None]
+    got = sign_eval(0, seeds[0], words, top[0], points) + sign_eval(1, seeds[1], words, top[1], points)
+    difference = x[None, :] - thresholds[:, None]
+    assert got.shape == (5, n) and np.array_equal(got, (difference >= TOP).astype(np.uint64))
+    small = (x.view(np.int64) > -2 ** 40) & (x.view(np.int64) < 2 ** 40)  # no wrap: the order of the integers
+    assert np.array_equal(got[:2, small], (x.view(np.int64)[small] < thresholds[:2, None].astype(np.int64)).astype(np.uint64))
 
 
 def test_a_partys_key_alone_does_not_depend_on_the_point():

@@ -117,14 +117,23 @@ def dcf_keys(alpha: np.ndarray, beta: np.ndarray, seed0: np.ndarray, seed1: np.n
 
 def dcf_eval(party: int, seed: np.ndarray, words: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
     """Party ``party``'s share (uint64, mod 2^64) of ``beta · [x < alpha]`` for public ``x`` ``(N,)`` below ``2^bits``,
-    from its key: its root ``seed`` ``(N, 2)`` and the correction ``words`` of :func:`dcf_keys`."""
+    from its key: its root ``seed`` ``(N, 2)`` and the correction ``words`` of :func:`dcf_keys`. ``x`` of shape
+    ``(k, N)`` evaluates each element's key at ``k`` points, in one pass."""
     _check_bits(bits)
     x = np.asarray(x, dtype=np.uint64)
-    n = x.shape[0]
+    n = x.shape[-1]
     if words.shape != (n * correction_words(bits),) or seed.shape != (n, SEED_WORDS):
         raise ValueError(f'a DCF key for {n} elements of {bits} bits has seeds ({n}, {SEED_WORDS}) and '
                          f'{n * correction_words(bits)} words; got {seed.shape} and {words.shape}')
+    shape = x.shape
+    points = shape[0] if x.ndim == 2 else 1
     seed_cws, v_cws, t_cws, final = _layout(words, n, bits)
+    if points > 1:  # each key once per point, point after point
+        seed_cws, v_cws, t_cws = (np.tile(seed_cws, (1, points, 1)), np.tile(v_cws, (1, points)),
+                                  np.tile(t_cws, (1, points)))
+        final, seed = np.tile(final, points), np.tile(seed, (points, 1))
+    x = x.reshape(-1)
+    n = x.shape[0]
     s = seed.copy()
     s[:, 0] &= ~_ONE
     t = np.full(n, party, dtype=np.uint64)
@@ -143,6 +152,7 @@ def dcf_eval(party: int, seed: np.ndarray, words: np.ndarray, x: np.ndarray, bit
         s = child ^ (seed_cws[level] * t[:, None])
         t = child_t ^ (t & t_cw)
     value += s[:, 1] + t * final
+    value = value.reshape(shape)
     return value if party == 0 else np.uint64(0) - value
 
 
@@ -159,7 +169,8 @@ def sign_eval(party: int, seed: np.ndarray, words: np.ndarray, top_share: np.nda
     """Party ``party``'s share of ``[x < 0]`` from the opened ``x + mask`` (uint64), its key, and its share of the
     mask's top bit. With ``x + mask = 2^63·h + l``, ``x < 0`` exactly when ``h ⊕ msb(mask) ⊕ [l < mask mod 2^63]``
     (the borrow of the low bits): ``msb(mask) ⊕ [l < ·]`` is what the payload and the top bit's share give, and the
-    public ``h`` flips it linearly. Exact on the whole ring, with no assumption on the range of ``x``."""
+    public ``h`` flips it linearly. Exact on the whole ring, with no assumption on the range of ``x``. ``opened`` of
+    shape ``(k, N)``: each element's key at ``k`` opened values (``x + mask - t`` gives ``[x < t]``)."""
     opened = np.asarray(opened, dtype=np.uint64)
     high = opened >> np.uint64(63)
     flipped = top_share + dcf_eval(party, seed, words, opened & np.uint64(2 ** 63 - 1), 63)

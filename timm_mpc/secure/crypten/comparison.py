@@ -13,7 +13,7 @@ the generator it shares with that party, sends the owner its share of the top bi
 correction words (the same for both; the client's come to it directly, :func:`~.offline.prefetch_keys`). A party's
 key alone is pseudorandom, so what it opens and holds tells it nothing new; the opened ``x + r`` is uniform.
 """
-from typing import Any
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch
 from ..dcf import SEED_WORDS, correction_words, dcf_eval, sign_eval
 
 __all__ = ['SIGN_BITS', 'KEY_WORDS', 'sign_answer_numel', 'sign_client_numel', 'use_fss_comparisons',
-           'fss_comparisons_in_use', 'dealt_sign_keys', 'owner_sign_keys']
+           'fss_comparisons_in_use', 'less_than', 'dealt_sign_keys', 'owner_sign_keys']
 
 SIGN_BITS = 63  # the DCF's domain: the low bits of the opened value (its top bit is public and flips the result)
 KEY_WORDS = correction_words(SIGN_BITS)  # int64 words of correction per compared element, the same for both parties
@@ -49,10 +49,12 @@ class SignKeys:
     def __init__(self, mask: torch.Tensor, top: torch.Tensor, seed: torch.Tensor, words: torch.Tensor) -> None:
         self.mask, self.top, self.seed, self.words = mask, top, seed, words
 
-    def evaluate(self, party: int, opened: torch.Tensor) -> torch.Tensor:
+    def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
+        """This party's shares of ``[point - mask < 0]`` for ``points`` of shape ``(k, *size)``: each element's key
+        at ``k`` opened points, in one pass."""
         share = sign_eval(party, _ring(self.seed).reshape(-1, SEED_WORDS), _ring(self.words), _ring(self.top),
-                          _ring(opened))
-        return torch.from_numpy(share.view(np.int64)).reshape(opened.shape)
+                          _ring(points).reshape(points.shape[0], -1))
+        return torch.from_numpy(share.view(np.int64)).reshape(points.shape)
 
 
 class OwnerDealtSignKeys(SignKeys):
@@ -67,11 +69,11 @@ class OwnerDealtSignKeys(SignKeys):
         super().__init__(share, empty, empty, empty)
         self.full_mask = mask
 
-    def evaluate(self, party: int, opened: torch.Tensor) -> torch.Tensor:
-        numel = opened.numel()
-        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64),
-                 np.zeros(numel * KEY_WORDS, dtype=np.uint64), np.zeros(numel, dtype=np.uint64), SIGN_BITS)
-        negative = ((opened - self.full_mask) < 0).long()
+    def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
+        numel = self.full_mask.numel()
+        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64), np.zeros(numel * KEY_WORDS, dtype=np.uint64),
+                 np.zeros((points.shape[0], numel), dtype=np.uint64), SIGN_BITS)
+        negative = ((points - self.full_mask) < 0).long()
         return negative if party == 0 else torch.zeros_like(negative)
 
 
@@ -104,17 +106,24 @@ def owner_sign_keys(self: Any, size: Any, device: Any = None) -> SignKeys:
     return OwnerDealtSignKeys(mask, mask if comm.get().get_rank() == 0 else torch.zeros_like(mask))
 
 
+def less_than(x: Any, thresholds: Sequence[float]) -> List[torch.Tensor]:
+    """This party's arithmetic shares (int64, scale 1) of ``[x < t]`` for each public ``t``, from one opening of
+    ``x + mask`` and one key per element of ``x``: a DCF key evaluates at any number of points (here ``x + mask - t``),
+    so every threshold after the first costs local work only."""
+    import crypten
+    from crypten import communicator as comm
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    keys = crypten.mpc.get_default_provider().generate_sign_keys(x.size(), device=x.device)
+    opened = ArithmeticSharedTensor.from_shares(x._tensor.share + keys.mask, precision=0).reveal()
+    points = torch.stack([opened - int(round(t * x.encoder.scale)) for t in thresholds])
+    return list(keys.evaluate(comm.get().get_rank(), points))
+
+
 def _fss_ltz(self: Any) -> Any:
     """``MPCTensor._ltz`` by the dealer's keys: open ``x + mask`` (one round), evaluate the keys locally. The result
     is what CrypTen's gives: arithmetic shares of 0 or 1, at scale 1."""
-    import crypten
-    from crypten import communicator as comm
     from crypten.mpc import MPCTensor
-    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
-    keys = crypten.mpc.get_default_provider().generate_sign_keys(self.size(), device=self.device)
-    opened = ArithmeticSharedTensor.from_shares(self._tensor.share + keys.mask, precision=0).reveal()
-    result = MPCTensor.from_shares(keys.evaluate(comm.get().get_rank(), opened),
-                                   precision=0 if self.encoder.scale == 1 else None)
+    result = MPCTensor.from_shares(less_than(self, [0])[0], precision=0 if self.encoder.scale == 1 else None)
     result.encoder._scale = 1
     return result
 

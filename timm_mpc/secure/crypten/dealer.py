@@ -31,6 +31,7 @@ from ..errors import DealerError, PeerError
 from ..protocol import DEALER, decode_json
 from ..secure_vit import CLIENT, OWNER
 from .compat import random_ring_element
+from .offline import batches as offline_batches
 
 __all__ = ['DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
            'verify_dealer']
@@ -236,6 +237,7 @@ def serve_dealer(server: Any, settings: Any) -> None:
 
 
 def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], awaiting: List[bool]) -> None:
+    ready: Deque[Answer] = deque()  # the answers of the first pending requests, made ahead
     while True:
         message = _recv_from(OWNER, group)
         if message == 'terminate':
@@ -259,12 +261,18 @@ def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], aw
         elif kind == 'serve':
             if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= len(pending)):
                 raise DealerError(f'the owner asked for {str(value)[:40]} requests; {len(pending)} are committed')
-            _answer(server, [pending.popleft() for _ in range(value)], group)
+            answers = []
+            for _ in range(value):
+                request = pending.popleft()
+                answers.append(ready.popleft() if ready else _answer(server, request))
+            _send_answers(answers, group)
             awaiting[0] = awaiting[0] or (value > 0 and not pending)
+            if pending and not ready:  # the owner's next batch, made while the parties compute with this one
+                ready.extend(_answer(server, request) for request in offline_batches(list(pending))[0])
         elif kind == 'abort':
             raise DealerError(f'the owner stopped the protocol after a failure: {str(value)[:300]}')
         elif kind == 'live' and not settings.offline_phase:
-            _answer(server, check_requests([value]), group)
+            _send_answers([_answer(server, check_requests([value])[0])], group)
         else:
             raise DealerError(f'the owner sent a {str(kind)[:40]!r} message; the dealer serves commit and serve'
                               + ('' if settings.offline_phase else ' and live') + ' messages')
@@ -327,20 +335,24 @@ def _sign(server: Any, size: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([top0, words]), words
 
 
-def _answer(server: Any, requests: List[List[Any]], group: Any) -> None:
-    """Compute the answers of ``requests`` and send them: the owner's, then (for comparisons) the client's."""
-    results, client_parts = [], []
-    for function, device, args, kwargs in requests:
-        server.device = device or 'cpu'
-        if function == 'sign':
-            answer, client_part = _sign(server, *args)
-            client_parts.append(client_part)
-        elif function in _OWN_FUNCTIONS:
-            answer = _OWN_FUNCTIONS[function](server, *args)
-        else:
-            answer = getattr(server, function)(*args, **kwargs)
-        results.append(answer.reshape(-1))
-    _send_flat(torch.cat(results) if results else torch.zeros(0, dtype=torch.int64), OWNER, group)
+Answer = Tuple[torch.Tensor, Optional[torch.Tensor]]  # a request's answer: the owner's part, the client's (or None)
+
+
+def _answer(server: Any, request: List[Any]) -> Answer:
+    function, device, args, kwargs = request
+    server.device = device or 'cpu'
+    if function == 'sign':
+        return _sign(server, *args)
+    if function in _OWN_FUNCTIONS:
+        return _OWN_FUNCTIONS[function](server, *args).reshape(-1), None
+    return getattr(server, function)(*args, **kwargs).reshape(-1), None
+
+
+def _send_answers(answers: List[Answer], group: Any) -> None:
+    """Send the owner its parts of ``answers``, then the client its parts (of comparisons), if any."""
+    _send_flat(torch.cat([owner for owner, _ in answers]) if answers else torch.zeros(0, dtype=torch.int64), OWNER,
+               group)
+    client_parts = [client for _, client in answers if client is not None]
     if client_parts:  # the client knows from the requests which batches hold comparisons: it waits for these
         _send_flat(torch.cat(client_parts), CLIENT, group, count=len(client_parts))
 

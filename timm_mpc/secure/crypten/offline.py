@@ -23,7 +23,8 @@ from ..errors import DealerError
 from .comparison import sign_answer_numel, sign_client_numel
 from .compat import product_shape
 
-__all__ = ['prefetch', 'prefetch_keys', 'Request', 'request_numel', 'client_numel', 'mask_requests', 'CHUNK_BYTES']
+__all__ = ['prefetch', 'prefetch_keys', 'Request', 'request_numel', 'client_numel', 'mask_requests', 'batches',
+           'CHUNK_BYTES']
 
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
 CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (memory stays bounded)
@@ -63,7 +64,9 @@ def mask_requests(plan: SecurePlan, settings: SecureSettings) -> List[Request]:
     return [('mask', None, (key, shape), {}) for key, shape in enumerate(SecureViT.linear_weights(plan).values())]
 
 
-def _chunks(requests: List[Request]) -> List[List[Request]]:
+def batches(requests: List[Request]) -> List[List[Request]]:
+    """``requests`` in the batches the owner fetches them in (each at most :data:`CHUNK_BYTES` of answers, or one
+    request): the dealer makes the next one ahead, and the client knows from them when its keys come."""
     chunks: List[List[Request]] = [[]]
     size = 0
     for request in requests:
@@ -81,7 +84,7 @@ def prefetch(client: Any, link: Any, requests: List[Request]) -> None:
     each next one when the previous is used up. ``client`` is CrypTen's TTP client of the owner, ``link`` its
     :class:`~.dealer.DealerLink` (the requests committed there); a request that is not the next recorded one is
     an error (the dealer would not serve it)."""
-    pending: Deque[List[Request]] = deque(_chunks(requests))
+    pending: Deque[List[Request]] = deque(batches(requests))
     ready: Deque[Tuple[Request, torch.Tensor]] = deque()
 
     def fetch() -> None:
@@ -123,11 +126,11 @@ def prefetch_keys(client: Any, comm: Any, requests: List[Request]) -> None:
     them. A message that is not the next batch's words (count or size) is an error."""
     import torch.distributed as dist
     from ..protocol import DEALER
-    batches: Deque[List[Request]] = deque(c for c in ([r for r in chunk if r[0] == 'sign'] for chunk in _chunks(requests)) if c)
+    keyed: Deque[List[Request]] = deque(c for c in ([r for r in batch if r[0] == 'sign'] for batch in batches(requests)) if c)
     ready: Deque[Tuple[Request, torch.Tensor]] = deque()
 
     def fetch() -> None:
-        expected = batches.popleft()
+        expected = keyed.popleft()
         header = torch.zeros(2, dtype=torch.int64)
         dist.recv(header, DEALER, group=comm.ttp_group)
         numels = [client_numel(r) for r in expected]
@@ -140,7 +143,7 @@ def prefetch_keys(client: Any, comm: Any, requests: List[Request]) -> None:
             ready.append((request, part))
 
     def served(function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not ready and batches:
+        if not ready and keyed:
             fetch()
         asked = (function, None if device is None else str(device), tuple(args), kwargs)
         if ready and _same(ready[0][0], asked):

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..approximations import GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC, RECIPROCAL_DOMAIN
+from ..approximations import GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC, RECIPROCAL_DOMAIN, inv_sqrt_domain
 from ..settings import SecureSettings
 from .comparison import fss_comparisons_in_use, less_than
 
@@ -37,7 +37,14 @@ def linear(x, weight_t, bias=None):
 
 def inv_sqrt(v, iters: int, settings: SecureSettings):
     """``1 / sqrt(v)`` for positive ``v`` with ``iters`` Newton iterations, from the first guess that
-    ``settings.inv_sqrt`` names: CrypTen's exp-based one, or the cubic of :data:`INV_SQRT_CUBIC`."""
+    ``settings.inv_sqrt`` names: CrypTen's exp-based one, or the cubic of :data:`INV_SQRT_CUBIC`. With comparisons by
+    the dealer's keys, from a guess by comparisons across that domain and one iteration (:data:`INV_SQRT_LADDER`)."""
+    if fss_comparisons_in_use() and iters in inv_sqrt_domain(settings.inv_sqrt):
+        step, newton = INV_SQRT_LADDER
+        y = _ladder_guess(v, *inv_sqrt_domain(settings.inv_sqrt)[iters], step, -0.5)
+        for _ in range(newton):
+            y = _newton_inv_sqrt(v, y, settings)
+        return y
     if settings.inv_sqrt == 'crypten':
         crypten = _crypten()
         with crypten.cfg.temp_override({'functions.sqrt_nr_iters': iters}):
@@ -45,51 +52,54 @@ def inv_sqrt(v, iters: int, settings: SecureSettings):
     c3, c2, c1, c0 = INV_SQRT_CUBIC[iters][2]
     square = v.square()
     y = (v * square).mul(c3) + square.mul(c2) + v.mul(c1) + c0
-    for _ in range(iters):  # y <- 1.5y - 0.5 v y^3: y^2 and v·y together, then their product
-        y_squared, vy = _mul_pairs(settings, (y, y), (v, y))
-        y = y.mul(1.5) - (vy * y_squared).mul(0.5)
+    for _ in range(iters):
+        y = _newton_inv_sqrt(v, y, settings)
     return y
 
 
-RECIPROCAL_LADDER_STEP = 2 ** 0.25
-"""The ratio between the thresholds of the reciprocal's first guess by comparisons: within a quarter octave the guess
-is within 9% of ``1 / d``, and two Newton iterations take that to 7e-5."""
-RECIPROCAL_LADDER_ITERATIONS = 2
+def _newton_inv_sqrt(v, y, settings: SecureSettings):
+    """One Newton iteration of ``v^-1/2``, ``y <- 1.5y - 0.5 v y^3``: ``y^2`` and ``v·y`` together, then their product."""
+    y_squared, vy = _mul_pairs(settings, (y, y), (v, y))
+    return y.mul(1.5) - (vy * y_squared).mul(0.5)
 
 
-def _ladder_reciprocal(d, low: float, high: float):
-    """``1 / d`` for ``d`` in ``[low, high]`` with comparisons by the dealer's keys: ``[d < t]`` for thresholds a
-    quarter octave apart across the range (one opening, then local work), a first guess ``1 / sqrt(t t')`` between
-    neighbours from those bits (linear in them), and two Newton iterations: 5 rounds, where CrypTen's exp-based guess
-    takes 8 and the range needs more iterations from it."""
+RECIPROCAL_LADDER = (2 ** 0.125, 1)
+"""The reciprocal's first guess by comparisons: thresholds an eighth of an octave apart (within each interval the guess
+is within 4.4% of ``1 / d``), then one Newton iteration (to 2e-3, the accuracy the Newton schedules are made for)."""
+INV_SQRT_LADDER = (2 ** 0.125, 1)
+"""LayerNorm's inverse square root: thresholds an eighth of an octave apart (the guess within 2.2% of ``d^-1/2``), then
+one Newton iteration (to 7e-4)."""
+
+
+def _ladder_guess(d, low: float, high: float, step: float, power: float):
+    """A first guess of ``d ** power`` for ``d`` in ``[low, high]`` by comparisons with the dealer's keys: ``[d < t]``
+    for thresholds ``step`` apart across the range (one opening; every threshold is local work on the same keys), and
+    in each interval the power of its geometric mean (below the first threshold, of the first; above the last, of half
+    a step beyond it), linear in the comparison bits. One round."""
     from crypten import communicator as comm
     from crypten.mpc import MPCTensor
-    steps = max(1, math.ceil(math.log(high / low, RECIPROCAL_LADDER_STEP)))
-    thresholds = [low * RECIPROCAL_LADDER_STEP ** k for k in range(steps + 1)]
-    # the guess in each interval: below the first threshold 1 / low; between two, 1 / their geometric mean; above
-    # the last, 1 / (half a step beyond it)
-    guesses = ([1 / thresholds[0]] + [1 / math.sqrt(a * b) for a, b in zip(thresholds, thresholds[1:])]
-               + [1 / (thresholds[-1] * math.sqrt(RECIPROCAL_LADDER_STEP))])
+    thresholds = [low * step ** k for k in range(max(1, math.ceil(math.log(high / low, step))) + 1)]
+    guesses = ([thresholds[0] ** power] + [math.sqrt(a * b) ** power for a, b in zip(thresholds, thresholds[1:])]
+               + [(thresholds[-1] * math.sqrt(step)) ** power])
     scale = d.encoder.scale
-    below = less_than(d, thresholds)
-    share = torch.zeros_like(below[0])
+    share = torch.zeros(d.size(), dtype=torch.int64)
     if comm.get().get_rank() == 0:
         share += int(round(guesses[-1] * scale))
-    for bit, g, g_next in zip(below, guesses, guesses[1:]):  # y0 = g_last - sum_j [d < t_j] (g_{j+1} - g_j)
+    for bit, g, g_next in zip(less_than(d, thresholds), guesses, guesses[1:]):  # g_last - sum [d < t_j](g_j+1 - g_j)
         share -= bit * int(round((g_next - g) * scale))
-    y = MPCTensor.from_shares(share, precision=d.encoder._precision_bits)
-    for _ in range(RECIPROCAL_LADDER_ITERATIONS):
-        y = y.mul(2) - y.square() * d
-    return y
+    return MPCTensor.from_shares(share, precision=d.encoder._precision_bits)
 
 
 def reciprocal(d, iters: int, scale: float = 1.0):
     """``1 / d`` for positive ``d`` (``scale`` and ``iters`` from :func:`newton_schedule`). With comparisons by the
-    dealer's keys, from a first guess by comparisons across the domain those give (:func:`_ladder_reciprocal`)."""
+    dealer's keys, from a first guess by comparisons across the domain those give (:func:`_ladder_guess`): 3 rounds,
+    where CrypTen's exp-based guess takes 8 and its Newton iterations 2 each."""
     if fss_comparisons_in_use() and iters in RECIPROCAL_DOMAIN:
-        low, high = RECIPROCAL_DOMAIN[iters]
         scaled = d if scale == 1.0 else d.mul(1 / scale)
-        y = _ladder_reciprocal(scaled, low, high)
+        step, newton = RECIPROCAL_LADDER
+        y = _ladder_guess(scaled, *RECIPROCAL_DOMAIN[iters], step, -1.0)
+        for _ in range(newton):
+            y = y.mul(2) - y.square() * scaled
         return y if scale == 1.0 else y.mul(1 / scale)
     crypten = _crypten()
     with crypten.cfg.temp_override({'functions.reciprocal_all_pos': True, 'functions.reciprocal_nr_iters': iters}):

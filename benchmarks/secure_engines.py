@@ -1,4 +1,5 @@
-"""The same weights on every MPC engine, measured in one run: CrypTen, SPU SEMI2K and SPU CHEETAH.
+"""The same weights on every MPC engine, measured in one run: CrypTen, SPU SEMI2K and SPU CHEETAH, and CrypTen with
+the new online protocol (CrypTen FSS: comparisons by function secret sharing, weights masked once per session).
 
 For each engine, four configurations of one published Fashion-MNIST checkpoint (by default
 mpcvit_tiny.fmnist_mu50_kd): the all-Softmax, exact-GeLU baseline; mu = 0.5 (the checkpoint's own pattern); all
@@ -12,6 +13,10 @@ apart), CHEETAH none, SEMI2K makes the owner the dealer (SPU 0.9.5: cost only).
     python benchmarks/secure_engines.py --repeats 3 --agreement-from benchmarks/results/secure_engines_agreement.json \\
         --json benchmarks/results/secure_engines.json --png benchmarks/results/secure_engines.png \\
         --markdown benchmarks/results/secure_engines.md
+
+    python benchmarks/secure_engines.py --engines CrypTen "CrypTen FSS" --images 16 --repeats 3 \\
+        --json benchmarks/results/online_protocol.json --png benchmarks/results/online_protocol.png \\
+        --markdown benchmarks/results/online_protocol.md   # today's CrypTen protocol and the new one
 
 The first run measures the agreement (about 50 minutes); the second, on an otherwise idle machine, the cost: each
 configuration --repeats times, alternating, keeping the median wall time (and the minimum), with the agreement
@@ -39,7 +44,9 @@ from report_io import add_report_args, earlier_report
 
 PAPER = {'mu50': 1.91, 'scaling': 2.51}  # the paper's SEMI2K LAN savings (CIFAR-10, same architecture)
 ENGINES = {'SPU SEMI2K': dict(engine='spu', protocol='semi2k'), 'CrypTen': dict(engine='crypten'),
-           'SPU CHEETAH': dict(engine='spu', protocol='cheetah')}
+           'SPU CHEETAH': dict(engine='spu', protocol='cheetah'),
+           # the online phase near its limit: comparisons by the dealer's DCF keys, weights masked once per session
+           'CrypTen FSS': dict(engine='crypten', fss_comparisons=True, weight_masks=True)}
 CONFIGS = ('baseline', 'mu50', 'scaling', 'mu50_plus')
 
 

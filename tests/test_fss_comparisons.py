@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from timm_mpc.secure import SecureSettings, secure_predict
-from timm_mpc.secure.crypten.comparison import KEY_WORDS, sign_client_numel
+from timm_mpc.secure.crypten.comparison import key_words, sign_client_numel
 from timm_mpc.secure.crypten.dealer import DealerError, check_requests
 from timm_mpc.secure.crypten.dry_run import dry_run
 from timm_mpc.secure.crypten.offline import client_numel, request_numel
@@ -52,25 +52,31 @@ def test_the_dcf_is_exact_at_every_edge(bits):
             dcf_keys(alpha | np.uint64(2 ** bits), beta, *seeds, bits)
 
 
-def test_the_sign_of_a_masked_value_is_exact_on_the_whole_ring():
-    """``[x < 0]`` from the opened ``x + r`` for x at 0, ±1, the ring's extremes, the mask's own value and its
-    negation (an opened 0), and random values; masks at 0 and at the extremes too."""
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize('bits', [64, 24, 2])
+def test_the_sign_of_a_masked_value_is_exact_on_the_whole_ring(bits):
+    """``[x < 0]`` for ``bits``-bit signed x (the whole ring at 64) from the opened ``x + r``: x at 0, ±1, the
+    extremes of its range, the mask's own value and its negation (an opened 0), and random values; masks at 0 and at
+    the extremes too. Only the low ``bits`` bits of the shares and of the opened value count."""
+    rng = np.random.default_rng(bits)
     n = 2000
-    x = _uniform(rng, n)
-    r = _uniform(rng, n)
-    edges = [0, 1, 2 ** 64 - 1, 2 ** 63, 2 ** 63 - 1, 2 ** 63 + 1]
+    low = np.uint64(2 ** bits - 1)
+    x = _uniform(rng, n) & low
+    r = _uniform(rng, n) & low
+    edges = [e & low for e in (np.uint64(0), np.uint64(1), low, np.uint64(2 ** (bits - 1)),
+                                np.uint64(2 ** (bits - 1) - 1), np.uint64(2 ** (bits - 1) + 1))]
     x[:6] = edges
     r[6:12] = edges
     x[12:20] = r[12:20]  # x is the mask
-    x[20:28] = np.uint64(0) - r[20:28]  # x + r opens as 0
+    x[20:28] = (np.uint64(0) - r[20:28]) & low  # x + r opens as 0
     seeds = _uniform(rng, n, 2), _uniform(rng, n, 2)
-    words = sign_keys(r, *seeds)
-    assert words.shape == (n * KEY_WORDS,)
-    top = _shares_of(r >> np.uint64(63), rng)
-    opened = x + r
-    got = sign_eval(0, seeds[0], words, top[0], opened) + sign_eval(1, seeds[1], words, top[1], opened)
-    assert np.array_equal(got, (x >= TOP).astype(np.uint64))
+    words = sign_keys(r, *seeds, bits)
+    assert words.shape == (n * key_words(bits),)
+    top = _shares_of((r >> np.uint64(bits - 1)) & np.uint64(1), rng)
+    opened = x + r + (_uniform(rng, n) << np.uint64(bits) if bits < 64 else np.uint64(0))  # high bits: noise
+    got = sign_eval(0, seeds[0], words, top[0], opened, bits) + sign_eval(1, seeds[1], words, top[1], opened, bits)
+    assert np.array_equal(got, (x >> np.uint64(bits - 1)) & np.uint64(1))
+    if bits < 64:
+        return
     # one key at many points: x + r - t gives the sign of x - t in the ring (CrypTen's x < t: [x - t < 0], which is
     # x < t where x - t does not wrap), here for thresholds either side of 0 and at the extremes
     thresholds = np.array([1, 2 ** 20, 2 ** 63 - 1, 2 ** 64 - 5, 2 ** 63], dtype=np.uint64)  # 1, 2^20, max, -5, min
@@ -108,13 +114,15 @@ def test_a_partys_key_alone_does_not_depend_on_the_point():
 
 
 def test_the_dealer_checks_a_comparisons_form_and_the_parties_sizes():
-    check_requests(json.loads(json.dumps([('sign', None, ((2, 65, 512),), {})])))
-    with pytest.raises(DealerError, match='sign takes one size'):
-        check_requests([['sign', None, [[4], [4]], {}]])
+    check_requests(json.loads(json.dumps([('sign', None, ((2, 65, 512), 64), {})])))
+    for args in ([[4]], [[4], [4]], [[4], 1], [[4], 65], [[4], True]):
+        with pytest.raises(DealerError, match='sign takes a size and a bit width from 2 to 64'):
+            check_requests([['sign', None, args, {}]])
     with pytest.raises(DealerError, match='not a size'):
-        check_requests([['sign', None, [[4, -1]], {}]])
-    request = ('sign', None, ((3, 5),), {})
-    assert request_numel(request) == 15 * (1 + KEY_WORDS) and client_numel(request) == sign_client_numel((3, 5))
+        check_requests([['sign', None, [[4, -1], 64], {}]])
+    request = ('sign', None, ((3, 5), 24), {})
+    assert request_numel(request) == 15 * (1 + key_words(24)) and client_numel(request) == sign_client_numel((3, 5), 24)
+    assert key_words(24) < key_words(64)
     assert client_numel(('additive', None, ((3,), (3,), 'mul'), {})) == 0
 
 

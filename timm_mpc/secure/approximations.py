@@ -5,6 +5,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 __all__ = ['GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS', 'gelu_bound', 'gelu_exp_iterations',
+           'GELU_SPLINE_THRESHOLDS', 'GELU_SPLINE', 'gelu_spline_bits',
            'INV_SQRT_DOMAIN', 'INV_SQRT_CUBIC', 'RECIPROCAL_DOMAIN', 'newton_schedule', 'inv_sqrt_domain']
 
 # GELU(x) = relu(x) - |x| * Phi(-|x|), and |x| * Phi(-|x|) ≈ 0.5 |x| exp(-A |x| - B x²): a two-parameter
@@ -28,6 +29,30 @@ def gelu_exp_iterations(abs_max: float, min_iters: int) -> Optional[int]:
         if abs_max < gelu_bound(iters):
             return iters
     return None
+
+
+# GELU as a piecewise cubic (``gelu='spline'``, with comparisons by the dealer's keys): 0 below -4, x from 4 on, and
+# between, on six intervals of width 4/3, the minimax cubic of each (max error 4.6e-4; at ±4 the step to 0 and to x
+# is 1.3e-4). Coefficients c0..c3 per interval, from below the first threshold to above the last.
+GELU_SPLINE_THRESHOLDS = (-4.0, -8 / 3, -4 / 3, 0.0, 4 / 3, 8 / 3, 4.0)
+GELU_SPLINE = (
+    (0.0, 0.0, 0.0, 0.0),
+    (-0.35380835, -0.27987796, -0.07415735, -0.00657445),
+    (-0.35713149, -0.20274401, -0.01236935, 0.00560221),
+    (0.00043805, 0.51357974, 0.46591134, 0.11185078),
+    (0.00043805, 0.48642026, 0.46591134, -0.11185078),
+    (-0.35713149, 1.20274401, -0.01236935, -0.00560221),
+    (-0.35380835, 1.27987796, -0.07415735, 0.00657445),
+    (0.0, 1.0, 0.0, 0.0),
+)
+
+
+def gelu_spline_bits(exp_iterations: int, precision_bits: int) -> int:
+    """The bit width of the spline's comparisons for a GeLU whose plan schedule is ``exp_iterations`` (the range class
+    the owner calibrated: inputs below :func:`gelu_bound` of it): ``|x - t|`` for every threshold ``t`` in fixed point,
+    with a factor of 2 to spare, as a signed value."""
+    largest = gelu_bound(exp_iterations) + max(abs(t) for t in GELU_SPLINE_THRESHOLDS)
+    return min(64, math.ceil(math.log2(largest)) + precision_bits + 2)
 
 
 # Where CrypTen's Newton iterations (with CrypTen's exp-based first guess) are accurate to 0.2%:

@@ -21,7 +21,7 @@ from .launch import secure_predict
 from .memory import available_memory, parse_memory
 from .plan import build_secure_plan, check_image_tensor, check_images
 from .protocol import OwnerLimits
-from .settings import PROVIDERS, SecureSettings
+from .settings import GELU_METHODS, PROVIDERS, SecureSettings
 
 __all__ = ['add_secure_commands']
 
@@ -36,7 +36,8 @@ def _settings(args: argparse.Namespace) -> Any:
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
     # an insecure provider or protocol warns when it runs
     return base(provider=args.provider, timeout_s=args.timeout, engine=args.engine, protocol=args.protocol,
-                weight_masks=args.weight_masks, fss_comparisons=args.fss_comparisons)
+                weight_masks=args.weight_masks, fss_comparisons=args.fss_comparisons,
+                **({} if args.gelu is None else dict(gelu=args.gelu)))
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
@@ -259,6 +260,9 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--weight-masks', action='store_true',
                    help='CrypTen: mask the owner\'s weights once per session (each linear weight\'s difference opened '
                         'when the weights are shared); every call then opens only its activations')
+    p.add_argument('--gelu', choices=GELU_METHODS, default=None,
+                   help='secure GeLU: exp_fit (default), erf (CrypTen\'s), or spline (a piecewise cubic by comparisons; '
+                        'needs --fss-comparisons)')
     p.add_argument('--fss-comparisons', action='store_true',
                    help='CrypTen: compare by the dealer\'s keys of a distributed comparison function (one round and 16 '
                         'bytes per compared element; the dealer sends each party about 1.5 kB of keys per element)')

@@ -63,7 +63,7 @@ def _layout(words: np.ndarray, n: int, bits: int) -> Tuple[np.ndarray, np.ndarra
 
 
 def _check_bits(bits: int) -> None:
-    if not (isinstance(bits, int) and 1 <= bits <= 64):
+    if not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 64):
         raise ValueError(f'a DCF domain has 1 to 64 bits, got {bits!r}')
 
 
@@ -156,22 +156,33 @@ def dcf_eval(party: int, seed: np.ndarray, words: np.ndarray, x: np.ndarray, bit
     return value if party == 0 else np.uint64(0) - value
 
 
-def sign_keys(mask: np.ndarray, seed0: np.ndarray, seed1: np.ndarray) -> np.ndarray:
-    """Correction words of the keys that give shares of ``[x < 0]`` (``x`` a signed 64-bit ring element) once
-    ``x + mask`` is opened: a 63-bit DCF at the mask's low bits, whose payload ``1 - 2 · msb(mask)`` folds the mask's top
-    bit in (the dealer also shares ``msb(mask)``: :func:`sign_eval` adds it)."""
+def sign_keys(mask: np.ndarray, seed0: np.ndarray, seed1: np.ndarray, bits: int = 64) -> np.ndarray:
+    """Correction words of the keys that give shares of ``[x < 0]`` (``x`` a signed ``bits``-bit value: the ring
+    element's low ``bits`` bits) once ``x + mask`` is opened: a DCF on ``bits - 1`` bits at the mask's low bits, whose
+    payload ``1 - 2 · msb(mask)`` folds the mask's top bit in (the dealer also shares ``msb(mask)``: :func:`sign_eval`
+    adds it). ``mask`` is below ``2^bits``."""
     mask = np.asarray(mask, dtype=np.uint64)
-    top = mask >> np.uint64(63)
-    return dcf_keys(mask & np.uint64(2 ** 63 - 1), _ONE - np.uint64(2) * top, seed0, seed1, 63)
+    top = _top_bit(mask, bits)
+    return dcf_keys(mask & _low_bits(bits), _ONE - np.uint64(2) * top, seed0, seed1, bits - 1)
 
 
-def sign_eval(party: int, seed: np.ndarray, words: np.ndarray, top_share: np.ndarray, opened: np.ndarray) -> np.ndarray:
-    """Party ``party``'s share of ``[x < 0]`` from the opened ``x + mask`` (uint64), its key, and its share of the
-    mask's top bit. With ``x + mask = 2^63·h + l``, ``x < 0`` exactly when ``h ⊕ msb(mask) ⊕ [l < mask mod 2^63]``
-    (the borrow of the low bits): ``msb(mask) ⊕ [l < ·]`` is what the payload and the top bit's share give, and the
-    public ``h`` flips it linearly. Exact on the whole ring, with no assumption on the range of ``x``. ``opened`` of
-    shape ``(k, N)``: each element's key at ``k`` opened values (``x + mask - t`` gives ``[x < t]``)."""
+def _low_bits(bits: int) -> np.uint64:
+    return np.uint64(2 ** (bits - 1) - 1)
+
+
+def _top_bit(value: np.ndarray, bits: int) -> np.ndarray:
+    return (value >> np.uint64(bits - 1)) & _ONE
+
+
+def sign_eval(party: int, seed: np.ndarray, words: np.ndarray, top_share: np.ndarray, opened: np.ndarray,
+              bits: int = 64) -> np.ndarray:
+    """Party ``party``'s share of ``[x < 0]`` from the opened ``x + mask`` (uint64; only its low ``bits`` bits count),
+    its key, and its share of the mask's top bit. With ``x + mask = 2^(bits-1)·h + l`` (mod ``2^bits``), ``x < 0``
+    exactly when ``h ⊕ msb(mask) ⊕ [l < mask mod 2^(bits-1)]`` (the borrow of the low bits): ``msb(mask) ⊕ [l < ·]`` is
+    what the payload and the top bit's share give, and the public ``h`` flips it linearly. Exact wherever ``x`` is a
+    ``bits``-bit signed value (on the whole ring at 64). ``opened`` of shape ``(k, N)``: each element's key at ``k``
+    opened values (``x + mask - t`` gives ``[x < t]``)."""
     opened = np.asarray(opened, dtype=np.uint64)
-    high = opened >> np.uint64(63)
-    flipped = top_share + dcf_eval(party, seed, words, opened & np.uint64(2 ** 63 - 1), 63)
+    high = _top_bit(opened, bits)
+    flipped = top_share + dcf_eval(party, seed, words, opened & _low_bits(bits), bits - 1)
     return (_ONE - np.uint64(2) * high) * flipped + (high if party == 0 else np.uint64(0))

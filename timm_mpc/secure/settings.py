@@ -21,8 +21,9 @@ class InsecureSettingWarning(UserWarning):
 
 warnings.simplefilter('always', InsecureSettingWarning)  # on every run, not once per session
 
-GELU_METHODS = ('exp_fit', 'erf')
-"""Secure exact-GeLU algorithms: ``exp_fit`` (ReLU minus a fitted Gaussian tail) or CrypTen's Taylor ``erf``."""
+GELU_METHODS = ('exp_fit', 'erf', 'spline')
+"""Secure exact-GeLU algorithms: ``exp_fit`` (ReLU minus a fitted Gaussian tail), CrypTen's Taylor ``erf``, or
+``spline`` (a piecewise cubic whose interval comes from comparisons by the dealer's keys: needs ``fss_comparisons``)."""
 
 INV_SQRT_METHODS = ('cubic', 'crypten')
 """First guess of LayerNorm's inverse square root: a fitted cubic (2 rounds, and Newton iterations of 2 rounds) or
@@ -122,6 +123,9 @@ class SecureSettings:
         if self.weight_masks and self.engine != 'crypten':
             raise ValueError(f'weight_masks is a setting of the CrypTen engine; engine {self.engine!r} shares its '
                              f'weights its own way')
+        if self.gelu == 'spline' and not self.fss_comparisons:
+            raise ValueError("gelu='spline' finds each input's interval by comparisons with the dealer's keys: it needs "
+                             "fss_comparisons=True (CrypTen)")
         if self.fss_comparisons and (self.engine != 'crypten' or not self.offline_phase):
             raise ValueError('fss_comparisons is a setting of the CrypTen engine with its offline phase (the dealer '
                              f'deals the keys before the images are shared); got engine {self.engine!r}, '

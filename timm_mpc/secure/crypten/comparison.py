@@ -20,22 +20,25 @@ import torch
 
 from ..dcf import SEED_WORDS, correction_words, dcf_eval, sign_eval
 
-__all__ = ['SIGN_BITS', 'KEY_WORDS', 'sign_answer_numel', 'sign_client_numel', 'use_fss_comparisons',
-           'fss_comparisons_in_use', 'less_than', 'dealt_sign_keys', 'owner_sign_keys']
-
-SIGN_BITS = 63  # the DCF's domain: the low bits of the opened value (its top bit is public and flips the result)
-KEY_WORDS = correction_words(SIGN_BITS)  # int64 words of correction per compared element, the same for both parties
+__all__ = ['key_words', 'sign_answer_numel', 'sign_client_numel', 'use_fss_comparisons', 'fss_comparisons_in_use',
+           'less_than', 'dealt_sign_keys', 'owner_sign_keys']
 
 
-def sign_answer_numel(size: Any) -> int:
-    """What the dealer sends the owner for a comparison of ``size`` elements: its share of each mask's top bit, and
-    the correction words (int64 each)."""
-    return torch.Size(size).numel() * (1 + KEY_WORDS)
+def key_words(bits: int) -> int:
+    """Int64 words of correction per compared ``bits``-bit element, the same for both parties (a DCF on the low
+    ``bits - 1`` bits: the top bit of the opened value is public and flips the result)."""
+    return correction_words(bits - 1)
 
 
-def sign_client_numel(size: Any) -> int:
+def sign_answer_numel(size: Any, bits: int) -> int:
+    """What the dealer sends the owner for a comparison of ``size`` elements of ``bits`` bits: its share of each
+    mask's top bit, and the correction words (int64 each)."""
+    return torch.Size(size).numel() * (1 + key_words(bits))
+
+
+def sign_client_numel(size: Any, bits: int) -> int:
     """What the dealer sends the client for it: the correction words."""
-    return torch.Size(size).numel() * KEY_WORDS
+    return torch.Size(size).numel() * key_words(bits)
 
 
 def _ring(t: torch.Tensor) -> np.ndarray:
@@ -43,17 +46,18 @@ def _ring(t: torch.Tensor) -> np.ndarray:
 
 
 class SignKeys:
-    """A party's part of the comparison keys for one tensor: its share of the masks (an int64 tensor of the
-    tensor's size) and what turns the opened ``x + mask`` into its share of ``[x < 0]``."""
+    """A party's part of the comparison keys for one tensor of ``bits``-bit values: its share of the masks (an int64
+    tensor of the tensor's size) and what turns the opened ``x + mask`` into its share of ``[x < 0]``."""
 
-    def __init__(self, mask: torch.Tensor, top: torch.Tensor, seed: torch.Tensor, words: torch.Tensor) -> None:
-        self.mask, self.top, self.seed, self.words = mask, top, seed, words
+    def __init__(self, bits: int, mask: torch.Tensor, top: torch.Tensor, seed: torch.Tensor,
+                 words: torch.Tensor) -> None:
+        self.bits, self.mask, self.top, self.seed, self.words = bits, mask, top, seed, words
 
     def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
         """This party's shares of ``[point - mask < 0]`` for ``points`` of shape ``(k, *size)``: each element's key
         at ``k`` opened points, in one pass."""
         share = sign_eval(party, _ring(self.seed).reshape(-1, SEED_WORDS), _ring(self.words), _ring(self.top),
-                          _ring(points).reshape(points.shape[0], -1))
+                          _ring(points).reshape(points.shape[0], -1), self.bits)
         return torch.from_numpy(share.view(np.int64)).reshape(points.shape)
 
 
@@ -64,23 +68,24 @@ class OwnerDealtSignKeys(SignKeys):
     evaluates a key of the real size (all-zero words), so that a dry run's compute time and memory are a real
     party's."""
 
-    def __init__(self, mask: torch.Tensor, share: torch.Tensor) -> None:
+    def __init__(self, bits: int, mask: torch.Tensor, share: torch.Tensor) -> None:
         empty = torch.zeros(0, dtype=torch.int64)
-        super().__init__(share, empty, empty, empty)
+        super().__init__(bits, share, empty, empty, empty)
         self.full_mask = mask
 
     def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
         numel = self.full_mask.numel()
-        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64), np.zeros(numel * KEY_WORDS, dtype=np.uint64),
-                 np.zeros((points.shape[0], numel), dtype=np.uint64), SIGN_BITS)
-        negative = ((points - self.full_mask) < 0).long()
+        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64),
+                 np.zeros(numel * key_words(self.bits), dtype=np.uint64),
+                 np.zeros((points.shape[0], numel), dtype=np.uint64), self.bits - 1)
+        negative = (((points - self.full_mask) << (64 - self.bits)) < 0).long()  # the bits-bit value's sign
         return negative if party == 0 else torch.zeros_like(negative)
 
 
-def dealt_sign_keys(self: Any, size: Any, device: Any = None) -> SignKeys:
+def dealt_sign_keys(self: Any, size: Any, bits: int, device: Any = None) -> SignKeys:
     """``TrustedThirdParty.generate_sign_keys``: this party's part of the dealer's comparison keys for ``size``
-    elements. Its mask share and root seeds (and the client's top-bit share) come from the generator it shares with
-    the dealer, in the order the dealer draws them (:mod:`.dealer`); the rest from the dealer."""
+    elements of ``bits`` bits. Its mask share and root seeds (and the client's top-bit share) come from the generator
+    it shares with the dealer, in the order the dealer draws them (:mod:`.dealer`); the rest from the dealer."""
     from crypten import communicator as comm
     from crypten.common.rng import generate_random_ring_element as random_ring_element  # timm-mpc's (compat)
     from crypten.mpc.provider.ttp_provider import TTPClient
@@ -89,31 +94,33 @@ def dealt_sign_keys(self: Any, size: Any, device: Any = None) -> SignKeys:
     size = torch.Size(size)
     mask = random_ring_element(size, generator=generator)
     seed = random_ring_element((size.numel(), SEED_WORDS), generator=generator)
-    answer = ttp.ttp_request('sign', device, size)
+    answer = ttp.ttp_request('sign', device, size, bits)
     if comm.get().get_rank() == 0:
         top, words = answer[:size.numel()], answer[size.numel():]
     else:
         top, words = random_ring_element(size, generator=generator), answer
-    return SignKeys(mask, top, seed, words)
+    return SignKeys(bits, mask, top, seed, words)
 
 
-def owner_sign_keys(self: Any, size: Any, device: Any = None) -> SignKeys:
+def owner_sign_keys(self: Any, size: Any, bits: int, device: Any = None) -> SignKeys:
     """``TrustedFirstParty.generate_sign_keys``: see :class:`OwnerDealtSignKeys`."""
     import crypten
     from crypten import communicator as comm
     from crypten.common.rng import generate_random_ring_element as random_ring_element  # timm-mpc's (compat)
     mask = random_ring_element(size, generator=crypten.generators['global'][torch.device('cpu')])
-    return OwnerDealtSignKeys(mask, mask if comm.get().get_rank() == 0 else torch.zeros_like(mask))
+    return OwnerDealtSignKeys(bits, mask, mask if comm.get().get_rank() == 0 else torch.zeros_like(mask))
 
 
-def less_than(x: Any, thresholds: Sequence[float]) -> List[torch.Tensor]:
+def less_than(x: Any, thresholds: Sequence[float], bits: int = 64) -> List[torch.Tensor]:
     """This party's arithmetic shares (int64, scale 1) of ``[x < t]`` for each public ``t``, from one opening of
     ``x + mask`` and one key per element of ``x``: a DCF key evaluates at any number of points (here ``x + mask - t``),
-    so every threshold after the first costs local work only."""
+    so every threshold after the first costs local work only. With ``bits`` below 64 the keys are for ``bits``-bit
+    values (smaller keys, less work): the caller guarantees ``|x - t| < 2^(bits-1)`` in fixed point (a public bound
+    of the plan), where the result is exact."""
     import crypten
     from crypten import communicator as comm
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
-    keys = crypten.mpc.get_default_provider().generate_sign_keys(x.size(), device=x.device)
+    keys = crypten.mpc.get_default_provider().generate_sign_keys(x.size(), bits, device=x.device)
     opened = ArithmeticSharedTensor.from_shares(x._tensor.share + keys.mask, precision=0).reveal()
     points = torch.stack([opened - int(round(t * x.encoder.scale)) for t in thresholds])
     return list(keys.evaluate(comm.get().get_rank(), points))

@@ -38,7 +38,7 @@ def request_numel(request: Request) -> int:
 def client_numel(request: Request) -> int:
     """The elements of what the dealer sends the client for ``request``: a comparison's correction words, else
     nothing (the client draws its shares from the generator it shares with the dealer)."""
-    return sign_client_numel(request[2][0]) if request[0] == 'sign' else 0
+    return sign_client_numel(*request[2]) if request[0] == 'sign' else 0
 
 
 def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
@@ -49,7 +49,7 @@ def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
     if function == 'mask':
         return torch.Size([0])  # the parties draw their shares of a weight's mask: the dealer sends nothing
     if function == 'sign':
-        return torch.Size([sign_answer_numel(args[0])])
+        return torch.Size([sign_answer_numel(*args)])
     if function == 'binary':
         return torch.broadcast_shapes(torch.Size(args[0]), torch.Size(args[1]))
     return torch.Size(args[0])  # square, wraps, B2A: the size asked for

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..approximations import GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC, RECIPROCAL_DOMAIN, inv_sqrt_domain
+from ..approximations import (GELU_SPLINE, GELU_SPLINE_THRESHOLDS, GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC,
+                              RECIPROCAL_DOMAIN, gelu_spline_bits, inv_sqrt_domain)
 from ..settings import SecureSettings
 from .comparison import fss_comparisons_in_use, less_than
 
@@ -71,23 +72,34 @@ INV_SQRT_LADDER = (2 ** 0.125, 1)
 one Newton iteration (to 7e-4)."""
 
 
+def _by_interval(x, below, values):
+    """The value of each element's interval, from this party's shares of ``[x < t]`` for increasing thresholds
+    (``below``) and a public value per interval (``values``, one more than the thresholds; a tuple of values gives one
+    tensor per position): ``v_last - sum_j [x < t_j] (v_j+1 - v_j)``, linear in the comparison bits. ``x``'s
+    fixed-point precision."""
+    from crypten import communicator as comm
+    from crypten.mpc import MPCTensor
+    scale = x.encoder.scale
+    out = []
+    for column in zip(*values):
+        share = torch.zeros(x.size(), dtype=torch.int64)
+        if comm.get().get_rank() == 0:
+            share += int(round(column[-1] * scale))
+        for bit, v, v_next in zip(below, column, column[1:]):  # encoded steps telescope: exactly v_0 below all
+            share -= bit * (int(round(v_next * scale)) - int(round(v * scale)))
+        out.append(MPCTensor.from_shares(share, precision=x.encoder._precision_bits))
+    return out
+
+
 def _ladder_guess(d, low: float, high: float, step: float, power: float):
     """A first guess of ``d ** power`` for ``d`` in ``[low, high]`` by comparisons with the dealer's keys: ``[d < t]``
     for thresholds ``step`` apart across the range (one opening; every threshold is local work on the same keys), and
     in each interval the power of its geometric mean (below the first threshold, of the first; above the last, of half
     a step beyond it), linear in the comparison bits. One round."""
-    from crypten import communicator as comm
-    from crypten.mpc import MPCTensor
     thresholds = [low * step ** k for k in range(max(1, math.ceil(math.log(high / low, step))) + 1)]
     guesses = ([thresholds[0] ** power] + [math.sqrt(a * b) ** power for a, b in zip(thresholds, thresholds[1:])]
                + [(thresholds[-1] * math.sqrt(step)) ** power])
-    scale = d.encoder.scale
-    share = torch.zeros(d.size(), dtype=torch.int64)
-    if comm.get().get_rank() == 0:
-        share += int(round(guesses[-1] * scale))
-    for bit, g, g_next in zip(less_than(d, thresholds), guesses, guesses[1:]):  # g_last - sum [d < t_j](g_j+1 - g_j)
-        share -= bit * int(round((g_next - g) * scale))
-    return MPCTensor.from_shares(share, precision=d.encoder._precision_bits)
+    return _by_interval(d, less_than(d, thresholds), [(g,) for g in guesses])[0]
 
 
 def reciprocal(d, iters: int, scale: float = 1.0):
@@ -177,7 +189,9 @@ def quad_gelu(x, settings: Optional[SecureSettings] = None):
 
 def gelu(x, settings: SecureSettings, exp_iterations: Optional[int] = None):
     """Exact (erf) GeLU, securely: ``exp_fit`` (default; ``exp_iterations`` squarings of its exp, by default
-    ``settings.gelu_exp_iterations``) or CrypTen's Taylor ``erf``."""
+    ``settings.gelu_exp_iterations``), CrypTen's Taylor ``erf``, or ``spline`` (:func:`_spline_gelu`)."""
+    if settings.gelu == 'spline':
+        return _spline_gelu(x, settings, exp_iterations or settings.gelu_exp_iterations)
     if settings.gelu == 'erf':
         crypten = _crypten()
         with crypten.cfg.temp_override({'functions.erf_iterations': settings.erf_iterations}):
@@ -194,6 +208,15 @@ def gelu(x, settings: SecureSettings, exp_iterations: Optional[int] = None):
     with crypten.cfg.temp_override({'functions.exp_iterations': exp_iterations or settings.gelu_exp_iterations}):
         tail = abs_x * exponent.exp()
     return relu_x - tail.mul(0.5)
+
+
+def _spline_gelu(x, settings: SecureSettings, exp_iterations: int):
+    """GeLU as the piecewise cubic of :data:`GELU_SPLINE`: the interval of each input from comparisons with the
+    dealer's keys (one opening; the seven thresholds on the same keys, at the bit width the plan's range class gives,
+    :func:`gelu_spline_bits`), its coefficients linear in the comparison bits, then Horner's scheme: 4 rounds."""
+    below = less_than(x, GELU_SPLINE_THRESHOLDS, gelu_spline_bits(exp_iterations, settings.precision_bits))
+    c0, c1, c2, c3 = _by_interval(x, below, GELU_SPLINE)
+    return ((c3 * x + c2) * x + c1) * x + c0
 
 
 def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:

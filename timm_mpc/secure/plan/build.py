@@ -299,7 +299,7 @@ def public_schedules(plan: SecurePlan, ranges: Dict[str, Dict[str, float]],
         out[name] = _schedule(low, high, RECIPROCAL_DOMAIN, settings.reciprocal_nr_iters, settings,
                               settings.range_margin if widen else 1.0)
     for blk in plan.blocks:
-        if blk.mlp.act == 'gelu' and settings.gelu == 'exp_fit':
+        if blk.mlp.act == 'gelu' and settings.gelu in ('exp_fit', 'spline'):  # spline: its comparisons' width
             abs_max = ranges.get(f'{blk.path}.mlp.act', {}).get('max')
             iters = settings.gelu_exp_iterations
             if settings.range_scaling and abs_max is not None:

@@ -67,9 +67,12 @@ def _newton_inv_sqrt(v, y, settings: SecureSettings):
 RECIPROCAL_LADDER = (2 ** 0.125, 1)
 """The reciprocal's first guess by comparisons: thresholds an eighth of an octave apart (within each interval the guess
 is within 4.4% of ``1 / d``), then one Newton iteration (to 2e-3, the accuracy the Newton schedules are made for)."""
-INV_SQRT_LADDER = (2 ** 0.125, 1)
-"""LayerNorm's inverse square root: thresholds an eighth of an octave apart (the guess within 2.2% of ``d^-1/2``), then
-one Newton iteration (to 7e-4)."""
+INV_SQRT_LADDER = (2 ** 0.0625, 1)
+"""LayerNorm's inverse square root: thresholds a sixteenth of an octave apart (the guess within 1.1% of ``d^-1/2``),
+then one Newton iteration (to 2e-4)."""
+LADDER_HEADROOM_BITS = 8
+"""The ladders compare values of up to 2^8 times their domain's top exactly (beyond it, Newton's method diverges as it
+does without them): the bit width of their comparisons."""
 
 
 def _by_interval(x, below, values):
@@ -95,11 +98,13 @@ def _ladder_guess(d, low: float, high: float, step: float, power: float):
     """A first guess of ``d ** power`` for ``d`` in ``[low, high]`` by comparisons with the dealer's keys: ``[d < t]``
     for thresholds ``step`` apart across the range (one opening; every threshold is local work on the same keys), and
     in each interval the power of its geometric mean (below the first threshold, of the first; above the last, of half
-    a step beyond it), linear in the comparison bits. One round."""
+    a step beyond it), linear in the comparison bits; comparisons of the width :data:`LADDER_HEADROOM_BITS` gives.
+    One round."""
     thresholds = [low * step ** k for k in range(max(1, math.ceil(math.log(high / low, step))) + 1)]
     guesses = ([thresholds[0] ** power] + [math.sqrt(a * b) ** power for a, b in zip(thresholds, thresholds[1:])]
                + [(thresholds[-1] * math.sqrt(step)) ** power])
-    return _by_interval(d, less_than(d, thresholds), [(g,) for g in guesses])[0]
+    bits = min(64, math.ceil(math.log2(high)) + LADDER_HEADROOM_BITS + d.encoder._precision_bits + 1)
+    return _by_interval(d, less_than(d, thresholds, bits), [(g,) for g in guesses])[0]
 
 
 def reciprocal(d, iters: int, scale: float = 1.0):
@@ -158,7 +163,9 @@ def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale:
     centred = x - x.mean(-1, keepdim=True)
     pre = var_scale ** -0.5
     z = centred if pre == 1.0 else centred.mul(pre)
-    if weight is not None and settings.batch_independent:
+    if weight is not None and fss_comparisons_in_use():  # the new protocol: the weight opened at its own size
+        squared, scaled = _square_and_product(z, centred, weight)
+    elif weight is not None and settings.batch_independent:
         # the square for the variance and the scaling by weight do not depend on each other
         squared, scaled = _mul_pairs(settings, (z, z), (centred, weight.expand(centred.size())))
     else:
@@ -170,6 +177,30 @@ def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale:
     if weight is not None and not settings.batch_independent:
         y = y * weight
     return y + bias if bias is not None else y
+
+
+def _square_and_product(z, x, w):
+    """``z²`` and ``x · w`` (``w`` broadcast over ``x``) in one round: CrypTen's square (``z - r`` opened) and a Beaver
+    product whose triple has ``w``'s own size, so that ``w - b`` opens at that size and not expanded to ``x``'s (what
+    stacking the two products costs): half the bytes of a LayerNorm's first round."""
+    import crypten
+    from crypten import communicator as comm
+    from crypten.mpc import MPCTensor
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    provider = crypten.mpc.get_default_provider()
+    r, r2 = provider.square(z.size(), device=z.device)
+    a, b, c = provider.generate_additive_triple(x.size(), w.size(), 'mul', device=x.device)
+    epsilon_z, epsilon, delta = ArithmeticSharedTensor.reveal_batch(
+        [ArithmeticSharedTensor.from_shares(t.share - m.share, precision=0)
+         for t, m in ((z._tensor, r), (x._tensor, a), (w._tensor, b))])
+    owner = comm.get().get_rank() == 0
+    square = r2.share + 2 * r.share * epsilon_z + (epsilon_z * epsilon_z if owner else 0)
+    product = c.share + epsilon * (b.share + delta if owner else b.share) + a.share * delta  # the fused Beaver form
+    out = []
+    for share, like in ((square, z), (product, x)):
+        truncated = ArithmeticSharedTensor.from_shares(share, precision=0).div_(like.encoder.scale)
+        out.append(MPCTensor.from_shares(truncated.share, precision=like.encoder._precision_bits))
+    return out
 
 
 def relu(x, settings: Optional[SecureSettings] = None):

@@ -12,11 +12,12 @@ from timm_mpc.secure.crypten.comparison import key_words, sign_client_numel
 from timm_mpc.secure.crypten.dealer import DealerError, check_requests
 from timm_mpc.secure.crypten.dry_run import dry_run
 from timm_mpc.secure.crypten.offline import client_numel, request_numel
-from timm_mpc.secure.dcf import _layout, correction_words, dcf_eval, dcf_keys, sign_eval, sign_keys
+from timm_mpc.secure.approximations import GELU_SPLINE, GELU_SPLINE_RESOLUTION_BITS, GELU_SPLINE_THRESHOLDS
+from timm_mpc.secure.dcf import _layout, coarse, correction_words, dcf_eval, dcf_keys, sign_eval, sign_keys
 
 from small_models import MIXED, random_images, small_mpcvit
 
-FSS = SecureSettings(fss_comparisons=True)
+FSS = SecureSettings(fss_comparisons=True, gelu='spline')  # the new protocol's comparisons and GeLU
 TOP = np.uint64(2 ** 63)
 
 
@@ -88,6 +89,39 @@ def test_the_sign_of_a_masked_value_is_exact_on_the_whole_ring(bits):
     assert np.array_equal(got[:2, small], (x.view(np.int64)[small] < thresholds[:2, None].astype(np.int64)).astype(np.uint64))
 
 
+def test_comparing_without_the_low_bits_blurs_the_threshold_below_it_only():
+    """Keys for the top ``bits - dropped`` bits of a ``bits``-bit value: ``[x < 0]`` for every x but those in
+    ``[-2^dropped, 0)``, which may compare as 0 (the carry of the dropped bits), whatever the mask."""
+    rng = np.random.default_rng(5)
+    bits, dropped, n = 24, 10, 4000
+    x = rng.integers(-2 ** 12, 2 ** 12, size=n).astype(np.int64)
+    x[:4] = [0, -1, -2 ** dropped, -2 ** dropped - 1]
+    r = _uniform(rng, n)
+    seeds = _uniform(rng, n, 2), _uniform(rng, n, 2)
+    mask = coarse(r, bits, dropped)
+    words = sign_keys(mask, *seeds, bits - dropped)
+    top = _shares_of(mask >> np.uint64(bits - dropped - 1), rng)
+    opened = coarse(x.view(np.uint64) + r, bits, dropped)
+    got = (sign_eval(0, seeds[0], words, top[0], opened, bits - dropped)
+           + sign_eval(1, seeds[1], words, top[1], opened, bits - dropped)).astype(np.int64)
+    blurred = (x >= -2 ** dropped) & (x < 0)
+    assert np.array_equal(got[~blurred], (x[~blurred] < 0).astype(np.int64))
+    assert set(got[blurred].tolist()) <= {0, 1} and got[2] in (0, 1) and got[3] == 1 and got[0] == 0
+
+
+def test_the_gelu_splines_error_wherever_the_blurred_comparisons_put_an_input():
+    """The spline's cubics against exact GeLU on [-30, 30], each input taking its own interval or, within the
+    comparisons' resolution below a threshold, the next: at most 5e-4 (the exp fit's is 1.5e-3)."""
+    import math
+    x = np.linspace(-30, 30, 300001)
+    exact = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    coefficients = np.array(GELU_SPLINE)
+    for shift in (0.0, 0.999 * 2.0 ** -GELU_SPLINE_RESOLUTION_BITS):
+        c = coefficients[np.searchsorted(np.array(GELU_SPLINE_THRESHOLDS), x + shift, side='right')]
+        spline = c[:, 0] + x * (c[:, 1] + x * (c[:, 2] + x * c[:, 3]))
+        assert np.abs(spline - exact).max() < 5e-4
+
+
 def test_a_partys_key_alone_does_not_depend_on_the_point():
     """Party 0's key (its seed and the correction words) for the point 0 and for 2^62, each with its own payload:
     every bit of every word is a fair coin in both (4,000 keys each), and the two are no more apart than two sets of
@@ -114,15 +148,15 @@ def test_a_partys_key_alone_does_not_depend_on_the_point():
 
 
 def test_the_dealer_checks_a_comparisons_form_and_the_parties_sizes():
-    check_requests(json.loads(json.dumps([('sign', None, ((2, 65, 512), 64), {})])))
-    for args in ([[4]], [[4], [4]], [[4], 1], [[4], 65], [[4], True]):
-        with pytest.raises(DealerError, match='sign takes a size and a bit width from 2 to 64'):
+    check_requests(json.loads(json.dumps([('sign', None, ((2, 65, 512), 64, 0), {})])))
+    for args in ([[4]], [[4], 24], [[4], [4], 0], [[4], 1, 0], [[4], 65, 0], [[4], True, 0], [[4], 24, 23]):
+        with pytest.raises(DealerError, match='sign takes a size, a bit width from 2 to 64 and the low bits it drops'):
             check_requests([['sign', None, args, {}]])
     with pytest.raises(DealerError, match='not a size'):
-        check_requests([['sign', None, [[4, -1], 64], {}]])
-    request = ('sign', None, ((3, 5), 24), {})
-    assert request_numel(request) == 15 * (1 + key_words(24)) and client_numel(request) == sign_client_numel((3, 5), 24)
-    assert key_words(24) < key_words(64)
+        check_requests([['sign', None, [[4, -1], 64, 0], {}]])
+    request = ('sign', None, ((3, 5), 24, 10), {})
+    assert request_numel(request) == 15 * (1 + key_words(14)) and client_numel(request) == sign_client_numel((3, 5), 24, 10)
+    assert key_words(14) < key_words(64)
     assert client_numel(('additive', None, ((3,), (3,), 'mul'), {})) == 0
 
 

@@ -5,7 +5,7 @@ import math
 from typing import Dict, Optional, Tuple
 
 __all__ = ['GELU_TAIL_A', 'GELU_TAIL_B', 'GELU_MAX_EXP_ITERATIONS', 'gelu_bound', 'gelu_exp_iterations',
-           'GELU_SPLINE_THRESHOLDS', 'GELU_SPLINE', 'gelu_spline_bits',
+           'GELU_SPLINE_THRESHOLDS', 'GELU_SPLINE', 'GELU_SPLINE_RESOLUTION_BITS', 'gelu_spline_bits',
            'INV_SQRT_DOMAIN', 'INV_SQRT_CUBIC', 'RECIPROCAL_DOMAIN', 'newton_schedule', 'inv_sqrt_domain']
 
 # GELU(x) = relu(x) - |x| * Phi(-|x|), and |x| * Phi(-|x|) ≈ 0.5 |x| exp(-A |x| - B x²): a two-parameter
@@ -32,19 +32,24 @@ def gelu_exp_iterations(abs_max: float, min_iters: int) -> Optional[int]:
 
 
 # GELU as a piecewise cubic (``gelu='spline'``, with comparisons by the dealer's keys): 0 below -4, x from 4 on, and
-# between, on six intervals of width 4/3, the minimax cubic of each (max error 4.6e-4; at ±4 the step to 0 and to x
-# is 1.3e-4). Coefficients c0..c3 per interval, from below the first threshold to above the last.
+# between, on six intervals of width 4/3, the minimax cubic of each interval widened by 1/64 below (the comparisons'
+# resolution, GELU_SPLINE_RESOLUTION_BITS): max error 4.9e-4 wherever an input near a threshold falls. Coefficients
+# c0..c3 per interval, from below the first threshold to above the last; tests/test_fss_comparisons.py re-derives the
+# error.
 GELU_SPLINE_THRESHOLDS = (-4.0, -8 / 3, -4 / 3, 0.0, 4 / 3, 8 / 3, 4.0)
 GELU_SPLINE = (
     (0.0, 0.0, 0.0, 0.0),
-    (-0.35380835, -0.27987796, -0.07415735, -0.00657445),
-    (-0.35713149, -0.20274401, -0.01236935, 0.00560221),
-    (0.00043805, 0.51357974, 0.46591134, 0.11185078),
-    (0.00043805, 0.48642026, 0.46591134, -0.11185078),
-    (-0.35713149, 1.20274401, -0.01236935, -0.00560221),
-    (-0.35380835, 1.27987796, -0.07415735, 0.00657445),
+    (-0.35107521, -0.27728427, -0.07334365, -0.00649006),
+    (-0.35981713, -0.20726628, -0.01484627, 0.00516098),
+    (0.00044139, 0.51366356, 0.46616024, 0.11202),
+    (0.00026709, 0.48756056, 0.46408652, -0.11103466),
+    (-0.35111271, 1.19374543, -0.00798496, -0.00629988),
+    (-0.35795476, 1.28355458, -0.07523552, 0.00667905),
     (0.0, 1.0, 0.0, 0.0),
 )
+GELU_SPLINE_RESOLUTION_BITS = 6
+"""The spline's comparisons look at its inputs to 2^-6: an input within 1/64 below a threshold may take the next
+interval's cubic, which is fitted there too."""
 
 
 def gelu_spline_bits(exp_iterations: int, precision_bits: int) -> int:

@@ -18,7 +18,7 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ['dcf_keys', 'dcf_eval', 'correction_words', 'sign_keys', 'sign_eval', 'SEED_WORDS']
+__all__ = ['dcf_keys', 'dcf_eval', 'correction_words', 'sign_keys', 'sign_eval', 'coarse', 'SEED_WORDS']
 
 SEED_WORDS = 2  # a 128-bit seed as two uint64
 _FIXED_KEY = bytes(range(16))  # public: the fixed-key PRG's security rests on AES as a random permutation
@@ -164,6 +164,15 @@ def sign_keys(mask: np.ndarray, seed0: np.ndarray, seed1: np.ndarray, bits: int 
     mask = np.asarray(mask, dtype=np.uint64)
     top = _top_bit(mask, bits)
     return dcf_keys(mask & _low_bits(bits), _ONE - np.uint64(2) * top, seed0, seed1, bits - 1)
+
+
+def coarse(value: np.ndarray, bits: int, dropped: int) -> np.ndarray:
+    """``value``'s low ``bits`` bits without their lowest ``dropped``: what a comparison on ``bits - dropped`` bits
+    sees. For an opened ``x + mask`` and the mask both taken so, the sign of their difference (``bits - dropped`` bits)
+    is ``[x < 0]`` for every ``x`` but those in ``[-2^dropped, 0)``, which may compare as 0 (the carry of the dropped
+    bits): a threshold blurred by ``2^dropped`` units below it, for less work and smaller keys."""
+    low = np.uint64(2 ** bits - 1) if bits < 64 else np.uint64(2 ** 64 - 1)
+    return (np.asarray(value, dtype=np.uint64) & low) >> np.uint64(dropped)
 
 
 def _low_bits(bits: int) -> np.uint64:

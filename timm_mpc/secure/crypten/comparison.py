@@ -18,7 +18,7 @@ from typing import Any, List, Sequence
 import numpy as np
 import torch
 
-from ..dcf import SEED_WORDS, correction_words, dcf_eval, sign_eval
+from ..dcf import SEED_WORDS, coarse, correction_words, dcf_eval, sign_eval
 
 __all__ = ['key_words', 'sign_answer_numel', 'sign_client_numel', 'use_fss_comparisons', 'fss_comparisons_in_use',
            'less_than', 'dealt_sign_keys', 'owner_sign_keys']
@@ -30,15 +30,15 @@ def key_words(bits: int) -> int:
     return correction_words(bits - 1)
 
 
-def sign_answer_numel(size: Any, bits: int) -> int:
-    """What the dealer sends the owner for a comparison of ``size`` elements of ``bits`` bits: its share of each
-    mask's top bit, and the correction words (int64 each)."""
-    return torch.Size(size).numel() * (1 + key_words(bits))
+def sign_answer_numel(size: Any, bits: int, dropped: int = 0) -> int:
+    """What the dealer sends the owner for a comparison of ``size`` elements of ``bits`` bits (the lowest ``dropped``
+    not compared): its share of each mask's top bit, and the correction words (int64 each)."""
+    return torch.Size(size).numel() * (1 + key_words(bits - dropped))
 
 
-def sign_client_numel(size: Any, bits: int) -> int:
+def sign_client_numel(size: Any, bits: int, dropped: int = 0) -> int:
     """What the dealer sends the client for it: the correction words."""
-    return torch.Size(size).numel() * key_words(bits)
+    return torch.Size(size).numel() * key_words(bits - dropped)
 
 
 def _ring(t: torch.Tensor) -> np.ndarray:
@@ -49,15 +49,18 @@ class SignKeys:
     """A party's part of the comparison keys for one tensor of ``bits``-bit values: its share of the masks (an int64
     tensor of the tensor's size) and what turns the opened ``x + mask`` into its share of ``[x < 0]``."""
 
-    def __init__(self, bits: int, mask: torch.Tensor, top: torch.Tensor, seed: torch.Tensor,
+    def __init__(self, bits: int, dropped: int, mask: torch.Tensor, top: torch.Tensor, seed: torch.Tensor,
                  words: torch.Tensor) -> None:
-        self.bits, self.mask, self.top, self.seed, self.words = bits, mask, top, seed, words
+        self.bits, self.dropped, self.mask, self.top, self.seed, self.words = bits, dropped, mask, top, seed, words
+
+    def _points(self, points: torch.Tensor) -> np.ndarray:
+        return coarse(_ring(points).reshape(points.shape[0], -1), self.bits, self.dropped)
 
     def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
         """This party's shares of ``[point - mask < 0]`` for ``points`` of shape ``(k, *size)``: each element's key
         at ``k`` opened points, in one pass."""
         share = sign_eval(party, _ring(self.seed).reshape(-1, SEED_WORDS), _ring(self.words), _ring(self.top),
-                          _ring(points).reshape(points.shape[0], -1), self.bits)
+                          self._points(points), self.bits - self.dropped)
         return torch.from_numpy(share.view(np.int64)).reshape(points.shape)
 
 
@@ -68,23 +71,25 @@ class OwnerDealtSignKeys(SignKeys):
     evaluates a key of the real size (all-zero words), so that a dry run's compute time and memory are a real
     party's."""
 
-    def __init__(self, bits: int, mask: torch.Tensor, share: torch.Tensor) -> None:
+    def __init__(self, bits: int, dropped: int, mask: torch.Tensor, share: torch.Tensor) -> None:
         empty = torch.zeros(0, dtype=torch.int64)
-        super().__init__(bits, share, empty, empty, empty)
+        super().__init__(bits, dropped, share, empty, empty, empty)
         self.full_mask = mask
 
     def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
-        numel = self.full_mask.numel()
-        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64),
-                 np.zeros(numel * key_words(self.bits), dtype=np.uint64),
-                 np.zeros((points.shape[0], numel), dtype=np.uint64), self.bits - 1)
-        negative = (((points - self.full_mask) << (64 - self.bits)) < 0).long()  # the bits-bit value's sign
+        numel, bits = self.full_mask.numel(), self.bits - self.dropped
+        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64), np.zeros(numel * key_words(bits), dtype=np.uint64),
+                 np.zeros((points.shape[0], numel), dtype=np.uint64), bits - 1)
+        # what the keys give: the sign of the compared bits' difference, as a bits-bit value
+        difference = self._points(points) - coarse(_ring(self.full_mask), self.bits, self.dropped)
+        negative = torch.from_numpy(((difference >> np.uint64(bits - 1)) & np.uint64(1)).view(np.int64))
+        negative = negative.reshape(points.shape)
         return negative if party == 0 else torch.zeros_like(negative)
 
 
-def dealt_sign_keys(self: Any, size: Any, bits: int, device: Any = None) -> SignKeys:
+def dealt_sign_keys(self: Any, size: Any, bits: int, dropped: int, device: Any = None) -> SignKeys:
     """``TrustedThirdParty.generate_sign_keys``: this party's part of the dealer's comparison keys for ``size``
-    elements of ``bits`` bits. Its mask share and root seeds (and the client's top-bit share) come from the generator
+    elements of ``bits`` bits, their lowest ``dropped`` not compared. Its mask share and root seeds (and the client's top-bit share) come from the generator
     it shares with the dealer, in the order the dealer draws them (:mod:`.dealer`); the rest from the dealer."""
     from crypten import communicator as comm
     from crypten.common.rng import generate_random_ring_element as random_ring_element  # timm-mpc's (compat)
@@ -94,33 +99,34 @@ def dealt_sign_keys(self: Any, size: Any, bits: int, device: Any = None) -> Sign
     size = torch.Size(size)
     mask = random_ring_element(size, generator=generator)
     seed = random_ring_element((size.numel(), SEED_WORDS), generator=generator)
-    answer = ttp.ttp_request('sign', device, size, bits)
+    answer = ttp.ttp_request('sign', device, size, bits, dropped)
     if comm.get().get_rank() == 0:
         top, words = answer[:size.numel()], answer[size.numel():]
     else:
         top, words = random_ring_element(size, generator=generator), answer
-    return SignKeys(bits, mask, top, seed, words)
+    return SignKeys(bits, dropped, mask, top, seed, words)
 
 
-def owner_sign_keys(self: Any, size: Any, bits: int, device: Any = None) -> SignKeys:
+def owner_sign_keys(self: Any, size: Any, bits: int, dropped: int, device: Any = None) -> SignKeys:
     """``TrustedFirstParty.generate_sign_keys``: see :class:`OwnerDealtSignKeys`."""
     import crypten
     from crypten import communicator as comm
     from crypten.common.rng import generate_random_ring_element as random_ring_element  # timm-mpc's (compat)
     mask = random_ring_element(size, generator=crypten.generators['global'][torch.device('cpu')])
-    return OwnerDealtSignKeys(bits, mask, mask if comm.get().get_rank() == 0 else torch.zeros_like(mask))
+    return OwnerDealtSignKeys(bits, dropped, mask, mask if comm.get().get_rank() == 0 else torch.zeros_like(mask))
 
 
-def less_than(x: Any, thresholds: Sequence[float], bits: int = 64) -> List[torch.Tensor]:
+def less_than(x: Any, thresholds: Sequence[float], bits: int = 64, dropped: int = 0) -> List[torch.Tensor]:
     """This party's arithmetic shares (int64, scale 1) of ``[x < t]`` for each public ``t``, from one opening of
     ``x + mask`` and one key per element of ``x``: a DCF key evaluates at any number of points (here ``x + mask - t``),
     so every threshold after the first costs local work only. With ``bits`` below 64 the keys are for ``bits``-bit
     values (smaller keys, less work): the caller guarantees ``|x - t| < 2^(bits-1)`` in fixed point (a public bound
-    of the plan), where the result is exact."""
+    of the plan), where the result is exact; with ``dropped`` low bits not compared, a threshold is blurred by
+    ``2^dropped`` fixed-point units below it (:func:`~timm_mpc.secure.dcf.coarse`)."""
     import crypten
     from crypten import communicator as comm
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
-    keys = crypten.mpc.get_default_provider().generate_sign_keys(x.size(), bits, device=x.device)
+    keys = crypten.mpc.get_default_provider().generate_sign_keys(x.size(), bits, dropped, device=x.device)
     opened = ArithmeticSharedTensor.from_shares(x._tensor.share + keys.mask, precision=0).reveal()
     points = torch.stack([opened - int(round(t * x.encoder.scale)) for t in thresholds])
     return list(keys.evaluate(comm.get().get_rank(), points))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dcf import sign_keys
+from ..dcf import coarse, sign_keys
 from ..errors import DealerError, PeerError
 from ..protocol import DEALER, decode_json
 from ..secure_vit import CLIENT, OWNER
@@ -85,9 +85,11 @@ def check_requests(requests: Any) -> List[List[Any]]:
         if device not in (None, 'cpu'):
             raise DealerError(f'{where} names device {str(device)[:40]!r}; the dealer serves the CPU')
         if function == 'sign':
-            if not (len(args) == 2 and not kwargs and isinstance(args[1], int) and not isinstance(args[1], bool)
-                    and 2 <= args[1] <= 64):
-                raise DealerError(f'{where}: sign takes a size and a bit width from 2 to 64')
+            if not (len(args) == 3 and not kwargs and all(isinstance(a, int) and not isinstance(a, bool)
+                                                          for a in args[1:]) and 2 <= args[1] <= 64
+                    and 0 <= args[2] <= args[1] - 2):
+                raise DealerError(f'{where}: sign takes a size, a bit width from 2 to 64 and the low bits it drops '
+                                  f'(at least 2 left)')
             _size(args[0], f'{where}\'s size')
         elif function in ('mask', 'fixed'):
             if not (len(args) == (2 if function == 'mask' else 4) and not kwargs and isinstance(args[0], int)
@@ -325,8 +327,9 @@ def _fixed(server: Any, key: int, size0: List[int], size1: List[int], op: str) -
 _OWN_FUNCTIONS = dict(mask=_mask, fixed=_fixed)
 
 
-def _sign(server: Any, size: List[int], bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The keys of a comparison of ``size`` elements of ``bits`` bits (:mod:`.comparison`): each party's mask share
+def _sign(server: Any, size: List[int], bits: int, dropped: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The keys of a comparison of ``size`` elements of ``bits`` bits, the lowest ``dropped`` not compared
+    (:mod:`.comparison`): each party's mask share
     and root seeds drawn from the generator the dealer shares with it, as the party draws them, then the client's share
     of the masks' top bits; the owner gets its share of those top bits and the correction words, the client the
     words."""
@@ -335,7 +338,8 @@ def _sign(server: Any, size: List[int], bits: int) -> Tuple[torch.Tensor, torch.
     mask0, seed0 = random_ring_element(size, generator=owner), random_ring_element((size.numel(), 2), generator=owner)
     mask1, seed1 = random_ring_element(size, generator=client), random_ring_element((size.numel(), 2), generator=client)
     top1 = random_ring_element(size, generator=client)
-    mask = (mask0 + mask1).reshape(-1).numpy().view(np.uint64) & np.uint64(2 ** bits - 1)  # what x + mask wraps at
+    mask = coarse((mask0 + mask1).reshape(-1).numpy().view(np.uint64), bits, dropped)  # as the parties compare it
+    bits -= dropped
     words = sign_keys(mask, seed0.numpy().view(np.uint64), seed1.numpy().view(np.uint64), bits)
     top0 = torch.from_numpy((mask >> np.uint64(bits - 1)).view(np.int64)) - top1.reshape(-1)
     words = torch.from_numpy(words.view(np.int64))

@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..approximations import (GELU_SPLINE, GELU_SPLINE_THRESHOLDS, GELU_TAIL_A, GELU_TAIL_B, INV_SQRT_CUBIC,
+from ..approximations import (GELU_SPLINE, GELU_SPLINE_RESOLUTION_BITS, GELU_SPLINE_THRESHOLDS, GELU_TAIL_A,
+                              GELU_TAIL_B, INV_SQRT_CUBIC,
                               RECIPROCAL_DOMAIN, gelu_spline_bits, inv_sqrt_domain)
 from ..settings import SecureSettings
 from .comparison import fss_comparisons_in_use, less_than
@@ -244,8 +245,10 @@ def gelu(x, settings: SecureSettings, exp_iterations: Optional[int] = None):
 def _spline_gelu(x, settings: SecureSettings, exp_iterations: int):
     """GeLU as the piecewise cubic of :data:`GELU_SPLINE`: the interval of each input from comparisons with the
     dealer's keys (one opening; the seven thresholds on the same keys, at the bit width the plan's range class gives,
-    :func:`gelu_spline_bits`), its coefficients linear in the comparison bits, then Horner's scheme: 4 rounds."""
-    below = less_than(x, GELU_SPLINE_THRESHOLDS, gelu_spline_bits(exp_iterations, settings.precision_bits))
+    :func:`gelu_spline_bits`, and to :data:`GELU_SPLINE_RESOLUTION_BITS` fractional bits), its coefficients linear in
+    the comparison bits, then Horner's scheme: 4 rounds."""
+    bits = gelu_spline_bits(exp_iterations, settings.precision_bits)
+    below = less_than(x, GELU_SPLINE_THRESHOLDS, bits, max(0, settings.precision_bits - GELU_SPLINE_RESOLUTION_BITS))
     c0, c1, c2, c3 = _by_interval(x, below, GELU_SPLINE)
     return ((c3 * x + c2) * x + c1) * x + c0
 

@@ -14,7 +14,7 @@ apart), CHEETAH none, SEMI2K makes the owner the dealer (SPU 0.9.5: cost only).
         --json benchmarks/results/secure_engines.json --png benchmarks/results/secure_engines.png \\
         --markdown benchmarks/results/secure_engines.md
 
-    python benchmarks/secure_engines.py --engines CrypTen "CrypTen FSS" --images 16 --repeats 3 \\
+    python benchmarks/secure_engines.py --engines CrypTen "CrypTen FSS" --images 64 --repeats 3 \\
         --json benchmarks/results/online_protocol.json --png benchmarks/results/online_protocol.png \\
         --markdown benchmarks/results/online_protocol.md   # today's CrypTen protocol and the new one
 
@@ -46,7 +46,7 @@ PAPER = {'mu50': 1.91, 'scaling': 2.51}  # the paper's SEMI2K LAN savings (CIFAR
 ENGINES = {'SPU SEMI2K': dict(engine='spu', protocol='semi2k'), 'CrypTen': dict(engine='crypten'),
            'SPU CHEETAH': dict(engine='spu', protocol='cheetah'),
            # the online phase near its limit: comparisons by the dealer's DCF keys, weights masked once per session
-           'CrypTen FSS': dict(engine='crypten', fss_comparisons=True, weight_masks=True)}
+           'CrypTen FSS': dict(engine='crypten', fss_comparisons=True, weight_masks=True, gelu='spline')}
 CONFIGS = ('baseline', 'mu50', 'scaling', 'mu50_plus')
 
 

@@ -115,7 +115,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, settings: SecureSettings) 
             f'lower precision_bits or rescale the model')
     for name, _ in parts.activations:
         abs_max = ranges.get(name, {}).get('max')
-        if acts[name] == 'gelu' and abs_max is not None and settings.gelu in ('exp_fit', 'spline') and gelu_exp_iterations(abs_max, 0) is None:
+        if (acts[name] == 'gelu' and abs_max is not None and settings.gelu in ('exp_fit', 'spline')
+                and gelu_exp_iterations(abs_max, 0) is None):
             raise FixedPointRangeError(
                 f'{name}: GeLU inputs reach {abs_max:.3g}, beyond the ±{gelu_bound(GELU_MAX_EXP_ITERATIONS):.3g} '
                 f'that the secure GeLU covers with its most squarings ({GELU_MAX_EXP_ITERATIONS}); rescale the model')

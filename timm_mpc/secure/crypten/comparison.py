@@ -78,7 +78,8 @@ class OwnerDealtSignKeys(SignKeys):
 
     def evaluate(self, party: int, points: torch.Tensor) -> torch.Tensor:
         numel, bits = self.full_mask.numel(), self.bits - self.dropped
-        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64), np.zeros(numel * key_words(bits), dtype=np.uint64),
+        zeros = np.zeros(numel * key_words(bits), dtype=np.uint64)
+        dcf_eval(party, np.zeros((numel, SEED_WORDS), dtype=np.uint64), zeros,
                  np.zeros((points.shape[0], numel), dtype=np.uint64), bits - 1)
         # what the keys give: the sign of the compared bits' difference, as a bits-bit value
         difference = self._points(points) - coarse(_ring(self.full_mask), self.bits, self.dropped)
@@ -89,8 +90,9 @@ class OwnerDealtSignKeys(SignKeys):
 
 def dealt_sign_keys(self: Any, size: Any, bits: int, dropped: int, device: Any = None) -> SignKeys:
     """``TrustedThirdParty.generate_sign_keys``: this party's part of the dealer's comparison keys for ``size``
-    elements of ``bits`` bits, their lowest ``dropped`` not compared. Its mask share and root seeds (and the client's top-bit share) come from the generator
-    it shares with the dealer, in the order the dealer draws them (:mod:`.dealer`); the rest from the dealer."""
+    elements of ``bits`` bits, their lowest ``dropped`` not compared. Its mask share and root seeds (and the client's
+    top-bit share) come from the generator it shares with the dealer, in the order the dealer draws them
+    (:mod:`.dealer`); the rest from the dealer."""
     from crypten import communicator as comm
     from crypten.common.rng import generate_random_ring_element as random_ring_element  # timm-mpc's (compat)
     from crypten.mpc.provider.ttp_provider import TTPClient

@@ -16,10 +16,11 @@ from typing import Any, Deque, List, Optional, Tuple
 
 import torch
 
+from ..errors import DealerError
 from ..plan import SecurePlan
+from ..protocol import DEALER
 from ..secure_vit import SecureViT
 from ..settings import SecureSettings
-from ..errors import DealerError
 from .comparison import sign_answer_numel, sign_client_numel
 from .compat import product_shape
 
@@ -125,8 +126,8 @@ def prefetch_keys(client: Any, comm: Any, requests: List[Request]) -> None:
     client derives from the same requests); ``client.ttp_request`` then answers each ``sign`` request in order from
     them. A message that is not the next batch's words (count or size) is an error."""
     import torch.distributed as dist
-    from ..protocol import DEALER
-    keyed: Deque[List[Request]] = deque(c for c in ([r for r in batch if r[0] == 'sign'] for batch in batches(requests)) if c)
+    keyed: Deque[List[Request]] = deque(keys for keys in ([r for r in batch if r[0] == 'sign']
+                                                          for batch in batches(requests)) if keys)
     ready: Deque[Tuple[Request, torch.Tensor]] = deque()
 
     def fetch() -> None:

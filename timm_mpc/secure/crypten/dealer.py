@@ -329,10 +329,9 @@ _OWN_FUNCTIONS = dict(mask=_mask, fixed=_fixed)
 
 def _sign(server: Any, size: List[int], bits: int, dropped: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The keys of a comparison of ``size`` elements of ``bits`` bits, the lowest ``dropped`` not compared
-    (:mod:`.comparison`): each party's mask share
-    and root seeds drawn from the generator the dealer shares with it, as the party draws them, then the client's share
-    of the masks' top bits; the owner gets its share of those top bits and the correction words, the client the
-    words."""
+    (:mod:`.comparison`): each party's mask share and root seeds drawn from the generator the dealer shares with it, as
+    the party draws them, then the client's share of the masks' top bits; the owner gets its share of those top bits
+    and the correction words, the client the words."""
     size = torch.Size(size)
     owner, client = server.generators[OWNER], server.generators[CLIENT]
     mask0, seed0 = random_ring_element(size, generator=owner), random_ring_element((size.numel(), 2), generator=owner)

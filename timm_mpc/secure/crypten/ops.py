@@ -9,8 +9,7 @@ from typing import Any, Optional
 import torch
 
 from ..approximations import (GELU_SPLINE, GELU_SPLINE_RESOLUTION_BITS, GELU_SPLINE_THRESHOLDS, GELU_TAIL_A,
-                              GELU_TAIL_B, INV_SQRT_CUBIC,
-                              RECIPROCAL_DOMAIN, gelu_spline_bits, inv_sqrt_domain)
+                              GELU_TAIL_B, INV_SQRT_CUBIC, RECIPROCAL_DOMAIN, gelu_spline_bits, inv_sqrt_domain)
 from ..settings import SecureSettings
 from .comparison import fss_comparisons_in_use, less_than
 

@@ -33,10 +33,13 @@ def _aes():
 
 def _prg(blocks: np.ndarray) -> np.ndarray:
     """``AES_k(b) ⊕ b`` for every 128-bit block of ``blocks`` (contiguous uint64, last axis 2; the seed ⊕ tweak of
-    Matyas–Meyer–Oseas): one AES pass over all of them."""
+    Matyas–Meyer–Oseas): one AES pass over all of them, into a buffer of its own."""
+    out = np.empty(blocks.size + 2, dtype=np.uint64)  # update_into wants a block to spare
     encryptor = _aes().encryptor()
-    out = np.frombuffer(encryptor.update(memoryview(blocks).cast('B')) + encryptor.finalize(), dtype=np.uint64)
-    return out.reshape(blocks.shape) ^ blocks
+    encryptor.update_into(memoryview(blocks).cast('B'), memoryview(out).cast('B'))
+    out = out[:blocks.size].reshape(blocks.shape)
+    out ^= blocks
+    return out
 
 
 def _expand(seeds: np.ndarray, tweaks: np.ndarray) -> np.ndarray:
@@ -45,6 +48,25 @@ def _expand(seeds: np.ndarray, tweaks: np.ndarray) -> np.ndarray:
     blocks[...] = seeds
     blocks[:, :, 0] ^= tweaks if tweaks.ndim == 2 else tweaks[:, None]
     return blocks
+
+
+def _pick(on: np.ndarray, yes: np.ndarray, no: np.ndarray) -> np.ndarray:
+    """``yes`` where ``on`` is all ones, ``no`` where it is 0."""
+    return no ^ ((no ^ yes) & on)
+
+
+def _pick_seeds(on: np.ndarray, yes: np.ndarray, no: np.ndarray) -> np.ndarray:
+    """:func:`_pick` for seeds ``(..., 2)``, word by word (NumPy broadcasts over a last axis of 2 slowly)."""
+    out = np.empty_like(no)
+    for word in range(SEED_WORDS):
+        out[..., word] = _pick(on, yes[..., word], no[..., word])
+    return out
+
+
+def _flip_seeds(seeds: np.ndarray, correction: np.ndarray, on: np.ndarray) -> None:
+    """``seeds ^= correction`` where ``on`` is all ones, in place, word by word."""
+    for word in range(SEED_WORDS):
+        seeds[..., word] ^= correction[..., word] & on
 
 
 def correction_words(bits: int) -> int:
@@ -86,29 +108,28 @@ def dcf_keys(alpha: np.ndarray, beta: np.ndarray, seed0: np.ndarray, seed1: np.n
     v_alpha = np.zeros(n, dtype=np.uint64)
     for level in range(bits):
         a = (alpha >> np.uint64(bits - 1 - level)) & _ONE
-        right = a == 1
+        right = np.uint64(0) - a  # all ones where alpha goes right
         left, right_child, values = _prg(_expand(seeds, _TWEAKS))  # each (2N, 2)
-        child_t = [left[:, 0] & _ONE, right_child[:, 0] & _ONE]  # the children's control bits, then cleared
-        left[:, 0] ^= child_t[0]
-        right_child[:, 0] ^= child_t[1]
-        child_t = np.stack(child_t, axis=1)
+        left_t, right_t = left[:, 0] & _ONE, right_child[:, 0] & _ONE  # the children's control bits, then cleared
+        left[:, 0] ^= left_t
+        right_child[:, 0] ^= right_t
         right2 = np.concatenate([right, right])
-        keep = np.where(right2[:, None], right_child, left)
-        lose = np.where(right2[:, None], left, right_child)
-        keep_v = np.where(right2, values[:, 1], values[:, 0])
-        lose_v = np.where(right2, values[:, 0], values[:, 1])
-        sign = np.where(t[n:] == 1, np.uint64(2 ** 64 - 1), _ONE)  # (-1)^t1 mod 2^64
+        keep, lose = _pick_seeds(right2, right_child, left), _pick_seeds(right2, left, right_child)
+        keep_v, lose_v = _pick(right2, values[:, 1], values[:, 0]), _pick(right2, values[:, 0], values[:, 1])
+        sign = np.uint64(0) - t[n:] | _ONE  # (-1)^t1 mod 2^64
         seed_cw = lose[:n] ^ lose[n:]
-        v_cw = sign * (lose_v[n:] - lose_v[:n] - v_alpha) + np.where(right, sign * beta, np.uint64(0))
+        v_cw = sign * (lose_v[n:] - lose_v[:n] - v_alpha) + (sign * beta & right)
         v_alpha = v_alpha - keep_v[n:] + keep_v[:n] + sign * v_cw
-        t_left_cw = child_t[:n, 0] ^ child_t[n:, 0] ^ a ^ _ONE
-        t_right_cw = child_t[:n, 1] ^ child_t[n:, 1] ^ a
+        t_left_cw = left_t[:n] ^ left_t[n:] ^ a ^ _ONE
+        t_right_cw = right_t[:n] ^ right_t[n:] ^ a
         seed_cws[level], v_cws[level] = seed_cw, v_cw
-        t_cws[0] |= t_left_cw << np.uint64(level)
-        t_cws[1] |= t_right_cw << np.uint64(level)
-        keep_t_cw = np.where(right, t_right_cw, t_left_cw)
-        keep_t = np.where(right2, child_t[:, 1], child_t[:, 0])
-        seeds = keep ^ (np.concatenate([seed_cw, seed_cw]) * t[:, None])
+        t_cws[0] |= t_left_cw << np.uint64(bits - 1 - level)  # level by level as x's bits are, highest first
+        t_cws[1] |= t_right_cw << np.uint64(bits - 1 - level)
+        keep_t_cw = _pick(right, t_right_cw, t_left_cw)
+        keep_t = _pick(right2, right_t, left_t)
+        on = np.uint64(0) - t
+        _flip_seeds(keep, np.concatenate([seed_cw, seed_cw]), on)
+        seeds = keep
         t = keep_t ^ (t & np.concatenate([keep_t_cw, keep_t_cw]))
     sign = np.where(t[n:] == 1, np.uint64(2 ** 64 - 1), _ONE)
     final[:] = sign * (seeds[n:, 1] - seeds[:n, 1] - v_alpha)
@@ -126,32 +147,30 @@ def dcf_eval(party: int, seed: np.ndarray, words: np.ndarray, x: np.ndarray, bit
         raise ValueError(f'a DCF key for {n} elements of {bits} bits has seeds ({n}, {SEED_WORDS}) and '
                          f'{n * correction_words(bits)} words; got {seed.shape} and {words.shape}')
     shape = x.shape
-    points = shape[0] if x.ndim == 2 else 1
+    x = x.reshape(-1, n)  # (points, N): the keys broadcast over the points
     seed_cws, v_cws, t_cws, final = _layout(words, n, bits)
-    if points > 1:  # each key once per point, point after point
-        seed_cws, v_cws, t_cws = (np.tile(seed_cws, (1, points, 1)), np.tile(v_cws, (1, points)),
-                                  np.tile(t_cws, (1, points)))
-        final, seed = np.tile(final, points), np.tile(seed, (points, 1))
-    x = x.reshape(-1)
-    n = x.shape[0]
-    s = seed.copy()
-    s[:, 0] &= ~_ONE
-    t = np.full(n, party, dtype=np.uint64)
-    value = np.zeros(n, dtype=np.uint64)
-    tweaks = np.empty((2, n), dtype=np.uint64)
-    tweaks[1] = _TWEAKS[2]
+    t_path = (t_cws[1] & x) | (t_cws[0] & ~x)  # the control-bit corrections along x's path
+    blocks = np.empty((2,) + x.shape + (SEED_WORDS,), dtype=np.uint64)  # the child on x's path, and the values
+    blocks[0] = seed
+    blocks[0, ..., 0] &= ~_ONE
+    t = np.full(x.shape, party, dtype=np.uint64)
+    value = np.zeros(x.shape, dtype=np.uint64)
     for level in range(bits):
         shift = np.uint64(bits - 1 - level)
         go_right = (x >> shift) & _ONE
-        tweaks[0] = go_right
-        child, values = _prg(_expand(s, tweaks))  # the child on x's path, and the values
-        child_t = child[:, 0] & _ONE
-        child[:, 0] ^= child_t
-        value += np.where(go_right == 1, values[:, 1], values[:, 0]) + t * v_cws[level]
-        t_cw = (np.where(go_right == 1, t_cws[1], t_cws[0]) >> np.uint64(level)) & _ONE
-        s = child ^ (seed_cws[level] * t[:, None])
-        t = child_t ^ (t & t_cw)
-    value += s[:, 1] + t * final
+        blocks[1] = blocks[0]
+        blocks[1, ..., 0] ^= _TWEAKS[2]
+        blocks[0, ..., 0] ^= go_right
+        child, values = _prg(blocks)
+        on = np.uint64(0) - t  # all ones where the control bit is set: corrections apply there
+        value += _pick(np.uint64(0) - go_right, values[..., 1], values[..., 0])  # the value on x's path
+        value += v_cws[level] & on
+        child_t = child[..., 0] & _ONE
+        child[..., 0] ^= child_t
+        _flip_seeds(child, seed_cws[level], on)
+        blocks[0] = child
+        t = child_t ^ (t & (t_path >> shift) & _ONE)
+    value += blocks[0, ..., 1] + (final & (np.uint64(0) - t))
     value = value.reshape(shape)
     return value if party == 0 else np.uint64(0) - value
 

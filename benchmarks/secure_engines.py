@@ -45,8 +45,8 @@ from report_io import add_report_args, earlier_report
 PAPER = {'mu50': 1.91, 'scaling': 2.51}  # the paper's SEMI2K LAN savings (CIFAR-10, same architecture)
 ENGINES = {'SPU SEMI2K': dict(engine='spu', protocol='semi2k'), 'CrypTen': dict(engine='crypten'),
            'SPU CHEETAH': dict(engine='spu', protocol='cheetah'),
-           # the online phase near its limit: comparisons by the dealer's DCF keys, weights masked once per session
-           'CrypTen FSS': dict(engine='crypten', fss_comparisons=True, weight_masks=True, gelu='spline')}
+           # CrypTen's protocol before the new online phase (comparisons by binary shares, weights opened every call)
+           'CrypTen previous': dict(engine='crypten', fss_comparisons=False, weight_masks=False)}
 CONFIGS = ('baseline', 'mu50', 'scaling', 'mu50_plus')
 
 

@@ -1,12 +1,12 @@
 """Secure latency of mpcvit_tiny under CrypTen, measured side by side in one run.
 
 Part 1 (targets): batch 1, the all-Softmax + exact-GeLU baseline against all-ReLU-Softmax, all-Scaling, the
-mu = 0.5 mix, all-2Quad and MPCViT+ (mu = 0.5, every GeLU token linearized), with the new engine (the dealer's
-triples fetched in an offline phase before the images are shared, Beaver products with two local products, a
-cubic first guess for LayerNorm's inverse square root: today's default), the old one (a triple per round trip,
-CrypTen's Beaver protocol and inverse square root) and the new protocol, fss (comparisons by the dealer's DCF keys,
-weights masked once per session),
-each run --repeats times, the engines and within them the baseline and the models alternated; medians and
+mu = 0.5 mix, all-2Quad and MPCViT+ (mu = 0.5, every GeLU token linearized), with the new engine (the default:
+the dealer's triples and comparison keys fetched in an offline phase before the images are shared, comparisons by
+the dealer's DCF keys, GeLU as a spline, weights masked once per session, Beaver products with two local products, a
+cubic first guess for LayerNorm's inverse square root), the previous protocol (the same, but comparisons by binary
+shares, exact GeLU by exp_fit and the weights opened in every product) and the old engine (a triple per round trip,
+CrypTen's Beaver protocol and inverse square root), each run --repeats times, the engines and within them the baseline and the models alternated; medians and
 minima (the machine is shared and noisy). Part 2: throughput of the new engine at batch 1, 8 and 64. Part 3:
 two-party truncation failures expected per image. Part 4: what each secure setting adds, from CrypTen's
 defaults. Part 5: one party's local product of 64-bit shares for the model's shapes, as the engine computes it
@@ -41,7 +41,7 @@ from report_io import add_report_args, earlier_report
 
 TARGETS = {'mu50': 1.9, 'scaling': 2.5, 'mu50_plus': 3.0}  # LAN latency savings over the baseline (issue 11)
 WALL_TARGET_S = 3.2  # mu = 0.5, batch 1: a third of the 9.5 s the old engine took
-NEW_PROTOCOL = SecureSettings(weight_masks=True, fss_comparisons=True, gelu='spline')  # the online phase near its limit
+PREVIOUS = dict(weight_masks=False, fss_comparisons=False)  # the protocol before the new online phase
 
 
 def signed_limbs(t, bits=(22, 21)):
@@ -177,9 +177,10 @@ def main() -> None:
     images, labels = example_images()
     one = images[:1]
     tuned = SecureSettings()
-    # old: a triple per round trip, CrypTen's three-product Beaver protocol and exp-based inverse square root
-    engines = {'new': tuned, 'old': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten'),
-               'fss': NEW_PROTOCOL}
+    # previous: the protocol before the new online phase; old: a triple per round trip, CrypTen's three-product Beaver
+    # protocol and exp-based inverse square root
+    engines = {'new': tuned, 'previous': SecureSettings(**PREVIOUS),
+               'old': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten', **PREVIOUS)}
 
     report = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                                timm=timm.__version__), targets=TARGETS, wall_target_s=WALL_TARGET_S)
@@ -220,12 +221,12 @@ def main() -> None:
             'crypten_defaults': SecureSettings.crypten_defaults(offline_phase=False),
             '+exp_fit_gelu': SecureSettings.crypten_defaults(gelu='exp_fit', offline_phase=False),
             '+range_scaling': SecureSettings.crypten_defaults(gelu='exp_fit', range_scaling=True, offline_phase=False),
-            '+batched_rounds': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten'),
-            '+offline_phase': SecureSettings(fused_beaver=False, inv_sqrt='crypten'),
-            '+fused_beaver': SecureSettings(inv_sqrt='crypten'),
-            '+cubic_inv_sqrt (new)': tuned,
-            '+weight_masks': SecureSettings(weight_masks=True),
-            '+fss_comparisons (fss)': NEW_PROTOCOL,
+            '+batched_rounds': SecureSettings(offline_phase=False, fused_beaver=False, inv_sqrt='crypten', **PREVIOUS),
+            '+offline_phase': SecureSettings(fused_beaver=False, inv_sqrt='crypten', **PREVIOUS),
+            '+fused_beaver': SecureSettings(inv_sqrt='crypten', **PREVIOUS),
+            '+cubic_inv_sqrt (previous)': SecureSettings(**PREVIOUS),
+            '+weight_masks': SecureSettings(fss_comparisons=False),
+            '+fss_comparisons (new)': tuned,
         }
         report['part4'] = {}
         for name, settings in steps.items():
@@ -312,25 +313,25 @@ def markdown(report) -> str:
 
 
 def _engines(part1):
-    """The engines of a part 1, in the tables' order (reports before the new protocol have no ``fss``)."""
-    return [engine for engine in ('fss', 'new', 'old') if engine in part1]
+    """The engines of a part 1, in the tables' order (reports before the new protocol have no ``previous``)."""
+    return [engine for engine in ('new', 'previous', 'old') if engine in part1]
 
 
 def _new_protocol(part1) -> str:
-    """The new protocol against today's, μ = 0.5, against the issue's targets."""
-    fss, new = part1['fss']['mu50'], part1['new']['mu50']
-    ratio = {k: fss['latency_median'][k] / new['latency_median'][k] for k in ('lan', 'wan')}
-    wall = fss['wall_s_median'] / new['wall_s_median']
-    ops = sorted(fss['by_op'].items(), key=lambda kv: -kv[1]['time_s'])[:3]
+    """The new protocol against the previous one, μ = 0.5, against the issue's targets."""
+    new, previous = part1['new']['mu50'], part1['previous']['mu50']
+    ratio = {k: new['latency_median'][k] / previous['latency_median'][k] for k in ('lan', 'wan')}
+    wall = new['wall_s_median'] / previous['wall_s_median']
+    ops = sorted(new['by_op'].items(), key=lambda kv: -kv[1]['time_s'])[:3]
     largest = ', '.join(f'{op} {e["rounds"]}, {e["bytes"] / 1e6:.0f} MB, {e["time_s"]:.2f} s' for op, e in ops)
-    savings = ', '.join(f'{name} {part1["fss"][name]["ratio_to_baseline"]["latency_wan"]:.2f}× (WAN '
-                        f'{part1["fss"][name]["latency_median"]["wan"]:.1f} s)' for name in ('mu50', 'scaling', 'mu50_plus'))
-    return (f' The new protocol (*fss*: comparisons by the dealer\'s DCF keys, GeLU as a spline, weights masked once '
-            f'per session) at μ = 0.5: **{fss["rounds"]} rounds** (target 250; today {new["rounds"]}) and **{fss["bytes"] / 1e6:.0f} MB** '
-            f'(target 120; today {new["bytes"] / 1e6:.0f}) per call; WAN {fss["latency_median"]["wan"]:.1f} s = '
-            f'**{ratio["wan"]:.2f}×** today\'s (target 0.4×), LAN {ratio["lan"]:.2f}× (target 0.7×), wall '
-            f'{wall:.2f}× (target 1.1×); the dealer sends {fss["dealer"]["bytes"] / 1e6:.0f} MB per image in '
-            f'{fss["dealer"]["time_s"]:.1f} s (target 1 GB, and shorter than the online phase). Its saving over its own '
+    savings = ', '.join(f'{name} {part1["new"][name]["ratio_to_baseline"]["latency_wan"]:.2f}× (WAN '
+                        f'{part1["new"][name]["latency_median"]["wan"]:.1f} s)' for name in ('mu50', 'scaling', 'mu50_plus'))
+    return (f' The new protocol (comparisons by the dealer\'s DCF keys, GeLU as a spline, weights masked once per '
+            f'session) at μ = 0.5: **{new["rounds"]} rounds** (target 250; previous {previous["rounds"]}) and **{new["bytes"] / 1e6:.0f} MB** '
+            f'(target 120; previous {previous["bytes"] / 1e6:.0f}) per call; WAN {new["latency_median"]["wan"]:.1f} s = '
+            f'**{ratio["wan"]:.2f}×** the previous protocol\'s (target 0.4×), LAN {ratio["lan"]:.2f}× (target 0.7×), wall '
+            f'{wall:.2f}× (target 1.1×); the dealer sends {new["dealer"]["bytes"] / 1e6:.0f} MB per image in '
+            f'{new["dealer"]["time_s"]:.1f} s (target 1 GB, and shorter than the online phase). Its saving over its own '
             f'all-Softmax, exact-GeLU baseline: {savings}. Its largest parts (rounds, MB, seconds): {largest}.')
 
 
@@ -357,8 +358,7 @@ def summary(report) -> str:
             f'**{lan["scaling"]:.2f}×** for all-Scaling (target 2.5×) and **{lan["mu50_plus"]:.2f}×** for MPCViT+ '
             f'(target 3×); on WAN {wan["mu50"]:.2f}×, {wan["scaling"]:.2f}× and {wan["mu50_plus"]:.2f}×. What stops '
             f'them is the part every pattern pays (the new engine\'s μ = 0.5 row, `by_op` in the JSON): exact GeLU '
-            f'{cost("gelu", ops)} (its comparison, CrypTen\'s binary adder over 64-bit shares, is most of the '
-            f'bytes), the LayerNorms {cost("layernorm", ops)}, the linear layers {cost("linear", ops)}, while '
+            f'{cost("gelu", ops)}, the LayerNorms {cost("layernorm", ops)}, the linear layers {cost("linear", ops)}, while '
             f'Softmax costs the baseline {cost("softmax", base_ops)}.')
     if 'part3' in report:
         t3 = report['part3']
@@ -367,7 +367,7 @@ def summary(report) -> str:
                  f'caught by the logit bound and run again (see *Accuracy under MPC*).')
     if best:
         text += f' Throughput (part 2) is highest for μ = 0.5 at batch {best[1]}: {best[0]:.2f} images/s.'
-    if 'fss' in report['part1']:
+    if 'previous' in report['part1']:
         text += _new_protocol(report['part1'])
     if p5:
         text += (f' Local products (part 5): the engine\'s int64 matmul takes {min(r["int64_ms"] for r in p5):.2f}–'
@@ -391,7 +391,7 @@ def plot(part1, path) -> None:
                                        ('WAN latency (s)', 'wan'))):
         engines = _engines(part1)[::-1]
         width = 0.8 / len(engines)
-        colors = dict(old='#aaa', new='#3a7', fss='#37a')
+        colors = dict(old='#aaa', previous='#3a7', new='#37a')
         for index, engine in enumerate(engines):
             offset, color = (index - (len(engines) - 1) / 2) * width, colors[engine]
             values = [part1[engine][n]['wall_s_median'] if key == 'wall' else part1[engine][n]['latency_median'][key]
@@ -405,8 +405,8 @@ def plot(part1, path) -> None:
         ax.set_xticks(list(x), names, rotation=30)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle('mpcvit_tiny secure inference (CrypTen, two parties and a dealer, batch 1): old engine, new (offline '
-                 'phase), fss (DCF comparisons, weights masked once); saving over Softmax + GeLU', fontsize=10)
+    fig.suptitle('mpcvit_tiny secure inference (CrypTen, two parties and a dealer, batch 1): old engine, previous '
+                 '(offline phase), new (DCF comparisons, weights masked once); saving over Softmax + GeLU', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

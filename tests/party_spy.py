@@ -88,9 +88,12 @@ def _wrap_rng(view: View, name: str) -> None:
         value = original(*args, **kwargs)
         view.add(value)
         return value
-    for module in list(sys.modules.values()):  # crypten's modules import the functions by name
-        if getattr(module, '__name__', '').startswith('crypten') and getattr(module, name, None) is original:
-            setattr(module, name, spied)
+    # crypten's modules and timm-mpc's own (its owner-dealt triples) import the functions by name, some under another
+    for module in list(sys.modules.values()):
+        if getattr(module, '__name__', '').startswith(('crypten', 'timm_mpc')):
+            for attribute, value in list(vars(module).items()):
+                if value is original:
+                    setattr(module, attribute, spied)
 
 
 def _wrap_share(view: View, cls: type) -> None:

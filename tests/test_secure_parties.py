@@ -35,8 +35,9 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
     ops = result.profile.by('op')
     assert {'softmax', 'relu_softmax', 'scaling', '2quad', 'gelu', 'relu', 'layernorm', 'linear'} <= set(ops)
     assert ops['scaling']['rounds'] == 2 * 2  # two matmuls per layer, nothing non-linear: no dealer round counted
-    dealer = result.profile.dealer  # the triples' cost, apart: fetched in one batch before the images are shared
-    assert dealer['requests'] == 1 and dealer['bytes'] > 0 and dealer['time_s'] > 0
+    # the dealer's cost, apart: the weights' masks, then the triples and keys in one batch before the images are shared
+    dealer = result.profile.dealer
+    assert dealer['requests'] == 2 and dealer['bytes'] > 0 and dealer['time_s'] > 0
     assert sum(r.dealer_s for r in result.profile.rows) == 0  # no wait for the dealer in the online phase
     assert result.profile.compute_s == pytest.approx(result.profile.wall_s)
     assert ops['softmax']['rounds'] > 10 * 2
@@ -44,7 +45,7 @@ def test_mpcvit_mixed_heads_and_mpcvit_plus_match_plain_text():
     assert {'blocks.0', 'blocks.1', 'patch_embed', 'head'} <= set(layers)
     assert result.profile.rounds == sum(v['rounds'] for v in layers.values()) > 0
     # weights are shared once, outside the inference (CrypTen's zero-sharing from common seeds sends nothing)
-    assert [(r.layer, r.op) for r in result.profile.setup] == [('weights', 'share')]
+    assert [(r.layer, r.op) for r in result.profile.setup] == [('weights', 'share'), ('weights', 'mask')]
 
 
 def test_images_in_batches_run_in_one_session_and_match_one_run(capsys):
@@ -58,7 +59,7 @@ def test_images_in_batches_run_in_one_session_and_match_one_run(capsys):
     assert torch.equal(batched.logits.argmax(-1), plain.argmax(-1)) and (batched.logits - plain).abs().max() < 2e-2
     single = secure_predict(model, images[:2], return_result=True)  # the profile is the first batch's
     assert batched.profile.rounds == single.profile.rounds and batched.profile.bytes == single.profile.bytes
-    assert [(r.layer, r.op) for r in batched.profile.setup] == [('weights', 'share')]
+    assert [(r.layer, r.op) for r in batched.profile.setup] == [('weights', 'share'), ('weights', 'mask')]
     bar = capsys.readouterr().err  # a progress bar over the layers of every batch, and the images done
     assert '9/9' in bar and 'images 5/5' in bar
     with pytest.raises(ValueError, match='batch_size must be a whole number of images, at least 1'):
@@ -332,7 +333,8 @@ def test_cost_model_prices_a_whole_model_like_a_real_run(tmp_path):
 
 def test_an_image_beyond_the_calibrated_range_is_refused_not_returned_as_garbage():
     """Calibrated on blank images without headroom (range_margin=1; the default's 4 covers real images for the shipped
-    checkpoint), the owner's schedules do not cover a real image: its logits leave the plan's public bound, and
+    checkpoint), the owner's schedules do not cover a real image: with the previous protocol (its Newton iterations
+    diverge there; the new one's first guesses by comparisons stay near) its logits leave the plan's public bound, and
     secure_predict says so instead of returning them."""
     from timm_mpc.secure import SecureInferenceError
     model = timm_mpc.create_mpc_model(
@@ -340,7 +342,8 @@ def test_an_image_beyond_the_calibrated_range_is_refused_not_returned_as_garbage
     images, _ = timm_mpc.data.example_images()
     blank = torch.full((4, 3, 32, 32), (0.5 - 0.286) / 0.353)
     with pytest.raises(SecureInferenceError, match=r"images \[0\] gave logits beyond the plan's bound \(1024\)"):
-        secure_predict(model, images[1:2], SecureSettings(truncation_retries=0, range_margin=1), calibration_images=blank)
+        secure_predict(model, images[1:2], SecureSettings(truncation_retries=0, range_margin=1, fss_comparisons=False),
+                       calibration_images=blank)
 
 
 def test_images_with_implausible_logits_run_again(monkeypatch):

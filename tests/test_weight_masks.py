@@ -13,7 +13,7 @@ from timm_mpc.secure.secure_vit import SecureViT
 
 from small_models import MIXED, random_images, small_mpcvit
 
-MASKED = SecureSettings(weight_masks=True)
+MASKED, UNMASKED = SecureSettings(weight_masks=True), SecureSettings(weight_masks=False)
 
 
 @pytest.fixture(scope='module')
@@ -29,7 +29,7 @@ def test_the_masks_requests_come_from_the_plan_and_name_each_linear_weight(model
     requests = mask_requests(plan, MASKED)
     assert [r[2] for r in requests] == [(key, shape) for key, shape in enumerate(linear.values())]
     check_requests(json.loads(json.dumps(requests)))  # the form the dealer receives: JSON
-    assert mask_requests(plan, SecureSettings()) == []
+    assert mask_requests(plan, UNMASKED) == []
 
 
 class _Server:  # the dealer's state as serve_dealer keeps it: generators stand in for the parties' seeds
@@ -74,7 +74,7 @@ def test_masked_weights_give_the_same_logits_and_open_only_activations(model):
     images = random_images(3)
     with torch.no_grad():
         plain = model(images)
-    unmasked = secure_predict(model, images, return_result=True)
+    unmasked = secure_predict(model, images, UNMASKED, return_result=True)
     with SecureSession(model, MASKED) as session:
         first = session.predict(images, return_result=True)
         second = session.predict(images[:2], return_result=True)  # a new batch size: its own dry run

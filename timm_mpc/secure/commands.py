@@ -34,10 +34,10 @@ party has reported, :meth:`~.launch.PartyReports.wait_for_release`.)"""
 
 def _settings(args: argparse.Namespace) -> Any:
     base = SecureSettings.crypten_defaults if args.crypten_defaults else SecureSettings
+    protocol = dict(weight_masks=args.weight_masks, fss_comparisons=args.fss_comparisons, gelu=args.gelu)
     # an insecure provider or protocol warns when it runs
     return base(provider=args.provider, timeout_s=args.timeout, engine=args.engine, protocol=args.protocol,
-                weight_masks=args.weight_masks, fss_comparisons=args.fss_comparisons,
-                **({} if args.gelu is None else dict(gelu=args.gelu)))
+                **{name: value for name, value in protocol.items() if value is not None})
 
 
 def _networks(args: argparse.Namespace) -> Dict[str, Any]:
@@ -257,15 +257,17 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
     p.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
     p.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
-    p.add_argument('--weight-masks', action='store_true',
+    p.add_argument('--weight-masks', action=argparse.BooleanOptionalAction, default=None,
                    help='CrypTen: mask the owner\'s weights once per session (each linear weight\'s difference opened '
-                        'when the weights are shared); every call then opens only its activations')
+                        'when the weights are shared); every call then opens only its activations (default: on with '
+                        'CrypTen)')
     p.add_argument('--gelu', choices=GELU_METHODS, default=None,
-                   help='secure GeLU: exp_fit (default), erf (CrypTen\'s), or spline (a piecewise cubic by comparisons; '
-                        'needs --fss-comparisons)')
-    p.add_argument('--fss-comparisons', action='store_true',
+                   help='secure GeLU: spline (a piecewise cubic by comparisons; needs FSS comparisons; the default with '
+                        'them), exp_fit (the default without), or erf (CrypTen\'s)')
+    p.add_argument('--fss-comparisons', action=argparse.BooleanOptionalAction, default=None,
                    help='CrypTen: compare by the dealer\'s keys of a distributed comparison function (one round and 16 '
-                        'bytes per compared element; the dealer sends each party about 1.5 kB of keys per element)')
+                        'bytes per compared element; the dealer sends each party about 1.5 kB of keys per element; '
+                        'default: on with CrypTen and its offline phase)')
     p.add_argument('--json', default=None, help='write the figures to this JSON file')
 
 

@@ -432,8 +432,7 @@ def resolve_settings(settings: Optional[SecureSettings], engine: Optional[str],
     """The settings with ``engine`` and ``protocol`` where given (checked), the engine's package installed."""
     settings = settings or SecureSettings()
     if engine is not None or protocol is not None:
-        settings = replace(settings, engine=engine or settings.engine,
-                           protocol=protocol or (settings.protocol if engine in (None, settings.engine) else None))
+        settings = settings.with_engine(engine, protocol)
     get_engine(settings.engine).check_installed()
     return settings
 

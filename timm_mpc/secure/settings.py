@@ -1,7 +1,7 @@
 """The engine, protocol, fixed-point and approximation settings of the secure computation (CrypTen's applied to its
 config)."""
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional
 
 from .engines import DEFAULT_ENGINE, get_engine
@@ -44,7 +44,8 @@ class SecureSettings:
         sqrt_nr_iters: Newton iterations of the inverse square root in LayerNorm (CrypTen default 3).
         max_method: CrypTen's algorithm for the Softmax row maximum.
         inv_sqrt: LayerNorm's inverse square root, one of :data:`INV_SQRT_METHODS`.
-        gelu: Secure exact-GeLU algorithm, one of :data:`GELU_METHODS`.
+        gelu: Secure exact-GeLU algorithm, one of :data:`GELU_METHODS` (None: ``spline`` with ``fss_comparisons``,
+            else ``exp_fit``).
         gelu_exp_iterations: Squarings of the exp inside ``exp_fit`` GeLU.
         erf_iterations: Taylor terms of ``erf`` GeLU (CrypTen default 8).
         range_scaling: Scale the inputs of inverse square root and reciprocal by public powers of 4 chosen
@@ -63,12 +64,14 @@ class SecureSettings:
         weight_masks: The owner's weights are masked once per session (CrypTen): when they are shared, the dealer
             deals a mask ``B`` for each linear layer's weight ``W`` alone and ``δ = W − B`` is opened once; every
             product with ``W`` then opens only its activations (``ε = X − A`` with a fresh ``A``, the dealer dealing
-            ``A·B``). The same shares of the product; what a call sends shrinks by the weights' size.
+            ``A·B``). The same shares of the product; what a call sends shrinks by the weights' size. None (the
+            default): on with CrypTen.
         fss_comparisons: Comparisons (CrypTen) by the dealer's keys of a distributed comparison function: each opens
             one masked value and costs one round, instead of CrypTen's conversion to binary shares and 64-bit adder
             (about a dozen rounds and 930 bytes per element); exact on the whole ring, the same results
             (:mod:`timm_mpc.secure.crypten.comparison`). The dealer then sends both parties about 1.5 kB of keys per
-            compared element, before the images are shared.
+            compared element, before the images are shared. None (the default): on with CrypTen and its offline
+            phase.
         truncation_retries: How often ``secure_predict`` runs an image again whose logits leave the plan's
             public bound, the mark of a failed two-party truncation (see :mod:`timm_mpc.secure.crypten.truncation`).
         engine: The MPC engine, a name in :data:`~timm_mpc.secure.engines.ENGINES`. The approximation settings
@@ -82,7 +85,7 @@ class SecureSettings:
     sqrt_nr_iters: int = 3
     max_method: str = 'log_reduction'
     inv_sqrt: str = 'cubic'
-    gelu: str = 'exp_fit'
+    gelu: Optional[str] = None
     gelu_exp_iterations: int = 8
     erf_iterations: int = 8
     range_scaling: bool = True
@@ -92,14 +95,18 @@ class SecureSettings:
     timeout_s: float = 120.0
     offline_phase: bool = True
     fused_beaver: bool = True
-    weight_masks: bool = False
-    fss_comparisons: bool = False
+    weight_masks: Optional[bool] = None
+    fss_comparisons: Optional[bool] = None
     truncation_retries: int = 2
     engine: str = DEFAULT_ENGINE
     protocol: Optional[str] = None
 
     def __post_init__(self) -> None:
         engine = get_engine(self.engine)
+        # the new online protocol wherever it applies (a setting given explicitly is kept, and checked below)
+        for name, value in self._protocol_defaults().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.protocol is None:
             self.protocol = engine.protocols[0]
         if self.protocol not in engine.protocols:
@@ -132,6 +139,20 @@ class SecureSettings:
                              f'offline_phase={self.offline_phase}')
         if not 0 < self.timeout_s <= 86400:
             raise ValueError(f'timeout_s must be a number of seconds in (0, 86400], got {self.timeout_s}')
+
+    def _protocol_defaults(self) -> Dict[str, Any]:
+        """What ``weight_masks``, ``fss_comparisons`` and ``gelu`` of None mean for this engine and offline phase."""
+        crypten = self.engine == 'crypten'
+        fss = self.fss_comparisons if self.fss_comparisons is not None else crypten and self.offline_phase is True
+        return dict(weight_masks=crypten, fss_comparisons=fss, gelu='spline' if fss else 'exp_fit')
+
+    def with_engine(self, engine: Optional[str] = None, protocol: Optional[str] = None) -> 'SecureSettings':
+        """These settings on ``engine`` with ``protocol`` (None: the same engine and protocol, or the new engine's
+        default protocol); settings that had their default for this engine get the new engine's."""
+        defaults = self._protocol_defaults()
+        same = engine in (None, self.engine)
+        return replace(self, engine=engine or self.engine, protocol=protocol or (self.protocol if same else None),
+                       **{name: None for name, value in defaults.items() if getattr(self, name) == value and not same})
 
     @property
     def _owner_deals(self) -> bool:
@@ -166,9 +187,10 @@ class SecureSettings:
 
     @classmethod
     def crypten_defaults(cls, **overrides: Any) -> 'SecureSettings':
-        """CrypTen's default approximations (erf GeLU, no merged rounds)."""
+        """CrypTen's default approximations and protocol (erf GeLU, no merged rounds, comparisons by binary
+        shares, weights opened in every product)."""
         return cls(**{**dict(gelu='erf', inv_sqrt='crypten', range_scaling=False, batch_independent=False,
-                               fused_beaver=False), **overrides})
+                               fused_beaver=False, weight_masks=False, fss_comparisons=False), **overrides})
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -163,10 +163,10 @@ def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale:
     centred = x - x.mean(-1, keepdim=True)
     pre = var_scale ** -0.5
     z = centred if pre == 1.0 else centred.mul(pre)
-    if weight is not None and fss_comparisons_in_use():  # the new protocol: the weight opened at its own size
+    weighted = weight is not None and (fss_comparisons_in_use() or settings.batch_independent)
+    if weighted and fss_comparisons_in_use():  # the new protocol: the weight opened at its own size
         squared, scaled = _square_and_product(z, centred, weight)
-    elif weight is not None and settings.batch_independent:
-        # the square for the variance and the scaling by weight do not depend on each other
+    elif weighted:  # the square for the variance and the scaling by weight do not depend on each other
         squared, scaled = _mul_pairs(settings, (z, z), (centred, weight.expand(centred.size())))
     else:
         squared, scaled = z.square(), centred
@@ -174,7 +174,7 @@ def layer_norm(x, weight, bias, eps: float, settings: SecureSettings, var_scale:
     if pre != 1.0:
         inv = inv.mul(pre)
     y = scaled * inv
-    if weight is not None and not settings.batch_independent:
+    if weight is not None and not weighted:
         y = y * weight
     return y + bias if bias is not None else y
 

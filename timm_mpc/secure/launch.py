@@ -8,7 +8,7 @@ import threading
 import time
 import traceback
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import wait as wait_for_pipes
 from pathlib import Path

@@ -1,5 +1,5 @@
 """The same weights on every MPC engine, measured in one run: CrypTen, SPU SEMI2K and SPU CHEETAH, and CrypTen with
-the new online protocol (CrypTen FSS: comparisons by function secret sharing, weights masked once per session).
+its previous online protocol (CrypTen previous: comparisons by binary shares, the weights opened in every product).
 
 For each engine, four configurations of one published Fashion-MNIST checkpoint (by default
 mpcvit_tiny.fmnist_mu50_kd): the all-Softmax, exact-GeLU baseline; mu = 0.5 (the checkpoint's own pattern); all
@@ -14,9 +14,10 @@ apart), CHEETAH none, SEMI2K makes the owner the dealer (SPU 0.9.5: cost only).
         --json benchmarks/results/secure_engines.json --png benchmarks/results/secure_engines.png \\
         --markdown benchmarks/results/secure_engines.md
 
-    python benchmarks/secure_engines.py --engines CrypTen "CrypTen FSS" --images 64 --repeats 3 \\
+    python benchmarks/secure_engines.py --engines "CrypTen previous" CrypTen --repeats 3 \\
+        --agreement-from benchmarks/results/online_protocol_agreement.json \\
         --json benchmarks/results/online_protocol.json --png benchmarks/results/online_protocol.png \\
-        --markdown benchmarks/results/online_protocol.md   # today's CrypTen protocol and the new one
+        --markdown benchmarks/results/online_protocol.md   # CrypTen's previous protocol and the new default
 
 The first run measures the agreement (about 50 minutes); the second, on an otherwise idle machine, the cost: each
 configuration --repeats times, alternating, keeping the median wall time (and the minimum), with the agreement

@@ -1,10 +1,14 @@
-"""The dealer's checks on what the owner commits, in this process (tests/test_security.py runs the real processes)."""
+"""The dealer's checks on what the owner commits, in this process (tests/test_security.py runs the real processes), and
+the dealer asked during the inference (offline_phase=False), in real processes."""
 import warnings
 
 import pytest
+import torch
 
-from timm_mpc.secure import InsecureSettingWarning, SecureSettings
+from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
 from timm_mpc.secure.crypten.dealer import DealerError, check_requests, request_digest
+
+from small_models import MIXED, random_images, small_mpcvit
 
 PLAN_LIKE = [  # the form a dry run records: (function, device, args, kwargs), sizes as tuples
     ('additive', None, ((1, 17, 64), (64, 192), 'matmul'), {}),
@@ -55,3 +59,17 @@ def test_requests_during_the_inference_are_an_insecure_setting():
         warnings.simplefilter('error')
         SecureSettings().warn_if_insecure()  # the default is private: no warning
     assert SecureSettings().secure and not SecureSettings(provider='TFP_INSECURE').dealer
+
+
+@pytest.mark.slow
+def test_requests_during_the_inference_give_the_plain_text_logits():
+    """offline_phase=False (cost comparisons only): the owner asks the dealer for each triple when the protocol needs
+    it, each answer arrives in its request's shape, and the logits are plain text's."""
+    model, images = small_mpcvit(attn_pattern=MIXED), random_images(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', InsecureSettingWarning)
+        result = secure_predict(model, images, SecureSettings(offline_phase=False), return_result=True)
+    with torch.no_grad():
+        plain = model(images)
+    assert torch.equal(result.logits.argmax(-1), plain.argmax(-1)) and (result.logits - plain).abs().max() < 2e-2
+    assert result.profile.dealer['requests'] > 10  # one exchange per request, during the inference

@@ -31,7 +31,7 @@ from ..errors import DealerError, PeerError
 from ..protocol import DEALER, decode_json
 from ..secure_vit import CLIENT, OWNER
 from .compat import random_ring_element
-from .offline import batches as offline_batches
+from .offline import batches as offline_batches, result_shape
 
 __all__ = ['DealerError', 'DealerLink', 'DEALER_FUNCTIONS', 'check_requests', 'request_digest', 'serve_dealer',
            'verify_dealer']
@@ -199,7 +199,7 @@ class DealerLink:
     def live(self, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One request during the inference (``offline_phase=False``, insecure): CrypTen's ``ttp_request``."""
         request = [function, None if device is None else str(device), list(args), kwargs]
-        return self._exchange(dict(live=_canonical([request])[0]))
+        return self._exchange(dict(live=_canonical([request])[0])).reshape(result_shape(function, args, kwargs))
 
 
 def verify_dealer(comm: Any, expected: Sequence[Any]) -> None:

@@ -24,7 +24,7 @@ from ..settings import SecureSettings
 from .comparison import sign_answer_numel, sign_client_numel
 from .compat import product_shape
 
-__all__ = ['prefetch', 'prefetch_keys', 'Request', 'request_numel', 'client_numel', 'mask_requests', 'batches',
+__all__ = ['prefetch', 'prefetch_keys', 'Request', 'request_numel', 'client_numel', 'mask_requests', 'batches', 'result_shape',
            'CHUNK_BYTES']
 
 Request = Tuple[str, Optional[str], tuple, dict]  # (function, device, args, kwargs) of TTPClient.ttp_request
@@ -33,7 +33,7 @@ CHUNK_BYTES = 256 * 2 ** 20  # the dealer answers at most this much per batch (m
 
 def request_numel(request: Request) -> int:
     """The elements of what the dealer answers the owner to ``request`` (each an int64 share)."""
-    return _result_shape(request[0], request[2], request[3]).numel()
+    return result_shape(request[0], request[2], request[3]).numel()
 
 
 def client_numel(request: Request) -> int:
@@ -42,7 +42,8 @@ def client_numel(request: Request) -> int:
     return sign_client_numel(*request[2]) if request[0] == 'sign' else 0
 
 
-def _result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
+def result_shape(function: str, args: tuple, kwargs: dict) -> torch.Size:
+    """The shape of the owner's answer to the request ``(function, args, kwargs)``."""
     if function == 'additive':
         return product_shape(*args, **kwargs)
     if function == 'fixed':
@@ -94,7 +95,7 @@ def prefetch(client: Any, link: Any, requests: List[Request]) -> None:
         link.tally['bytes'] += 8 * sum(client_numel(request) for request in chunk)  # sent to the client alongside
         offset = 0
         for request in chunk:
-            shape = _result_shape(request[0], request[2], request[3])
+            shape = result_shape(request[0], request[2], request[3])
             ready.append((request, flat[offset:offset + shape.numel()].reshape(shape)))
             offset += shape.numel()
 

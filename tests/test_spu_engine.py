@@ -202,7 +202,9 @@ def test_what_the_owner_receives_reveals_neither_image_nor_logits(monkeypatch):
     assert len(client_got) == len(plan.params) + 1  # a share of each weight, then the owner's share of the logits
     owner_share = _ring(owner_got[0], patches.numel())
     client_share = [_ring(share, patches.numel()) for rank, src, share in kept if rank == 1 and src == 1][0]
-    assert _corr(_decode(owner_share), patches) < 0.2
+    # noise: for n independent values |r| has a standard deviation of 1/sqrt(n); six of them is never met by chance
+    # (about 2e-9; 0.2 was 2.8 of them here, met about once in 200 runs)
+    assert _corr(_decode(owner_share), patches) < 6 / patches.numel() ** 0.5
     assert torch.allclose(_decode(owner_share + client_share).float(), patches.flatten(), atol=1e-4)
 
 

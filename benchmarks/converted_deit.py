@@ -98,8 +98,9 @@ def markdown(report) -> str:
              'WAN s / image | peak memory GiB | LAN saving | agrees |', '|' + '---|' * 11]
     results = report['results']
     for key, r in results.items():
-        protocol = r.get('protocol', 'previous')  # runs before the new protocol became the default
-        base = results.get(_key('softmax', r['batch'], protocol)) if 'protocol' in r else results.get(f'softmax@{r["batch"]}')
+        # rows of runs before the new protocol became the default: no protocol, keys without one
+        protocol = r.get('protocol', 'previous')
+        base = results.get(_key('softmax', r['batch'], r.get('protocol', 'new')))
         saving = f'{base["latency_s"]["lan"] / r["latency_s"]["lan"]:.2f}×' if base else '–'
         lines.append(f'| {titles[r["config"]]} | {protocol} | {r["batch"]} | {r["rounds"]:,} | {r["bytes"] / 1e9:.2f} | '
                      f'{r["wall_s"] / r["batch"]:.1f} | {r["latency_s"]["lan"] / r["batch"]:.1f} | '

@@ -131,7 +131,7 @@ def dcf_keys(alpha: np.ndarray, beta: np.ndarray, seed0: np.ndarray, seed1: np.n
         _flip_seeds(keep, np.concatenate([seed_cw, seed_cw]), on)
         seeds = keep
         t = keep_t ^ (t & np.concatenate([keep_t_cw, keep_t_cw]))
-    sign = np.where(t[n:] == 1, np.uint64(2 ** 64 - 1), _ONE)
+    sign = np.uint64(0) - t[n:] | _ONE
     final[:] = sign * (seeds[n:, 1] - seeds[:n, 1] - v_alpha)
     return words
 

@@ -143,16 +143,16 @@ class SecureSettings:
     def _protocol_defaults(self) -> Dict[str, Any]:
         """What ``weight_masks``, ``fss_comparisons`` and ``gelu`` of None mean for this engine and offline phase."""
         crypten = self.engine == 'crypten'
-        fss = self.fss_comparisons if self.fss_comparisons is not None else crypten and self.offline_phase is True
+        fss = self.fss_comparisons if self.fss_comparisons is not None else crypten and self.offline_phase
         return dict(weight_masks=crypten, fss_comparisons=fss, gelu='spline' if fss else 'exp_fit')
 
     def with_engine(self, engine: Optional[str] = None, protocol: Optional[str] = None) -> 'SecureSettings':
         """These settings on ``engine`` with ``protocol`` (None: the same engine and protocol, or the new engine's
         default protocol); settings that had their default for this engine get the new engine's."""
-        defaults = self._protocol_defaults()
-        same = engine in (None, self.engine)
-        return replace(self, engine=engine or self.engine, protocol=protocol or (self.protocol if same else None),
-                       **{name: None for name, value in defaults.items() if getattr(self, name) == value and not same})
+        if engine in (None, self.engine):
+            return replace(self, protocol=protocol or self.protocol)
+        defaults = {name: None for name, value in self._protocol_defaults().items() if getattr(self, name) == value}
+        return replace(self, engine=engine, protocol=protocol, **defaults)
 
     @property
     def _owner_deals(self) -> bool:

@@ -2,8 +2,8 @@
 
 :func:`record_view` instruments the process it runs in before the party starts. The party runs
 unchanged and sends every message as it would; the instrumentation only keeps a copy of every value the
-process holds: every tensor it sends or receives and every collective buffer after the collective
-(``torch.distributed``), every random ring element it draws (its masks, its pseudo-random zero shares
+process holds: every tensor and message it sends or receives over its links (timm-mpc's communicator, which every
+collective of CrypTen and every message of timm-mpc goes through), every random ring element it draws (its masks, its pseudo-random zero shares
 and the triples a dealer's seed lets it draw, or the triples it deals itself) and every share it assigns
 to a secret-shared tensor. :func:`best_reconstruction` and :func:`recovered_values` are the attacks.
 """
@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
 SCALE = 2.0 ** 16  # CrypTen's fixed-point scale with 16 fractional bits
 
-_DIST_OPS = ('send', 'recv', 'isend', 'irecv', 'broadcast', 'all_reduce', 'reduce', 'all_gather', 'gather',
-             'scatter', 'reduce_scatter')
 _RNG = ('generate_random_ring_element', 'generate_kbit_random_tensor')
+_COLLECTIVES = ('all_reduce', 'reduce', 'broadcast', 'gather', 'all_gather', 'scatter')
 
 
 class View:
@@ -33,10 +31,13 @@ class View:
         self.records: List[torch.Tensor] = []
         self.received: List[Tuple[str, bytes]] = []
         self.listening: List[str] = []
+        self.seeds: List[int] = []  # single int64 values over the links: the client's are its generators' seeds
 
     def add_received(self, buffer: object) -> None:
         if isinstance(buffer, torch.Tensor):
             self.received.append((str(buffer.dtype), buffer.detach().contiguous().view(-1).numpy().tobytes()))
+        elif isinstance(buffer, bytes):  # a framed message (JSON, a pickled CrypTen object)
+            self.received.append(('frame', buffer))
 
     def add(self, value: object) -> None:
         if isinstance(value, torch.Tensor):
@@ -47,37 +48,47 @@ class View:
                 self.add(v)
 
 
-class _RecordOnWait:
-    """A non-blocking operation's handle: the buffers are recorded once the operation has completed."""
+def _wrap_links(view: View) -> None:
+    """Record every tensor and framed message this process sends or receives over its links."""
+    from timm_mpc.secure.crypten.communicator import LinkCommunicator
+    send_tensor, recv_tensor = LinkCommunicator.send_tensor, LinkCommunicator.recv_tensor
+    recv_frame = LinkCommunicator.recv_frame
 
-    def __init__(self, work, view: View, buffers: list, received: bool) -> None:
-        self._work, self._view, self._buffers, self._received = work, view, buffers, received
+    def seed(tensor):
+        if tensor.dtype == torch.int64 and tensor.numel() == 1:
+            view.seeds.append(int(tensor))
 
-    def wait(self, *args, **kwargs):
-        done = self._work.wait(*args, **kwargs)
-        self._view.add(self._buffers)
-        if self._received:
-            self._view.add_received(self._buffers[0])
-        return done
+    def spied_send_tensor(self, dst, tensor):
+        view.add(tensor)
+        seed(tensor)
+        return send_tensor(self, dst, tensor)
 
-    def __getattr__(self, name: str):
-        return getattr(self._work, name)
-
-
-def _wrap_dist(view: View, name: str) -> None:
-    original = getattr(dist, name)
-
-    def spied(*args, **kwargs):
-        result = original(*args, **kwargs)
-        buffers = list(args) + list(kwargs.values())
-        received = name in ('recv', 'irecv')
-        if result is not None and hasattr(result, 'wait'):  # isend, irecv, async_op=True
-            return _RecordOnWait(result, view, buffers, received)
-        view.add(buffers)
-        if received:
-            view.add_received(buffers[0])
+    def spied_recv_tensor(self, src, tensor):
+        result = recv_tensor(self, src, tensor)
+        view.add(result)
+        view.add_received(result)
+        seed(result)
         return result
-    setattr(dist, name, spied)
+
+    def spied_recv_frame(self, src, *args, **kwargs):
+        data = recv_frame(self, src, *args, **kwargs)
+        view.add_received(data)
+        return data
+    LinkCommunicator.send_tensor, LinkCommunicator.recv_tensor = spied_send_tensor, spied_recv_tensor
+    LinkCommunicator.recv_frame = spied_recv_frame
+    for name in _COLLECTIVES:  # what a collective leaves this process (an opened value, a gathered list)
+        _keep_result(view, LinkCommunicator, name)
+
+
+def _keep_result(view: View, cls: type, name: str) -> None:
+    original = getattr(cls, name)
+
+    @functools.wraps(original)
+    def spied(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        view.add(result)
+        return result
+    setattr(cls, name, spied)
 
 
 def _wrap_rng(view: View, name: str) -> None:
@@ -134,19 +145,18 @@ def listening_sockets() -> List[str]:
 def record_view() -> View:
     """Instrument this process (before its party starts) and return the view that fills as it runs, with the
     sockets the process listens on once its links are up."""
-    from timm_mpc.secure.crypten import party
+    from timm_mpc.secure import links
     from timm_mpc.secure.crypten.compat import import_crypten
     import_crypten()
-    admit_peers = party._admit_peers
+    accept = links._accept
 
-    def spied_admit(*args, **kwargs):  # the links are up: every listener this process opened exists
+    def spied_accept(*args, **kwargs):  # the process waits for its peers: every listener it opened exists
         view.listening.extend(listening_sockets())
-        return admit_peers(*args, **kwargs)
-    party._admit_peers = spied_admit
+        return accept(*args, **kwargs)
+    links._accept = spied_accept
     from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
     view = View()
-    for name in _DIST_OPS:
-        _wrap_dist(view, name)
+    _wrap_links(view)
     for name in _RNG:
         _wrap_rng(view, name)
     for cls in (ArithmeticSharedTensor, BinarySharedTensor):
@@ -248,7 +258,7 @@ def run_spied_parties(plan: dict, state_dict: dict, images: torch.Tensor, settin
 
 
 def save_view(view: View, path: str) -> None:
-    torch.save(dict(records=view.records, received=view.received, listening=view.listening), path)
+    torch.save(dict(records=view.records, received=view.received, listening=view.listening, seeds=view.seeds), path)
 
 
 def load_view(path) -> View:
@@ -382,7 +392,7 @@ def _deviating_owner(rendezvous, secret, plan, state_dict, settings, requests, o
             import crypten
             comm = crypten.communicator.get()
             comm.send_obj(dict(function='_get_additive_PRSS', device=None, args=((4096,),),
-                               kwargs=dict(remove_rank=True)), 2, self.group)
+                               kwargs=dict(remove_rank=True)), 2)
             return
         if extra == 'swap':
             i = next(i for i in range(1, len(call)) if call[i] != call[0])

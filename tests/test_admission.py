@@ -1,19 +1,16 @@
-"""Admission to a run, in one process: the challenge-response over a real socket pair, the secret files, and the
-rendezvous store listening on the address it was given only. The parties' own use of it is in test_security.py."""
+"""Admission to a run, in one process: the challenge-response over a real socket pair, the secret files and the
+rendezvous address. The parties' own use of it is in test_security.py; their links in test_links.py."""
 import os
 import socket
 import stat
 import threading
 
 import pytest
-import torch.distributed as dist
 
 from timm_mpc.cli import main
-from timm_mpc.secure.admission import (
-    BOUND_SCHEME, MAC_BYTES, NONCE_BYTES, admit, bind_rendezvous, new_secret, parse_rendezvous, read_secret,
-)
+from timm_mpc.secure.admission import MAC_BYTES, NONCE_BYTES, admit, new_secret, read_secret
 from timm_mpc.secure.errors import PeerError
-from timm_mpc.secure.launch import free_port
+from timm_mpc.secure.links import parse_rendezvous
 
 
 def _ends(sock):
@@ -134,27 +131,3 @@ def test_the_party_command_needs_a_secret_file_and_checks_it_before_anything_run
     assert 'the following arguments are required: --secret-file' in capsys.readouterr().err
     assert main([*args, '--secret-file', str(tmp_path / 'missing')]) == 2
     assert 'cannot read the secret file' in capsys.readouterr().err
-
-
-def _connects(host, port):
-    with socket.socket() as s:
-        s.settimeout(5)
-        return s.connect_ex((host, port)) == 0
-
-
-def test_the_rendezvous_store_and_links_listen_on_the_address_given_only(monkeypatch):
-    """torch's tcp:// store listens on every interface; the bound one only on the owner's address: a process that
-    dials this machine at another address (127.0.0.2 reaches the same host) is refused."""
-    monkeypatch.delenv('GLOO_SOCKET_IFNAME', raising=False)
-    port = free_port()
-    url = bind_rendezvous(f'tcp://127.0.0.1:{port}', 0)
-    assert url == f'{BOUND_SCHEME}://127.0.0.1:{port}'
-    assert os.environ['GLOO_SOCKET_IFNAME'] == 'lo'  # the engine's own links: loopback's interface
-    store, rank, world = next(dist.rendezvous(url, rank=0, world_size=1))
-    store.set('key', 'value')
-    assert _connects('127.0.0.1', port) and not _connects('127.0.0.2', port)
-
-    other = free_port()  # what the same owner got from torch's own handler: every interface
-    torch_store = dist.TCPStore('127.0.0.1', other, 1, True)
-    assert _connects('127.0.0.2', other)
-    del store, torch_store

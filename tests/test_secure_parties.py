@@ -14,9 +14,10 @@ import torch
 import timm_mpc
 from timm_mpc.cli import main
 from timm_mpc.secure import SecureSettings, secure_predict
-from timm_mpc.secure.launch import free_port
+from timm_mpc.secure.launch import free_port, free_ports
 from timm_mpc.secure.secure_vit import patchify
 
+from certificates import make_certificates
 from cli_process import CliProcess
 from party_spy import best_reconstruction, held_values, load_view, secret_file
 from small_models import MIXED, random_images, small_mpcvit
@@ -114,7 +115,9 @@ def _offline():  # --pretrained reads the checkout at once: no Hub here to wait 
 
 
 def _party_args(*args):
-    return ['party', '--secret-file', secret_file(), *args]
+    """A party's command line; links in plaintext on loopback unless it names its TLS certificate."""
+    plaintext = [] if '--tls-cert' in args else ['--insecure-plaintext']
+    return ['party', '--secret-file', secret_file(), *plaintext, *args]
 
 
 def _party_cmd(*args):
@@ -129,15 +132,26 @@ def _party(*args, **kwargs):  # the CLI's main in a process forked with everythi
     return CliProcess(*_party_args(*args), **kwargs)
 
 
-def test_three_terminal_example_and_a_killed_owner(tmp_path):
-    rendezvous = f'tcp://127.0.0.1:{free_port()}'
-    common = ['--rendezvous', rendezvous, '--timeout', '60']  # the owner records the dealer requests first
+def _tls(certs, role):
+    """A party's TLS options: its certificate, and the identities it pins for each peer it meets."""
+    pins = {'owner': ('client', 'dealer'), 'client': ('owner', 'dealer'), 'dealer': ('owner', 'client')}[role]
+    return ['--tls-cert', certs[role]['cert'], '--tls-key', certs[role]['key'], '--tls-ca', certs[role]['ca'],
+            *[arg for peer in pins for arg in (f'--expect-{peer}', peer)]]
+
+
+def test_three_terminal_example_over_tls_and_a_killed_owner(tmp_path):
+    certs = make_certificates(tmp_path / 'certs')
+    ports = free_ports(2)
+    rendezvous, dealer_at = f'tcp://127.0.0.1:{ports[0]}', f'127.0.0.1:{ports[1]}'
+    common = ['--rendezvous', rendezvous, '--dealer', dealer_at, '--timeout', '60']  # the owner records requests first
     # the default checkpoint (mu50) from the checkout: both owners below build the same plan, so the second finds
     # the first's dry run in the run's cache
-    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common, env=_offline())
-    dealer = _start('--rank', '2', *common)
+    owner = _start('--rank', '0', '--model', 'mpcvit_tiny', '--pretrained', *common, *_tls(certs, 'owner'),
+                   env=_offline())
+    dealer = _start('--rank', '2', *common, *_tls(certs, 'dealer'))
     client = subprocess.run(_party_cmd('--rank', '1', '--batch', '2', '--batch-size', '1', '--json',
-                                       str(tmp_path / 'client.json'), *common), capture_output=True, text=True, timeout=240)
+                                       str(tmp_path / 'client.json'), *common, *_tls(certs, 'client')),
+                            capture_output=True, text=True, timeout=240)
     owner_out, (dealer_out, dealer_err) = owner.communicate(timeout=60)[0], dealer.communicate(timeout=60)
     assert client.returncode == 0, client.stdout + client.stderr
     assert 'client: predicted classes' in client.stdout and 'owner: done' in owner_out, owner_out

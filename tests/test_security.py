@@ -66,21 +66,15 @@ def _chance(view, target):
 
 def _dealer_messages(received):
     """What the dealer received, read as its protocol: the admission's fixed-size messages (uint8) and framed JSON
-    messages (an int32 size, then int8 bytes); anything else apart. (It sends the parties their generators' seeds.)"""
+    messages; anything else apart. (It sends the parties their generators' seeds.)"""
     admission, messages, other = [], [], []
-    i = 0
-    while i < len(received):
-        dtype, data = received[i]
-        if dtype == 'torch.int32' and i + 1 < len(received) and received[i + 1][0] == 'torch.int8':
-            body = received[i + 1][1]
-            messages.append('terminate' if body == _TERMINATE else json.loads(body.decode()))
-            i += 2
-            continue
-        if dtype == 'torch.uint8':
+    for dtype, data in received:
+        if dtype == 'frame':
+            messages.append('terminate' if data == _TERMINATE else json.loads(data.decode()))
+        elif dtype == 'torch.uint8':
             admission.append(len(data))
         else:
             other.append((dtype, len(data)))
-        i += 1
     return admission, messages, other
 
 
@@ -180,10 +174,11 @@ def test_default_owner_learns_nothing_and_owner_as_dealer_learns_everything(mode
 
     _client_and_dealer_learn_nothing(model, images, tmp_path)
 
-    # every process of the run listened on loopback only (the rendezvous address), and each did listen
-    for role in ('owner', 'client', 'dealer'):
+    # the owner and the dealer listened on loopback only (the addresses they were given); the client listened nowhere
+    for role in ('owner', 'dealer'):
         listening = load_view(tmp_path / f'{role}_view.pt').listening
         assert listening and all(a.startswith('127.0.0.1:') for a in listening), (role, listening)
+    assert load_view(tmp_path / 'client_view.pt').listening == []
 
     view, logits = _owner_view(model, images, 'TFP_INSECURE', tmp_path)  # the owner deals its own triples
     found = _attacks(model, images, view, logits)
@@ -220,17 +215,17 @@ def test_a_deviating_owner_cannot_read_the_clients_draws_through_the_dealer(mode
 
 
 def _reveal_party(rank, rendezvous, method, values, out_dir):
-    import os
-
-    from timm_mpc.secure.crypten.compat import import_crypten
+    from timm_mpc.secure.crypten.compat import import_crypten, start_crypten
     from timm_mpc.secure.crypten.ops import reveal_to
+    from timm_mpc.secure.links import connect_links, parse_rendezvous
     view = record_view() if rank == 0 else None
-    os.environ.update(RENDEZVOUS=rendezvous, WORLD_SIZE='2', RANK=str(rank), DISTRIBUTED_BACKEND='gloo')
     crypten = import_crypten()
     crypten.cfg.mpc.provider = 'TFP'  # no multiplication here: no dealer needed
-    crypten.init()
+    start_crypten(crypten, connect_links(rank, 2, parse_rendezvous(rendezvous), None, None, 60), 2, lambda: None)
     x = crypten.cryptensor(values if rank == 1 else torch.zeros_like(values), src=1)
-    if method == 'crypten':
+    if method == 'open_to_both':
+        x.get_plain_text()
+    elif method == 'crypten_to_client':
         x.get_plain_text(dst=1)
     else:
         reveal_to(x, 1, crypten.communicator.get())
@@ -239,10 +234,12 @@ def _reveal_party(rank, rendezvous, method, values, out_dir):
         torch.save(view.records, f'{out_dir}/view.pt')
 
 
-@pytest.mark.parametrize('method, leaks', [('crypten', True), ('timm_mpc', False)])
-def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_path, method, leaks):
-    """CrypTen's get_plain_text(dst=client) runs gloo's reduce, which leaves the non-receiving party a fully
-    reduced chunk (about half of the values); timm-mpc's point-to-point reveal leaves it nothing."""
+@pytest.mark.parametrize('method, leaks', [('open_to_both', True), ('crypten_to_client', False),
+                                           ('timm_mpc', False)])
+def test_the_spy_sees_a_value_opened_to_the_owner_and_none_opened_to_the_client(tmp_path, method, leaks):
+    """The owner's record holds every value opened to both parties (the positive control), and none of those opened
+    to the client alone: by CrypTen's get_plain_text(dst=client), point to point over the links (over gloo it was a
+    ring reduce that left the owner about half of the values), or by timm-mpc's reveal."""
     from timm_mpc.secure.launch import free_port
     from timm_mpc.secure.processes import process_context
     values = torch.randn(8, 10, generator=torch.Generator().manual_seed(5))
@@ -256,7 +253,7 @@ def test_the_spy_sees_crypten_reduce_reveal_leak_and_not_timm_mpc_reveal(tmp_pat
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0]
     held = held_values(torch.load(tmp_path / 'view.pt'), values)
-    assert (held >= 0.4) if leaks else (held == 0), held
+    assert (held == 1.0) if leaks else (held == 0), held
 
 
 @pytest.mark.parametrize('limits, batch_size, match', [

@@ -9,6 +9,7 @@ from .crypten.compat import install_import_hook
 from .crypten.dry_run import DryRun, dry_run
 from .errors import PeerError
 from .launch import SecureInferenceError, SecureResult, secure_predict
+from .links import LinkSecurity
 from .memory import MemoryBoundError, parse_memory
 from .own_process import run_client, run_dealer, run_owner
 from .plan import (
@@ -24,5 +25,6 @@ __all__ = [
     'secure_predict', 'SecureSession', 'SecureResult', 'SecureSettings', 'SecureInferenceError', 'PeerError',
     'UnsupportedModelError', 'InputRangeError', 'FixedPointRangeError', 'InsecureSettingWarning', 'build_plan',
     'build_secure_plan', 'check_images', 'calibrate', 'SecurePlan', 'PlanError',
-    'PartyResult', 'run_owner', 'run_client', 'run_dealer', 'DryRun', 'dry_run', 'MemoryBoundError', 'parse_memory',
+    'PartyResult', 'run_owner', 'run_client', 'run_dealer', 'LinkSecurity', 'DryRun', 'dry_run', 'MemoryBoundError',
+    'parse_memory',
 ]

@@ -13,11 +13,12 @@ from ..command_args import add_model_args, positive_int, print_error, resolve_mo
 from ..data import calibration_examples, example_images
 from ..pattern import count_head_kinds
 from ..profile import NETWORKS, NetworkSetting
-from .admission import parse_rendezvous, read_secret, write_secret
+from .admission import read_secret, write_secret
 from .bench import baseline_of, compare_logits, format_comparison, format_profile, run_bench, write_json
 from .crypten.party import run_dealer
 from .engines import DEFAULT_ENGINE, ENGINES, get_engine
 from .launch import secure_predict
+from .links import ROLES, LinkSecurity, is_loopback, parse_address, parse_rendezvous
 from .memory import available_memory, parse_memory
 from .plan import build_secure_plan, check_image_tensor, check_images
 from .protocol import OwnerLimits
@@ -148,11 +149,43 @@ def _on_loopback(rendezvous: str) -> bool:
     return host in ('localhost', '::1', '[::1]') or host.startswith('127.')
 
 
+def _link_security(args: argparse.Namespace, settings: Any) -> Optional[LinkSecurity]:
+    """The party's TLS (``--tls-*``, ``--expect-*``), or None for ``--insecure-plaintext`` on loopback; checked
+    before anything runs."""
+    tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    expect = {role: getattr(args, f'expect_{role}') for role in ROLES if getattr(args, f'expect_{role}')}
+    if settings.engine != 'crypten':
+        if any(tls) or expect:
+            raise ValueError(f'--tls-* and --expect-* are for CrypTen\'s links; the {settings.engine} engine\'s link is '
+                             f'plaintext in this version (docs/deployment.md)')
+        return None
+    if args.insecure_plaintext:
+        if any(tls):
+            raise ValueError('--insecure-plaintext and --tls-cert/--tls-key/--tls-ca exclude each other')
+        addresses = [parse_rendezvous(args.rendezvous)[0]]
+        if args.dealer and settings.dealer:
+            addresses.append(parse_address(args.dealer, '--dealer')[0])
+        remote = [a for a in addresses if not is_loopback(a)]
+        if remote:
+            raise ValueError(f'--insecure-plaintext is for loopback only; {remote[0]} is not: give --tls-cert, '
+                             f'--tls-key and --tls-ca')
+        return None
+    if not all(tls):
+        raise ValueError('a party\'s links need --tls-cert, --tls-key and --tls-ca (TLS 1.3, a certificate on both '
+                         'sides), or --insecure-plaintext on loopback; missing: '
+                         + ', '.join(f'--tls-{n}' for n, v in zip(('cert', 'key', 'ca'), tls) if not v))
+    security = LinkSecurity(args.tls_cert, args.tls_key, args.tls_ca, expect)
+    met = {0: ['client', 'dealer'], 1: ['owner', 'dealer'], 2: ['owner', 'client']}[args.rank]
+    security.require(met if settings.dealer else [r for r in met if r != 'dealer'])
+    return security
+
+
 def _party(args: argparse.Namespace) -> int:
     settings = _settings(args)
     networks = _networks(args)  # checked before anything runs
     parse_rendezvous(args.rendezvous)
     secret = read_secret(args.secret_file)
+    security = _link_security(args, settings)
     if not settings.secure:
         flags = f'--provider {settings.provider}' if settings.engine == 'crypten' else \
             f'--engine {settings.engine} --protocol {settings.protocol}'
@@ -161,16 +194,21 @@ def _party(args: argparse.Namespace) -> int:
                          f'(rank 2), or --engine spu --protocol cheetah')
     if args.client_address and settings.engine != 'spu':
         raise ValueError('--client-address is for --engine spu (CrypTen parties meet at the rendezvous only)')
+    if args.dealer and not settings.dealer:
+        raise ValueError(f'--dealer names the dealer of CrypTen with provider TTP; engine {settings.engine} with '
+                         f'protocol {settings.protocol} has none')
     engine = get_engine(settings.engine).load()
-    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else {}
+    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else \
+        dict(dealer=args.dealer, security=security)
     # what ends a party from a watchdog thread (the other party not met, or lost) reads as the command's errors do
     extra['on_timeout'] = partial(print_error, 'party')
     torch.set_num_threads(args.threads or (1 if _on_loopback(args.rendezvous) else torch.get_num_threads()))
     if args.rank == 2 and not settings.dealer:
         raise ValueError(f'engine {settings.engine} with protocol {settings.protocol} has no dealer: run ranks 0 and 1 only')
     if args.rank == 2:
-        print(f'dealer: serving multiplication triples at {args.rendezvous}', flush=True)
-        run_dealer(args.rendezvous, settings, secret, on_timeout=extra['on_timeout'])
+        print(f'dealer: serving multiplication triples at {args.dealer or "the rendezvous host, the next port"}',
+              flush=True)
+        run_dealer(args.rendezvous, settings, secret, **extra)
         print('dealer: done', flush=True)
         return 0
     if args.rank == 0:
@@ -301,6 +339,20 @@ def add_secure_commands(sub: Any) -> None:
     party.add_argument('--threads', type=positive_int, default=None,
                        help='torch threads of this party (default: 1 when the rendezvous is on loopback, as the '
                             'parties then share the cores, as in predict; else all of them)')
+    party.add_argument('--dealer', default=None,
+                       help='HOST:PORT where the dealer (rank 2) listens: the dealer\'s own address, where the owner and '
+                            'the client reach it (default: the rendezvous host, the next port)')
+    party.add_argument('--tls-cert', default=None, help='this party\'s certificate (PEM) for TLS 1.3 on every link')
+    party.add_argument('--tls-key', default=None, help='the private key of --tls-cert (PEM)')
+    party.add_argument('--tls-ca', default=None,
+                       help='the certificate authority (PEM) whose signature every peer\'s certificate must carry')
+    for role in ROLES:
+        party.add_argument(f'--expect-{role}', action='append', default=None, metavar='NAME',
+                           help=f'the certificate identity (common name or DNS name) this party accepts of the {role}; '
+                                f'repeat for several' + (' (the owner: the clients it serves)' if role == 'client' else ''))
+    party.add_argument('--insecure-plaintext', action='store_true',
+                       help='links without TLS, for parties on this machine only (loopback addresses): whoever can '
+                            'read the links reads everything')
     party.add_argument('--client-address', default=None,
                        help='--engine spu: HOST:PORT where the client (rank 1) listens (default: the rendezvous host, '
                             'the next port)')

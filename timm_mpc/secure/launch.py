@@ -1,17 +1,13 @@
 """Run both parties and the dealer as local processes over loopback: ``secure_predict``."""
 import os
 import queue as queue_lib
-import random
-import socket
 import sys
 import threading
 import time
 import traceback
-from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing.connection import wait as wait_for_pipes
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -28,7 +24,7 @@ from .engines import ENGINES, exit_after_failure, get_engine
 from .errors import PeerError
 from .memory import MemoryBoundError, available_memory, fit_batch_size, format_bytes, line_peak, parse_memory
 from .plan import SecurePlan, build_secure_plan, check_images
-from .processes import process_context, start_processes
+from .processes import free_port, free_ports, process_context, start_processes
 from .protocol import PartyResult, SessionLink, batch_sizes, check_batch_size
 from .secure_vit import SecureViT
 from .settings import SecureSettings
@@ -52,42 +48,6 @@ class SecureResult:
     retries: int = 0
     estimate: Optional[DryRun] = None
     predicted_peak: Optional[int] = None
-
-
-_PORTS_RANDOM = random.SystemRandom()
-
-
-def _listen_ports() -> range:
-    """Ports a local run listens on: below the kernel's range for outgoing connections, which hands its ports to
-    every socket that connects and so could give the port chosen here to another process's connection before the
-    run binds it (a rare 'address in use' when several runs start at once)."""
-    try:
-        low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768  # Linux's default; elsewhere the OS's range may differ, and a bind still checks the port
-    return range(max(1024, low - 12288), low) if low > 2048 else range(49152, 65536)
-
-
-def free_ports(count: int) -> List[int]:
-    """``count`` consecutive loopback ports, chosen at random below the range of outgoing connections, that nothing
-    listens on now."""
-    ports = _listen_ports()
-    for _ in range(200):
-        first = _PORTS_RANDOM.randrange(ports.start, ports.stop - count + 1)  # apart from a seeded random state
-        try:
-            with ExitStack() as stack:
-                for port in range(first, first + count):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(('127.0.0.1', port))
-            return list(range(first, first + count))
-        except OSError:
-            continue
-    raise OSError(f'found no {count} consecutive free ports on loopback in {ports.start}-{ports.stop - 1}')
-
-
-def free_port() -> int:
-    """A loopback port that nothing listens on now (:func:`free_ports`)."""
-    return free_ports(1)[0]
 
 
 class PartyReports:
@@ -136,7 +96,7 @@ def party_process(role: str, rendezvous: str, settings: Dict[str, Any], payload:
                                        **({} if payload['requests'] is None else dict(requests=payload['requests'])),
                                        **link, **options)
         else:
-            run_dealer(rendezvous, settings_, payload['secret'], on_timeout=report_timeout)
+            run_dealer(rendezvous, settings_, payload['secret'], on_timeout=report_timeout, **options)
             result = None
         if link:
             reports.put('closed', None)  # its results went out with each request
@@ -175,7 +135,7 @@ class QueueLink(SessionLink):
             except queue_lib.Empty:
                 if os.getppid() != self.parent:  # bounded: no request comes from a process that is gone
                     raise PeerError('the process that started the session is gone') from None
-                if keepalive is not None:  # the dealer waits for the owner with the process groups' timeout
+                if keepalive is not None:  # the dealer waits for the owner with the links' timeout
                     keepalive()
 
 
@@ -378,8 +338,8 @@ def secure_predict(
     """Two-party secure inference of ``model`` on ``images``, with the parties as local processes.
 
     Party 0 (the owner) gets the weights, party 1 (the client) the images. With CrypTen (the default engine) a
-    third process deals the multiplication triples (``provider='TTP'``) and they talk over torch.distributed on
-    loopback; with SPU (``engine='spu'``) the two parties run CHEETAH (no dealer) or, for cost only, SEMI2K over
+    third process deals the multiplication triples (``provider='TTP'``) and they talk over timm-mpc's links on
+    loopback (plaintext: nothing leaves the machine); with SPU (``engine='spu'``) the two parties run CHEETAH (no dealer) or, for cost only, SEMI2K over
     SPU's link. Only the client learns the logits, which are returned. Before any process starts, the model is checked
     (unsupported modules are named), a plain-text calibration pass on the owner's ``calibration_images``
     (default: the shipped Fashion-MNIST examples at the model's input size) sets the approximations' public

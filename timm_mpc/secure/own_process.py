@@ -11,6 +11,7 @@ import torch
 
 from ..layers.attn_kinds import kind_modules
 from .launch import LocalParties, party_process
+from .links import LinkSecurity
 from .plan import SecurePlan
 from .processes import process_context, start_processes
 from .protocol import OwnerLimits, PartyResult, client_inputs
@@ -19,13 +20,17 @@ from .settings import SecureSettings
 __all__ = ['run_owner', 'run_client', 'run_dealer']
 
 
-def _engine_options(settings: SecureSettings, client_address: Optional[str]) -> Dict[str, Any]:
-    if client_address is None:
-        return {}
-    if settings.engine != 'spu':
+def _engine_options(settings: SecureSettings, client_address: Optional[str], dealer: Optional[str] = None,
+                    security: Optional[LinkSecurity] = None) -> Dict[str, Any]:
+    if settings.engine == 'spu':
+        if dealer is not None or security is not None:
+            raise ValueError('dealer and security are for CrypTen\'s links; SPU has no dealer and its link is '
+                             'plaintext in this version')
+        return {} if client_address is None else dict(client_address=client_address)
+    if client_address is not None:
         raise ValueError(f'client_address is for the SPU engine (CrypTen parties meet at the rendezvous only); '
                          f'these settings use {settings.engine}')
-    return dict(client_address=client_address)
+    return dict(dealer=dealer, security=security)
 
 
 def _run_party(role: str, rendezvous: str, settings: SecureSettings, payload: Dict[str, Any]) -> Any:
@@ -50,7 +55,8 @@ def _run_party(role: str, rendezvous: str, settings: SecureSettings, payload: Di
 
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], settings: SecureSettings,
               secret: bytes, requests: Optional[Dict[int, List[Any]]] = None, limits: Optional[OwnerLimits] = None,
-              client_address: Optional[str] = None) -> PartyResult:
+              client_address: Optional[str] = None, dealer: Optional[str] = None,
+              security: Optional[LinkSecurity] = None) -> PartyResult:
     """Run party 0, the model owner, in a child process (see the engine's ``run_owner``, e.g.
     :func:`timm_mpc.secure.crypten.party.run_owner`): it contributes the weights and the plan and learns nothing but the
     costs and the sizes of the client's batches.
@@ -63,38 +69,45 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
         requests: Batch size -> the dealer requests of one inference (:func:`~.dry_run.dry_run`); others are made.
         limits: What the owner accepts of the client's batches (:class:`~.party.OwnerLimits`).
         client_address: SPU only: where the client listens (default: the rendezvous port + 1).
+        dealer: CrypTen: ``HOST:PORT`` where the dealer listens (default: the rendezvous host, the next port).
+        security: CrypTen: TLS for every link and the peers' identities this party accepts
+            (:class:`~timm_mpc.secure.links.LinkSecurity`); None: plaintext, on loopback only.
 
     Raises:
         SecureInferenceError: the party failed (its error), was not met or lost its peer within the timeout.
     """
     plan.check()
-    options = dict(limits=limits, **_engine_options(settings, client_address))
+    options = dict(limits=limits, **_engine_options(settings, client_address, dealer, security))
     payload = dict(plan=plan, state_dict=state_dict, requests=requests, secret=secret, options=options)
     return _run_party('owner', rendezvous, settings, payload)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, secret: bytes, clamp: bool = False,
                batch_size: Optional[int] = None, requests: Optional[Dict[int, List[Any]]] = None,
-               client_address: Optional[str] = None) -> PartyResult:
+               client_address: Optional[str] = None, dealer: Optional[str] = None,
+               security: Optional[LinkSecurity] = None) -> PartyResult:
     """Run party 1, the client, in a child process (see the engine's ``run_client``, e.g.
     :func:`timm_mpc.secure.crypten.party.run_client`): it contributes the images and alone receives the logits.
 
     The images are checked here first (a finite float tensor of four dimensions), against the owner's plan in the
     party before anything is shared (outside its input bounds: refused, or clamped with ``clamp``). ``batch_size``:
-    that many images at a time in one session; ``requests``, ``client_address``: as for :func:`run_owner`.
+    that many images at a time in one session; ``requests``, ``client_address``, ``dealer``, ``security``: as for
+    :func:`run_owner`.
 
     Raises:
         SecureInferenceError: the party failed (its error), was not met or lost its peer within the timeout.
     """
     images = client_inputs(images, settings, batch_size)
     payload = dict(images=images, batch_size=batch_size, requests=requests, secret=secret,
-                   options=dict(clamp=clamp, **_engine_options(settings, client_address)))
+                   options=dict(clamp=clamp, **_engine_options(settings, client_address, dealer, security)))
     return _run_party('client', rendezvous, settings, payload)
 
 
-def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes) -> None:
+def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes, dealer: Optional[str] = None,
+               security: Optional[LinkSecurity] = None) -> None:
     """Run the dealer of a CrypTen run (``provider='TTP'``, rank 2) in a child process until the owner is done (see
-    :func:`timm_mpc.secure.crypten.party.run_dealer`). It must be neither party.
+    :func:`timm_mpc.secure.crypten.party.run_dealer`). It must be neither party. It listens at ``dealer``; ``security``
+    as for :func:`run_owner`.
 
     Raises:
         ValueError: the settings have no dealer.
@@ -103,5 +116,6 @@ def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes) -> None
     if not settings.dealer:
         raise ValueError(f'the dealer (rank 2) serves CrypTen with provider TTP; these settings use '
                          f'{settings.engine} with provider {settings.provider}')
-    _run_party('dealer', rendezvous, settings, dict(secret=secret))
+    _run_party('dealer', rendezvous, settings,
+               dict(secret=secret, options=_engine_options(settings, None, dealer, security)))
 

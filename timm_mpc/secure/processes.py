@@ -2,21 +2,59 @@
 :func:`~.launch.secure_predict`), and computations the owner runs on its own in processes of its own, with no dealer
 and no other party (:func:`run_local`: CrypTen's dry run of an inference and its truncation measurement)."""
 import queue
+import random
+import socket
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence, Tuple
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.multiprocessing
 
 from ..layers.attn_kinds import kind_modules
 
-__all__ = ['run_local', 'process_context', 'start_processes']
+__all__ = ['run_local', 'process_context', 'start_processes', 'free_port', 'free_ports']
 
 # what every local process needs, imported once by the fork server instead of again by each process (seconds each)
 _PRELOAD = ('timm_mpc.secure.launch', 'timm_mpc.secure.crypten.dry_run', 'timm_mpc.secure.crypten.truncation', 'crypten')
+
+
+_PORTS_RANDOM = random.SystemRandom()
+
+
+def _listen_ports() -> range:
+    """Ports a local run listens on: below the kernel's range for outgoing connections, which hands its ports to
+    every socket that connects and so could give the port chosen here to another process's connection before the
+    run binds it (a rare 'address in use' when several runs start at once)."""
+    try:
+        low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere the OS's range may differ, and a bind still checks the port
+    return range(max(1024, low - 12288), low) if low > 2048 else range(49152, 65536)
+
+
+def free_ports(count: int) -> List[int]:
+    """``count`` consecutive loopback ports, chosen at random below the range of outgoing connections, that nothing
+    listens on now."""
+    ports = _listen_ports()
+    for _ in range(200):
+        first = _PORTS_RANDOM.randrange(ports.start, ports.stop - count + 1)  # apart from a seeded random state
+        try:
+            with ExitStack() as stack:
+                for port in range(first, first + count):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(('127.0.0.1', port))
+            return list(range(first, first + count))
+        except OSError:
+            continue
+    raise OSError(f'found no {count} consecutive free ports on loopback in {ports.start}-{ports.stop - 1}')
+
+
+def free_port() -> int:
+    """A loopback port that nothing listens on now (:func:`free_ports`)."""
+    return free_ports(1)[0]
 
 
 def process_context() -> Any:
@@ -68,30 +106,29 @@ def run_local(target: Callable[..., None], args: Sequence[tuple], timeout_s: flo
     ctx = process_context()
     results = ctx.Queue()
     modules = kind_modules()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=target, daemon=True, args=(
-            rank, len(args), f'file://{tmp}/rendezvous', results, modules, *extra))
-            for rank, extra in enumerate(args)]
-        start_processes(procs, modules)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    status, value = results.get(timeout=1.0)
+    rendezvous = f'tcp://127.0.0.1:{free_port()}'  # plaintext loopback links: nothing secret moves
+    procs = [ctx.Process(target=target, daemon=True, args=(rank, len(args), rendezvous, results, modules, *extra))
+             for rank, extra in enumerate(args)]
+    start_processes(procs, modules)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                status, value = results.get(timeout=1.0)
+                break
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:  # killed (the OOM killer) or crashed without a report
+                    status, value = 'error', f'a process exited with code {dead[0]} without an answer'
                     break
-                except queue.Empty:
-                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                    if dead:  # killed (the OOM killer) or crashed without a report
-                        status, value = 'error', f'a process exited with code {dead[0]} without an answer'
-                        break
-                    if time.monotonic() > deadline:
-                        status, value = 'error', f'no answer within {timeout_s:.0f} s'
-                        break
-        finally:
-            for proc in procs:
-                proc.join(timeout=5)
-                if proc.is_alive():
-                    proc.terminate()
+                if time.monotonic() > deadline:
+                    status, value = 'error', f'no answer within {timeout_s:.0f} s'
+                    break
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.terminate()
     if status != 'ok':
         raise RuntimeError(f'{what} failed: {value}')
     return value

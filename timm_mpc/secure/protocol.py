@@ -48,9 +48,10 @@ def report_on_stderr(message: str) -> None:
 def watchdog(seconds: float, message: str, on_expiry: Optional[Callable[[str], None]]) -> Iterator[None]:
     """End this process with ``message`` if the block has not finished after ``seconds``.
 
-    torch.distributed's store handshake has no bound of its own against a peer that accepts a connection and
+    An engine's link in C++ (SPU's) may have no bound of its own against a peer that accepts a connection and
     never answers (a suspended process, a silent listener), and a blocked C++ call cannot be interrupted from
-    Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why).
+    Python: the only bounded way out is to end the process (after ``on_expiry`` has reported why). CrypTen's links
+    are bounded themselves; the timer is their second bound.
     """
     def expire() -> None:
         (on_expiry or report_on_stderr)(message)

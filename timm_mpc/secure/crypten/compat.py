@@ -18,6 +18,10 @@
    in full only to learn the size of ``c``. On a CPU every local product of 64-bit shares is an int64 matmul,
    the largest part of a linear layer's time.
 
+4. Its communicator: torch.distributed's gloo has neither encryption nor authentication in the PyTorch wheels, so
+   CrypTen talks over timm-mpc's own links instead (:mod:`.communicator`, :mod:`..links`: TLS with pinned peers, or
+   plaintext on loopback), the dealer's seeds to the parties included.
+
 Nothing installed is edited: CrypTen's functions are replaced in its loaded modules.
 """
 import hashlib
@@ -28,19 +32,18 @@ import importlib.util
 import os
 import sys
 import types
-from datetime import timedelta
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from ...layers.attn_kinds import import_kind_modules
 from ...utils import import_extra
-from ..admission import bind_rendezvous
+from ..links import Links, connect_links, parse_address
 from ..settings import SecureSettings
 from .comparison import use_fss_comparisons
 
-__all__ = ['import_crypten', 'apply_settings', 'install_import_hook', 'set_process_group_timeout', 'random_ring_element', 'kbit_random_tensor',
-           'use_fused_beaver', 'product_shape', 'init_local', 'mask_weights']
+__all__ = ['import_crypten', 'apply_settings', 'install_import_hook', 'start_crypten', 'random_ring_element',
+           'kbit_random_tensor', 'use_fused_beaver', 'product_shape', 'init_local', 'mask_weights']
 
 _ONNX_REGISTRATION = 'torch.onnx._internal.registration'
 
@@ -141,18 +144,51 @@ def kbit_random_tensor(size: Any, bitlength: Any = None, generator: Any = None, 
 
 def _dealer_seeds(self: Any) -> None:
     """CrypTen's ``TTPServer._setup_generators``, with the parties' seeds from ``os.urandom`` instead of torch's
-    default (Mersenne Twister) generator."""
-    import torch.distributed as dist
+    default (Mersenne Twister) generator, sent over timm-mpc's links (or CrypTen's own communicator, for a CrypTen
+    program of one's own)."""
     from crypten import communicator as comm
     ws = comm.get().get_world_size()
     seeds = [torch.tensor(int.from_bytes(os.urandom(8), 'big') - 2 ** 63) for _ in range(ws)]
-    requests = [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]
     self.generators = [torch.Generator(device='cpu') for _ in range(ws)]
     self.generators_cuda = [None] * ws
     for i in range(ws):
         self.generators[i].manual_seed(seeds[i].item())
-        requests[i].wait()
+    if hasattr(comm.get(), 'send_tensor'):
+        for i in range(ws):
+            comm.get().send_tensor(i, seeds[i])
+        return
+    import torch.distributed as dist
+    for request in [dist.isend(tensor=seeds[i], dst=i, group=self.ttp_group) for i in range(ws)]:
+        request.wait()
     dist.barrier(group=self.ttp_group)
+
+
+def _party_seed(self: Any) -> None:
+    """CrypTen's ``TTPClient._setup_generators``: the generator this party shares with the dealer, from the seed the
+    dealer sends it (over the links)."""
+    from crypten import communicator as comm
+    if not hasattr(comm.get(), 'recv_tensor'):  # a CrypTen program of one's own, on CrypTen's communicator
+        return _CRYPTEN_PARTY_SEED[0](self)
+    seed = comm.get().recv_tensor(comm.get().get_ttp_rank(), torch.empty(size=(), dtype=torch.long))
+    self.generator = torch.Generator(device='cpu')
+    self.generator.manual_seed(seed.item())
+    self.generator_cuda = None
+
+
+def _use_links() -> None:
+    """CrypTen's communicator class is :class:`.communicator.LinkCommunicator` (its ``comm.get()`` and ``uninit()``
+    look the class up by name), and the dealer's seeds travel over it."""
+    import crypten.communicator as comm_module
+    from crypten.mpc.provider.ttp_provider import TTPClient, TTPServer
+    from .communicator import LinkCommunicator
+    comm_module.DistributedCommunicator = LinkCommunicator
+    party = TTPClient._TTPClient__TTPClient
+    _CRYPTEN_PARTY_SEED.append(party._setup_generators)
+    TTPServer._setup_generators = _dealer_seeds
+    party._setup_generators = _party_seed
+
+
+_CRYPTEN_PARTY_SEED: List[Callable[[Any], None]] = []  # CrypTen's own, for its own communicator
 
 
 def _use_cryptographic_randomness() -> None:
@@ -161,7 +197,7 @@ def _use_cryptographic_randomness() -> None:
     import crypten.common.rng as rng
     if getattr(rng, '_timm_mpc_randomness', False):
         return
-    from crypten.mpc.provider.ttp_provider import TrustedThirdParty, TTPServer
+    from crypten.mpc.provider.ttp_provider import TrustedThirdParty
     replacements = {'generate_random_ring_element': random_ring_element,
                     'generate_kbit_random_tensor': kbit_random_tensor}
     originals = {name: getattr(rng, name) for name in replacements}
@@ -170,7 +206,7 @@ def _use_cryptographic_randomness() -> None:
             for name, original in originals.items():
                 if getattr(module, name, None) is original:
                     setattr(module, name, replacements[name])
-    TTPServer._setup_generators = _dealer_seeds
+    _use_links()
     TrustedThirdParty.generate_additive_triple = _additive_triple
     from crypten.mpc.provider.tfp_provider import TrustedFirstParty
     TrustedThirdParty.generate_weight_mask, TrustedThirdParty.generate_fixed_triple = _dealt_mask, _dealt_fixed_triple
@@ -302,26 +338,18 @@ def use_fused_beaver(on: bool) -> None:
     setattr(beaver, name, _fused_beaver if on else _CRYPTEN_BEAVER[name])
 
 
-def init_crypten(crypten: Any, on_links: Callable[[], None]) -> None:
-    """``crypten.init()``, with ``on_links()`` run once the process groups are up and before the parties' generator
-    seeds cross them (each party's to the next, and to the dealer): CrypTen's own init has no such point."""
-    crypten.comm._init(use_threads=False, init_ttp=crypten.mpc.ttp_required())
+def start_crypten(crypten: Any, links: Links, world_size: int, on_links: Callable[[], None]) -> None:
+    """``crypten.init()`` for ``world_size`` parties (the dealer, where CrypTen's provider needs one, is the next
+    rank) on ``links`` (:class:`.communicator.LinkCommunicator`), with ``on_links()`` run once the
+    communicator is up and before the parties' generator seeds cross it (each party's to the next, and the dealer's
+    to each party): CrypTen's own init has no such point."""
+    from .communicator import LinkCommunicator
+    comm = LinkCommunicator.start(links, world_size, init_ttp=crypten.mpc.ttp_required())
     on_links()
-    if crypten.comm.get().get_rank() < crypten.comm.get().get_world_size():  # the dealer's seeds come to it
+    if comm.get_rank() < comm.get_world_size():  # the dealer's seeds come to it
         crypten._setup_prng()
         if crypten.mpc.ttp_required():
             crypten.mpc.provider.ttp_provider.TTPClient._init()
-
-
-def set_process_group_timeout(seconds: float) -> None:
-    """Bound every torch.distributed wait (rendezvous and collectives) of this process to ``seconds``.
-
-    CrypTen creates its process groups without a timeout argument, so they take torch's default (30
-    minutes for gloo); the default is read when a group is created, so setting it before
-    ``crypten.init()`` makes a dead or absent peer an error after ``seconds`` rather than a hang.
-    """
-    from torch.distributed import distributed_c10d
-    distributed_c10d.default_pg_timeout = timedelta(seconds=seconds)
 
 
 def apply_settings(settings: Any, crypten: Any) -> None:
@@ -344,14 +372,14 @@ def init_local(rank: int, world_size: int, rendezvous: str, settings: Any,
                modules: Sequence[str]) -> Tuple[Any, SecureSettings]:
     """In a process of :func:`~timm_mpc.secure.processes.run_local`: CrypTen initialized as party ``rank`` of ``world_size`` with the
     settings, the owner-as-dealer provider (no third process: these runs compute nothing secret), and the
-    parent's attention kinds."""
+    parent's attention kinds; they meet at ``rendezvous`` (``tcp://127.0.0.1:PORT``) over plaintext loopback links."""
     torch.set_num_threads(1)
     import_kind_modules(modules)
-    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE=str(world_size), RANK=str(rank),
-                      DISTRIBUTED_BACKEND='gloo')  # its links listen on loopback
     crypten = import_crypten()
     settings_ = SecureSettings.from_dict(settings)
     apply_settings(settings_, crypten)
     crypten.cfg.mpc.provider = 'TFP'
-    crypten.init()
+    owner = parse_address(rendezvous.split('://', 1)[-1], 'the rendezvous')
+    links = connect_links(rank, world_size, owner, None, None, settings_.timeout_s)
+    start_crypten(crypten, links, world_size, lambda: None)
     return crypten, settings_

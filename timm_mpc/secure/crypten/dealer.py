@@ -10,8 +10,8 @@ every value the client shares. Here the dealer serves one fixed sequence per cal
    dealer whether the digests match, before its images are shared;
 4. only then the dealer serves, in order, the next requests of that sequence and nothing beyond it.
 
-Messages are JSON in CrypTen's framing (a size, then the bytes) and never unpickled: CrypTen's own shutdown message
-(a pickled ``'terminate'``) is recognised by its bytes. With ``offline_phase=False`` (an insecure setting that
+Messages are JSON, framed (a size, then the bytes), and never unpickled: CrypTen's own shutdown message (a pickled
+``'terminate'``) is recognised by its bytes. They travel over the run's links (:mod:`.communicator`), uncounted. With ``offline_phase=False`` (an insecure setting that
 warns) the owner asks for each request during the inference, after the images are shared: the dealer then checks
 each request's form only.
 """
@@ -24,10 +24,10 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..dcf import coarse, sign_keys
 from ..errors import DealerError, PeerError
+from ..links import FRAME_LIMIT
 from ..protocol import DEALER, decode_json
 from ..secure_vit import CLIENT, OWNER
 from .compat import random_ring_element
@@ -40,7 +40,6 @@ DEALER_FUNCTIONS = ('additive', 'square', 'binary', 'wraps', 'B2A',  # CrypTen's
                     'mask', 'fixed',  # a weight's session mask, and the triples of its products (weight_masks)
                     'sign')  # the keys of a comparison (fss_comparisons)
 PRODUCT_OPS = ('mul', 'matmul', 'conv1d', 'conv2d', 'conv_transpose1d', 'conv_transpose2d')
-FRAME_LIMIT = 64 * 2 ** 20  # bytes of one JSON message (a call of mpcvit_tiny commits about 100 kB)
 MAX_DIM = 2 ** 31
 _TERMINATE = pickle.dumps('terminate')  # CrypTen's shutdown message from the owner, compared, never unpickled
 _ROLE = ('owner', 'client', 'dealer')  # by rank, in messages
@@ -115,30 +114,14 @@ def check_requests(requests: Any) -> List[List[Any]]:
     return requests
 
 
-def _send_bytes(data: bytes, dst: int, group: Any) -> None:
-    dist.send(torch.tensor(len(data), dtype=torch.int32), dst, group=group)
-    dist.send(torch.frombuffer(bytearray(data), dtype=torch.int8), dst, group=group)
-
-
-def _recv_bytes(src: int, group: Any) -> bytes:
-    size = torch.tensor(0, dtype=torch.int32)
-    dist.recv(size, src, group=group)
-    if not 0 < int(size) <= FRAME_LIMIT:
-        raise DealerError(f'the {_ROLE[src]} announced a message of {int(size)} bytes; '
-                          f'accepted: 1 to {FRAME_LIMIT}')
-    data = torch.empty(int(size), dtype=torch.int8)
-    dist.recv(data, src, group=group)
-    return data.numpy().tobytes()
-
-
-def _send_json(obj: Any, dst: int, group: Any) -> int:
+def _send_json(obj: Any, dst: int, comm: Any) -> int:
     data = json.dumps(obj).encode()
-    _send_bytes(data, dst, group)
-    return len(data) + 4
+    comm.send_frame(dst, data)
+    return len(data) + 8
 
 
-def _recv_json(src: int, group: Any) -> Any:
-    data = _recv_bytes(src, group)
+def _recv_json(src: int, comm: Any) -> Any:
+    data = comm.recv_frame(src, FRAME_LIMIT, DealerError)
     if data == _TERMINATE:
         return 'terminate'
     try:
@@ -154,17 +137,17 @@ class DealerLink:
     cost profile's dealer row."""
 
     def __init__(self, comm: Any) -> None:
-        self.group = comm.ttp_group
+        self.comm = comm
         self.tally: Dict[str, float] = dict(requests=0, bytes=0.0, time_s=0.0)
 
     def _exchange(self, message: Dict[str, Any], counted: bool = True) -> torch.Tensor:
         t0 = time.perf_counter()
         try:
-            sent = _send_json(message, DEALER, self.group)
-            size = torch.tensor(0, dtype=torch.int64)
-            dist.recv(size, DEALER, group=self.group)
-            flat = torch.empty(int(size), dtype=torch.int64)
-            dist.recv(flat, DEALER, group=self.group)
+            sent = _send_json(message, DEALER, self.comm)
+            size = self.comm.recv_tensor(DEALER, torch.tensor(0, dtype=torch.int64))
+            if not 0 <= int(size) < 2 ** 31:
+                raise DealerError(f'the dealer announced {int(size)} answers; it serves fewer than 2^31 per request')
+            flat = self.comm.recv_tensor(DEALER, torch.empty(int(size), dtype=torch.int64))
         except RuntimeError as e:
             raise _lost_dealer(e) from e
         if not counted:
@@ -177,7 +160,7 @@ class DealerLink:
     def commit(self, requests: Sequence[Any]) -> None:
         """The requests of the next call, which the dealer shows the client (as a digest) before serving any."""
         try:
-            _send_json(dict(commit=_canonical(requests)), DEALER, self.group)
+            _send_json(dict(commit=_canonical(requests)), DEALER, self.comm)
         except RuntimeError as e:
             raise _lost_dealer(e) from e
 
@@ -192,7 +175,7 @@ class DealerLink:
     def abort(self, reason: str) -> None:
         """Tell the dealer that the owner stops after a failure (best effort: the dealer may be gone)."""
         try:
-            _send_json(dict(abort=reason[:300]), DEALER, self.group)
+            _send_json(dict(abort=reason[:300]), DEALER, self.comm)
         except RuntimeError:
             pass
 
@@ -207,7 +190,7 @@ def verify_dealer(comm: Any, expected: Sequence[Any]) -> None:
     requests its own copy of the plan makes). Tells the dealer the verdict; raises :class:`DealerError` on a
     difference or a refusal by the dealer."""
     try:
-        told = _recv_json(DEALER, comm.ttp_group)
+        told = _recv_json(DEALER, comm)
     except DealerError:
         raise
     except RuntimeError as e:
@@ -217,36 +200,35 @@ def verify_dealer(comm: Any, expected: Sequence[Any]) -> None:
     if 'refused' in told:
         raise DealerError(f'the dealer refused the owner\'s requests before serving any: {str(told["refused"])[:300]}')
     ok = told.get('digest') == request_digest(expected) and told.get('count') == len(expected)
-    _send_json(dict(accepted=ok), DEALER, comm.ttp_group)
+    _send_json(dict(accepted=ok), DEALER, comm)
     if not ok:
         raise DealerError(f'the owner asked the dealer for requests that this plan does not make ({told.get("count")} '
                           f'requests against the {len(expected)} of the plan, or the same number with other '
                           f'functions or sizes): stopped before sharing the images')
 
 
-def serve_dealer(server: Any, settings: Any) -> None:
+def serve_dealer(server: Any, settings: Any, comm: Any) -> None:
     """The dealer's loop: serve the owner's committed calls, each once the client approved its digest, until the
     owner ends the protocol. ``server`` is CrypTen's ``TTPServer`` state (generators seeded); its public functions
-    compute the answers. Raises :class:`DealerError` on anything else the owner or the client sends."""
+    compute the answers. ``comm``: the dealer's links (:class:`.communicator.LinkCommunicator`). Raises :class:`DealerError` on anything else the owner or the client sends."""
     pending: Deque[List[Any]] = deque()
-    group = server.ttp_group
     server.masks = {}  # the session masks of the owner's weights (weight_masks), by weight
     awaiting = [True]  # the client waits for the digest of the next call: a refusal goes to it first
     try:
-        _serve(server, settings, group, pending, awaiting)
+        _serve(server, settings, comm, pending, awaiting)
     except DealerError as e:
         if awaiting[0]:
             try:
-                _send_json(dict(refused=str(e)), CLIENT, group)
+                _send_json(dict(refused=str(e)), CLIENT, comm)
             except RuntimeError:  # the client is gone too
                 pass
         raise
 
 
-def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], awaiting: List[bool]) -> None:
+def _serve(server: Any, settings: Any, comm: Any, pending: Deque[List[Any]], awaiting: List[bool]) -> None:
     ready: Deque[Answer] = deque()  # the answers of the first pending requests, made ahead
     while True:
-        message = _recv_from(OWNER, group)
+        message = _recv_from(OWNER, comm)
         if message == 'terminate':
             return
         if not (isinstance(message, dict) and len(message) == 1):
@@ -257,11 +239,11 @@ def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], aw
                 raise DealerError(f'the owner committed new requests with {len(pending)} of the last call unserved')
             requests = check_requests(value)
             try:
-                _send_json(dict(digest=request_digest(requests), count=len(requests)), CLIENT, group)
+                _send_json(dict(digest=request_digest(requests), count=len(requests)), CLIENT, comm)
             except RuntimeError as e:
                 raise _lost(CLIENT, e) from e
             awaiting[0] = False
-            verdict = _recv_from(CLIENT, group)
+            verdict = _recv_from(CLIENT, comm)
             if not (isinstance(verdict, dict) and verdict.get('accepted') is True):
                 raise DealerError('the client found that the owner\'s requests differ from its plan: nothing served')
             pending.extend(requests)
@@ -272,14 +254,14 @@ def _serve(server: Any, settings: Any, group: Any, pending: Deque[List[Any]], aw
             for _ in range(value):
                 request = pending.popleft()
                 answers.append(ready.popleft() if ready else _answer(server, request))
-            _send_answers(answers, group)
+            _send_answers(answers, comm)
             awaiting[0] = awaiting[0] or (value > 0 and not pending)
             if pending and not ready:  # the owner's next batch, made while the parties compute with this one
                 ready.extend(_answer(server, request) for request in offline_batches(list(pending))[0])
         elif kind == 'abort':
             raise DealerError(f'the owner stopped the protocol after a failure: {str(value)[:300]}')
         elif kind == 'live' and not settings.offline_phase:
-            _send_answers([_answer(server, check_requests([value])[0])], group)
+            _send_answers([_answer(server, check_requests([value])[0])], comm)
         else:
             raise DealerError(f'the owner sent a {str(kind)[:40]!r} message; the dealer serves commit and serve'
                               + ('' if settings.offline_phase else ' and live') + ' messages')
@@ -291,14 +273,14 @@ def _lost_dealer(error: RuntimeError) -> DealerError:
 
 
 def _lost(party: int, error: RuntimeError) -> DealerError:
-    """gloo's error when a peer's connection closed or its timeout passed, as the dealer reports it."""
+    """A link's error when a peer closed it or its timeout passed, as the dealer reports it."""
     detail = str(error).splitlines()[0] if str(error) else type(error).__name__
     return DealerError(f'the dealer lost the {_ROLE[party]} before the protocol ended ({detail[:200]})')
 
 
-def _recv_from(party: int, group: Any) -> Any:
+def _recv_from(party: int, comm: Any) -> Any:
     try:
-        return _recv_json(party, group)
+        return _recv_json(party, comm)
     except DealerError:
         raise
     except RuntimeError as e:
@@ -358,21 +340,21 @@ def _answer(server: Any, request: List[Any]) -> Answer:
     return getattr(server, function)(*args, **kwargs).reshape(-1), None
 
 
-def _send_answers(answers: List[Answer], group: Any) -> None:
+def _send_answers(answers: List[Answer], comm: Any) -> None:
     """Send the owner its parts of ``answers``, then the client its parts (of comparisons), if any."""
     _send_flat(torch.cat([owner for owner, _ in answers]) if answers else torch.zeros(0, dtype=torch.int64), OWNER,
-               group)
+               comm)
     client_parts = [client for _, client in answers if client is not None]
     if client_parts:  # the client knows from the requests which batches hold comparisons: it waits for these
-        _send_flat(torch.cat(client_parts), CLIENT, group, count=len(client_parts))
+        _send_flat(torch.cat(client_parts), CLIENT, comm, count=len(client_parts))
 
 
-def _send_flat(flat: torch.Tensor, party: int, group: Any, count: Optional[int] = None) -> None:
+def _send_flat(flat: torch.Tensor, party: int, comm: Any, count: Optional[int] = None) -> None:
     """Int64 answers after their number: to the owner that number alone, to the client also how many requests they
     answer (it checks both against the requests it approved)."""
     header = flat.numel() if count is None else [count, flat.numel()]
     try:
-        dist.send(torch.tensor(header, dtype=torch.int64), party, group=group)
-        dist.send(flat, party, group=group)
+        comm.send_tensor(party, torch.tensor(header, dtype=torch.int64))
+        comm.send_tensor(party, flat)
     except RuntimeError as e:
         raise _lost(party, e) from e

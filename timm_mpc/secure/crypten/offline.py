@@ -126,21 +126,18 @@ def prefetch_keys(client: Any, comm: Any, requests: List[Request]) -> None:
     correction words of the comparisons in each batch it serves the owner (the batches of :func:`prefetch`, which the
     client derives from the same requests); ``client.ttp_request`` then answers each ``sign`` request in order from
     them. A message that is not the next batch's words (count or size) is an error."""
-    import torch.distributed as dist
     keyed: Deque[List[Request]] = deque(keys for keys in ([r for r in batch if r[0] == 'sign']
                                                           for batch in batches(requests)) if keys)
     ready: Deque[Tuple[Request, torch.Tensor]] = deque()
 
     def fetch() -> None:
         expected = keyed.popleft()
-        header = torch.zeros(2, dtype=torch.int64)
-        dist.recv(header, DEALER, group=comm.ttp_group)
+        header = comm.recv_tensor(DEALER, torch.zeros(2, dtype=torch.int64))
         numels = [client_numel(r) for r in expected]
         if header.tolist() != [len(expected), sum(numels)]:
             raise DealerError(f'the dealer announced the keys of {int(header[0])} comparisons ({int(header[1])} words); '
                               f'the approved requests make {len(expected)} ({sum(numels)} words) next')
-        flat = torch.empty(sum(numels), dtype=torch.int64)
-        dist.recv(flat, DEALER, group=comm.ttp_group)
+        flat = comm.recv_tensor(DEALER, torch.empty(sum(numels), dtype=torch.int64))
         for request, part in zip(expected, flat.split(numels)):
             ready.append((request, part))
 

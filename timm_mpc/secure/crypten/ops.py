@@ -253,11 +253,8 @@ def _spline_gelu(x, settings: SecureSettings, exp_iterations: int):
 
 
 def reveal_to(x: Any, dst: int, comm: Any) -> Optional[torch.Tensor]:
-    """Open the secret-shared ``x`` to party ``dst`` only: the other party sends its share point to point.
-
-    CrypTen's ``get_plain_text(dst=...)`` goes through ``torch.distributed.reduce``, which gloo runs as a ring
-    reduce-scatter and gather: the non-receiving party keeps a fully reduced chunk (about half of the values).
-    """
+    """Open the secret-shared ``x`` to party ``dst`` only: the other party sends its share point to point, whatever
+    the communicator's ``reduce`` does (gloo's ring reduce left the non-receiving party about half of the values)."""
     share = x.share.contiguous()
     if comm.get_rank() != dst:
         comm.send(share, dst)

@@ -1,16 +1,16 @@
 """One party of the two-party protocol: the model owner (rank 0), the client (rank 1), or the dealer (rank 2).
 
 The owner holds the weights and the plan, the client holds the images, and the dealer (CrypTen's trusted
-third party, ``provider='TTP'``) deals the multiplication triples; they meet over torch.distributed (gloo)
-at a rendezvous address, each listening on its own address only, and admit each other by a per-run secret
+third party, ``provider='TTP'``) deals the multiplication triples. They meet over timm-mpc's links (:mod:`..links`):
+the owner listens at the rendezvous address, the dealer at its own; over TLS with every peer's certificate identity
+pinned (``security``), or in plaintext on loopback only. Each pair then proves it holds the run's secret
 (:mod:`.admission`). The owner sends the public plan to the client, the client checks its images
 against it before sharing anything, both share their secrets and run the plan, and the owner sends its
 share of the logits to the client alone, which adds the two shares. Every wait is bounded by the
-settings' timeout: the rendezvous by a watchdog, every message after it by the process groups' timeout.
+settings' timeout.
 """
 import json
 import math
-import os
 import sys
 import threading
 import time
@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ...profile import CostMeter, CostProfile
-from ..admission import admit, bind_rendezvous, check_secret
+from ..admission import admit, check_secret
 from ..errors import DealerError, PeerError
+from ..links import FRAME_LIMIT, LinkSecurity, connect_links, parse_address, parse_rendezvous
 from ..plan import SecurePlan, check_images
 from ..protocol import (
     DEALER, ROLES, OwnerLimits, PartyResult, SessionLink, agree, batch_sizes, bound_batches, checked_batches,
@@ -30,8 +31,8 @@ from ..protocol import (
 from ..secure_vit import CLIENT, OWNER, SecureViT
 from ..settings import SecureSettings
 from .backend import CryptenBackend
-from .compat import apply_settings, import_crypten, init_crypten, set_process_group_timeout
-from .dealer import FRAME_LIMIT, DealerLink, serve_dealer, verify_dealer
+from .compat import apply_settings, import_crypten, start_crypten
+from .dealer import DealerLink, serve_dealer, verify_dealer
 from .dry_run import dry_run
 from .offline import mask_requests, prefetch, prefetch_keys
 from .ops import reveal_to
@@ -40,71 +41,66 @@ __all__ = ['run_owner', 'run_client', 'run_dealer']
 
 
 def _first_line(error: BaseException) -> str:
-    """The message of a torch.distributed error without the C++ stack trace it carries."""
+    """An error's message without a C++ stack trace it may carry."""
     lines = [line for line in str(error).splitlines() if line.strip() and not line.startswith(('frame #', 'Exception raised from'))]
     return lines[0] if lines else type(error).__name__
 
 
+def dealer_address(rendezvous: str, dealer: Optional[str]) -> Tuple[str, int]:
+    """Where the dealer listens: ``dealer`` (``HOST:PORT``), by default the rendezvous host at the next port."""
+    if dealer is not None:
+        return parse_address(dealer, 'the dealer\'s address')
+    host, port = parse_rendezvous(rendezvous)
+    return host, port + 1
+
+
 def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
-          on_timeout: Optional[Callable[[str], None]] = None) -> Any:
-    """Meet the other party (and the dealer) within ``settings.timeout_s``, listening on this party's own address
-    only, and admit each of them by the run's ``secret`` (:mod:`.admission`); return the initialized ``crypten``."""
+          on_timeout: Optional[Callable[[str], None]] = None, dealer: Optional[str] = None,
+          security: Optional[LinkSecurity] = None) -> Any:
+    """Meet the other party (and the dealer) within ``settings.timeout_s`` over links of this party's own
+    (:func:`~timm_mpc.secure.links.connect_links`: TLS with ``security``, else plaintext on loopback), and admit each
+    of them by the run's ``secret`` (:mod:`.admission`); return the initialized ``crypten``."""
     check_secret(secret)
-    os.environ.update(RENDEZVOUS=bind_rendezvous(rendezvous, rank), WORLD_SIZE='2', RANK=str(rank),
-                      DISTRIBUTED_BACKEND='gloo')
-    set_process_group_timeout(settings.timeout_s)
+    owner = parse_rendezvous(rendezvous)
+    world = 3 if settings.dealer else 2
+    dealer_at = dealer_address(rendezvous, dealer) if world == 3 else None
     crypten = import_crypten()
     apply_settings(settings, crypten)
     others = 'the two parties' if rank == DEALER else 'the other party' + (' and the dealer' if settings.dealer else '')
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
-    with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
+    with watchdog(settings.timeout_s + 5, f'{message} (no answer)', on_timeout):
         try:
-            init_crypten(crypten, partial(_admit_peers, rank, secret, settings))
-        except PeerError:
+            links = connect_links(rank, world, owner, dealer_at, security, settings.timeout_s)
+        except ValueError:
             raise
-        except Exception as e:
-            raise PeerError(f'{message} ({type(e).__name__}: {_first_line(e)})') from e
+        except (PeerError, OSError) as e:
+            raise PeerError(f'{message} ({e})') from e
+        start_crypten(crypten, links, 2, partial(_admit_peers, crypten, rank, secret, settings))
     return crypten
 
 
-def _admit_peers(rank: int, secret: bytes, settings: SecureSettings) -> None:
+def _admit_peers(crypten: Any, rank: int, secret: bytes, settings: SecureSettings) -> None:
     """Each pair of this run's processes proves, both ways, that it holds ``secret``, before anything else passes."""
-    import torch.distributed as dist
+    comm = crypten.communicator.get()
     world = 3 if settings.dealer else 2
     for first, second in ((OWNER, CLIENT), (OWNER, DEALER), (CLIENT, DEALER)):
         if rank not in (first, second) or second >= world:
             continue
         peer = second if rank == first else first
-
-        def recv(size: int, peer: int = peer) -> bytes:
-            data = torch.empty(size, dtype=torch.uint8)
-            dist.recv(data, peer)
-            return data.numpy().tobytes()
-        try:
-            admit(lambda data, peer=peer: dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), peer), recv,
-                  secret, ROLES[rank], ROLES[peer], first=rank == first)
-        except RuntimeError as e:
-            if isinstance(e, PeerError):
-                raise
-            raise PeerError(f'lost the {ROLES[peer]} while admitting it ({_first_line(e)})') from e
+        admit(lambda data, peer=peer: comm.send_tensor(peer, torch.frombuffer(bytearray(data), dtype=torch.uint8)),
+              lambda size, peer=peer: comm.recv_tensor(peer, torch.empty(size, dtype=torch.uint8)).numpy().tobytes(),
+              secret, ROLES[rank], ROLES[peer], first=rank == first)
 
 
 def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:
     """Send a JSON value from ``src`` to the other party (JSON, never pickle: the peer is not trusted to run code)."""
-    import torch.distributed as dist
-    group = crypten.communicator.get().main_group
-    if crypten.communicator.get().get_rank() == src:
-        data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8)
-        size = torch.tensor([data.numel()], dtype=torch.long)
+    comm = crypten.communicator.get()
+    if comm.get_rank() == src:
+        data = json.dumps(obj).encode()
+        comm.send_frame(1 - src, data)
     else:
-        size = torch.zeros(1, dtype=torch.long)
-    dist.broadcast(size, src, group=group)
-    if crypten.communicator.get().get_rank() != src:
-        if not 0 < int(size) <= FRAME_LIMIT:  # a deviating peer's size: refused before any allocation
-            raise PeerError(f'the {ROLES[src]} announced a message of {int(size)} bytes; accepted: 1 to {FRAME_LIMIT}')
-        data = torch.zeros(int(size.item()), dtype=torch.uint8)
-    dist.broadcast(data, src, group=group)
-    return decode_json(data.numpy().tobytes(), ROLES[src])
+        data = comm.recv_frame(src, FRAME_LIMIT)  # a deviating peer's size: refused before any allocation
+    return decode_json(data, ROLES[src])
 
 
 def _next_batches(crypten: Any, rank: int, plan: SecurePlan, settings: SecureSettings,
@@ -130,8 +126,9 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
          requests: Optional[Dict[int, List[Any]]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
          on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
-         limits: Optional[OwnerLimits] = None) -> PartyResult:
-    crypten = _init(rank, rendezvous, settings, secret, on_timeout)
+         limits: Optional[OwnerLimits] = None, dealer: Optional[str] = None,
+         security: Optional[LinkSecurity] = None) -> PartyResult:
+    crypten = _init(rank, rendezvous, settings, secret, on_timeout, dealer, security)
     comm = crypten.communicator.get()
     if log is not None:
         log(f'{ROLES[rank]}: connected to the other party; running the protocol')
@@ -205,9 +202,8 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
 
 
 def _release(crypten: Any, failed: bool, seconds: float) -> None:
-    """CrypTen's teardown. After a failure it is bounded (``seconds`` at most): gloo's teardown can wait on an
-    operation still pending with a lost peer, up to that operation's own timeout, and the error must reach the
-    caller first; a teardown still running then is left to the process's end."""
+    """CrypTen's teardown (the links' closing). After a failure it is bounded (``seconds`` at most, 5 s at most): the
+    error must reach the caller first; a teardown still running then is left to the process's end."""
     def uninit() -> None:
         try:
             crypten.uninit()
@@ -285,9 +281,15 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
               settings: SecureSettings, secret: bytes, log: Optional[Callable[[str], None]] = None,
               on_timeout: Optional[Callable[[str], None]] = None,
               requests: Optional[Dict[int, List[Any]]] = None, session: Optional[SessionLink] = None,
-              limits: Optional[OwnerLimits] = None) -> PartyResult:
+              limits: Optional[OwnerLimits] = None, dealer: Optional[str] = None,
+              security: Optional[LinkSecurity] = None) -> PartyResult:
     """Run party 0, the model owner: contributes the weights and the plan, learns nothing but the costs (and the
     sizes of the client's batches).
+
+    It listens at ``rendezvous`` (``tcp://HOST:PORT``) for the client and reaches the dealer at ``dealer``
+    (``HOST:PORT``; default: the rendezvous host, the next port). ``security``: TLS for every link, with the identities
+    this party accepts of the client and the dealer (:class:`~timm_mpc.secure.links.LinkSecurity`); None: plaintext,
+    on loopback only.
 
     ``secret``: the run's secret, which every party proves it holds before anything is shared (:mod:`.admission`).
     ``on_timeout`` reports why the process ends when the rendezvous does not complete in time (default: a
@@ -300,7 +302,7 @@ def run_owner(rendezvous: str, plan: SecurePlan, state_dict: Dict[str, torch.Ten
     plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, secret, plan, state_dict, None, log=log, on_timeout=on_timeout,
-                requests=requests, session=session, limits=limits)
+                requests=requests, session=session, limits=limits, dealer=dealer, security=security)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, secret: bytes,
@@ -308,9 +310,11 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, 
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
                on_layer: Optional[Callable[[], None]] = None, session: Optional[SessionLink] = None,
-               requests: Optional[Dict[int, List[Any]]] = None) -> PartyResult:
-    """Run party 1, the client: contributes the images and alone receives the logits. ``secret``: the run's, as
-    for :func:`run_owner`.
+               requests: Optional[Dict[int, List[Any]]] = None, dealer: Optional[str] = None,
+               security: Optional[LinkSecurity] = None) -> PartyResult:
+    """Run party 1, the client: contributes the images and alone receives the logits. ``secret``, ``dealer`` and
+    ``security``: as for :func:`run_owner` (the client reaches the owner at ``rendezvous`` and the dealer at
+    ``dealer``; it listens nowhere).
 
     The images are checked before connecting (a finite float tensor of four dimensions) and against the
     owner's plan (shape, public input bounds) before anything is shared; with ``clamp`` values outside the
@@ -324,12 +328,16 @@ def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, 
     """
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, secret, None, None, images, clamp=clamp, log=log, on_timeout=on_timeout,
-                requests=requests, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session)
+                requests=requests, batch_size=batch_size, on_batch=on_batch, on_layer=on_layer, session=session,
+                dealer=dealer, security=security)
 
 
 def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes,
-               on_timeout: Optional[Callable[[str], None]] = None) -> None:
-    """Run the dealer of multiplication triples (``provider='TTP'``), rank 2, until the owner is done.
+               on_timeout: Optional[Callable[[str], None]] = None, dealer: Optional[str] = None,
+               security: Optional[LinkSecurity] = None) -> None:
+    """Run the dealer of multiplication triples (``provider='TTP'``), rank 2, until the owner is done. It listens at
+    ``dealer`` (``HOST:PORT``; default: the rendezvous host, the next port) for both parties; ``security`` as for
+    :func:`run_owner`.
 
     The dealer must be neither party: it knows every triple, so together with either party it would open
     the other party's inputs. It sees only the sizes of the triples it is asked for, and serves only the requests
@@ -342,11 +350,11 @@ def run_dealer(rendezvous: str, settings: SecureSettings, secret: bytes,
     if not settings.dealer:
         raise ValueError(f'the dealer (rank 2) serves CrypTen with provider TTP; these settings use '
                          f'{settings.engine} with provider {settings.provider}')
-    crypten = _init(DEALER, rendezvous, settings, secret, on_timeout)
+    crypten = _init(DEALER, rendezvous, settings, secret, on_timeout, dealer, security)
     from crypten.mpc.provider.ttp_provider import TTPServer
     comm = crypten.communicator.get()
     # CrypTen's dealer functions and its seeding of the parties' generators, without its loop (which runs any name)
     server = TTPServer.__new__(TTPServer)
     server.ttp_group, server.comm_group, server.device = comm.ttp_group, comm.ttp_comm_group, 'cpu'
     server._setup_generators()
-    serve_dealer(server, settings)
+    serve_dealer(server, settings, comm)

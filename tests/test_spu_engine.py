@@ -86,7 +86,7 @@ def test_engine_and_protocol_are_checked_before_anything_starts():
 
 
 def _party_args(*args):
-    return ['party', '--engine', 'spu', '--secret-file', secret_file(), *args]
+    return ['party', '--engine', 'spu', '--insecure-plaintext', '--secret-file', secret_file(), *args]
 
 
 def _party(*args):  # the CLI's main in a process forked with everything imported (tests/cli_process.py)

@@ -36,10 +36,13 @@ def baseline_of(model: nn.Module) -> nn.Module:
 
 
 def compare_logits(secure: torch.Tensor, plain: torch.Tensor) -> Dict[str, float]:
-    """Max absolute error and top-1 agreement of secure against plain-text logits."""
-    return dict(max_abs_error=float((secure - plain).abs().max()),
-                top1_agreement=float((secure.argmax(-1) == plain.argmax(-1)).float().mean()),
-                images=int(plain.shape[0]))
+    """Max absolute error and top-1 agreement of secure against plain-text logits, with the image of the largest
+    error and those whose top-1 differs (their indices)."""
+    errors = (secure - plain).abs().reshape(plain.shape[0], -1).amax(-1)
+    differ = secure.argmax(-1) != plain.argmax(-1)
+    return dict(max_abs_error=float(errors.max()), top1_agreement=float((~differ).float().mean()),
+                images=int(plain.shape[0]), worst_image=int(errors.argmax()),
+                disagreeing=differ.nonzero().flatten().tolist())
 
 
 def _summary(profile: CostProfile, networks: Dict[str, NetworkSetting]) -> Dict[str, Any]:
@@ -105,7 +108,8 @@ def secure_accuracy(
     return dict(images=int(images.shape[0]), batch=batch,
                 top1=100 * float((secure.argmax(-1) == labels).float().mean()),
                 plain_top1=100 * float((plain.argmax(-1) == labels).float().mean()),
-                agreement=100 * agree['top1_agreement'], max_abs_error=agree['max_abs_error'])
+                agreement=100 * agree['top1_agreement'], max_abs_error=agree['max_abs_error'],
+                worst_image=agree['worst_image'], disagreeing=agree['disagreeing'])
 
 
 def format_profile(profile: Dict[str, Any], network: str) -> str:

@@ -154,17 +154,17 @@ def _link_security(args: argparse.Namespace, settings: Any) -> Optional[LinkSecu
     before anything runs."""
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
     expect = {role: getattr(args, f'expect_{role}') for role in ROLES if getattr(args, f'expect_{role}')}
-    if settings.engine != 'crypten':
-        if any(tls) or expect:
-            raise ValueError(f'--tls-* and --expect-* are for CrypTen\'s links; the {settings.engine} engine\'s link is '
-                             f'plaintext in this version (docs/deployment.md)')
-        return None
+    if settings.engine != 'crypten' and (any(tls) or expect or not args.insecure_plaintext):
+        raise ValueError(f'the {settings.engine} engine\'s link is plaintext in this version: its parties need '
+                         f'--insecure-plaintext, on this machine only (--tls-* and --expect-* are for CrypTen\'s '
+                         f'links; docs/deployment.md)')
     if args.insecure_plaintext:
         if any(tls):
             raise ValueError('--insecure-plaintext and --tls-cert/--tls-key/--tls-ca exclude each other')
         addresses = [parse_rendezvous(args.rendezvous)[0]]
-        if args.dealer and settings.dealer:
-            addresses.append(parse_address(args.dealer, '--dealer')[0])
+        for option, address in (('--dealer', args.dealer), ('--client-address', args.client_address)):
+            if address:
+                addresses.append(parse_address(address, option)[0])
         remote = [a for a in addresses if not is_loopback(a)]
         if remote:
             raise ValueError(f'--insecure-plaintext is for loopback only; {remote[0]} is not: give --tls-cert, '

@@ -8,12 +8,14 @@ one address it was given. A connection that fails the TLS handshake (no certific
 expired one, plaintext) or presents an identity the listener does not accept for the role it claims is refused with
 a log line, and the listener goes on waiting for the right peer until the timeout; a connecting party refuses a
 listener whose identity is not the one it expects of that role. Nothing of the protocol moves before both sides of
-every link are accepted.
+every link are accepted, and until a peer is admitted by the run's secret (:mod:`.admission`) this process keeps at
+most :data:`UNADMITTED_BYTES` of what it sends unasked.
 
 After the meeting every link is non-blocking and one thread moves all of them: whenever a process waits (to send or
 to receive), it also reads whatever any peer sent into that peer's inbox, so two processes sending large messages
 to each other at once, or a dealer sending to both parties in turn, never wait on each other. Every wait is bounded:
-a peer that moves no byte for ``timeout_s`` seconds is an error naming it.
+a peer that moves no byte for ``timeout_s`` seconds, or whose message takes longer than ``timeout_s`` plus its size at
+:data:`MIN_RATE`, is an error naming it.
 """
 import ipaddress
 import os
@@ -38,6 +40,9 @@ _ACCEPTED = b'\x01'
 _CHUNK = 1 << 20  # bytes moved per system call at most
 _RETRY_S = 0.1  # between attempts to reach a listener that is not up yet
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+UNADMITTED_BYTES = 1 << 16  # what a peer not yet admitted may send ahead (the admission's messages are 32-65 bytes)
+MIN_RATE = 1 << 16  # bytes per second: the slowest a message may move (a trickling peer ends the wait)
+_HANGUP = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 def parse_address(address: str, what: str) -> Tuple[str, int]:
@@ -151,9 +156,10 @@ class Links:
     reading whatever any peer sent (module docstring), every wait bounded by ``timeout_s`` without progress."""
 
     def __init__(self, rank: int, socks: Dict[int, socket.socket], timeout_s: float,
-                 identities: Optional[Dict[int, str]] = None) -> None:
+                 identities: Optional[Dict[int, str]] = None, admission: bool = False) -> None:
         self.rank, self.socks, self.timeout_s = rank, socks, timeout_s
         self.identities = identities or {}  # peer rank -> its certificate identity (TLS)
+        self.unadmitted = set(socks) if admission else set()  # peers whose unasked bytes are bounded
         self.inbox = {peer: bytearray() for peer in socks}
         self.failure: Dict[int, PeerError] = {}  # peers whose link ended (closed, reset) with what we had read
         self._scratch = bytearray(_CHUNK)
@@ -181,47 +187,68 @@ class Links:
                 self.failure[peer] = PeerError(f'lost the {self._role(peer)}: it closed the link')
                 return
             self.inbox[peer] += memoryview(self._scratch)[:n]
+            if peer in self.unadmitted and len(self.inbox[peer]) > UNADMITTED_BYTES:
+                self.failure[peer] = PeerError(f'the {self._role(peer)} sent more than {UNADMITTED_BYTES} bytes before '
+                                               f'it was admitted: refused')
+                self.inbox[peer] = bytearray()
+                return
 
-    def _wait(self, reading: Optional[int] = None, writing: Optional[int] = None, deadline: float = 0.0) -> None:
+    def admitted(self, peer: int) -> None:
+        """``peer`` proved it holds the run's secret: what it sends ahead is no longer bounded here."""
+        self.unadmitted.discard(peer)
+
+    def _wait(self, reading: Optional[int] = None, writing: Optional[int] = None, deadline: float = 0.0,
+              limit: float = 0.0, size: int = 0) -> None:
         """Wait until ``reading`` has bytes or ``writing`` can take some, draining every other peer meanwhile; a
-        PeerError once ``deadline`` passes."""
+        PeerError once ``deadline`` (no progress) or ``limit`` (the whole message of ``size`` bytes) passes."""
         while True:
-            for peer, sock in self.socks.items():  # TLS may hold decrypted bytes that select cannot see
+            for peer, sock in self.socks.items():  # TLS may hold decrypted bytes that poll cannot see
                 if isinstance(sock, ssl.SSLSocket) and sock.pending():
                     if peer == reading:
                         return
                     self._drain(peer)
-            listened = {sock: peer for peer, sock in self.socks.items() if peer not in self.failure}
-            if reading is not None and reading in self.failure:
+            if (reading is not None and reading in self.failure) or (writing is not None and writing in self.failure):
                 return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                peer = reading if reading is not None else writing
+            now = time.monotonic()
+            peer = reading if reading is not None else writing
+            if now >= limit:
+                raise PeerError(f'the {self._role(peer)} moved a message of {size} bytes slower than '
+                                f'{MIN_RATE // 1024} kB/s (timed out)')
+            if now >= deadline:
                 raise PeerError(f'the {self._role(peer)} moved no byte for {self.timeout_s:.0f} s (timed out)')
-            out = [self.socks[writing]] if writing is not None and writing not in self.failure else []
-            readable, writable, _ = select.select(list(listened), out, [], min(remaining, 1.0))
+            poller, peers = select.poll(), {}  # poll: no limit on descriptor numbers, unlike select
+            for other, sock in self.socks.items():
+                if other not in self.failure:
+                    poller.register(sock, _HANGUP | (select.POLLOUT if other == writing else 0))
+                    peers[sock.fileno()] = other
             ready = False
-            for sock in readable:
-                peer = listened[sock]
-                if peer == reading:
+            for fd, event in poller.poll(1000 * min(1.0, min(deadline, limit) - now)):
+                other = peers[fd]
+                if other == writing and event & (select.POLLOUT | select.POLLHUP | select.POLLERR):
                     ready = True
-                else:
-                    self._drain(peer)
-            if ready or writable or (writing is not None and writing in self.failure):
+                if event & _HANGUP:
+                    if other == reading:
+                        ready = True
+                    else:
+                        self._drain(other)
+            if ready:
                 return
+
+    def _limit(self, size: int) -> float:
+        return time.monotonic() + self.timeout_s + size / MIN_RATE
 
     def send(self, peer: int, data: object) -> None:
         """Send ``data`` (any bytes-like object) to ``peer`` in full."""
         view = memoryview(data).cast('B')
         sock, sent = self.socks[peer], 0
-        deadline = time.monotonic() + self.timeout_s
+        deadline, limit = time.monotonic() + self.timeout_s, self._limit(len(view))
         while sent < len(view):
             if peer in self.failure:
                 raise self.failure[peer]
             try:
                 n = sock.send(view[sent:sent + _CHUNK])
             except _WOULD_BLOCK:
-                self._wait(writing=peer, deadline=deadline)
+                self._wait(writing=peer, deadline=deadline, limit=limit, size=len(view))
                 continue
             except (OSError, ssl.SSLError) as e:
                 raise PeerError(f'lost the {self._role(peer)}: sending to it failed ({e})') from None
@@ -232,7 +259,7 @@ class Links:
         """Fill ``buffer`` (a writable bytes-like object) with the next bytes from ``peer``."""
         view = memoryview(buffer).cast('B')
         sock, inbox, got = self.socks[peer], self.inbox[peer], 0
-        deadline = time.monotonic() + self.timeout_s
+        deadline, limit = time.monotonic() + self.timeout_s, self._limit(len(view))
         while got < len(view):
             if inbox:
                 count = min(len(inbox), len(view) - got)
@@ -245,7 +272,7 @@ class Links:
             try:  # straight into the buffer: large messages are not copied twice
                 n = sock.recv_into(view[got:], len(view) - got)
             except _WOULD_BLOCK:
-                self._wait(reading=peer, deadline=deadline)
+                self._wait(reading=peer, deadline=deadline, limit=limit, size=len(view))
                 continue
             except (OSError, ssl.SSLError) as e:
                 self.failure[peer] = PeerError(f'lost the {self._role(peer)}: its link failed ({e})')
@@ -272,10 +299,13 @@ class Links:
                 pass
         open_ = dict(self.socks)
         while open_ and time.monotonic() < deadline:
-            readable, _, _ = select.select(list(open_.values()), [], [], max(0.0, deadline - time.monotonic()))
-            if not readable:
+            poller = select.poll()
+            for sock in open_.values():
+                poller.register(sock, _HANGUP)
+            ready = {fd for fd, _ in poller.poll(1000 * max(0.0, deadline - time.monotonic()))}
+            if not ready:
                 break
-            for peer in [p for p, s in open_.items() if s in readable]:
+            for peer in [p for p, s in open_.items() if s.fileno() in ready]:
                 try:
                     if not open_[peer].recv(_CHUNK):
                         del open_[peer]
@@ -392,9 +422,10 @@ def _accept(listener: socket.socket, expected: List[int], security: Optional[Lin
 
 def connect_links(rank: int, world: int, owner: Tuple[str, int], dealer: Optional[Tuple[str, int]],
                   security: Optional[LinkSecurity], timeout_s: float,
-                  log: Callable[[str], None] = _log_refusal) -> Links:
+                  log: Callable[[str], None] = _log_refusal, admission: bool = False) -> Links:
     """Meet the other processes of a run of ``world`` processes (2: owner and client; 3: and the dealer) as rank
-    ``rank``, within ``timeout_s``: the owner listens at ``owner``, the dealer at ``dealer``.
+    ``rank``, within ``timeout_s``: the owner listens at ``owner``, the dealer at ``dealer``. With ``admission``, what
+    each peer sends unasked is bounded until :meth:`Links.admitted`.
 
     Raises:
         ValueError: plaintext (``security`` None) with an address that is not loopback, or no identity named for a
@@ -436,4 +467,4 @@ def connect_links(rank: int, world: int, owner: Tuple[str, int], dealer: Optiona
     finally:
         if listener is not None:
             listener.close()
-    return Links(rank, socks, timeout_s, identities)
+    return Links(rank, socks, timeout_s, identities, admission)

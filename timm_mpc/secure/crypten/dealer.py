@@ -140,14 +140,19 @@ class DealerLink:
         self.comm = comm
         self.tally: Dict[str, float] = dict(requests=0, bytes=0.0, time_s=0.0)
 
-    def _exchange(self, message: Dict[str, Any], counted: bool = True) -> torch.Tensor:
+    def _exchange(self, message: Dict[str, Any], expected: int, counted: bool = True) -> torch.Tensor:
+        """Send ``message``; the dealer's answer, ``expected`` int64 values (a different count announced is refused
+        before anything is allocated)."""
         t0 = time.perf_counter()
         try:
             sent = _send_json(message, DEALER, self.comm)
-            size = self.comm.recv_tensor(DEALER, torch.tensor(0, dtype=torch.int64))
-            if not 0 <= int(size) < 2 ** 31:
-                raise DealerError(f'the dealer announced {int(size)} answers; it serves fewer than 2^31 per request')
-            flat = self.comm.recv_tensor(DEALER, torch.empty(int(size), dtype=torch.int64))
+            size = int(self.comm.recv_tensor(DEALER, torch.tensor(0, dtype=torch.int64)))
+        except RuntimeError as e:
+            raise _lost_dealer(e) from e
+        if size != expected:
+            raise DealerError(f'the dealer announced {size} answers where the committed requests make {expected}')
+        try:
+            flat = self.comm.recv_tensor(DEALER, torch.empty(size, dtype=torch.int64))
         except RuntimeError as e:
             raise _lost_dealer(e) from e
         if not counted:
@@ -164,13 +169,13 @@ class DealerLink:
         except RuntimeError as e:
             raise _lost_dealer(e) from e
 
-    def serve(self, count: int) -> torch.Tensor:
-        """The owner's shares for the next ``count`` committed requests, flat, in order."""
-        return self._exchange(dict(serve=count))
+    def serve(self, count: int, numel: int) -> torch.Tensor:
+        """The owner's shares for the next ``count`` committed requests (``numel`` values in all), flat, in order."""
+        return self._exchange(dict(serve=count), numel)
 
     def keepalive(self) -> None:
         """An empty request while a session waits: the dealer waits for the owner with a bounded timeout."""
-        self._exchange(dict(serve=0), counted=False)
+        self._exchange(dict(serve=0), 0, counted=False)
 
     def abort(self, reason: str) -> None:
         """Tell the dealer that the owner stops after a failure (best effort: the dealer may be gone)."""
@@ -182,7 +187,8 @@ class DealerLink:
     def live(self, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """One request during the inference (``offline_phase=False``, insecure): CrypTen's ``ttp_request``."""
         request = [function, None if device is None else str(device), list(args), kwargs]
-        return self._exchange(dict(live=_canonical([request])[0])).reshape(result_shape(function, args, kwargs))
+        shape = result_shape(function, args, kwargs)
+        return self._exchange(dict(live=_canonical([request])[0]), shape.numel()).reshape(shape)
 
 
 def verify_dealer(comm: Any, expected: Sequence[Any]) -> None:

@@ -91,7 +91,7 @@ def prefetch(client: Any, link: Any, requests: List[Request]) -> None:
 
     def fetch() -> None:
         chunk = pending.popleft()
-        flat = link.serve(len(chunk))
+        flat = link.serve(len(chunk), sum(request_numel(request) for request in chunk))
         link.tally['bytes'] += 8 * sum(client_numel(request) for request in chunk)  # sent to the client alongside
         offset = 0
         for request in chunk:

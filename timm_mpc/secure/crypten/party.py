@@ -70,7 +70,7 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
     message = f'could not meet {others} at {rendezvous} within {settings.timeout_s:.0f} s'
     with watchdog(settings.timeout_s + 5, f'{message} (no answer)', on_timeout):
         try:
-            links = connect_links(rank, world, owner, dealer_at, security, settings.timeout_s)
+            links = connect_links(rank, world, owner, dealer_at, security, settings.timeout_s, admission=True)
         except ValueError:
             raise
         except (PeerError, OSError) as e:
@@ -90,6 +90,7 @@ def _admit_peers(crypten: Any, rank: int, secret: bytes, settings: SecureSetting
         admit(lambda data, peer=peer: comm.send_tensor(peer, torch.frombuffer(bytearray(data), dtype=torch.uint8)),
               lambda size, peer=peer: comm.recv_tensor(peer, torch.empty(size, dtype=torch.uint8)).numpy().tobytes(),
               secret, ROLES[rank], ROLES[peer], first=rank == first)
+        comm.links.admitted(peer)
 
 
 def _exchange_json(crypten: Any, obj: Optional[Any], src: int) -> Any:

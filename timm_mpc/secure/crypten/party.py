@@ -75,7 +75,11 @@ def _init(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes,
             raise
         except (PeerError, OSError) as e:
             raise PeerError(f'{message} ({e})') from e
-        start_crypten(crypten, links, 2, partial(_admit_peers, crypten, rank, secret, settings))
+        try:
+            start_crypten(crypten, links, 2, partial(_admit_peers, crypten, rank, secret, settings))
+        except BaseException:  # a peer refused at admission: this party's links close with the error
+            _release(crypten, failed=True, seconds=settings.timeout_s)
+            raise
     return crypten
 
 

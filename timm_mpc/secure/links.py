@@ -174,17 +174,9 @@ class Links:
     def _drain(self, peer: int) -> None:
         """Read everything ``peer`` sent that is ready into its inbox; a link that ended is remembered, not raised:
         what came before is still read."""
-        sock = self.socks[peer]
         while peer not in self.failure:
-            try:
-                n = sock.recv_into(self._scratch)
-            except _WOULD_BLOCK:
-                return
-            except (OSError, ssl.SSLError) as e:
-                self.failure[peer] = PeerError(f'lost the {self._role(peer)}: its link failed ({e})')
-                return
-            if n == 0:
-                self.failure[peer] = PeerError(f'lost the {self._role(peer)}: it closed the link')
+            n = self._read(peer, self._scratch)
+            if not n:
                 return
             self.inbox[peer] += memoryview(self._scratch)[:n]
             if peer in self.unadmitted and len(self.inbox[peer]) > UNADMITTED_BYTES:
@@ -192,6 +184,20 @@ class Links:
                                                f'it was admitted: refused')
                 self.inbox[peer] = bytearray()
                 return
+
+    def _read(self, peer: int, buffer: object) -> Optional[int]:
+        """Bytes read from ``peer`` into ``buffer``: None if none are ready, 0 once its link ended (remembered in
+        :attr:`failure`)."""
+        try:
+            n = self.socks[peer].recv_into(buffer, len(buffer))
+        except _WOULD_BLOCK:
+            return None
+        except (OSError, ssl.SSLError) as e:
+            self.failure[peer] = PeerError(f'lost the {self._role(peer)}: its link failed ({e})')
+            return 0
+        if n == 0:
+            self.failure[peer] = PeerError(f'lost the {self._role(peer)}: it closed the link')
+        return n
 
     def admitted(self, peer: int) -> None:
         """``peer`` proved it holds the run's secret: what it sends ahead is no longer bounded here."""
@@ -258,7 +264,7 @@ class Links:
     def recv_into(self, peer: int, buffer: object) -> None:
         """Fill ``buffer`` (a writable bytes-like object) with the next bytes from ``peer``."""
         view = memoryview(buffer).cast('B')
-        sock, inbox, got = self.socks[peer], self.inbox[peer], 0
+        inbox, got = self.inbox[peer], 0
         deadline, limit = time.monotonic() + self.timeout_s, self._limit(len(view))
         while got < len(view):
             if inbox:
@@ -269,19 +275,13 @@ class Links:
                 continue
             if peer in self.failure:
                 raise self.failure[peer]
-            try:  # straight into the buffer: large messages are not copied twice
-                n = sock.recv_into(view[got:], len(view) - got)
-            except _WOULD_BLOCK:
+            n = self._read(peer, view[got:])  # straight into the buffer: large messages are not copied twice
+            if n is None:
                 self._wait(reading=peer, deadline=deadline, limit=limit, size=len(view))
                 continue
-            except (OSError, ssl.SSLError) as e:
-                self.failure[peer] = PeerError(f'lost the {self._role(peer)}: its link failed ({e})')
-                continue
-            if n == 0:
-                self.failure[peer] = PeerError(f'lost the {self._role(peer)}: it closed the link')
-                continue
-            got += n
-            deadline = time.monotonic() + self.timeout_s
+            if n:  # 0: the link ended, raised above
+                got += n
+                deadline = time.monotonic() + self.timeout_s
 
     def recv(self, peer: int, size: int) -> bytes:
         data = bytearray(size)

@@ -29,9 +29,9 @@ import torch
 import timm_mpc
 from timm_mpc.pattern import mu_pattern
 from timm_mpc.secure import SecureSettings, secure_predict
+from timm_mpc.secure.memory import PeakMemory
 from timm_mpc.secure.plan import normalization
 
-from peak_memory import PeakMemory
 from report_io import add_report_args, earlier_report
 
 CONFIGS = ('softmax', 'mu50', 'scaling')

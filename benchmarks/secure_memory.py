@@ -26,10 +26,9 @@ from timm_mpc.profile import NETWORKS
 from timm_mpc.data import example_images
 from timm_mpc.pattern import mu_pattern
 from timm_mpc.secure import secure_predict
-from timm_mpc.secure.memory import parse_memory
+from timm_mpc.secure.memory import PeakMemory, parse_memory
 from timm_mpc.secure.plan import normalization
 
-from peak_memory import PeakMemory
 from report_io import add_report_args, earlier_report, write_report
 
 MODELS = {

@@ -20,7 +20,8 @@ LAYERS = [
     (5, ['timm_mpc.secure']),  # secure/: what every engine shares (plan, settings, protocol, the forward)
     (6, ['timm_mpc.secure.crypten', 'timm_mpc.secure.spu']),  # one room per engine
     (7, ['timm_mpc.secure.__init__', 'timm_mpc.secure.launch', 'timm_mpc.secure.session', 'timm_mpc.secure.own_process',
-         'timm_mpc.secure.bench', 'timm_mpc.secure.commands']),  # running parties, sessions, the bench, the face
+         'timm_mpc.secure.bench', 'timm_mpc.secure.commands', 'timm_mpc.secure.serving']),  # running parties, sessions,
+    # the services, the bench, the face
     (8, ['timm_mpc.cost', 'timm_mpc.search']),  # pricing from measured runs, and the search that prices patterns
     (9, ['timm_mpc.training']),
     (10, ['timm_mpc.hub']),
@@ -90,7 +91,7 @@ def test_engines_live_apart():
                 for room in ENGINE_ROOMS if m.startswith(room) and t.startswith(ENGINE_ROOMS) and not t.startswith(room)]
     assert not crossing, '\n'.join(crossing)
     secure = ROOT / 'secure'
-    assert {p.name for p in secure.iterdir() if (p / '__init__.py').is_file()} == {'crypten', 'spu', 'plan'}
+    assert {p.name for p in secure.iterdir() if (p / '__init__.py').is_file()} == {'crypten', 'spu', 'plan', 'serving'}
 
 
 def test_no_module_imports_itself_back():

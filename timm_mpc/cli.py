@@ -19,6 +19,7 @@ from .layers.register import ACT_LAYER_NAMES, attn_layer_names
 from .pattern import parse_attn_pattern, parse_gelu_pattern
 from .reader import read_model, support_table
 from .secure.commands import add_secure_commands
+from .secure.serving.commands import add_service_commands
 from .training.commands import add_training_commands
 from .utils import save_weights
 
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_convert)
 
     add_secure_commands(sub)
+    add_service_commands(sub)
     add_training_commands(sub)
     add_hub_commands(sub)
     return parser

@@ -16,6 +16,7 @@ from .plan import (
     InputRangeError, PlanError, SecurePlan, UnsupportedModelError, build_plan, build_secure_plan, check_images,
 )
 from .protocol import PartyResult
+from .serving import connect
 from .session import SecureSession
 from .settings import InsecureSettingWarning, SecureSettings
 
@@ -26,5 +27,5 @@ __all__ = [
     'UnsupportedModelError', 'InputRangeError', 'FixedPointRangeError', 'InsecureSettingWarning', 'build_plan',
     'build_secure_plan', 'check_images', 'calibrate', 'SecurePlan', 'PlanError',
     'PartyResult', 'run_owner', 'run_client', 'run_dealer', 'LinkSecurity', 'DryRun', 'dry_run', 'MemoryBoundError',
-    'parse_memory',
+    'parse_memory', 'connect',
 ]

@@ -5,7 +5,7 @@ import json
 import sys
 import time
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from .plan import build_secure_plan, check_image_tensor, check_images
 from .protocol import OwnerLimits
 from .settings import GELU_METHODS, PROVIDERS, SecureSettings
 
-__all__ = ['add_secure_commands']
+__all__ = ['add_secure_commands', 'add_tls_args', 'tls_security', 'report_client']
 
 SPU_LINGER_S = 5.0
 """How long a ``timm-mpc party`` process of an SPU run stays after its party is done: SPU 0.9.5's link still talks
@@ -170,14 +170,8 @@ def _link_security(args: argparse.Namespace, settings: Any) -> Optional[LinkSecu
             raise ValueError(f'--insecure-plaintext is for loopback only; {remote[0]} is not: give --tls-cert, '
                              f'--tls-key and --tls-ca')
         return None
-    if not all(tls):
-        raise ValueError('a party\'s links need --tls-cert, --tls-key and --tls-ca (TLS 1.3, a certificate on both '
-                         'sides), or --insecure-plaintext on loopback; missing: '
-                         + ', '.join(f'--tls-{n}' for n, v in zip(('cert', 'key', 'ca'), tls) if not v))
-    security = LinkSecurity(args.tls_cert, args.tls_key, args.tls_ca, expect)
     met = {0: ['client', 'dealer'], 1: ['owner', 'dealer'], 2: ['owner', 'client']}[args.rank]
-    security.require(met if settings.dealer else [r for r in met if r != 'dealer'])
-    return security
+    return tls_security(args, met if settings.dealer else [r for r in met if r != 'dealer'])
 
 
 def _party(args: argparse.Namespace) -> int:
@@ -232,6 +226,13 @@ def _party(args: argparse.Namespace) -> int:
     print(f'client: {images.shape[0]} images; meeting the owner at {args.rendezvous}', flush=True)
     result = engine.run_client(args.rendezvous, images, settings, secret, log=_log, clamp=args.clamp_images,
                                batch_size=args.batch_size, **extra)
+    report_client(args, result, networks)
+    _linger(settings)
+    return 0
+
+
+def report_client(args: argparse.Namespace, result: Any, networks: Dict[str, Any]) -> None:
+    """What a client command prints of its result (the costs, the predicted classes), and its ``--json``."""
     profile = result.profile.to_dict(networks)
     print(format_profile(profile, args.network))
     print('client: predicted classes', result.logits.argmax(-1).tolist())
@@ -242,8 +243,6 @@ def _party(args: argparse.Namespace) -> int:
         with open(args.json, 'w') as f:
             json.dump(dict(profile=profile, logits=result.logits.tolist()), f, indent=1)
     sys.stdout.flush()
-    _linger(settings)
-    return 0
 
 
 def _linger(settings: Any) -> None:
@@ -256,6 +255,32 @@ def _secret(args: argparse.Namespace) -> int:
     print(f'wrote a new secret to {path}: give it to the owner, the client and the dealer over a channel you trust '
           f'(each runs timm-mpc party --secret-file {path.name})')
     return 0
+
+
+def add_tls_args(p: argparse.ArgumentParser) -> None:
+    """The TLS options of a party or a service: its certificate, key and CA, and the identities it pins per role."""
+    p.add_argument('--tls-cert', default=None, help='this party\'s certificate (PEM) for TLS 1.3 on every link')
+    p.add_argument('--tls-key', default=None, help='the private key of --tls-cert (PEM)')
+    p.add_argument('--tls-ca', default=None,
+                   help='the certificate authority (PEM) whose signature every peer\'s certificate must carry')
+    for role in ROLES:
+        p.add_argument(f'--expect-{role}', action='append', default=None, metavar='NAME',
+                       help=f'the certificate identity (common name or DNS name) accepted of the {role}; repeat for '
+                            f'several' + (' (an owner: the clients it serves)' if role == 'client' else ''))
+
+
+def tls_security(args: argparse.Namespace, roles: List[str]) -> LinkSecurity:
+    """``--tls-*`` and ``--expect-*`` as a :class:`LinkSecurity` that pins each of ``roles``; a clear error for a
+    missing file or pin."""
+    tls = [args.tls_cert, args.tls_key, args.tls_ca]
+    if not all(tls):
+        raise ValueError('the links need --tls-cert, --tls-key and --tls-ca (TLS 1.3, a certificate on both sides; '
+                         'a party on loopback may instead run --insecure-plaintext); missing: '
+                         + ', '.join(f'--tls-{n}' for n, v in zip(('cert', 'key', 'ca'), tls) if not v))
+    expect = {role: getattr(args, f'expect_{role}') for role in ROLES if getattr(args, f'expect_{role}')}
+    security = LinkSecurity(args.tls_cert, args.tls_key, args.tls_ca, expect)
+    security.require(roles)
+    return security
 
 
 def _add_batch_size_arg(p: argparse.ArgumentParser) -> None:
@@ -342,14 +367,7 @@ def add_secure_commands(sub: Any) -> None:
     party.add_argument('--dealer', default=None,
                        help='HOST:PORT where the dealer (rank 2) listens: the dealer\'s own address, where the owner and '
                             'the client reach it (default: the rendezvous host, the next port)')
-    party.add_argument('--tls-cert', default=None, help='this party\'s certificate (PEM) for TLS 1.3 on every link')
-    party.add_argument('--tls-key', default=None, help='the private key of --tls-cert (PEM)')
-    party.add_argument('--tls-ca', default=None,
-                       help='the certificate authority (PEM) whose signature every peer\'s certificate must carry')
-    for role in ROLES:
-        party.add_argument(f'--expect-{role}', action='append', default=None, metavar='NAME',
-                           help=f'the certificate identity (common name or DNS name) this party accepts of the {role}; '
-                                f'repeat for several' + (' (the owner: the clients it serves)' if role == 'client' else ''))
+    add_tls_args(party)
     party.add_argument('--insecure-plaintext', action='store_true',
                        help='links without TLS, for parties on this machine only (loopback addresses): whoever can '
                             'read the links reads everything')

@@ -29,8 +29,8 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import PeerError
 
-__all__ = ['LinkSecurity', 'Links', 'connect_links', 'parse_address', 'parse_rendezvous', 'is_loopback',
-           'certificate_identities', 'FRAME_LIMIT']
+__all__ = ['LinkSecurity', 'Links', 'connect_links', 'connect_to', 'greet', 'listener_at', 'parse_address',
+           'parse_rendezvous', 'is_loopback', 'certificate_identities', 'FRAME_LIMIT']
 
 ROLES = ('owner', 'client', 'dealer')  # by rank
 FRAME_LIMIT = 64 * 2 ** 20  # bytes of one framed message (a call of mpcvit_tiny commits about 100 kB)
@@ -318,7 +318,7 @@ class Links:
         self.socks = {}
 
 
-def _listener(address: Tuple[str, int]) -> socket.socket:
+def listener_at(address: Tuple[str, int]) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -334,7 +334,7 @@ def _remaining(deadline: float) -> float:
     return max(0.01, deadline - time.monotonic())
 
 
-def _connect(rank: int, peer: int, address: Tuple[str, int], security: Optional[LinkSecurity],
+def connect_to(rank: int, peer: int, address: Tuple[str, int], security: Optional[LinkSecurity],
              deadline: float) -> Tuple[socket.socket, Optional[str]]:
     """Reach ``peer``'s listener (retrying until it is up), check its identity, say who this is and wait for the
     listener's acceptance."""
@@ -377,6 +377,30 @@ def _connect(rank: int, peer: int, address: Tuple[str, int], security: Optional[
     return sock, identity
 
 
+def greet(sock: socket.socket, context: Optional[ssl.SSLContext], expected: Iterable[int],
+          security: Optional[LinkSecurity], where: str) -> Tuple[socket.socket, int, Optional[str]]:
+    """A listener's side of a new connection (bounded by ``sock``'s timeout): the TLS handshake with ``context``, the
+    peer's hello claiming one of the ``expected`` ranks, its identity checked for that role; then the acceptance.
+    Returns the (TLS) socket, the rank and the identity; raises PeerError, OSError or SSLError (the caller closes
+    ``sock`` and logs why)."""
+    if context is not None:
+        sock = context.wrap_socket(sock, server_side=True)
+    hello = b''
+    while len(hello) < len(_HELLO) + 2:
+        chunk = sock.recv(len(_HELLO) + 2 - len(hello))
+        if not chunk:
+            break
+        hello += chunk
+    if len(hello) != len(_HELLO) + 2 or not hello.startswith(_HELLO) or hello[4] != LINK_VERSION:
+        raise PeerError(f'{where} did not open a timm-mpc link (version {LINK_VERSION})')
+    rank, expected = hello[5], list(expected)
+    if rank not in expected:
+        raise PeerError(f'{where} claims rank {rank}; this party waits for {[ROLES[r] for r in expected]}')
+    identity = None if security is None else security.check(sock, ROLES[rank])
+    sock.sendall(_ACCEPTED)
+    return sock, rank, identity
+
+
 def _accept(listener: socket.socket, expected: List[int], security: Optional[LinkSecurity], deadline: float,
             log: Callable[[str], None]) -> Tuple[Dict[int, socket.socket], Dict[int, str]]:
     """Accept one connection from each of the ``expected`` ranks; refuse (with a log line) any other, and go on
@@ -394,29 +418,15 @@ def _accept(listener: socket.socket, expected: List[int], security: Optional[Lin
         where = f'{peer_address[0]}:{peer_address[1]}'
         sock.settimeout(min(_remaining(deadline), 30.0))
         try:
-            if context is not None:
-                sock = context.wrap_socket(sock, server_side=True)
-            hello = b''
-            while len(hello) < len(_HELLO) + 2:
-                chunk = sock.recv(len(_HELLO) + 2 - len(hello))
-                if not chunk:
-                    break
-                hello += chunk
-            if len(hello) != len(_HELLO) + 2 or not hello.startswith(_HELLO) or hello[4] != LINK_VERSION:
-                raise PeerError(f'{where} did not open a timm-mpc link (version {LINK_VERSION})')
-            rank = hello[5]
-            if rank not in expected or rank in socks:
-                raise PeerError(f'{where} claims rank {rank}; this party waits for '
-                                f'{[ROLES[r] for r in expected if r not in socks]}')
-            if security is not None:
-                identities[rank] = security.check(sock, ROLES[rank])
-            sock.sendall(_ACCEPTED)
-        except (PeerError, OSError, ssl.SSLError, IndexError) as e:
+            sock, rank, identity = greet(sock, context, [r for r in expected if r not in socks], security, where)
+        except (PeerError, OSError, ssl.SSLError) as e:
             log(f'{where}: {type(e).__name__}: {e}')
             sock.close()
             continue
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks[rank] = sock
+        if identity is not None:
+            identities[rank] = identity
     return socks, identities
 
 
@@ -445,7 +455,7 @@ def connect_links(rank: int, world: int, owner: Tuple[str, int], dealer: Optiona
         security.require(ROLES[r] for r in peers)
     deadline = time.monotonic() + timeout_s
     accepting = {0: [1] if world > 1 else [], 1: [], 2: [0, 1]}[rank]  # the client only connects out
-    listener = _listener(owner if rank == 0 else dealer) if accepting else None
+    listener = listener_at(owner if rank == 0 else dealer) if accepting else None
     socks: Dict[int, socket.socket] = {}
     identities: Dict[int, str] = {}
     try:
@@ -453,7 +463,7 @@ def connect_links(rank: int, world: int, owner: Tuple[str, int], dealer: Optiona
             if peer in accepting:
                 continue
             address = owner if peer == 0 else dealer
-            socks[peer], identity = _connect(rank, peer, address, security, deadline)
+            socks[peer], identity = connect_to(rank, peer, address, security, deadline)
             if identity is not None:
                 identities[peer] = identity
         if listener is not None:

@@ -2,14 +2,19 @@
 size that fits it, and a clear error when none does.
 
 The prediction of a batch comes from the engine's dry runs (CrypTen's: :func:`~.crypten.dry_run.predicted_peak`);
-here, the bound, the line through two small batches and the search for the batch that fits.
-``benchmarks/secure_memory.py`` compares it with the measured peak.
+here, the bound, the line through two small batches and the search for the batch that fits, and the measured
+memory of a process tree (:func:`tree_rss`, what a service's bound holds). ``benchmarks/secure_memory.py`` compares
+the prediction with the measured peak.
 """
+import os
 import re
+import threading
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 
-__all__ = ['parse_memory', 'available_memory', 'line_peak', 'fit_batch_size', 'MemoryBoundError', 'format_bytes']
+__all__ = ['parse_memory', 'available_memory', 'line_peak', 'fit_batch_size', 'MemoryBoundError', 'format_bytes',
+           'tree_rss', 'PeakMemory']
 
 _UNITS = {'': 1, 'b': 1, 'k': 10 ** 3, 'kb': 10 ** 3, 'kib': 2 ** 10, 'm': 10 ** 6, 'mb': 10 ** 6, 'mib': 2 ** 20,
           'g': 10 ** 9, 'gb': 10 ** 9, 'gib': 2 ** 30, 't': 10 ** 12, 'tb': 10 ** 12, 'tib': 2 ** 40}
@@ -84,3 +89,52 @@ def fit_batch_size(peak_of: Callable[[int], int], count: int, max_memory: int) -
         per_image = max((peak - one) / (batch - 1), 1)  # the line measured at this batch
         batch = int(min(batch - 1, 1 + (max_memory - one) // per_image))
     return batch
+
+
+def tree_rss(root: int, include_root: bool = True) -> int:
+    """Resident bytes of ``root`` (unless ``include_root`` is False) and every process below it."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                stat = Path(f'/proc/{entry}/stat').read_text()
+                parents[int(entry)] = int(stat.rsplit(')', 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    if not include_root:
+        tree.discard(root)
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+                if line.startswith('VmRSS:'):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class PeakMemory:
+    """The largest resident memory of process ``root`` (default: this one; itself unless ``include_self`` is False)
+    and every process below it while the block runs, sampled every 0.2 s: ``peak`` (bytes)."""
+
+    def __init__(self, include_self: bool = True, root: Optional[int] = None) -> None:
+        self.include_self, self.root = include_self, root
+
+    def __enter__(self) -> 'PeakMemory':
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, tree_rss(self.root or os.getpid(), self.include_self))
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -5,6 +5,7 @@ import queue
 import random
 import socket
 import sys
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -35,9 +36,9 @@ def _listen_ports() -> range:
     return range(max(1024, low - 12288), low) if low > 2048 else range(49152, 65536)
 
 
-def free_ports(count: int) -> List[int]:
-    """``count`` consecutive loopback ports, chosen at random below the range of outgoing connections, that nothing
-    listens on now."""
+def free_ports(count: int, host: str = '127.0.0.1') -> List[int]:
+    """``count`` consecutive ports of ``host`` (loopback by default), chosen at random below the range of outgoing
+    connections, that nothing listens on now."""
     ports = _listen_ports()
     for _ in range(200):
         first = _PORTS_RANDOM.randrange(ports.start, ports.stop - count + 1)  # apart from a seeded random state
@@ -45,16 +46,16 @@ def free_ports(count: int) -> List[int]:
             with ExitStack() as stack:
                 for port in range(first, first + count):
                     s = stack.enter_context(socket.socket())
-                    s.bind(('127.0.0.1', port))
+                    s.bind((host, port))
             return list(range(first, first + count))
         except OSError:
             continue
-    raise OSError(f'found no {count} consecutive free ports on loopback in {ports.start}-{ports.stop - 1}')
+    raise OSError(f'found no {count} consecutive free ports on {host} in {ports.start}-{ports.stop - 1}')
 
 
-def free_port() -> int:
-    """A loopback port that nothing listens on now (:func:`free_ports`)."""
-    return free_ports(1)[0]
+def free_port(host: str = '127.0.0.1') -> int:
+    """A port of ``host`` (loopback by default) that nothing listens on now (:func:`free_ports`)."""
+    return free_ports(1, host)[0]
 
 
 def process_context() -> Any:
@@ -88,10 +89,13 @@ def _main_module_hidden(modules: Tuple[str, ...]) -> Iterator[None]:
         main.__dict__.update(saved)
 
 
+_STARTING = threading.Lock()  # __main__ is changed while processes start: one thread at a time (a service's sessions)
+
+
 def start_processes(procs: Sequence[Any], modules: Sequence[str]) -> None:
     """Start spawned processes that import the attention-kind ``modules`` (:func:`kind_modules`) but not the
     caller's script."""
-    with _main_module_hidden(tuple(modules)):
+    with _STARTING, _main_module_hidden(tuple(modules)):
         for proc in procs:
             proc.start()
 

@@ -7,7 +7,7 @@ of the sessions (PNG).
 
     python benchmarks/secure_service.py --clients 8 --images 4 --max-sessions 3 --max-memory 4.5GiB \\
         --json benchmarks/results/secure_service.json --markdown benchmarks/results/secure_service.md \\
-        --plot benchmarks/results/secure_service.png
+        --png benchmarks/results/secure_service.png
 """
 import argparse
 import os
@@ -115,7 +115,7 @@ def plot(report: dict, path: str) -> None:
     ax.set_xlabel('seconds since the client asked')
     ax.set_title(f'{report["clients"]} clients × {report["images"]} images, at most {report["max_sessions"]} sessions '
                  f'and {report["max_memory"]}')
-    ax.legend(loc='lower right')
+    ax.legend(loc='upper right')
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument('--max-sessions', type=int, default=3, help='the service\'s --max-sessions')
     parser.add_argument('--max-memory', default='4.5GiB', help='the service\'s --max-memory')
     parser.add_argument('--timeout', type=float, default=1800, help='seconds a client may take')
-    parser.add_argument('--plot', default=None, help='write the sessions\' timeline here (PNG)')
+    parser.add_argument('--png', default=None, help='write the sessions\' timeline here (PNG)')
     add_report_args(parser, json_default=None)
     args = parser.parse_args()
     report = earlier_report(args)
@@ -141,8 +141,8 @@ def main() -> None:
                                                                                'images_per_second')},
                       command=' '.join(['python benchmarks/secure_service.py', *sys.argv[1:]]))
     write_report(args, report, markdown(report))
-    if args.plot:
-        plot(report, args.plot)
+    if args.png:
+        plot(report, args.png)
 
 
 if __name__ == '__main__':

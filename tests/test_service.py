@@ -245,9 +245,10 @@ def test_the_dealer_service_refuses_a_session_for_a_client_it_does_not_serve_or_
                                     rendezvous='tcp://127.0.0.1:9', settings=SecureSettings().to_dict()) | fields)
             return recv_message(sock, 'dealer', 10)
     try:
-        assert 'does not serve client' in ask(client='client1')['reason']
+        assert 'not among the clients this dealer serves' in ask(client='client1')['reason']
         assert 'not private' in ask(settings=SecureSettings(provider='TFP_INSECURE').to_dict())['reason']
         assert 'not a request for a session' in ask(kind='query')['reason']
+        assert "has no 'secret'" in ask(secret=None)['reason']
         with pytest.raises(PeerError, match='refused this party|failed the TLS'):
             connect_to(0, 2, dealer.address, _security(certs, 'stranger', dealer='dealer'), time.monotonic() + 10)
         assert dealer.sessions == 0
@@ -255,3 +256,58 @@ def test_the_dealer_service_refuses_a_session_for_a_client_it_does_not_serve_or_
         dealer.stop()
         dealer.wait(10)
     assert any('refused a session' in line for line in lines), lines
+
+
+def test_the_owner_service_refuses_bad_requests_by_name_and_bounds_a_trickling_client(certs):
+    """`OwnerService` in this process (a small model): requests beyond its limits, with a null or missing field, or
+    of another kind are refused with the reason before any queue or dry run; a client that trickles its request is
+    cut off within the handshake bound; the service goes on answering."""
+    from small_models import MIXED, small_mpcvit
+    from timm_mpc.secure import build_secure_plan
+    from timm_mpc.secure.serving import OwnerService
+    from timm_mpc.secure.serving.service import HANDSHAKE_S
+    model = small_mpcvit(attn_pattern=MIXED)
+    settings = SecureSettings(timeout_s=20)
+    plan = build_secure_plan(model, settings)
+    lines = []
+    port, dealer_port = free_ports(2)
+    service = OwnerService(plan, plan.owner_weights(model), settings, f'127.0.0.1:{port}', f'127.0.0.1:{dealer_port}',
+                           _security(certs, 'owner', client='client0', dealer='dealer'),
+                           ServiceLimits(max_images=8, max_batch_size=4), log=lines.append).start()
+    client = _security(certs, 'client0', owner='owner', dealer='dealer')
+
+    def ask(message):
+        sock, _ = connect_to(1, 0, service.address, client, time.monotonic() + 10)
+        with sock:
+            send_message(sock, message)
+            return recv_message(sock, 'owner', 10)
+    try:
+        query = dict(kind='query', version=1, images=4, batch_size=None)
+        assert 'at most 8 per session' in ask(query | dict(images=10 ** 9))['reason']
+        assert 'at most 4 per batch' in ask(query | dict(images=6))['reason']
+        assert "has no 'images'" in ask(query | dict(images=None))['reason']
+        assert "'batch_size' is not a int" in ask(query | dict(batch_size='4'))['reason']
+        assert 'not a request for a session' in ask(query | dict(kind='session'))['reason']
+        sock, _ = connect_to(1, 0, service.address, client, time.monotonic() + 10)
+        started = time.monotonic()
+        with sock:
+            sock.sendall(b'\x00\x00\x10\x00')  # a message of 4 kB announced, then a byte now and then
+            with pytest.raises((ConnectionError, OSError, PeerError)):
+                for _ in range(60):
+                    sock.sendall(b'{')
+                    time.sleep(1)
+                    if not recv_ready(sock):
+                        continue
+                    if not sock.recv(1):
+                        raise ConnectionError('closed')
+        assert time.monotonic() - started < HANDSHAKE_S + 10
+        assert 'at most 8 per session' in ask(query | dict(images=9))['reason']  # still answering
+    finally:
+        service.stop()
+        service.wait(30)
+    assert any('did not send a whole message in time' in line for line in lines), lines
+
+
+def recv_ready(sock):
+    import select
+    return bool(select.select([sock], [], [], 0)[0]) or sock.pending()

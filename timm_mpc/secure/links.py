@@ -378,15 +378,19 @@ def connect_to(rank: int, peer: int, address: Tuple[str, int], security: Optiona
 
 
 def greet(sock: socket.socket, context: Optional[ssl.SSLContext], expected: Iterable[int],
-          security: Optional[LinkSecurity], where: str) -> Tuple[socket.socket, int, Optional[str]]:
-    """A listener's side of a new connection (bounded by ``sock``'s timeout): the TLS handshake with ``context``, the
-    peer's hello claiming one of the ``expected`` ranks, its identity checked for that role; then the acceptance.
-    Returns the (TLS) socket, the rank and the identity; raises PeerError, OSError or SSLError (the caller closes
-    ``sock`` and logs why)."""
+          security: Optional[LinkSecurity], where: str, deadline: float) -> Tuple[socket.socket, int, Optional[str]]:
+    """A listener's side of a new connection, by ``deadline`` (time.monotonic) each step: the TLS handshake with
+    ``context``, the peer's hello claiming one of the ``expected`` ranks, its identity checked for that role; then
+    the acceptance. Returns the (TLS) socket, the rank and the identity; raises PeerError, OSError or SSLError (the
+    caller closes ``sock`` and logs why)."""
+    sock.settimeout(_remaining(deadline))
     if context is not None:
         sock = context.wrap_socket(sock, server_side=True)
     hello = b''
     while len(hello) < len(_HELLO) + 2:
+        if time.monotonic() >= deadline:
+            raise PeerError(f'{where} did not say hello in time')
+        sock.settimeout(_remaining(deadline))
         chunk = sock.recv(len(_HELLO) + 2 - len(hello))
         if not chunk:
             break
@@ -416,9 +420,9 @@ def _accept(listener: socket.socket, expected: List[int], security: Optional[Lin
             missing = ' and the '.join(ROLES[r] for r in expected if r not in socks)
             raise PeerError(f'the {missing} did not connect before the timeout') from None
         where = f'{peer_address[0]}:{peer_address[1]}'
-        sock.settimeout(min(_remaining(deadline), 30.0))
         try:
-            sock, rank, identity = greet(sock, context, [r for r in expected if r not in socks], security, where)
+            sock, rank, identity = greet(sock, context, [r for r in expected if r not in socks], security, where,
+                                         min(deadline, time.monotonic() + 30.0))
         except (PeerError, OSError, ssl.SSLError) as e:
             log(f'{where}: {type(e).__name__}: {e}')
             sock.close()

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import resource
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -167,7 +168,7 @@ def dry_run(plan: SecurePlan, settings: SecureSettings, batch: int, cache_dir: O
                        settings.timeout_s + RUN_S_PER_IMAGE * work * batch, 'the dry run of the plan')
     result = DryRun(batch=batch, **values)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f'.{os.getpid()}.part')  # processes that miss the cache together write apart
+    tmp = path.with_suffix(f'.{os.getpid()}.{threading.get_ident()}.part')  # processes (and a service's threads) apart
     tmp.write_text(json.dumps(asdict(result)))
     tmp.replace(path)
     return result

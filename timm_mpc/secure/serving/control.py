@@ -3,16 +3,17 @@ service asking the dealer's for one (:mod:`.owner`, :mod:`.dealer`), and their a
 
 Each is one JSON object behind its length (4 bytes, big-endian; at most :data:`CONTROL_LIMIT`), over a TLS 1.3
 connection opened as a party's link is (:func:`~.links.connect_to`, :func:`~.links.greet`: certificates on both sides,
-the peer's identity pinned). JSON, never pickle: a peer is not trusted to run code. Every read is bounded by the
-socket's timeout. Nothing of an image, a weight or a share ever passes here: a session's data moves over the session's
+the peer's identity pinned). JSON, never pickle: a peer is not trusted to run code. Every message must arrive whole
+within its bound. Nothing of an image, a weight or a share ever passes here: a session's data moves over the session's
 own links, between processes started for it.
 """
 import json
 import socket
 import ssl
 import struct
+import time
 from dataclasses import replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from ..errors import PeerError
 from ..links import LinkSecurity, greet
@@ -32,13 +33,17 @@ def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
     sock.sendall(_LENGTH.pack(len(data)) + data)
 
 
-def _recv_exactly(sock: socket.socket, size: int, peer: str) -> bytes:
+def _recv_exactly(sock: socket.socket, size: int, peer: str, deadline: float) -> bytes:
     data = bytearray()
     while len(data) < size:
+        left = deadline - time.monotonic()
         try:
+            if left <= 0:
+                raise socket.timeout
+            sock.settimeout(left)
             chunk = sock.recv(size - len(data))
         except socket.timeout:
-            raise PeerError(f'the {peer} sent nothing for {sock.gettimeout():.0f} s (timed out)') from None
+            raise PeerError(f'the {peer} did not send a whole message in time (timed out)') from None
         except (OSError, ssl.SSLError) as e:
             raise PeerError(f'lost the {peer}: its connection failed ({e})') from None
         if not chunk:
@@ -48,14 +53,14 @@ def _recv_exactly(sock: socket.socket, size: int, peer: str) -> bytes:
 
 
 def recv_message(sock: socket.socket, peer: str, timeout_s: float) -> Dict[str, Any]:
-    """The next message from ``peer`` within ``timeout_s``: a JSON object, or PeerError (closed, silent, too
-    large, not JSON, not an object)."""
-    sock.settimeout(timeout_s)
-    size, = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, peer))
+    """The next message from ``peer``, whole within ``timeout_s`` (a trickle is no way round it): a JSON object, or
+    PeerError (closed, silent, too large, not JSON, not an object)."""
+    deadline = time.monotonic() + timeout_s
+    size, = _LENGTH.unpack(_recv_exactly(sock, _LENGTH.size, peer, deadline))
     if size > CONTROL_LIMIT:
         raise PeerError(f'the {peer} announced a message of {size} bytes; a control message has at most '
                         f'{CONTROL_LIMIT}')
-    message = decode_json(_recv_exactly(sock, size, peer), peer)
+    message = decode_json(_recv_exactly(sock, size, peer, deadline), peer)
     if not isinstance(message, dict):
         raise PeerError(f'the {peer} sent {str(message)[:80]} where a message (a JSON object) belongs')
     return message
@@ -71,22 +76,22 @@ def refuse(sock: socket.socket, reason: str) -> None:
 
 def accept_control(sock: socket.socket, context: ssl.SSLContext, rank: int, security: LinkSecurity, where: str,
                    timeout_s: float) -> Tuple[ssl.SSLSocket, str]:
-    """A service's side of a new connection from rank ``rank`` (:func:`~.links.greet`), within ``timeout_s``."""
-    sock.settimeout(timeout_s)
-    sock, _, identity = greet(sock, context, [rank], security, where)
+    """A service's side of a new connection from rank ``rank`` (:func:`~.links.greet`), whole within ``timeout_s``."""
+    sock, _, identity = greet(sock, context, [rank], security, where, time.monotonic() + timeout_s)
     return sock, identity
 
 
-def offered_field(message: Dict[str, Any], name: str, kind: type, peer: str,
-                  default: Optional[Any] = None) -> Any:
-    """A field of ``peer``'s message, of ``kind`` (a bool is no number), or PeerError naming it."""
-    value = message.get(name, default)
-    if value is None and default is None and name not in message:
-        raise PeerError(f'the {peer}\'s message has no {name!r}: {str(message)[:200]}')
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+def offered_field(message: Dict[str, Any], name: str, kind: type, peer: str, required: bool = True) -> Any:
+    """A field of ``peer``'s message, of ``kind`` (a bool is no number); None where it is not ``required`` and
+    missing or null; else PeerError naming it."""
+    value = message.get(name)
+    if value is None:
+        if required:
+            raise PeerError(f'the {peer}\'s message has no {name!r}: {str(message)[:200]}')
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise PeerError(f'the {peer}\'s {name!r} is not a {kind.__name__}: {str(value)[:80]}')
     return value
-
 
 
 def offered_settings(values: Any, peer: str, timeout_s: float) -> SecureSettings:

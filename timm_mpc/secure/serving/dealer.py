@@ -10,16 +10,15 @@ each session is for.
 """
 import threading
 from dataclasses import replace
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Set
 
 from ..admission import check_secret
 from ..errors import PeerError
-from ..launch import SecureInferenceError
 from ..links import LinkSecurity, parse_rendezvous
 from ..own_process import run_dealer
 from ..processes import free_port
 from ..secure_vit import OWNER
-from .control import CONTROL_VERSION, accept_control, offered_field, offered_settings, recv_message, refuse, send_message
+from .control import CONTROL_VERSION, offered_field, offered_settings, recv_message, refuse, send_message
 from .service import HANDSHAKE_S, Service, log_line
 
 __all__ = ['DealerService']
@@ -31,6 +30,7 @@ class DealerService(Service):
     at once; each session's waits are bounded by the owner's timeout, at most ``timeout_s``."""
 
     name = 'dealer'
+    peer_rank = OWNER
 
     def __init__(self, listen: str, security: LinkSecurity, max_sessions: int = 8, timeout_s: float = 120.0,
                  log: Callable[[str], None] = log_line) -> None:
@@ -41,17 +41,21 @@ class DealerService(Service):
         self.max_sessions, self.timeout_s = max_sessions, timeout_s
         self.sessions = 0  # started so far
         self._admitting = threading.Lock()
+        self._ports: Set[int] = set()  # the running sessions' ports (chosen here, bound by their processes)
 
-    def handle(self, sock: Any, where: str) -> None:
-        sock, owner = accept_control(sock, self.context, OWNER, self.security, where, HANDSHAKE_S)
+    def handle(self, sock: Any, owner: str, where: str) -> None:
         message = recv_message(sock, 'owner', HANDSHAKE_S)
         try:
             with self._admitting:  # the count of sessions checked and the new one started at once
                 session = self._session(message, owner)
+                port = free_port(self.address[0])
+                while port in self._ports:
+                    port = free_port(self.address[0])
+                self._ports.add(port)
                 self.sessions += 1
-                address = f'{self.address[0]}:{free_port(self.address[0])}'
+                address = f'{self.address[0]}:{port}'
                 security = replace(self.security, expect=dict(owner=(owner,), client=(session['client'],)))
-                self.run_session(self._run, self.sessions, session, address, security, owner)
+                self.run_session(self._run, self.sessions, session, address, security, owner, port)
         except PeerError as e:
             self.log(f'dealer: refused a session of owner {owner} ({where}): {e}')
             refuse(sock, str(e))
@@ -68,7 +72,7 @@ class DealerService(Service):
             raise PeerError(f'the dealer runs {self.max_sessions} sessions already (its --max-sessions); try again')
         client = offered_field(message, 'client', str, 'owner')
         if client not in self.security.expect['client']:
-            raise PeerError(f'the dealer does not serve client {client!r}')
+            raise PeerError(f'client {client!r} is not among the clients this dealer serves (its --expect-client)')
         try:
             secret = check_secret(bytes.fromhex(offered_field(message, 'secret', str, 'owner')))
             rendezvous = offered_field(message, 'rendezvous', str, 'owner')
@@ -78,12 +82,16 @@ class DealerService(Service):
         settings = offered_settings(message.get('settings'), 'owner', self.timeout_s)
         return dict(client=client, secret=secret, rendezvous=rendezvous, settings=settings)
 
-    def _run(self, number: int, session: Dict[str, Any], address: str, security: LinkSecurity, owner: str) -> None:
+    def _run(self, number: int, session: Dict[str, Any], address: str, security: LinkSecurity, owner: str,
+             port: int) -> None:
         what = f'dealer: session {number} (owner {owner}, client {session["client"]}) at {address}'
         self.log(f'{what}: started')
         try:
             run_dealer(session['rendezvous'], session['settings'], session['secret'], dealer=address, security=security)
-        except (SecureInferenceError, ValueError) as e:
-            self.log(f'{what}: failed: {e}')
+        except Exception as e:  # the session's end; the service goes on
+            self.log(f'{what}: failed: {type(e).__name__}: {e}')
             return
+        finally:
+            with self._admitting:
+                self._ports.discard(port)
         self.log(f'{what}: done')

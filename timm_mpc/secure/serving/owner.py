@@ -17,23 +17,23 @@ import threading
 from multiprocessing import forkserver
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
 from ..admission import new_secret
 from ..crypten.dry_run import dry_run
 from ..errors import PeerError
-from ..launch import SecureInferenceError, dealer_requests
+from ..launch import dealer_requests
 from ..links import LinkSecurity, connect_to, parse_address
 from ..memory import format_bytes, line_peak, tree_rss
 from ..own_process import run_owner
 from ..plan import SecurePlan
 from ..processes import free_port, process_context
-from ..protocol import DEALER, OwnerLimits, batch_sizes
+from ..protocol import DEALER, OwnerLimits
 from ..secure_vit import CLIENT, OWNER
 from ..settings import SecureSettings
-from .control import CONTROL_VERSION, accept_control, offered_field, recv_message, refuse, send_message
+from .control import CONTROL_VERSION, offered_field, recv_message, refuse, send_message
 from .service import HANDSHAKE_S, Service, log_line
 
 __all__ = ['OwnerService', 'ServiceLimits', 'SessionRecord']
@@ -85,6 +85,7 @@ class _Ticket:
     client: str
     images: int
     batch_size: Optional[int]
+    largest: int  # its largest batch
     reserve: int
     arrived: float
 
@@ -96,6 +97,7 @@ class OwnerService(Service):
     (``expect['client']``) and of the dealer (``expect['dealer']``)."""
 
     name = 'owner'
+    peer_rank = CLIENT
 
     def __init__(self, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], settings: SecureSettings, listen: str,
                  dealer: str, security: LinkSecurity, limits: ServiceLimits = ServiceLimits(),
@@ -114,6 +116,7 @@ class OwnerService(Service):
         self._waiting: List[_Ticket] = []
         self._reserved: Dict[int, int] = {}  # running session -> its memory reserve
         self._used: Dict[str, int] = {}  # client identity -> images granted
+        self._ports: Set[int] = set()  # the running sessions' ports
         self._started = 0
 
     def _dry_peak(self, batch: int) -> int:
@@ -141,8 +144,7 @@ class OwnerService(Service):
         with self._turns:
             self._turns.notify_all()  # the waiting clients are told and leave
 
-    def handle(self, sock: Any, where: str) -> None:
-        sock, client = accept_control(sock, self.context, CLIENT, self.security, where, HANDSHAKE_S)
+    def handle(self, sock: Any, client: str, where: str) -> None:
         peer = f'client {client}'
         message = recv_message(sock, peer, HANDSHAKE_S)
         try:
@@ -151,16 +153,22 @@ class OwnerService(Service):
             self.log(f'owner: refused {peer} ({where}): {e}')
             refuse(sock, str(e))
             return
-        number = None
+        number, handed = None, False
         try:
             number = self._wait_turn(sock, ticket)
             offer = self._start(number, ticket, self._prepare(sock, ticket))
+            handed = True  # the session's thread holds the slot now, and frees it
+            send_message(sock, offer)
         except PeerError as e:
             self.log(f'owner: {peer} ({where}) got no session: {e}')
             refuse(sock, str(e))
-            self._end(number, ticket, ran=False)
-            return
-        send_message(sock, offer)
+        except OSError as e:
+            if not handed:
+                raise
+            self.log(f'owner: {peer} ({where}) left before its offer ({e}); its session ends within the timeout')
+        finally:
+            if not handed:
+                self._end(number, ticket, ran=False)
 
     def _ticket(self, message: Dict[str, Any], client: str) -> _Ticket:
         """The client's request checked against the limits, its images granted to its identity; PeerError naming
@@ -168,20 +176,22 @@ class OwnerService(Service):
         if message.get('kind') != 'query' or message.get('version') != CONTROL_VERSION:
             raise PeerError(f'not a request for a session of version {CONTROL_VERSION}: {str(message)[:200]}')
         images = offered_field(message, 'images', int, 'client')
-        batch_size = offered_field(message, 'batch_size', int, 'client', default=None) if message.get('batch_size') \
-            is not None else None
+        batch_size = offered_field(message, 'batch_size', int, 'client', required=False)
         if images < 1 or batch_size is not None and batch_size < 1:
-            raise PeerError(f'a session of {images} images in batches of {batch_size}: both must be at least 1')
-        refusal = OwnerLimits(self.limits.max_batch_size, self.limits.max_images).refusal(
-            batch_sizes(images, batch_size), self.plan, self.settings)
-        if refusal is not None:
-            raise PeerError(refusal)
-        reserve = self._dry_peak(max(batch_sizes(images, batch_size)))
+            raise PeerError(f'a session of {images} images in batches of {batch_size or "all"}: both must be at '
+                            f'least 1')
+        if images > self.limits.max_images:
+            raise PeerError(f'{images} images; the service accepts at most {self.limits.max_images} per session')
+        largest = min(batch_size or images, images)
+        if largest > self.limits.max_batch_size:
+            raise PeerError(f'a batch of {largest} images; the service accepts at most {self.limits.max_batch_size} '
+                            f'per batch (ask for a smaller batch size)')
+        reserve = self._dry_peak(largest)
         bound = self.limits.max_memory
         if bound is not None and self.base_memory + reserve > bound:
-            raise PeerError(f'a batch of {max(batch_sizes(images, batch_size))} images needs about '
-                            f'{format_bytes(reserve)}; the service\'s bound leaves {format_bytes(bound - self.base_memory)}'
-                            f': ask for smaller batches')
+            raise PeerError(f'a batch of {largest} images needs about {format_bytes(reserve)}; the service\'s memory '
+                            f'bound of {format_bytes(bound)} leaves {format_bytes(bound - self.base_memory)} to a '
+                            f'session: ask for smaller batches')
         with self._turns:
             if self.stopping.is_set():
                 raise PeerError('the service is stopping')
@@ -190,9 +200,10 @@ class OwnerService(Service):
                 raise PeerError(f'client {client} was granted {used} of its {most} images already; {images} more '
                                 f'exceed them')
             if len(self._waiting) >= self.limits.max_waiting:
-                raise PeerError(f'{len(self._waiting)} clients wait already; try again later')
+                raise PeerError(f'{len(self._waiting)} clients wait already, the most the service queues; try again '
+                                f'later')
             self._used[client] = used + images
-            ticket = _Ticket(client, images, batch_size, reserve, time.monotonic())
+            ticket = _Ticket(client, images, batch_size, largest, reserve, time.monotonic())
             self._waiting.append(ticket)
         return ticket
 
@@ -220,12 +231,12 @@ class OwnerService(Service):
                 waited = time.monotonic() - ticket.arrived
                 if waited > self.limits.queue_timeout_s:
                     raise PeerError(f'waited {waited:.0f} s for a session, the service\'s bound')
-                place = (self._waiting.index(ticket) + 1, len(self._reserved))
+                place = self._waiting.index(ticket) + 1
                 if told is not None and told[0] == place and time.monotonic() - told[1] < KEEPALIVE_S:
                     self._turns.wait(KEEPALIVE_S)
                     continue
             try:
-                send_message(sock, dict(status='queued', position=place[0], running=place[1]))
+                send_message(sock, dict(status='queued', position=place))
             except OSError as e:
                 raise PeerError(f'the client left while it waited ({e})') from None
             told = (place, time.monotonic())
@@ -239,66 +250,85 @@ class OwnerService(Service):
         def work() -> None:
             try:
                 outcome['requests'] = dealer_requests(self.plan, self.settings, ticket.images, ticket.batch_size)
-            except (RuntimeError, ValueError) as e:
+            except Exception as e:  # reported to the client below
                 outcome['error'] = e
             finally:
                 done.set()
         threading.Thread(target=work, daemon=True).start()
+        left = None
         while not done.wait(KEEPALIVE_S):
-            try:
-                send_message(sock, dict(status='preparing'))
-            except OSError as e:  # the dry run goes on: the next session of this size finds it in the cache
-                raise PeerError(f'the client left while the owner prepared its session ({e})') from None
+            if left is None:
+                try:
+                    send_message(sock, dict(status='preparing'))
+                except OSError as e:
+                    left = e  # the slot stays held until the dry run ends: its processes are in the reserve
+        if left is not None:
+            raise PeerError(f'the client left while the owner prepared its session ({left})')
         if 'error' in outcome:
             raise PeerError(f'the owner could not prepare the session: {outcome["error"]}')
         return outcome['requests']
 
     def _start(self, number: int, ticket: _Ticket, requests: Optional[Dict[int, List[Any]]]) -> Dict[str, Any]:
-        """The session's dealer (asked of the dealer's service) and owner process; the offer the client gets."""
+        """The session's dealer (asked of the dealer's service) and owner process; the offer the client gets. Once
+        this returns, the session's thread holds the slot."""
         secret = new_secret()
-        host = self.address[0]
-        rendezvous = f'tcp://{host}:{free_port(host)}'
-        dealer = self._dealer_session(ticket.client, secret, rendezvous)
-        security = replace(self.security, expect=dict(client=(ticket.client,), dealer=self.security.expect['dealer']))
-        self.run_session(self._run, number, ticket, rendezvous, secret, dealer, security, requests)
+        port = self._session_port()
+        try:
+            rendezvous = f'tcp://{self.address[0]}:{port}'
+            dealer, identity = self._dealer_session(ticket.client, secret, rendezvous)
+            security = replace(self.security, expect=dict(client=(ticket.client,), dealer=(identity,)))
+            self.run_session(self._run, number, ticket, rendezvous, secret, dealer, security, requests, port)
+        except BaseException:
+            self._ports.discard(port)
+            raise
         return dict(status='start', session=number, rendezvous=rendezvous, dealer=dealer, secret=secret.hex(),
                     settings=self.settings.to_dict())
 
-    def _dealer_session(self, client: str, secret: bytes, rendezvous: str) -> str:
-        """Ask the dealer's service for a session; the address of the session's dealer, or PeerError."""
+    def _session_port(self) -> int:
+        """A free port of the service's host that no session of this service was given and still runs on (a port is
+        chosen here and bound by the session's process a moment later)."""
+        with self._turns:
+            port = free_port(self.address[0])
+            while port in self._ports:
+                port = free_port(self.address[0])
+            self._ports.add(port)
+        return port
+
+    def _dealer_session(self, client: str, secret: bytes, rendezvous: str) -> Tuple[str, str]:
+        """Ask the dealer's service for a session; the address of the session's dealer and the dealer's identity,
+        or PeerError."""
         where = f'{self.dealer[0]}:{self.dealer[1]}'
         try:
-            sock, _ = connect_to(OWNER, DEALER, self.dealer, self.security, time.monotonic() + HANDSHAKE_S)
-            try:
+            sock, identity = connect_to(OWNER, DEALER, self.dealer, self.security, time.monotonic() + HANDSHAKE_S)
+            with sock:
                 send_message(sock, dict(kind='session', version=CONTROL_VERSION, secret=secret.hex(), client=client,
                                         rendezvous=rendezvous, settings=self.settings.to_dict()))
                 answer = recv_message(sock, 'dealer', HANDSHAKE_S)
-            finally:
-                sock.close()
             if answer.get('status') != 'ready':
                 raise PeerError(f'it refused: {str(answer.get("reason", answer))[:300]}')
             address = offered_field(answer, 'dealer', str, 'dealer')
             parse_address(address, 'the dealer\'s session address')
         except (PeerError, OSError, ValueError) as e:
             raise PeerError(f'the dealer\'s service at {where} gave no session: {e}') from None
-        return address
+        return address, identity
 
     def _run(self, number: int, ticket: _Ticket, rendezvous: str, secret: bytes, dealer: str,
-             security: LinkSecurity, requests: Optional[Dict[int, List[Any]]]) -> None:
+             security: LinkSecurity, requests: Optional[Dict[int, List[Any]]], port: int) -> None:
         what = f'owner: session {number} (client {ticket.client}, {ticket.images} images)'
         started, error = time.monotonic(), None
         self.log(f'{what}: started after {started - ticket.arrived:.1f} s in turn; owner at {rendezvous[len("tcp://"):]}, '
                  f'dealer at {dealer}')
         try:
             result = run_owner(rendezvous, self.plan, self.state_dict, self.settings, secret, requests=requests,
-                               limits=OwnerLimits(self.limits.max_batch_size, ticket.images), dealer=dealer,
+                               limits=OwnerLimits(ticket.largest, ticket.images), dealer=dealer,
                                security=security)
             self.log(f'{what}: done in {time.monotonic() - started:.1f} s; {result.profile.rounds} rounds, '
                      f'{result.profile.bytes / 1e6:.1f} MB per batch')
-        except (SecureInferenceError, RuntimeError, ValueError) as e:
-            error = str(e)
+        except Exception as e:  # the session's end; the service goes on
+            error = f'{type(e).__name__}: {e}'
             self.log(f'{what}: failed after {time.monotonic() - started:.1f} s: {error[:500]}')
         finally:
+            self._ports.discard(port)
             self.records.append(SessionRecord(number, ticket.client, ticket.images, started - ticket.arrived,
                                               time.monotonic() - started, error))
             self._end(number, ticket, ran=True)

@@ -66,8 +66,7 @@ def request_session(server: str, security: LinkSecurity, images: int, batch_size
             elif status == 'queued':
                 if log is not None and message.get('position') != place:  # repeated while the client waits
                     place = message.get('position')
-                    log(f'client: waiting for a session: place {place} in the queue, {message.get("running")} '
-                        f'sessions running')
+                    log(f'client: waiting for a session: place {place} in the queue')
             else:
                 raise PeerError(f'the owner\'s service sent {str(message)[:200]} where a session belongs')
             if time.monotonic() > deadline:

@@ -1,6 +1,9 @@
-"""What the long-running services (:mod:`.owner`, :mod:`.dealer`) share: a listener, one thread per
-connection (a slow or hostile peer holds only its own), the sessions' threads, and a graceful stop (SIGTERM or
-SIGINT: no new connection is taken, the sessions running finish, then the service ends)."""
+"""What the long-running services (:mod:`.owner`, :mod:`.dealer`) share: a listener, one thread per connection up to
+:data:`MAX_CONNECTIONS` (a slow or hostile peer holds only its own, for :data:`HANDSHAKE_S` at most before it is
+admitted), the TLS handshake with the peer's identity pinned, the sessions' threads, and a graceful stop (SIGTERM or
+SIGINT: no new connection is taken, the sessions running finish, then the service ends; a second signal ends it at
+once)."""
+import os
 import signal
 import socket
 import ssl
@@ -9,12 +12,15 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from .control import accept_control
 from ..links import LinkSecurity, listener_at, parse_address
 
-__all__ = ['Service', 'HANDSHAKE_S', 'log_line']
+__all__ = ['Service', 'HANDSHAKE_S', 'MAX_CONNECTIONS', 'log_line']
 
-HANDSHAKE_S = 10.0  # a new connection's TLS handshake and first message, at most
+HANDSHAKE_S = 10.0  # a new connection's TLS handshake and hello, and each control message, at most
+MAX_CONNECTIONS = 256  # connections answered at once (waiting clients included); more are closed at once
 _POLL_S = 0.5  # how often the listener looks for a stop
+_ACCEPT_RETRY_S = 1.0  # after the system refused an accept (out of descriptors): the service goes on
 
 
 def log_line(message: str) -> None:
@@ -22,10 +28,12 @@ def log_line(message: str) -> None:
 
 
 class Service:
-    """A TLS service at ``listen`` (``HOST:PORT``): subclasses answer each connection in :meth:`handle` (its own
-    thread) and run sessions with :meth:`run_session`."""
+    """A TLS service at ``listen`` (``HOST:PORT``) for peers of rank :attr:`peer_rank`, pinned by ``security``:
+    subclasses answer each admitted connection in :meth:`handle` (its own thread) and run sessions with
+    :meth:`run_session`."""
 
     name = 'service'
+    peer_rank = 1
 
     def __init__(self, listen: str, security: LinkSecurity, log: Callable[[str], None] = log_line) -> None:
         self.address = parse_address(listen, '--listen')
@@ -36,6 +44,7 @@ class Service:
         self._threads: List[threading.Thread] = []
         self._sessions: List[threading.Thread] = []
         self._lock = threading.Lock()
+        self._connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
     def start(self) -> 'Service':
         """Listen (an address that cannot be bound raises here, before anything else) and take connections."""
@@ -61,19 +70,41 @@ class Service:
                 sock, peer = self._listener.accept()
             except socket.timeout:
                 continue
-            except OSError:  # the listener closed: stopping
-                return
-            self._spawn(self._answer, self._threads, sock, f'{peer[0]}:{peer[1]}')
+            except OSError as e:
+                if self.stopping.is_set():  # the listener closed
+                    return
+                self.log(f'{self.name}: could not accept a connection ({e}); going on')
+                time.sleep(_ACCEPT_RETRY_S)
+                continue
+            if not self._connections.acquire(blocking=False):
+                self.log(f'{self.name}: refused a connection: {peer[0]}:{peer[1]}: {MAX_CONNECTIONS} connections '
+                         f'are answered already')
+                sock.close()
+                continue
+            try:
+                self._spawn(self._answer, self._threads, sock, f'{peer[0]}:{peer[1]}')
+            except RuntimeError as e:  # no thread to be had
+                self._connections.release()
+                sock.close()
+                self.log(f'{self.name}: refused a connection: {peer[0]}:{peer[1]}: {e}')
 
     def _answer(self, sock: socket.socket, where: str) -> None:
         try:
-            self.handle(sock, where)
-        except (OSError, ssl.SSLError, RuntimeError, ValueError) as e:  # that connection's end; the service goes on
-            self.log(f'{self.name}: refused a connection: {where}: {type(e).__name__}: {e}')
+            try:
+                tls, identity = accept_control(sock, self.context, self.peer_rank, self.security, where, HANDSHAKE_S)
+            except (OSError, ssl.SSLError, RuntimeError) as e:
+                self.log(f'{self.name}: refused a connection: {where}: {type(e).__name__}: {e}')
+                sock.close()
+                return
+            with tls:
+                try:
+                    self.handle(tls, identity, where)
+                except (OSError, ssl.SSLError, RuntimeError, ValueError) as e:  # its end; the service goes on
+                    self.log(f'{self.name}: ended a connection: {where} ({identity}): {type(e).__name__}: {e}')
         finally:
-            sock.close()
+            self._connections.release()
 
-    def handle(self, sock: socket.socket, where: str) -> None:
+    def handle(self, sock: ssl.SSLSocket, identity: str, where: str) -> None:
         raise NotImplementedError
 
     def run_session(self, target: Callable[..., None], *args: object) -> None:
@@ -94,16 +125,27 @@ class Service:
         self.log(f'{self.name}: stopping: no new sessions; waiting for the {self.running_sessions()} running')
 
     def wait(self, timeout_s: Optional[float] = None) -> bool:
-        """Wait for the sessions (and connections) running to end; whether they all did within ``timeout_s``."""
+        """Wait for the connections and sessions running to end (a connection may still start one); whether they
+        all did within ``timeout_s``."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for thread in list(self._sessions) + list(self._threads):
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._sessions)
+        while True:
+            with self._lock:
+                alive = [t for t in self._threads + self._sessions if t.is_alive()]
+            if not alive:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            alive[0].join(_POLL_S)
 
     def serve_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal ends the process at once."""
+        def on_signal(*_: object) -> None:
+            if self.stopping.is_set():
+                self.log(f'{self.name}: a second signal: ending now, the sessions running with it')
+                os._exit(1)
+            self.stop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop())
+            signal.signal(sig, on_signal)
         self.start()
         self.log(f'{self.name}: listening at {self.where}')
         while not self.stopping.wait(_POLL_S):

@@ -90,14 +90,14 @@ def markdown(report: dict) -> str:
     s = report['summary']
     waits = [x['waited_s'] for x in report['run']['sessions']]
     runs = [x['run_s'] for x in report['run']['sessions']]
-    return (f'| clients × images | sessions at once (bound) | sessions per minute | images per second | wait in turn, '
-            f'median (max) | session, median (min) | service peak memory (bound) |\n'
+    return (f'| clients × images | --max-sessions | sessions per minute | images per second | wait in turn, '
+            f'median (max) | session, median (min) | service peak memory (--max-memory) |\n'
             f'|---|---|---|---|---|---|---|\n'
             f'| {report["clients"]} × {report["images"]} | {report["max_sessions"]} | {s["sessions_per_minute"]:.1f} | '
             f'{s["images_per_second"]:.2f} | {statistics.median(waits):.0f} s ({max(waits):.0f} s) | '
             f'{statistics.median(runs):.0f} s ({min(runs):.0f} s) | {report["run"]["peak_memory"] / 2 ** 30:.2f} GiB '
             f'({parse_memory(report["max_memory"]) / 2 ** 30:.2f} GiB) |\n\n'
-            f'`{report["command"]}`; one run on this machine ({os.cpu_count()} cores); the first client started to '
+            f'`{report["command"]}`; one run on a machine of {report["cores"]} cores; the first client started to '
             f'the last done: {report["run"]["wall_s"]:.0f} s.\n')
 
 
@@ -136,7 +136,7 @@ def main() -> None:
             folder = Path(tmp)
             make_certificates(folder)
             run = load_run(args, folder)
-        report = dict(run=run, clients=args.clients, images=args.images, max_sessions=args.max_sessions,
+        report = dict(run=run, cores=os.cpu_count(), clients=args.clients, images=args.images, max_sessions=args.max_sessions,
                       max_memory=args.max_memory, summary={k: run[k] for k in ('sessions_per_minute',
                                                                                'images_per_second')},
                       command=' '.join(['python benchmarks/secure_service.py', *sys.argv[1:]]))

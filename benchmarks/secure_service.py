@@ -93,7 +93,8 @@ def markdown(report: dict) -> str:
     return (f'| clients × images | --max-sessions | sessions per minute | images per second | wait in turn, '
             f'median (max) | session, median (min) | service peak memory (--max-memory) |\n'
             f'|---|---|---|---|---|---|---|\n'
-            f'| {report["clients"]} × {report["images"]} | {report["max_sessions"]} | {s["sessions_per_minute"]:.1f} | '
+            f'| {report["clients"]} × {report["images"]} | {report["max_sessions"]} | '
+            f'{s["sessions_per_minute"]:.1f} | '
             f'{s["images_per_second"]:.2f} | {statistics.median(waits):.0f} s ({max(waits):.0f} s) | '
             f'{statistics.median(runs):.0f} s ({min(runs):.0f} s) | {report["run"]["peak_memory"] / 2 ** 30:.2f} GiB '
             f'({parse_memory(report["max_memory"]) / 2 ** 30:.2f} GiB) |\n\n'
@@ -136,7 +137,8 @@ def main() -> None:
             folder = Path(tmp)
             make_certificates(folder)
             run = load_run(args, folder)
-        report = dict(run=run, cores=os.cpu_count(), clients=args.clients, images=args.images, max_sessions=args.max_sessions,
+        report = dict(run=run, cores=os.cpu_count(), clients=args.clients, images=args.images,
+                      max_sessions=args.max_sessions,
                       max_memory=args.max_memory, summary={k: run[k] for k in ('sessions_per_minute',
                                                                                'images_per_second')},
                       command=' '.join(['python benchmarks/secure_service.py', *sys.argv[1:]]))

@@ -90,7 +90,8 @@ def test_eight_clients_at_once_with_one_killed_one_stalled_and_strangers_refused
                 time.sleep(2)  # the images are shared and the parties compute
                 act()
             watchers = [threading.Thread(target=mid_session, args=(killed, killed.kill)),
-                        threading.Thread(target=mid_session, args=(stalled, lambda: stalled.send_signal(signal.SIGSTOP)))]
+                        threading.Thread(target=mid_session,
+                                         args=(stalled, lambda: stalled.send_signal(signal.SIGSTOP)))]
             for watcher in watchers:
                 watcher.start()
             service.wait_for_output('owner: session 8 (', timeout=600)  # the last session granted is running

@@ -105,6 +105,6 @@ def offered_settings(values: Any, peer: str, timeout_s: float) -> SecureSettings
         what = ('that are not an object' if settings is None else
                 f'that are not private ({settings.describe_insecurity()})' if not settings.secure else
                 f'of engine {settings.engine} {settings.protocol}, which has no dealer')
-        raise PeerError(f'the {peer} offered settings {what}: a session runs CrypTen with a dealer outside both parties '
-                        f'and its offline phase only')
+        raise PeerError(f'the {peer} offered settings {what}: a session runs CrypTen with a dealer outside both '
+                        f'parties and its offline phase only')
     return replace(settings, timeout_s=min(settings.timeout_s, timeout_s))

@@ -316,8 +316,8 @@ class OwnerService(Service):
              security: LinkSecurity, requests: Optional[Dict[int, List[Any]]], port: int) -> None:
         what = f'owner: session {number} (client {ticket.client}, {ticket.images} images)'
         started, error = time.monotonic(), None
-        self.log(f'{what}: started after {started - ticket.arrived:.1f} s in turn; owner at {rendezvous[len("tcp://"):]}, '
-                 f'dealer at {dealer}')
+        self.log(f'{what}: started after {started - ticket.arrived:.1f} s in turn; owner at '
+                 f'{rendezvous[len("tcp://"):]}, dealer at {dealer}')
         try:
             result = run_owner(rendezvous, self.plan, self.state_dict, self.settings, secret, requests=requests,
                                limits=OwnerLimits(ticket.largest, ticket.images), dealer=dealer,

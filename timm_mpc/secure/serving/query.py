@@ -78,7 +78,8 @@ def request_session(server: str, security: LinkSecurity, images: int, batch_size
 def _offer(message: dict, timeout_s: float) -> SessionOffer:
     peer = 'owner\'s service'
     try:
-        rendezvous, dealer = offered_field(message, 'rendezvous', str, peer), offered_field(message, 'dealer', str, peer)
+        rendezvous = offered_field(message, 'rendezvous', str, peer)
+        dealer = offered_field(message, 'dealer', str, peer)
         parse_rendezvous(rendezvous)
         parse_address(dealer, 'the session\'s dealer')
         secret = check_secret(bytes.fromhex(offered_field(message, 'secret', str, peer)))

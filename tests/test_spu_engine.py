@@ -17,6 +17,7 @@ from timm_mpc.secure.engines import ENGINES, get_engine
 from timm_mpc.secure.launch import free_port
 from timm_mpc.secure.spu.party import spu_addresses
 
+from certificates import make_certificates
 from cli_process import CliProcess
 from party_spy import listening_sockets, secret_file
 
@@ -86,7 +87,9 @@ def test_engine_and_protocol_are_checked_before_anything_starts():
 
 
 def _party_args(*args):
-    return ['party', '--engine', 'spu', '--insecure-plaintext', '--secret-file', secret_file(), *args]
+    """A party's command line; plaintext on loopback unless it names its TLS certificate."""
+    plaintext = [] if '--tls-cert' in args else ['--insecure-plaintext']
+    return ['party', '--engine', 'spu', *plaintext, '--secret-file', secret_file(), *args]
 
 
 def _party(*args):  # the CLI's main in a process forked with everything imported (tests/cli_process.py)
@@ -108,20 +111,35 @@ def test_a_client_without_its_owner_stops_within_its_timeout():
     assert client.returncode == 2 and 'could not meet the other party' in err, err[-2000:]
 
 
-def test_two_terminal_spu_parties_and_bench(tmp_path, capsys):
-    """The owner and the client as two `timm-mpc party` processes, as on two hosts; then `timm-mpc bench`."""
-    port = free_port()
-    common = ['--rendezvous', f'tcp://127.0.0.1:{port}', '--client-address', f'127.0.0.1:{free_port()}',
-              '--protocol', 'cheetah', '--timeout', '60']
-    owner = _party('--rank', '0', '--model', 'mpcvit_tiny', '--model-kwargs',
-                   '{"depth": 1, "embed_dim": 16, "img_size": 8}', '--pattern', 'scaling', *common)
+def test_two_terminal_spu_parties_over_tls_and_bench(tmp_path, capsys):
+    """The owner and the client as two `timm-mpc party` processes, as on two hosts, over SPU's link with TLS: each
+    party's CA is the one that signed the other's certificate alone (SPU checks no identity). A client whose
+    certificate another CA signed is refused and stops within its timeout. Then `timm-mpc bench`."""
+    owner_ca, client_ca = make_certificates(tmp_path / 'owner_ca'), make_certificates(tmp_path / 'client_ca')
+
+    def tls(certs, name, peer_ca):
+        return ['--tls-cert', certs[name]['cert'], '--tls-key', certs[name]['key'], '--tls-ca', peer_ca['owner']['ca']]
     images = tmp_path / 'images.pt'
     torch.save(_images(1, 8), images)
-    client = _party('--rank', '1', '--images', str(images), *common)
+    owner_args = ['--rank', '0', '--model', 'mpcvit_tiny', '--pattern', 'scaling',
+                  '--model-kwargs', '{"depth": 1, "embed_dim": 16, "img_size": 8}']
+
+    def addresses(timeout):
+        return ['--rendezvous', f'tcp://127.0.0.1:{free_port()}', '--client-address', f'127.0.0.1:{free_port()}',
+                '--protocol', 'cheetah', '--timeout', timeout]
+    common = addresses('60')
+    owner = _party(*owner_args, *common, *tls(owner_ca, 'owner', client_ca))
+    client = _party('--rank', '1', '--images', str(images), *common, *tls(client_ca, 'client', owner_ca))
+    wrong = addresses('8')  # a client of the owner's own CA, not the one the owner accepts clients of
+    refused_owner = _party(*owner_args, *wrong, *tls(owner_ca, 'owner', client_ca))
+    refused = _party('--rank', '1', '--images', str(images), *wrong, *tls(owner_ca, 'client', owner_ca))
     client_out, client_err = client.communicate(timeout=300)
     out, err = owner.communicate(timeout=60)
     assert owner.returncode == 0 and client.returncode == 0, err[-2000:] + client_err[-2000:]
     assert 'predicted classes' in client_out and 'holds no logit' in out
+    for party in (refused, refused_owner):
+        _, party_err = party.communicate(timeout=120)
+        assert party.returncode == 2 and 'could not meet the other party' in party_err, party_err[-2000:]
 
     report = tmp_path / 'bench.json'
     with pytest.warns(InsecureSettingWarning):

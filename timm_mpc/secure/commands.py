@@ -154,10 +154,10 @@ def _link_security(args: argparse.Namespace, settings: Any) -> Optional[LinkSecu
     before anything runs."""
     tls = [args.tls_cert, args.tls_key, args.tls_ca]
     expect = {role: getattr(args, f'expect_{role}') for role in ROLES if getattr(args, f'expect_{role}')}
-    if settings.engine != 'crypten' and (any(tls) or expect or not args.insecure_plaintext):
-        raise ValueError(f'the {settings.engine} engine\'s link is plaintext in this version: its parties need '
-                         f'--insecure-plaintext, on this machine only (--tls-* and --expect-* are for CrypTen\'s '
-                         f'links; docs/deployment.md)')
+    if settings.engine == 'spu' and expect:
+        raise ValueError('SPU\'s link checks a peer\'s certificate against the CA only, not its identity: leave '
+                         '--expect-* out and give as --tls-ca the CA that signed the other party\'s certificate alone '
+                         '(docs/deployment.md)')
     if args.insecure_plaintext:
         if any(tls):
             raise ValueError('--insecure-plaintext and --tls-cert/--tls-key/--tls-ca exclude each other')
@@ -170,6 +170,8 @@ def _link_security(args: argparse.Namespace, settings: Any) -> Optional[LinkSecu
             raise ValueError(f'--insecure-plaintext is for loopback only; {remote[0]} is not: give --tls-cert, '
                              f'--tls-key and --tls-ca')
         return None
+    if settings.engine == 'spu':
+        return tls_security(args, [])
     met = {0: ['client', 'dealer'], 1: ['owner', 'dealer'], 2: ['owner', 'client']}[args.rank]
     return tls_security(args, met if settings.dealer else [r for r in met if r != 'dealer'])
 
@@ -192,7 +194,7 @@ def _party(args: argparse.Namespace) -> int:
         raise ValueError(f'--dealer names the dealer of CrypTen with provider TTP; engine {settings.engine} with '
                          f'protocol {settings.protocol} has none')
     engine = get_engine(settings.engine).load()
-    extra = dict(client_address=args.client_address) if settings.engine == 'spu' else \
+    extra = dict(client_address=args.client_address, security=security) if settings.engine == 'spu' else \
         dict(dealer=args.dealer, security=security)
     # what ends a party from a watchdog thread (the other party not met, or lost) reads as the command's errors do
     extra['on_timeout'] = partial(print_error, 'party')

@@ -23,10 +23,9 @@ __all__ = ['run_owner', 'run_client', 'run_dealer']
 def _engine_options(settings: SecureSettings, client_address: Optional[str], dealer: Optional[str] = None,
                     security: Optional[LinkSecurity] = None) -> Dict[str, Any]:
     if settings.engine == 'spu':
-        if dealer is not None or security is not None:
-            raise ValueError('dealer and security are for CrypTen\'s links; SPU has no dealer and its link is '
-                             'plaintext in this version')
-        return {} if client_address is None else dict(client_address=client_address)
+        if dealer is not None:
+            raise ValueError('dealer is for CrypTen\'s links; SPU has no dealer')
+        return dict(security=security, **({} if client_address is None else dict(client_address=client_address)))
     if client_address is not None:
         raise ValueError(f'client_address is for the SPU engine (CrypTen parties meet at the rendezvous only); '
                          f'these settings use {settings.engine}')

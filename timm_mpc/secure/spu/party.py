@@ -7,7 +7,10 @@ their correlations between themselves with oblivious transfer and homomorphic en
 makes the owner deal them (its trusted first party), which lets the owner open the client's data, so SEMI2K runs
 measure cost only and warn. The parties talk over SPU's link (brpc): each listens on an address of its own, the
 owner on the rendezvous ``tcp://HOST:PORT``, the client on ``client_address`` (default: the same host, the next
-port), and they admit each other by the run's secret (:mod:`.admission`) before anything else. Every wait is bounded by the settings' timeout (meeting the other party included).
+port), over TLS (``security``: SPU's link checks a peer's certificate against a CA only, so each party's CA is the
+one that signed the other party's certificate alone) or in plaintext on loopback only, and they admit each other by
+the run's secret (:mod:`.admission`) before anything else. Every wait is bounded by the settings' timeout (meeting
+the other party included).
 """
 import json
 import shutil
@@ -23,6 +26,7 @@ import torch
 from ...profile import CostMeter, CostRow
 from ..admission import admit, check_secret
 from ..errors import PeerError
+from ..links import LinkSecurity, is_loopback, parse_address
 from ..plan import SecurePlan
 from ..protocol import (
     ROLES, OwnerLimits, PartyResult, agree, client_inputs, decode_json, lost_peer, report_on_stderr, watchdog,
@@ -104,9 +108,18 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
          log: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
          on_batch: Optional[Callable[[int], None]] = None,
          on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None,
-         on_timeout: Optional[Callable[[str], None]] = None, limits: Optional[OwnerLimits] = None) -> PartyResult:
+         on_timeout: Optional[Callable[[str], None]] = None, limits: Optional[OwnerLimits] = None,
+         security: Optional[LinkSecurity] = None) -> PartyResult:
     check_secret(secret)
     addresses = spu_addresses(rendezvous, client_address)
+    if security is None:
+        remote = [a for a in addresses if not is_loopback(parse_address(a, 'an SPU party\'s address')[0])]
+        if remote:
+            raise ValueError(f'plaintext links are for loopback only; {remote[0]} is not: give TLS certificates '
+                             f'(--tls-cert, --tls-key, --tls-ca)')
+    elif security.expect:
+        raise ValueError('SPU\'s link checks a peer\'s certificate against the CA only, not its identity: leave expect '
+                         '(--expect-*) out and give as the CA the one that signed the other party\'s certificate alone')
     log_dir = tempfile.mkdtemp(prefix='timm-mpc-spu-')
     session = None
     try:
@@ -115,7 +128,7 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
         with watchdog(settings.timeout_s + 1, f'{message} (no answer)', on_timeout):
             try:
                 session = SpuSession(rank, addresses, settings.protocol, settings.timeout_s, log_dir,
-                                     on_timeout or report_on_stderr, partial(_admit, rank, secret))
+                                     on_timeout or report_on_stderr, partial(_admit, rank, secret), security)
             except PeerError:
                 raise
             except RuntimeError as e:
@@ -164,24 +177,30 @@ def _run(rank: int, rendezvous: str, settings: SecureSettings, secret: bytes, pl
 
 def run_owner(rendezvous: str, plan: SecurePlan, state_dict: dict, settings: SecureSettings, secret: bytes,
               log: Optional[Callable[[str], None]] = None, on_timeout: Optional[Callable[[str], None]] = None,
-              client_address: Optional[str] = None, limits: Optional[OwnerLimits] = None, **_: Any) -> PartyResult:
+              client_address: Optional[str] = None, limits: Optional[OwnerLimits] = None,
+              security: Optional[LinkSecurity] = None, **_: Any) -> PartyResult:
     """Run party 0, the model owner, on SPU: contributes the weights and the plan, learns nothing but the costs (and
     the sizes of the client's batches). ``on_timeout`` reports why the process ends when the other party is not met
     in time (default: a line on stderr); the process then exits with code 2. ``secret``: the run's, which each party
-    proves it holds before anything is shared (:mod:`.admission`)."""
+    proves it holds before anything is shared (:mod:`.admission`). ``security``: TLS on SPU's link, its CA the one
+    that signed the client's certificate alone (:class:`~timm_mpc.secure.links.LinkSecurity` without ``expect``);
+    None: plaintext, on loopback only."""
     plan.check()
     settings.warn_if_insecure()
     return _run(OWNER, rendezvous, settings, secret, plan, state_dict, None, log=log, client_address=client_address,
-                on_timeout=on_timeout, limits=limits)
+                on_timeout=on_timeout, limits=limits, security=security)
 
 
 def run_client(rendezvous: str, images: torch.Tensor, settings: SecureSettings, secret: bytes,
                log: Optional[Callable[[str], None]] = None, clamp: bool = False,
                on_timeout: Optional[Callable[[str], None]] = None, batch_size: Optional[int] = None,
                on_batch: Optional[Callable[[int], None]] = None,
-               on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None) -> PartyResult:
+               on_layer: Optional[Callable[[], None]] = None, client_address: Optional[str] = None,
+               security: Optional[LinkSecurity] = None) -> PartyResult:
     """Run party 1, the client, on SPU: contributes the images and alone receives the logits (as
-    :func:`timm_mpc.secure.crypten.party.run_client`)."""
+    :func:`timm_mpc.secure.crypten.party.run_client`). ``security``: as for :func:`run_owner`, its CA the one that
+    signed the owner's certificate alone."""
     images = client_inputs(images, settings, batch_size)
     return _run(CLIENT, rendezvous, settings, secret, None, None, images, clamp=clamp, log=log, batch_size=batch_size,
-                on_batch=on_batch, on_layer=on_layer, client_address=client_address, on_timeout=on_timeout)
+                on_batch=on_batch, on_layer=on_layer, client_address=client_address, on_timeout=on_timeout,
+                security=security)

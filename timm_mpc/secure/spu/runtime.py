@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ...utils import end_process, import_extra
+from ..links import LinkSecurity
 
 __all__ = ['SpuSession', 'SpuTensor', 'import_spu', 'exit_if_links_abandoned', 'static_key', 'SPU_PROTOCOLS',
            'SPU_FRACTION_BITS']
@@ -49,6 +50,19 @@ def import_spu() -> Tuple[Any, Any, Any, Any]:
     return libspu, spu_api, frontend, jnp
 
 
+def _enable_tls(desc: Any, tls: LinkSecurity) -> None:
+    """TLS on both sides of SPU's link, a certificate required of the peer (brpc checks its chain to ``tls.ca``).
+    pybind's options are copies: each is set and put back."""
+    desc.enable_ssl = True
+    for side in ('server_ssl_opts', 'client_ssl_opts'):
+        options = getattr(desc, side)
+        cert, verify = options.cert, options.verify
+        cert.certificate_path, cert.private_key_path = str(tls.cert), str(tls.key)
+        verify.ca_file_path, verify.verify_depth = str(tls.ca), 1  # a depth of 0 would verify nothing
+        options.cert, options.verify = cert, verify
+        setattr(desc, side, options)
+
+
 class SpuSession:
     """One party's SPU runtime and link.
 
@@ -62,10 +76,14 @@ class SpuSession:
             process then exits with code 2 (see :class:`_SendWatch`).
         admit: Admits the other party once the link is up, before SPU's runtime exchanges anything over it
             (:func:`~timm_mpc.secure.admission.admit`).
+        tls: TLS on the link (brpc's): this party's certificate and key, and the CA whose signature the other party's
+            certificate must carry; SPU checks nothing else of it (no identity), so that CA is the pin: one that
+            signed the other party's certificate alone. None: plaintext.
     """
 
     def __init__(self, rank: int, addresses: Sequence[str], protocol: str, timeout_s: float, log_dir: str,
-                 on_lost: Callable[[str], None], admit: Callable[['SpuSession'], None]) -> None:
+                 on_lost: Callable[[str], None], admit: Callable[['SpuSession'], None],
+                 tls: Optional[LinkSecurity] = None) -> None:
         libspu, spu_api, self.frontend, self.jnp = import_spu()
         self.libspu = libspu
         self.rank = rank
@@ -85,6 +103,8 @@ class SpuSession:
         retry.retry_interval_incr_ms = 0
         retry.max_retry = _SendWatch.retries(timeout_s)
         desc.retry_opts = retry
+        if tls is not None:
+            _enable_tls(desc, tls)
         for index, address in enumerate(addresses):
             desc.add_party(f'party{index}', address)
         self.link = libspu.link.create_brpc(desc, rank)

@@ -73,6 +73,9 @@ then one Newton iteration (to 2e-4)."""
 LADDER_HEADROOM_BITS = 8
 """The ladders compare values of up to 2^8 times their domain's top exactly (beyond it, Newton's method diverges as it
 does without them): the bit width of their comparisons."""
+LADDER_ABOVE_OCTAVES = 4
+"""How far a ladder's thresholds go above its domain's top (itself the calibrated top with its margin): values an image
+takes beyond the calibration images' still get a guess within the step, not the top's."""
 
 
 def _by_interval(x, below, values):
@@ -96,11 +99,18 @@ def _by_interval(x, below, values):
 
 def _ladder_guess(d, low: float, high: float, step: float, power: float):
     """A first guess of ``d ** power`` for ``d`` in ``[low, high]`` by comparisons with the dealer's keys: ``[d < t]``
-    for thresholds ``step`` apart across the range (one opening; every threshold is local work on the same keys), and
-    in each interval the power of its geometric mean (below the first threshold, of the first; above the last, of half
-    a step beyond it), linear in the comparison bits; comparisons of the width :data:`LADDER_HEADROOM_BITS` gives.
-    One round."""
-    thresholds = [low * step ** k for k in range(max(1, math.ceil(math.log(high / low, step))) + 1)]
+    for thresholds ``step`` apart (one opening; every threshold is local work on the same keys), and in each interval
+    the power of its geometric mean (below the first threshold, of the first; above the last, of half a step beyond
+    it), linear in the comparison bits; comparisons of the width :data:`LADDER_HEADROOM_BITS` gives. One round.
+
+    The thresholds reach below ``low`` down to the encoding's smallest positive value and :data:`LADDER_ABOVE_OCTAVES`
+    above ``high``: an input outside the calibrated domain (an image unlike the calibration images, a row of
+    ReLU-Softmax scores that are nearly all zero) still starts within a step of its value, where one Newton iteration
+    suffices; from the domain's edge it would not (a guess 4x off leaves 56% after the iteration)."""
+    floor = 2.0 ** -d.encoder._precision_bits  # no positive fixed-point value lies below it
+    first = low * step ** -math.ceil(math.log(low / floor, step)) if low > floor else low
+    last = high * 2.0 ** LADDER_ABOVE_OCTAVES
+    thresholds = [first * step ** k for k in range(max(1, math.ceil(math.log(last / first, step))) + 1)]
     guesses = ([thresholds[0] ** power] + [math.sqrt(a * b) ** power for a, b in zip(thresholds, thresholds[1:])]
                + [(thresholds[-1] * math.sqrt(step)) ** power])
     bits = min(64, math.ceil(math.log2(high)) + LADDER_HEADROOM_BITS + d.encoder._precision_bits + 1)

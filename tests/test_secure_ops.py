@@ -205,19 +205,19 @@ def test_secure_attention_kinds(crypten):
 
 
 def test_the_ladders_first_guess_holds_beyond_the_calibrated_domain(crypten):
-    """The reciprocal's and the inverse square root's first guesses by comparisons reach from the encoding's smallest
-    values to 16 times the domain's top: an input far outside the calibrated domain (a row of ReLU-Softmax scores
-    nearly all zero, an image unlike the calibration images) keeps the accuracy of one Newton iteration, where a guess
-    from the domain's edge would leave tens of percent."""
+    """The reciprocal's and the inverse square root's first guesses by comparisons reach 16 times below the domain's
+    bottom and above its top (:data:`~timm_mpc.secure.crypten.ops.LADDER_OCTAVES_BEYOND`): an input outside the
+    calibrated domain (an image unlike the calibration images) keeps the accuracy of one Newton iteration, where a
+    guess from the domain's edge would leave tens of percent."""
     from timm_mpc.secure.crypten.comparison import fss_comparisons_in_use
     assert fss_comparisons_in_use()
     low, high = approximations.RECIPROCAL_DOMAIN[4]
-    d = torch.tensor([low / 64, low / 8, low, (low * high) ** 0.5, high, high * 8])
+    d = torch.tensor([low / 12, low / 3, low, (low * high) ** 0.5, high, high * 3, high * 12])
     got = ops.reciprocal(crypten.cryptensor(d), 4).get_plain_text()
     assert ((got * d - 1).abs() < 1e-2).all(), (got * d).tolist()
     settings = SecureSettings()
     low, high = approximations.inv_sqrt_domain(settings.inv_sqrt)[2]
-    v = torch.tensor([low / 64, low / 8, low, (low * high) ** 0.5, high, high * 8])
+    v = torch.tensor([low / 12, low / 3, low, (low * high) ** 0.5, high, high * 3, high * 12])
     got = ops.inv_sqrt(crypten.cryptensor(v), 2, settings).get_plain_text()
     assert ((got * v.sqrt() - 1).abs() < 1e-2).all(), (got * v.sqrt()).tolist()
 

@@ -73,9 +73,11 @@ then one Newton iteration (to 2e-4)."""
 LADDER_HEADROOM_BITS = 8
 """The ladders compare values of up to 2^8 times their domain's top exactly (beyond it, Newton's method diverges as it
 does without them): the bit width of their comparisons."""
-LADDER_ABOVE_OCTAVES = 4
-"""How far a ladder's thresholds go above its domain's top (itself the calibrated top with its margin): values an image
-takes beyond the calibration images' still get a guess within the step, not the top's."""
+LADDER_OCTAVES_BEYOND = (4, 4)
+"""How far a ladder's thresholds go below its domain's bottom and above its top (the calibrated range with its margin):
+values an image takes beyond the calibration images' still get a guess within the step, not the edge's. Not further
+down: there the guess, and its square in the Newton iteration, would grow large enough to make a failed truncation
+likely, for values whose numerator is as small (a ReLU-Softmax row of zeros)."""
 
 
 def _by_interval(x, below, values):
@@ -103,13 +105,12 @@ def _ladder_guess(d, low: float, high: float, step: float, power: float):
     the power of its geometric mean (below the first threshold, of the first; above the last, of half a step beyond
     it), linear in the comparison bits; comparisons of the width :data:`LADDER_HEADROOM_BITS` gives. One round.
 
-    The thresholds reach below ``low`` down to the encoding's smallest positive value and :data:`LADDER_ABOVE_OCTAVES`
-    above ``high``: an input outside the calibrated domain (an image unlike the calibration images, a row of
-    ReLU-Softmax scores that are nearly all zero) still starts within a step of its value, where one Newton iteration
-    suffices; from the domain's edge it would not (a guess 4x off leaves 56% after the iteration)."""
-    floor = 2.0 ** -d.encoder._precision_bits  # no positive fixed-point value lies below it
-    first = low * step ** -math.ceil(math.log(low / floor, step)) if low > floor else low
-    last = high * 2.0 ** LADDER_ABOVE_OCTAVES
+    The thresholds reach :data:`LADDER_OCTAVES_BEYOND` below ``low`` and above ``high``: an input outside the
+    calibrated domain (an image unlike the calibration images) still starts within a step of its value, where one
+    Newton iteration suffices; from the domain's edge it would not (a guess 4x off leaves 56% after the iteration)."""
+    below, above = LADDER_OCTAVES_BEYOND
+    first = max(low / 2.0 ** below, 2.0 ** -d.encoder._precision_bits)  # no positive fixed-point value lies below
+    last = high * 2.0 ** above
     thresholds = [first * step ** k for k in range(max(1, math.ceil(math.log(last / first, step))) + 1)]
     guesses = ([thresholds[0] ** power] + [math.sqrt(a * b) ** power for a, b in zip(thresholds, thresholds[1:])]
                + [(thresholds[-1] * math.sqrt(step)) ** power])

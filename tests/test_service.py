@@ -262,7 +262,8 @@ def test_the_dealer_service_refuses_a_session_for_a_client_it_does_not_serve_or_
 def test_the_owner_service_refuses_bad_requests_by_name_and_bounds_a_trickling_client(certs):
     """`OwnerService` in this process (a small model): requests beyond its limits, with a null or missing field, or
     of another kind are refused with the reason before any queue or dry run; a client that trickles its request is
-    cut off within the handshake bound; the service goes on answering."""
+    cut off within the handshake bound; the service goes on answering; without its dealer's service a request is
+    refused with why, and frees its place."""
     from small_models import MIXED, small_mpcvit
     from timm_mpc.secure import build_secure_plan
     from timm_mpc.secure.serving import OwnerService
@@ -274,14 +275,17 @@ def test_the_owner_service_refuses_bad_requests_by_name_and_bounds_a_trickling_c
     port, dealer_port = free_ports(2)
     service = OwnerService(plan, plan.owner_weights(model), settings, f'127.0.0.1:{port}', f'127.0.0.1:{dealer_port}',
                            _security(certs, 'owner', client='client0', dealer='dealer'),
-                           ServiceLimits(max_images=8, max_batch_size=4), log=lines.append).start()
+                           ServiceLimits(max_images=8, max_batch_size=4, max_sessions=1), log=lines.append).start()
     client = _security(certs, 'client0', owner='owner', dealer='dealer')
 
-    def ask(message):
+    def ask(message):  # the service's last word: a refusal, or a session
         sock, _ = connect_to(1, 0, service.address, client, time.monotonic() + 10)
         with sock:
             send_message(sock, message)
-            return recv_message(sock, 'owner', 10)
+            answer = recv_message(sock, 'owner', 30)
+            while answer['status'] in ('queued', 'preparing'):
+                answer = recv_message(sock, 'owner', 30)
+            return answer
     try:
         query = dict(kind='query', version=1, images=4, batch_size=None)
         assert 'at most 8 per session' in ask(query | dict(images=10 ** 9))['reason']
@@ -303,6 +307,9 @@ def test_the_owner_service_refuses_bad_requests_by_name_and_bounds_a_trickling_c
                         raise ConnectionError('closed')
         assert time.monotonic() - started < HANDSHAKE_S + 10
         assert 'at most 8 per session' in ask(query | dict(images=9))['reason']  # still answering
+        for _ in range(2):  # no dealer's service at its address: refused with why, and the slot is free again
+            answer = ask(query | dict(images=1))
+            assert "the dealer's service at" in answer['reason'] and 'gave no session' in answer['reason'], answer
     finally:
         service.stop()
         service.wait(30)

@@ -62,10 +62,13 @@ def test_eight_clients_at_once_with_one_killed_one_stalled_and_strangers_refused
     for i in range(len(CLIENTS)):
         torch.save(images[4 * i:4 * i + 4].clone(), tmp_path / f'images{i}.pt')
     owner_port, dealer_port = free_ports(2)
+    owner_sessions, dealer_sessions = free_ports(6), free_ports(6)  # the ports the sessions' processes listen on
     server, dealer_at = f'127.0.0.1:{owner_port}', f'127.0.0.1:{dealer_port}'
     dealer = CliProcess('dealer', '--listen', dealer_at, '--timeout', '30',
+                        '--session-ports', f'{dealer_sessions[0]}-{dealer_sessions[-1]}',
                         *_tls(certs, 'dealer', owner=['owner'], client=[*CLIENTS, 'late']))
     service = CliProcess('serve', 'mpcvit_tiny', '--pretrained', '--listen', server, '--dealer', dealer_at,
+                         '--session-ports', f'{owner_sessions[0]}-{owner_sessions[-1]}',
                          '--timeout', '30', '--max-sessions', '3', '--max-memory', str(int(MAX_MEMORY)),
                          '--max-images-per-client', '4',
                          *_tls(certs, 'owner', client=[*CLIENTS, 'late'], dealer=['dealer']))
@@ -126,6 +129,8 @@ def test_eight_clients_at_once_with_one_killed_one_stalled_and_strangers_refused
             assert stranger.returncode == 2 and 'timm-mpc query: error:' in err, err[-2000:]
         assert 'refused this party' in stranger_outputs[0][1] and 'refused a connection' in log
         assert set(re.findall(r'session \d+ \(client (\S+),', log)) == set(CLIENTS), log[-3000:]  # none for strangers
+        ports = re.findall(r'owner at 127.0.0.1:(\d+), dealer at 127.0.0.1:(\d+)', log)
+        assert len(ports) == 9 and all(int(o) in owner_sessions and int(d) in dealer_sessions for o, d in ports), ports
         assert any('waiting for a session' in out for out, _ in outputs)  # the memory bound queued some
         assert service.returncode == 0 and 'owner: stopped' in log, log[-3000:]
         assert refused_late.returncode == 2 and 'could not reach the owner' in late_err, late_err[-2000:]
@@ -253,6 +258,13 @@ def test_the_dealer_service_refuses_a_session_for_a_client_it_does_not_serve_or_
         with pytest.raises(PeerError, match='refused this party|failed the TLS'):
             connect_to(0, 2, dealer.address, _security(certs, 'stranger', dealer='dealer'), time.monotonic() + 10)
         assert dealer.sessions == 0
+        one = free_ports(1)[0]
+        ports = DealerService(f'127.0.0.1:{free_ports(1)[0]}', dealer.security, session_ports=range(one, one + 1))
+        ports.session_port()  # the range's one port, handed out until released
+        with pytest.raises(PeerError, match='no free port for a session in its --session-ports'):
+            ports.session_port()
+        with pytest.raises(ValueError, match='session_ports must be a range of ports'):
+            DealerService(f'127.0.0.1:{free_ports(1)[0]}', dealer.security, session_ports=range(80, 90))
     finally:
         dealer.stop()
         dealer.wait(10)

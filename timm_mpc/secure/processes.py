@@ -9,7 +9,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.multiprocessing
@@ -36,10 +36,10 @@ def _listen_ports() -> range:
     return range(max(1024, low - 12288), low) if low > 2048 else range(49152, 65536)
 
 
-def free_ports(count: int, host: str = '127.0.0.1') -> List[int]:
-    """``count`` consecutive ports of ``host`` (loopback by default), chosen at random below the range of outgoing
-    connections, that nothing listens on now."""
-    ports = _listen_ports()
+def free_ports(count: int, host: str = '127.0.0.1', ports: Optional[range] = None) -> List[int]:
+    """``count`` consecutive ports of ``host`` (loopback by default), chosen at random in ``ports`` (default: below
+    the range of outgoing connections), that nothing listens on now."""
+    ports = ports or _listen_ports()
     for _ in range(200):
         first = _PORTS_RANDOM.randrange(ports.start, ports.stop - count + 1)  # apart from a seeded random state
         try:
@@ -53,9 +53,9 @@ def free_ports(count: int, host: str = '127.0.0.1') -> List[int]:
     raise OSError(f'found no {count} consecutive free ports on {host} in {ports.start}-{ports.stop - 1}')
 
 
-def free_port(host: str = '127.0.0.1') -> int:
+def free_port(host: str = '127.0.0.1', ports: Optional[range] = None) -> int:
     """A port of ``host`` (loopback by default) that nothing listens on now (:func:`free_ports`)."""
-    return free_ports(1, host)[0]
+    return free_ports(1, host, ports)[0]
 
 
 def process_context() -> Any:

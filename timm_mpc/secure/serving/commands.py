@@ -27,7 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
                            args.max_batch_size, args.queue_timeout)
     model = resolve_model(args)
     plan = build_secure_plan(model, settings, _calibration(args))
-    service = OwnerService(plan, plan.owner_weights(model), settings, args.listen, args.dealer, security, limits)
+    service = OwnerService(plan, plan.owner_weights(model), settings, args.listen, args.dealer, security, limits,
+                           session_ports=args.session_ports)
     print(f'owner: {args.model}, heads {count_head_kinds(model)}; serving clients {security.expect["client"]} at '
           f'{args.listen}, dealer at {args.dealer}', flush=True)
     service.serve_until_signalled()
@@ -35,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _dealer(args: argparse.Namespace) -> int:
-    service = DealerService(args.listen, tls_security(args, ['owner', 'client']), args.max_sessions, args.timeout)
+    service = DealerService(args.listen, tls_security(args, ['owner', 'client']), args.max_sessions, args.timeout,
+                            session_ports=args.session_ports)
     service.serve_until_signalled()
     return 0
 
@@ -56,8 +58,18 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port_range(text: str) -> range:
+    low, _, high = text.partition('-')
+    if not (low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
+        raise argparse.ArgumentTypeError(f'{text!r} is not LOW-HIGH, two ports from 1024 to 65535 with LOW <= HIGH')
+    return range(int(low), int(high) + 1)
+
+
 def _add_service_args(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument('--listen', required=True, help=f'HOST:PORT where the {listen} listens (that address only)')
+    p.add_argument('--session-ports', type=_port_range, default=None, metavar='LOW-HIGH',
+                   help='the ports its sessions\' processes listen on, one each, on the --listen host (open them to '
+                        'the peers; default: any below the system\'s range for outgoing connections)')
     add_tls_args(p)
     p.add_argument('--timeout', type=float, default=120.0,
                    help='seconds any wait on a peer may last without a byte (a stalled session ends after it)')

@@ -10,13 +10,12 @@ each session is for.
 """
 import threading
 from dataclasses import replace
-from typing import Any, Callable, Dict, Set
+from typing import Any, Callable, Dict, Optional
 
 from ..admission import check_secret
 from ..errors import PeerError
 from ..links import LinkSecurity, parse_rendezvous
 from ..own_process import run_dealer
-from ..processes import free_port
 from ..secure_vit import OWNER
 from .control import CONTROL_VERSION, offered_field, offered_settings, recv_message, refuse, send_message
 from .service import HANDSHAKE_S, Service, log_line
@@ -33,25 +32,21 @@ class DealerService(Service):
     peer_rank = OWNER
 
     def __init__(self, listen: str, security: LinkSecurity, max_sessions: int = 8, timeout_s: float = 120.0,
-                 log: Callable[[str], None] = log_line) -> None:
+                 log: Callable[[str], None] = log_line, session_ports: Optional[range] = None) -> None:
         security.require(['owner', 'client'])
         if not (isinstance(max_sessions, int) and max_sessions >= 1):
             raise ValueError(f'max_sessions must be a whole number of at least 1, got {max_sessions!r}')
-        super().__init__(listen, security, log)
+        super().__init__(listen, security, log, session_ports)
         self.max_sessions, self.timeout_s = max_sessions, timeout_s
         self.sessions = 0  # started so far
         self._admitting = threading.Lock()
-        self._ports: Set[int] = set()  # the running sessions' ports (chosen here, bound by their processes)
 
     def handle(self, sock: Any, owner: str, where: str) -> None:
         message = recv_message(sock, 'owner', HANDSHAKE_S)
         try:
             with self._admitting:  # the count of sessions checked and the new one started at once
                 session = self._session(message, owner)
-                port = free_port(self.address[0])
-                while port in self._ports:
-                    port = free_port(self.address[0])
-                self._ports.add(port)
+                port = self.session_port()
                 self.sessions += 1
                 address = f'{self.address[0]}:{port}'
                 security = replace(self.security, expect=dict(owner=(owner,), client=(session['client'],)))
@@ -92,6 +87,5 @@ class DealerService(Service):
             self.log(f'{what}: failed: {type(e).__name__}: {e}')
             return
         finally:
-            with self._admitting:
-                self._ports.discard(port)
+            self.release_port(port)
         self.log(f'{what}: done')

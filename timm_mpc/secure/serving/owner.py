@@ -17,7 +17,7 @@ import threading
 from multiprocessing import forkserver
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -29,7 +29,7 @@ from ..links import LinkSecurity, connect_to, parse_address
 from ..memory import format_bytes, line_peak, tree_rss
 from ..own_process import run_owner
 from ..plan import SecurePlan
-from ..processes import free_port, process_context
+from ..processes import process_context
 from ..protocol import DEALER, OwnerLimits
 from ..secure_vit import CLIENT, OWNER
 from ..settings import SecureSettings
@@ -101,13 +101,13 @@ class OwnerService(Service):
 
     def __init__(self, plan: SecurePlan, state_dict: Dict[str, torch.Tensor], settings: SecureSettings, listen: str,
                  dealer: str, security: LinkSecurity, limits: ServiceLimits = ServiceLimits(),
-                 log: Callable[[str], None] = log_line) -> None:
+                 log: Callable[[str], None] = log_line, session_ports: Optional[range] = None) -> None:
         plan.check()
         if not (settings.secure and settings.dealer):
             raise ValueError('the owner\'s service runs private CrypTen sessions only: provider TTP (a dealer outside '
                              'both parties) with its offline phase')
         security.require(['client', 'dealer'])
-        super().__init__(listen, security, log)
+        super().__init__(listen, security, log, session_ports)
         self.plan, self.state_dict, self.settings, self.limits = plan, state_dict, settings, limits
         self.dealer = parse_address(dealer, '--dealer')
         self.records: List[SessionRecord] = []
@@ -116,7 +116,6 @@ class OwnerService(Service):
         self._waiting: List[_Ticket] = []
         self._reserved: Dict[int, int] = {}  # running session -> its memory reserve
         self._used: Dict[str, int] = {}  # client identity -> images granted
-        self._ports: Set[int] = set()  # the running sessions' ports
         self._started = 0
 
     def _dry_peak(self, batch: int) -> int:
@@ -272,27 +271,17 @@ class OwnerService(Service):
         """The session's dealer (asked of the dealer's service) and owner process; the offer the client gets. Once
         this returns, the session's thread holds the slot."""
         secret = new_secret()
-        port = self._session_port()
+        port = self.session_port()
         try:
             rendezvous = f'tcp://{self.address[0]}:{port}'
             dealer, identity = self._dealer_session(ticket.client, secret, rendezvous)
             security = replace(self.security, expect=dict(client=(ticket.client,), dealer=(identity,)))
             self.run_session(self._run, number, ticket, rendezvous, secret, dealer, security, requests, port)
         except BaseException:
-            self._ports.discard(port)
+            self.release_port(port)
             raise
         return dict(status='start', session=number, rendezvous=rendezvous, dealer=dealer, secret=secret.hex(),
                     settings=self.settings.to_dict())
-
-    def _session_port(self) -> int:
-        """A free port of the service's host that no session of this service was given and still runs on (a port is
-        chosen here and bound by the session's process a moment later)."""
-        with self._turns:
-            port = free_port(self.address[0])
-            while port in self._ports:
-                port = free_port(self.address[0])
-            self._ports.add(port)
-        return port
 
     def _dealer_session(self, client: str, secret: bytes, rendezvous: str) -> Tuple[str, str]:
         """Ask the dealer's service for a session; the address of the session's dealer and the dealer's identity,
@@ -328,7 +317,7 @@ class OwnerService(Service):
             error = f'{type(e).__name__}: {e}'
             self.log(f'{what}: failed after {time.monotonic() - started:.1f} s: {error[:500]}')
         finally:
-            self._ports.discard(port)
+            self.release_port(port)
             self.records.append(SessionRecord(number, ticket.client, ticket.images, started - ticket.arrived,
                                               time.monotonic() - started, error))
             self._end(number, ticket, ran=True)

@@ -10,10 +10,12 @@ import ssl
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Set
 
 from .control import accept_control
+from ..errors import PeerError
 from ..links import LinkSecurity, listener_at, parse_address
+from ..processes import free_port
 
 __all__ = ['Service', 'HANDSHAKE_S', 'MAX_CONNECTIONS', 'log_line']
 
@@ -35,8 +37,14 @@ class Service:
     name = 'service'
     peer_rank = 1
 
-    def __init__(self, listen: str, security: LinkSecurity, log: Callable[[str], None] = log_line) -> None:
+    def __init__(self, listen: str, security: LinkSecurity, log: Callable[[str], None] = log_line,
+                 session_ports: Optional[range] = None) -> None:
         self.address = parse_address(listen, '--listen')
+        if session_ports is not None and not (isinstance(session_ports, range) and session_ports.step == 1 and
+                                              1024 <= session_ports.start < session_ports.stop <= 65536):
+            raise ValueError(f'session_ports must be a range of ports from 1024 to 65535, got {session_ports!r}')
+        self.session_ports = session_ports
+        self._ports: Set[int] = set()  # handed to sessions still running (each binds its own a moment later)
         self.security, self.log = security, log
         self.context = security.context(server=True)
         self.stopping = threading.Event()
@@ -106,6 +114,26 @@ class Service:
 
     def handle(self, sock: ssl.SSLSocket, identity: str, where: str) -> None:
         raise NotImplementedError
+
+    def session_port(self) -> int:
+        """A port of this service's host for a session's process to listen on: free now, in ``session_ports``
+        (default: below the system's range for outgoing connections), and not handed to a session still running.
+        PeerError when there is none."""
+        with self._lock:
+            for _ in range(64):
+                try:
+                    port = free_port(self.address[0], self.session_ports)
+                except OSError:
+                    break
+                if port not in self._ports:
+                    self._ports.add(port)
+                    return port
+        where = 'its --session-ports' if self.session_ports is not None else 'the ports it chooses from'
+        raise PeerError(f'the {self.name}\'s service has no free port for a session in {where} now; try again')
+
+    def release_port(self, port: int) -> None:
+        with self._lock:
+            self._ports.discard(port)
 
     def run_session(self, target: Callable[..., None], *args: object) -> None:
         """Run a session's ``target`` in a thread the graceful stop waits for."""

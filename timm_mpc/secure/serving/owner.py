@@ -112,6 +112,7 @@ class OwnerService(Service):
         self.dealer = parse_address(dealer, '--dealer')
         self.records: List[SessionRecord] = []
         self.base_memory = 0
+        self._line: Dict[int, int] = {}  # images -> predicted peak of the dry run (1 and 2)
         self._turns = threading.Condition()
         self._waiting: List[_Ticket] = []
         self._reserved: Dict[int, int] = {}  # running session -> its memory reserve
@@ -120,14 +121,15 @@ class OwnerService(Service):
 
     def _dry_peak(self, batch: int) -> int:
         """Both processes of the dry run of ``batch`` images at their peak (predicted on the line through one and two
-        images): what a session reserves. Its owner process alone needs less."""
-        return line_peak(lambda n: sum(dry_run(self.plan, self.settings, n).peak_rss), batch)
+        images, read once at :meth:`start`): what a session reserves. Its owner process alone needs less."""
+        return line_peak(self._line.__getitem__, batch)
 
     def start(self) -> 'OwnerService':
         """Make the dry runs of one and two images (cached), measure the service's own memory (with the server its
         sessions' processes fork from), then listen."""
+        # the line a request's reserve is read from, ready before any client waits on it (not re-read per request)
+        self._line = {n: sum(dry_run(self.plan, self.settings, n).peak_rss) for n in (1, 2)}
         one = self._dry_peak(1)
-        self._dry_peak(2)  # the line a request's reserve is read from, ready before any client waits on it
         process_context()
         forkserver.ensure_running()  # the sessions' processes fork from it: part of the service's memory from now
         self.base_memory = tree_rss(os.getpid())

@@ -24,7 +24,8 @@ from .plan import build_secure_plan, check_image_tensor, check_images
 from .protocol import OwnerLimits
 from .settings import GELU_METHODS, PROVIDERS, SecureSettings
 
-__all__ = ['add_secure_commands', 'add_tls_args', 'tls_security', 'report_client']
+__all__ = ['add_secure_commands', 'add_tls_args', 'add_network_args', 'add_protocol_args', 'tls_security',
+           'report_client']
 
 SPU_LINGER_S = 5.0
 """How long a ``timm-mpc party`` process of an SPU run stays after its party is done: SPU 0.9.5's link still talks
@@ -298,6 +299,29 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_network_args(p: argparse.ArgumentParser) -> None:
+    """The network a latency estimate is made for (:func:`_networks` reads them)."""
+    p.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
+    p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
+    p.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
+
+
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """CrypTen's protocol settings (:func:`_settings` reads them)."""
+    p.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
+    p.add_argument('--weight-masks', action=argparse.BooleanOptionalAction, default=None,
+                   help='CrypTen: mask the owner\'s weights once per session (each linear weight\'s difference opened '
+                        'when the weights are shared); every call then opens only its activations (default: on with '
+                        'CrypTen)')
+    p.add_argument('--gelu', choices=GELU_METHODS, default=None,
+                   help='secure GeLU: spline (a piecewise cubic by comparisons; needs FSS comparisons; the default with '
+                        'them), exp_fit (the default without), or erf (CrypTen\'s)')
+    p.add_argument('--fss-comparisons', action=argparse.BooleanOptionalAction, default=None,
+                   help='CrypTen: compare by the dealer\'s keys of a distributed comparison function (one round and 16 '
+                        'bytes per compared element; the dealer sends each party about 1.5 kB of keys per element; '
+                        'default: on with CrypTen and its offline phase)')
+
+
 def _add_secure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch', type=positive_int, default=None,
                    help='number of images (default: all given; 4 for predict)')
@@ -318,21 +342,8 @@ def _add_secure_args(p: argparse.ArgumentParser) -> None:
                    help='the engine\'s protocol: for spu cheetah (default; no dealer) or semi2k (the owner deals: cost '
                         'only); crypten has one')
     p.add_argument('--timeout', type=float, default=120.0, help='seconds to wait for the other party')
-    p.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
-    p.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
-    p.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
-    p.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
-    p.add_argument('--weight-masks', action=argparse.BooleanOptionalAction, default=None,
-                   help='CrypTen: mask the owner\'s weights once per session (each linear weight\'s difference opened '
-                        'when the weights are shared); every call then opens only its activations (default: on with '
-                        'CrypTen)')
-    p.add_argument('--gelu', choices=GELU_METHODS, default=None,
-                   help='secure GeLU: spline (a piecewise cubic by comparisons; needs FSS comparisons; the default with '
-                        'them), exp_fit (the default without), or erf (CrypTen\'s)')
-    p.add_argument('--fss-comparisons', action=argparse.BooleanOptionalAction, default=None,
-                   help='CrypTen: compare by the dealer\'s keys of a distributed comparison function (one round and 16 '
-                        'bytes per compared element; the dealer sends each party about 1.5 kB of keys per element; '
-                        'default: on with CrypTen and its offline phase)')
+    add_network_args(p)
+    add_protocol_args(p)
     p.add_argument('--json', default=None, help='write the figures to this JSON file')
 
 

@@ -8,11 +8,11 @@ import torch
 from ...command_args import add_model_args, positive_int, resolve_model
 from ...pattern import count_head_kinds
 from ..commands import (
-    _calibration, _load_images, _log, _memory_size, _networks, _settings, add_tls_args, report_client, tls_security,
+    _add_batch_size_arg, _calibration, _load_images, _log, _memory_size, _networks, _settings, add_network_args,
+    add_protocol_args, add_tls_args, report_client, tls_security,
 )
 from ..crypten.party import run_client
 from ..plan import build_secure_plan
-from ..settings import GELU_METHODS
 from .dealer import DealerService
 from .owner import OwnerService, ServiceLimits
 from .query import request_session
@@ -96,12 +96,7 @@ def add_service_commands(sub: Any) -> None:
                        help='the largest batch a client may ask for (default 32)')
     serve.add_argument('--queue-timeout', type=float, default=600.0,
                        help='seconds a client may wait for its session (default 600)')
-    serve.add_argument('--crypten-defaults', action='store_true', help='CrypTen\'s default approximations')
-    serve.add_argument('--weight-masks', action=argparse.BooleanOptionalAction, default=None,
-                       help='mask the weights once per session (default: on)')
-    serve.add_argument('--fss-comparisons', action=argparse.BooleanOptionalAction, default=None,
-                       help='comparisons by the dealer\'s keys (default: on)')
-    serve.add_argument('--gelu', choices=GELU_METHODS, default=None, help='secure GeLU (default: spline)')
+    add_protocol_args(serve)
     serve.set_defaults(func=_serve, provider='TTP', engine='crypten', protocol=None)
 
     dealer = sub.add_parser('dealer', help='the dealer as a service: the sessions of the owners it accepts')
@@ -113,8 +108,7 @@ def add_service_commands(sub: Any) -> None:
     query.add_argument('--server', required=True, help='HOST:PORT of the owner\'s service')
     query.add_argument('--images', required=True, help='.pt file with a (B, C, H, W) tensor of normalized images')
     query.add_argument('--batch', type=positive_int, default=None, help='the first this many images (default: all)')
-    query.add_argument('--batch-size', type=positive_int, default=None,
-                       help='run the images this many at a time in the session (default: all at once)')
+    _add_batch_size_arg(query)
     query.add_argument('--clamp-images', action='store_true',
                        help='clamp values outside the model\'s input range instead of refusing the images')
     add_tls_args(query)
@@ -122,8 +116,6 @@ def add_service_commands(sub: Any) -> None:
     query.add_argument('--queue-timeout', type=float, default=600.0,
                        help='seconds to wait for a session while the service is busy (default 600)')
     query.add_argument('--threads', type=positive_int, default=None, help='torch threads (default: all)')
-    query.add_argument('--network', choices=['lan', 'wan'], default='lan', help='network for the latency estimate')
-    query.add_argument('--rtt-ms', type=float, default=None, help='override the network\'s round-trip time')
-    query.add_argument('--bandwidth-mbps', type=float, default=None, help='override the network\'s bandwidth')
+    add_network_args(query)
     query.add_argument('--json', default=None, help='write the logits (under "logits") and the costs to this JSON file')
     query.set_defaults(func=_query)

@@ -5,10 +5,12 @@ once (:func:`timm_mpc.secure.processes.process_context`, the server local partie
 Tests about the console script itself start a fresh interpreter (the three terminals of docs/secure.md, the module entry
 point)."""
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -47,6 +49,7 @@ class CliProcess:
         self.args = args
         folder = Path(tempfile.mkdtemp(prefix='timm-mpc-cli-'))
         self.out_path, self.err_path = folder / 'stdout.txt', folder / 'stderr.txt'
+        weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)  # nothing left in /tmp
         # not a daemon: an owner starts its dry runs' processes itself
         self.proc = process_context().Process(target=_cli_child, args=(
             list(args), str(self.out_path), str(self.err_path), view_path))

@@ -335,7 +335,7 @@ def _remaining(deadline: float) -> float:
 
 
 def connect_to(rank: int, peer: int, address: Tuple[str, int], security: Optional[LinkSecurity],
-             deadline: float) -> Tuple[socket.socket, Optional[str]]:
+               deadline: float) -> Tuple[socket.socket, Optional[str]]:
     """Reach ``peer``'s listener (retrying until it is up), check its identity, say who this is and wait for the
     listener's acceptance."""
     role, where = ROLES[peer], f'{address[0]}:{address[1]}'

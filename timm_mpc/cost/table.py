@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ['kind_cost_table', 'default_cache_dir']
 
 ACT_KINDS = tuple(name for name, _ in ACTIVATIONS if name != 'identity')  # identity costs nothing
-TABLE_VERSION = 5  # 5: SiLU; 4: every registered kind, and the activations, from their tables
+TABLE_VERSION = 6  # 6: two reciprocal steps; 5: SiLU; 4: every registered kind, and the activations, from their tables
 
 
 def default_cache_dir() -> Path:

@@ -31,7 +31,7 @@ from .ops import reveal_to
 
 __all__ = ['DryRun', 'dry_run', 'default_cache_dir', 'predicted_peak']
 
-CACHE_VERSION = 4  # 3: cost and memory beside the requests; 4: comparison keys (fss_comparisons)
+CACHE_VERSION = 5  # 3: cost and memory beside the requests; 4: comparison keys (fss_comparisons); 5: two reciprocal steps
 RUN_S_PER_IMAGE = 10.0  # the dry run's time bound per image of mpcvit_tiny's size, beyond the settings' timeout
 _MPCVIT_TINY_WORK = 65 * 7 * 256  # its tokens x blocks x width: the bound grows with a plan's
 

@@ -64,12 +64,13 @@ def _newton_inv_sqrt(v, y, settings: SecureSettings):
     return y.mul(1.5) - (vy * y_squared).mul(0.5)
 
 
-RECIPROCAL_LADDER = (2 ** 0.125, 1)
+RECIPROCAL_LADDER = (2 ** 0.125, 2)
 """The reciprocal's first guess by comparisons: thresholds an eighth of an octave apart (within each interval the guess
-is within 4.4% of ``1 / d``), then one Newton iteration (to 2e-3, the accuracy the Newton schedules are made for)."""
+is within 4.4% of ``1 / d``), then two Newton iterations (to 4e-6). One would reach 2e-3, but always below ``1 / d``
+and by an amount that depends on where ``d`` falls in its interval: enough to flip a near-tie's top-1."""
 INV_SQRT_LADDER = (2 ** 0.0625, 1)
 """LayerNorm's inverse square root: thresholds a sixteenth of an octave apart (the guess within 1.1% of ``d^-1/2``),
-then one Newton iteration (to 2e-4)."""
+then one Newton iteration (to 2e-4, as close as a second gets at 16 fractional bits)."""
 LADDER_HEADROOM_BITS = 8
 """The ladders compare values of up to 2^8 times their domain's top exactly (beyond it, Newton's method diverges as it
 does without them): the bit width of their comparisons."""
@@ -107,7 +108,7 @@ def _ladder_guess(d, low: float, high: float, step: float, power: float):
 
     The thresholds reach :data:`LADDER_OCTAVES_BEYOND` below ``low`` and above ``high``: an input outside the
     calibrated domain (an image unlike the calibration images) still starts within a step of its value, where one
-    Newton iteration suffices; from the domain's edge it would not (a guess 4x off leaves 56% after the iteration)."""
+    Newton iteration suffices; from the domain's edge it would not (a guess 4x off leaves 56% after one iteration)."""
     below, above = LADDER_OCTAVES_BEYOND
     first = max(low / 2.0 ** below, 2.0 ** -d.encoder._precision_bits)  # no positive fixed-point value lies below
     last = high * 2.0 ** above
@@ -120,8 +121,9 @@ def _ladder_guess(d, low: float, high: float, step: float, power: float):
 
 def reciprocal(d, iters: int, scale: float = 1.0):
     """``1 / d`` for positive ``d`` (``scale`` and ``iters`` from :func:`newton_schedule`). With comparisons by the
-    dealer's keys, from a first guess by comparisons across the domain those give (:func:`_ladder_guess`): 3 rounds,
-    where CrypTen's exp-based guess takes 8 and its Newton iterations 2 each."""
+    dealer's keys, from a first guess by comparisons across the domain those give (:func:`_ladder_guess`) and the
+    iterations of :data:`RECIPROCAL_LADDER`: 5 rounds, where CrypTen's exp-based guess takes 8 and its Newton iterations
+    2 each."""
     if fss_comparisons_in_use() and iters in RECIPROCAL_DOMAIN:
         scaled = d if scale == 1.0 else d.mul(1 / scale)
         step, newton = RECIPROCAL_LADDER

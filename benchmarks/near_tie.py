@@ -4,6 +4,7 @@ a near-tie whose top-1 flips with the run's randomness (CrypTen's truncation is 
 protocol. The test images and the owner's 64 calibration images are the ones `timm-mpc eval --secure-images` uses.
 
     HF_HUB_OFFLINE=1 python benchmarks/near_tie.py [--model mpcvit_tiny.fmnist_mu50_kd] [--images 192 413] [--runs 2]
+        [--protocols today previous]
 """
 import argparse
 
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument('--model', default='mpcvit_tiny.fmnist_mu50_kd')
     parser.add_argument('--images', type=int, nargs='+', default=[192, 413], help='indices into the test set')
     parser.add_argument('--runs', type=int, default=2, help='secure runs per protocol')
+    parser.add_argument('--protocols', nargs='+', choices=list(PROTOCOLS), default=list(PROTOCOLS))
     args = parser.parse_args()
     if args.runs < 1 or min(args.images) < 0:
         parser.error(f'--runs must be at least 1 and --images non-negative; got {args.runs} and {args.images}')
@@ -39,9 +41,9 @@ def main() -> None:
     margin = lambda logits: logits.gather(-1, top2).diff(dim=-1).neg().squeeze(-1)  # noqa: E731  top-1 minus top-2
     print(f'{args.model}, test images {args.images}: plain-text top-2 margins '
           f'{[round(float(m), 5) for m in margin(plain)]}')
-    for name, settings in PROTOCOLS.items():
+    for name in args.protocols:
         for run in range(args.runs):
-            secure = secure_predict(model, images, settings=settings, calibration_images=calibration)
+            secure = secure_predict(model, images, settings=PROTOCOLS[name], calibration_images=calibration)
             errors = (secure - plain).abs().amax(-1)
             print(f'{name} protocol, run {run + 1}: secure margins {[round(float(m), 5) for m in margin(secure)]}, '
                   f'largest logit errors {[round(float(e), 4) for e in errors]}', flush=True)

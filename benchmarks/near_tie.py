@@ -13,7 +13,8 @@ import torch
 from timm_mpc import create_mpc_model
 from timm_mpc.secure import secure_predict
 from timm_mpc.secure.settings import SecureSettings
-from timm_mpc.training.data import build_dataset, build_loader, model_data_config
+
+from secure_engines import first_images
 
 PROTOCOLS = {'today': SecureSettings(), 'previous': SecureSettings(fss_comparisons=False, weight_masks=False)}
 
@@ -28,13 +29,8 @@ def main() -> None:
     if args.runs < 1 or min(args.images) < 0:
         parser.error(f'--runs must be at least 1 and --images non-negative; got {args.runs} and {args.images}')
     model = create_mpc_model(args.model, pretrained=True).eval()
-    config = model_data_config(model)
-    # timm's eval transform, set on the datasets by the loader, as `timm-mpc eval` reads them
-    test, train = (build_loader(build_dataset('fashion_mnist', split, in_chans=config['input_size'][0], subset=count),
-                                config, 1, False, 0).dataset
-                   for split, count in (('test', max(args.images) + 1), ('train', 64)))
-    images = torch.stack([test[i][0] for i in args.images])
-    calibration = torch.stack([train[i][0] for i in range(64)])
+    images = first_images(model, 'test', max(args.images) + 1)[0][args.images]
+    calibration, _ = first_images(model, 'train', 64)
     with torch.no_grad():
         plain = model(images)
     top2 = plain.topk(2, dim=-1).indices

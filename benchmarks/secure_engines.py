@@ -32,14 +32,13 @@ import time
 import warnings
 from pathlib import Path
 
-import timm
 import torch
 
 import timm_mpc
 from timm_mpc.pattern import get_attn_pattern
 from timm_mpc.secure import InsecureSettingWarning, SecureSettings, secure_predict
 from timm_mpc.secure.bench import baseline_of, compare_logits
-from timm_mpc.training.data import build_dataset, build_loader
+from timm_mpc.training.data import build_dataset, build_loader, model_data_config
 
 from report_io import add_report_args, earlier_report
 
@@ -53,7 +52,7 @@ CONFIGS = ('baseline', 'mu50', 'scaling', 'mu50_plus')
 
 def first_images(model, split, count):
     """The first ``count`` Fashion-MNIST images of ``split``, as the model's data config gives them."""
-    config = timm.data.resolve_data_config(model=model)
+    config = model_data_config(model)
     loader = build_loader(build_dataset('fashion_mnist', split, in_chans=config['input_size'][0], subset=count),
                           config, 64, False, 0)
     images, labels = zip(*loader)
